@@ -1,0 +1,5 @@
+import sys
+
+from sftlens.cli import main
+
+sys.exit(main())

@@ -1,0 +1,21 @@
+"""Stage 1: EntityQuestions facts, the paper's templates, and alias-aware answer matching."""
+
+from sftlens.data.facts import (
+    Fact,
+    FactSet,
+    RelationTemplates,
+    data_dir_from,
+    in_domain_relations,
+    load_facts,
+    load_templates,
+    out_of_domain_relations,
+    parse_relations,
+)
+from sftlens.data.matching import Matcher, default_matcher, normalize
+from sftlens.data.prompts import encode_prompt, sft_completion, sft_prompt
+
+__all__ = [
+    "Fact", "FactSet", "RelationTemplates", "Matcher", "data_dir_from", "default_matcher",
+    "in_domain_relations", "load_facts", "load_templates", "normalize", "out_of_domain_relations",
+    "parse_relations", "encode_prompt", "sft_completion", "sft_prompt",
+]

@@ -1,0 +1,169 @@
+"""EntityQuestions as fact records.
+
+Files are `{split}/{relation}.{split}.json`, each a list of {question, answers}. `answers` lists
+valid objects of multi-valued relations, not aliases. The subject is recovered by matching the
+relation's question template; questions that do not match are reported, never dropped silently.
+Fact ids are `relation/split/index` (index in the file), stable across runs and machines: subjects
+are ambiguous, so the question text could not serve as a key.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sftlens.errors import SftlensError
+
+SPLITS = ("train", "dev", "test")
+DATA_DIR_ENV = "SFTLENS_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class RelationTemplates:
+    relation: str
+    domain: str  # "in" (the 10 location topics) or "out"
+    question: str  # with one {subject} placeholder
+    mapping_templates: tuple[str, ...]
+
+    @functools.cached_property
+    def question_pattern(self) -> re.Pattern:
+        before, after = (re.escape(part) for part in self.question.split("{subject}"))
+        return re.compile(f"^{before}(.+){after}$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Fact:
+    id: str
+    relation: str
+    subject: str
+    answers: tuple[str, ...]
+    split: str
+    domain: str
+    question: str
+
+
+@dataclass
+class FactSet:
+    facts: list[Fact]
+    # (relation, split) -> questions that did not match the relation's question template
+    unmatched: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def by_id(self) -> dict[str, Fact]:
+        return {f.id: f for f in self.facts}
+
+
+@functools.lru_cache(maxsize=1)
+def load_templates() -> dict[str, RelationTemplates]:
+    """The paper's 24 relations (Appendix D.2): domain, question and 21 mapping templates."""
+    raw = resources.files("sftlens.resources").joinpath("templates.json").read_text(encoding="utf-8")
+    return {
+        t["relation"]: RelationTemplates(t["relation"], t["domain"], t["question"], tuple(t["mapping_templates"]))
+        for t in json.loads(raw)["topics"]
+    }
+
+
+def in_domain_relations() -> tuple[str, ...]:
+    return tuple(r for r, t in load_templates().items() if t.domain == "in")
+
+
+def out_of_domain_relations() -> tuple[str, ...]:
+    return tuple(r for r, t in load_templates().items() if t.domain == "out")
+
+
+def parse_relations(spec: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """Relations from a comma list or the aliases `all`, `in`, `out`; unknown ids are errors."""
+    templates = load_templates()
+    if spec is None or spec == "all" or spec == ("all",):
+        return tuple(templates)
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    chosen: list[str] = []
+    for name in filter(None, names):
+        if name in ("in", "out"):
+            chosen += [r for r, t in templates.items() if t.domain == name]
+        elif name == "all":
+            chosen += list(templates)
+        elif name in templates:
+            chosen.append(name)
+        else:
+            raise SftlensError(f"unknown relation {name!r} (known: {', '.join(templates)}, or in/out/all)")
+    if not chosen:
+        raise SftlensError("empty relation selection")
+    return tuple(dict.fromkeys(chosen))
+
+
+def data_dir_from(value: str | os.PathLike | None) -> Path:
+    """The data directory from --data-dir or $SFTLENS_DATA_DIR, checked to exist."""
+    value = value or os.environ.get(DATA_DIR_ENV)
+    if not value:
+        raise SftlensError(f"no data directory: pass --data-dir or set {DATA_DIR_ENV}")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise SftlensError(f"data directory {path} does not exist")
+    return path
+
+
+def _read_records(path: Path) -> list[dict]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SftlensError(f"{path}: cannot read JSON ({err})") from None
+    if not isinstance(records, list):
+        raise SftlensError(f"{path}: expected a list of {{question, answers}}, got {type(records).__name__}")
+    for i, rec in enumerate(records):
+        ok = (
+            isinstance(rec, dict)
+            and isinstance(rec.get("question"), str)
+            and isinstance(rec.get("answers"), list)
+            and rec["answers"]
+            and all(isinstance(a, str) for a in rec["answers"])
+        )
+        if not ok:
+            raise SftlensError(f"{path}: record {i} is not {{question: str, answers: [str, ...]}}: {str(rec)[:80]}")
+    return records
+
+
+def load_facts(
+    data_dir: str | os.PathLike | None,
+    splits: tuple[str, ...] | str = SPLITS,
+    relations: tuple[str, ...] | str | None = None,
+    progress: bool = False,
+) -> FactSet:
+    """Load facts of the chosen splits and relations (default: all relations with files)."""
+    root = data_dir_from(data_dir)
+    splits = tuple(s.strip() for s in splits.split(",")) if isinstance(splits, str) else tuple(splits)
+    for split in splits:
+        if split not in SPLITS:
+            raise SftlensError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
+    explicit = relations is not None
+    relations = parse_relations(relations)
+    templates = load_templates()
+    result = FactSet(facts=[])
+    jobs = [(r, s) for s in splits for r in relations]
+    for relation, split in tqdm(jobs, desc="loading facts", disable=not progress):
+        path = root / split / f"{relation}.{split}.json"
+        if not path.is_file():
+            if explicit:
+                raise SftlensError(f"{path}: missing data file for relation {relation}")
+            continue
+        tpl = templates[relation]
+        for index, rec in enumerate(_read_records(path)):
+            match = tpl.question_pattern.match(rec["question"])
+            if match is None:
+                result.unmatched.setdefault((relation, split), []).append(rec["question"])
+                continue
+            result.facts.append(
+                Fact(
+                    id=f"{relation}/{split}/{index:05d}", relation=relation, subject=match.group(1),
+                    answers=tuple(rec["answers"]), split=split, domain=tpl.domain, question=rec["question"],
+                )
+            )
+    if not result.facts and not result.unmatched:
+        raise SftlensError(f"{root}: no data files for splits {','.join(splits)} (expected e.g. {splits[0]}/P17.{splits[0]}.json)")
+    return result
