@@ -1,0 +1,194 @@
+"""The study engine: units of work keyed by their inputs, run by a pluggable executor.
+
+A unit's key hashes its function, settings and the keys of the units it depends on, so a key
+changes exactly when something upstream of it changed: an edited config re-runs only the units
+whose keys moved, and a killed study resumes with the units it had not recorded as done. Each
+unit writes its artefacts under `units/{kind}/{key}/` and returns a JSON result, which the driver
+(the only writer of the database) records.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from sftlens.errors import SftlensError
+from sftlens.io import stable_hash
+from sftlens.study.db import StudyDB
+
+# Bump when the meaning of a unit's result changes, so old results are not reused.
+UNIT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Unit:
+    kind: str
+    label: str
+    fn: str  # "module:function", importable on every worker
+    params: dict[str, Any]
+    deps: dict[str, str] = field(default_factory=dict)  # role -> key of the unit it reads
+    cpus: float = 1.0
+    gpus: float = 0.0
+    cost: float = 0.0  # estimated seconds on the reference machine, for `study plan`
+    prune: tuple[str, ...] = ()  # artefact paths (relative to the unit dir) droppable once dependents are done
+
+    @property
+    def key(self) -> str:
+        return stable_hash({"format": UNIT_FORMAT, "fn": self.fn, "params": self.params, "deps": self.deps})
+
+    def spec(self) -> dict:
+        return {"fn": self.fn, "params": self.params, "deps": self.deps, "cpus": self.cpus, "gpus": self.gpus}
+
+
+def unit_dir(study_dir: str | Path, unit: Unit) -> Path:
+    return Path(study_dir) / "units" / unit.kind / unit.key
+
+
+def execute(payload: dict) -> dict:
+    """Run one unit (in the driver, a local worker process or a Ray task) and return its result."""
+    module, name = payload["fn"].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    out = Path(payload["unit_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    return fn(payload["params"], out, payload["deps"])
+
+
+def check_graph(units: list[Unit]) -> None:
+    """Units must come in dependency order with unique keys (build_units guarantees both)."""
+    seen: set[str] = set()
+    for unit in units:
+        missing = [k for k in unit.deps.values() if k not in seen]
+        if missing:
+            raise ValueError(f"unit {unit.label} depends on {missing[0]}, which does not precede it")
+        if unit.key in seen:
+            raise ValueError(f"duplicate unit {unit.label} ({unit.key})")
+        seen.add(unit.key)
+
+
+def dependents(units: list[Unit]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {u.key: [] for u in units}
+    for unit in units:
+        for dep in unit.deps.values():
+            out[dep].append(unit.key)
+    return out
+
+
+def units_to_run(units: list[Unit], states: dict[str, dict]) -> list[Unit]:
+    """Units not recorded as done, plus pruned units that an unfinished dependent still reads."""
+    done = {k for k, s in states.items() if s["state"] == "done"}
+    needed: set[str] = {u.key for u in units if u.key not in done}
+    for unit in reversed(units):
+        if unit.key in needed:
+            needed.update(k for k in unit.deps.values() if states.get(k, {}).get("pruned"))
+    return [u for u in units if u.key in needed]
+
+
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, SftlensError):
+        return str(err)
+    return "".join(traceback.format_exception(err)).strip()
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+@dataclass
+class RunSummary:
+    ran: list[str] = field(default_factory=list)
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # label -> error
+    pruned: list[str] = field(default_factory=list)
+
+
+def _prune_finished(unit_by_key, children, finished: set[str], candidates, study_dir, db, summary) -> None:
+    for key in candidates:
+        unit = unit_by_key[key]
+        if not unit.prune or not all(c in finished for c in children[key]):
+            continue
+        for rel in unit.prune:
+            target = unit_dir(study_dir, unit) / rel
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        db.mark_pruned(key)
+        summary.pruned.append(unit.label)
+
+
+def run_units(units: list[Unit], study_dir: str | Path, executor, prune: bool = False, progress: bool = True) -> RunSummary:
+    """Run every unit not yet done, each once its dependencies are, and record the results."""
+    check_graph(units)
+    study_dir = Path(study_dir)
+    summary = RunSummary()
+    unit_by_key = {u.key: u for u in units}
+    children = dependents(units)
+    with StudyDB(study_dir) as db:
+        db.register(units)
+        states = db.states()
+        todo = units_to_run(units, states)
+        todo_keys = {u.key for u in todo}
+        finished = {u.key for u in units if u.key not in todo_keys}
+        summary.skipped = len(finished)
+        results = {k: db.result(k) for k in finished}
+        blocked: set[str] = set()
+        pending: dict[Any, Unit] = {}
+        waiting = list(todo)
+        bar = tqdm(total=len(todo), desc="study", unit="unit", disable=not progress)
+        try:
+            while waiting or pending:
+                for unit in list(waiting):
+                    if any(d in blocked for d in unit.deps.values()):
+                        waiting.remove(unit)
+                        blocked.add(unit.key)
+                        bar.update(1)
+                        continue
+                    if len(pending) >= executor.capacity or not all(d in finished for d in unit.deps.values()):
+                        continue
+                    waiting.remove(unit)
+                    payload = {
+                        "fn": unit.fn, "params": unit.params, "unit_dir": str(unit_dir(study_dir, unit)),
+                        "deps": {
+                            role: {"dir": str(unit_dir(study_dir, unit_by_key[k])), "result": results[k]}
+                            for role, k in unit.deps.items()
+                        },
+                    }
+                    db.mark_running(unit.key)
+                    pending[executor.submit(unit, payload)] = unit
+                if not pending:
+                    continue
+                for handle, ok, value, seconds in executor.wait(list(pending)):
+                    unit = pending.pop(handle)
+                    bar.update(1)
+                    if ok:
+                        db.mark_done(unit.key, value, seconds)
+                        results[unit.key] = value
+                        finished.add(unit.key)
+                        summary.ran.append(unit.label)
+                        if prune:
+                            _prune_finished(unit_by_key, children, finished, [unit.key, *unit.deps.values()], study_dir, db, summary)
+                    else:
+                        text = _error_text(value)
+                        db.mark_failed(unit.key, text)
+                        summary.failed[unit.label] = _first_line(text)
+                        blocked.add(unit.key)
+                        bar.write(f"failed: {unit.label}: {_first_line(text)}")
+        finally:
+            bar.close()
+            for unit in pending.values():
+                db.mark_pending(unit.key)
+    return summary
+
+
+def timed_execute(payload: dict) -> tuple[dict, float]:
+    start = time.perf_counter()
+    result = execute(payload)
+    return result, time.perf_counter() - start
