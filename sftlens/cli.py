@@ -18,6 +18,7 @@ from sftlens.errors import SftlensError
 COMMAND_MODULES = (
     "sftlens.models",
     "sftlens.data.stats",
+    "sftlens.train",
 )
 
 

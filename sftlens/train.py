@@ -1,0 +1,333 @@
+"""Stage: full-parameter SFT of a causal LM on an SFT set (paper Section 3.3, Appendix A).
+
+Built on the transformers Trainer, so `accelerate launch -m sftlens train ...` gives multi-GPU,
+FSDP or DeepSpeed with no code change; one process by default.
+
+A run is keyed by the model's weights, the SFT file's bytes and the result-affecting settings.
+It works in a sibling folder `.{out}.partial` (Trainer checkpoints + the staged model) and only
+renames the finished model folder to `out` at the end, so `out` is either absent or complete.
+Re-running a finished run returns at once; an interrupted run resumes from its last checkpoint;
+an `out` that holds anything else is an error and is never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from sftlens.config import add_config_arguments, config_from_args, config_to_dict
+from sftlens.data import encode_prompt
+from sftlens.errors import SftlensError
+from sftlens.io import atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
+
+IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
+RUN_FILE = "sftlens_train.json"
+LOSS_FILE = "loss_log.jsonl"
+SFT_KEYS = ("prompt", "completion")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = field(default=8, metadata={"help": "examples per optimizer step (per process)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the SFT set"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    lr_scheduler: Literal["cosine", "linear", "constant"] = field(
+        default="cosine", metadata={"help": "learning-rate schedule"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps of linear warm-up"})
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = field(
+        default="adamw_torch", metadata={"help": "optimizer (transformers `optim` name)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order and any randomness"})
+    max_length: int | None = field(
+        default=None, metadata={"help": "longest example in tokens (default: the model's context)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (mixed precision; weights stay fp32)"})
+    save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps (for resuming)"})
+
+    def __post_init__(self):
+        positive = {"batch_size": self.batch_size, "epochs": self.epochs,
+                    "learning_rate": self.learning_rate, "save_steps": self.save_steps}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+
+
+# Settings that change how a run is carried out but not its result; they stay out of the run key
+# so that, e.g., resuming with a different checkpoint interval continues the same run.
+RESULT_NEUTRAL = ("save_steps",)
+
+
+def read_split_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """Rows of a split JSONL file; a malformed line or a missing key names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SftlensError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SftlensError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise SftlensError(f"{path}:{number}: expected a JSON object")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise SftlensError(f"{path}:{number}: missing key {missing[0]!r}")
+            rows.append(row)
+    if not rows:
+        raise SftlensError(f"{path}: no examples (empty file)")
+    return rows
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def data_manifest(path: Path, rows: list[dict]) -> dict:
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "count": len(rows)}
+
+
+def encode_example(tokenizer, prompt: str, completion: str) -> dict:
+    """BOS + prompt, then completion + EOS; labels hide the prompt so only the answer is learned.
+
+    Prompt and completion are tokenized separately, exactly as evaluation feeds the prompt and
+    lets the model continue, so no token straddles the boundary.
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+
+
+def encode_sft_set(tokenizer, rows: list[dict], path: Path, max_length: int) -> list[dict]:
+    if tokenizer.eos_token_id is None:
+        raise SftlensError("the tokenizer has no EOS token, which ends every training answer")
+    examples = []
+    for number, row in enumerate(rows, 1):
+        for key in SFT_KEYS:
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise SftlensError(f"{path}: example {number}: {key!r} must be a non-empty string")
+        example = encode_example(tokenizer, row["prompt"], row["completion"])
+        if len(example["input_ids"]) > max_length:
+            raise SftlensError(
+                f"{path}: example {number} ({row.get('fact_id', 'no fact_id')}) is "
+                f"{len(example['input_ids'])} tokens, longer than the context of {max_length}"
+            )
+        examples.append(example)
+    return examples
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    """Optimizer steps for one pass; the last, partial batch is kept."""
+    return math.ceil(n_examples / batch_size)
+
+
+def _training_arguments(config: TrainConfig, checkpoint_dir: Path, progress: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a fraction of the steps
+        optim=config.optimizer,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=1,  # the last checkpoint is all resuming needs
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=not progress,
+        dataloader_drop_last=False,
+        remove_unused_columns=False,
+    )
+
+
+def _callbacks(progress: bool):
+    from transformers import ProgressCallback, TrainerCallback
+
+    class LossBar(ProgressCallback):
+        """Trainer's bar, with the running loss as a postfix instead of a printed dict per step."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {}):
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+    class NoFinalCheckpoint(TrainerCallback):
+        """The finished model is saved by `train`; a last checkpoint would add an optimizer-state
+        write (twice the weights) that nothing reads."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+            return control
+
+    return [LossBar()] if progress else [], NoFinalCheckpoint()
+
+
+def _build_trainer(model, tokenizer, examples: list[dict], config: TrainConfig, checkpoint_dir: Path,
+                   progress: bool, callbacks=()):
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback, Trainer
+
+    tokenizer.padding_side = "right"
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(config, checkpoint_dir, progress),
+        train_dataset=examples,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    for default in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(default)
+    bar, no_final = _callbacks(progress)
+    for callback in (*bar, no_final, *callbacks):
+        trainer.add_callback(callback)
+    return trainer
+
+
+def loss_log(log_history: list[dict]) -> list[dict]:
+    """One row per optimizer step: loss, the learning rate applied at that step, grad norm."""
+    keys = ("step", "loss", "learning_rate", "grad_norm", "epoch")
+    return [{k: entry.get(k) for k in keys} for entry in log_history if "loss" in entry]
+
+
+def _run_identity(model: str, manifest: dict, config: TrainConfig) -> dict:
+    from sftlens.models import model_fingerprint
+
+    settings = {k: v for k, v in config_to_dict(config).items() if k not in RESULT_NEUTRAL}
+    identity = {"model_fingerprint": model_fingerprint(model),
+                "data": {"sha256": manifest["sha256"], "count": manifest["count"]},
+                "config": settings}
+    return {"key": stable_hash(identity), **identity}
+
+
+def _finished_key(out_dir: Path) -> str | None:
+    """The run key of a finished run in `out_dir`, None if absent or empty; error if foreign."""
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise SftlensError(f"{out_dir}: exists and is not a folder; choose another --out")
+    run_file = out_dir / RUN_FILE
+    if run_file.is_file():
+        return json.loads(run_file.read_text())["key"]
+    if any(out_dir.iterdir()):
+        raise SftlensError(f"{out_dir}: holds files that are not an sftlens training run; choose another --out")
+    return None
+
+
+def _prepare_work_dir(work_dir: Path, key: str, progress: bool) -> Path | None:
+    """Reuse a partial run with the same key (returning its last checkpoint), else start afresh."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = work_dir / "run_key"
+    if work_dir.is_dir() and marker.is_file() and marker.read_text().strip() == key:
+        checkpoints = work_dir / "checkpoints"
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if last and progress:
+            print(f"resuming from {last}")
+        return Path(last) if last else None
+    if work_dir.exists():
+        if progress:
+            print(f"discarding {work_dir}: an interrupted run with other inputs")
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    marker.write_text(key + "\n")
+    return None
+
+
+def _finish(trainer, tokenizer, work_dir: Path, out_dir: Path, record: dict) -> None:
+    staged = work_dir / "model"
+    trainer.save_model(str(staged))  # every process: FSDP/DeepSpeed gather the weights here
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staged)
+        atomic_write_jsonl(staged / LOSS_FILE, loss_log(trainer.state.log_history))
+        atomic_write_json(staged / RUN_FILE, record)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked by _finished_key; rename cannot replace a non-empty dir
+        os.replace(staged, out_dir)
+        shutil.rmtree(work_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
+def train(model: str, sft_path: Path, out_dir: Path, config: TrainConfig = TrainConfig(),
+          progress: bool = True, *, callbacks=()) -> Path:
+    """SFT `model` (a --model spec) on the JSONL at `sft_path`; return the finished model folder.
+
+    `callbacks` are extra transformers TrainerCallbacks (logging, early stopping, ...).
+    """
+    from transformers import set_seed
+
+    from sftlens.models import load_model
+
+    sft_path, out_dir = Path(sft_path), Path(out_dir)
+    rows = read_split_rows(sft_path, SFT_KEYS)
+    manifest = data_manifest(sft_path, rows)
+    identity = _run_identity(model, manifest, config)
+    finished = _finished_key(out_dir)
+    if finished == identity["key"]:
+        if progress:
+            print(f"{out_dir}: already trained, skipping")
+        return out_dir
+    if finished is not None:
+        raise SftlensError(f"{out_dir}: holds another training run (key {finished}); choose another --out")
+
+    set_seed(config.seed)
+    net, tokenizer = load_model(model, dtype="float32", device="cpu")
+    context = config.max_length or getattr(net.config, "max_position_embeddings", None) or 2048
+    examples = encode_sft_set(tokenizer, rows, sft_path, context)
+
+    work_dir = out_dir.with_name(f".{out_dir.name}.partial")
+    last_checkpoint = _prepare_work_dir(work_dir, identity["key"], progress)
+    trainer = _build_trainer(net, tokenizer, examples, config, work_dir / "checkpoints", progress, callbacks)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    record = {
+        **identity, "model": model, "data": manifest, "config": config_to_dict(config),
+        "steps": trainer.state.global_step, "train_seconds": round(time.perf_counter() - started, 3),
+        "train_loss": result.training_loss, "resumed_from": last_checkpoint and last_checkpoint.name,
+    }
+    _finish(trainer, tokenizer, work_dir, out_dir, record)
+    return out_dir
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    config = config_from_args(TrainConfig, args)
+    out = train(args.model, Path(args.data), Path(args.out), config, progress=True)
+    run = json.loads((out / RUN_FILE).read_text())
+    losses = [row["loss"] for row in read_jsonl(out / LOSS_FILE)]
+    print(f"{out}: {run['steps']} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="supervised fine-tuning on an SFT set (JSONL)")
+    parser.add_argument("--model", required=True, help="built-in name, local HF folder or hub id")
+    parser.add_argument("--data", required=True, help="SFT set: JSONL rows with prompt and completion")
+    parser.add_argument("--out", required=True, help="folder for the fine-tuned model")
+    add_config_arguments(parser, TrainConfig)
+    parser.set_defaults(func=_run_train)
+
