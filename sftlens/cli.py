@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "sftlens.models",
     "sftlens.data.stats",
     "sftlens.train",
+    "sftlens.analysis.deltas",
 )
 
 

@@ -1,0 +1,596 @@
+"""Update statistics (paper Section 5, Table 3) and the exact streamed selection behind restoration.
+
+Two checkpoints are streamed tensor by tensor with safetensors `safe_open`, over all shards, and
+every per-element change is computed in fp32: absolute |new - old| or relative
+|new - old| / (|old| + 1e-8) (the paper's published code ranks by the relative one).
+
+Selection without a flat copy of the model
+------------------------------------------
+Each element gets an int32 *key* whose order is the selection order: for "top" the bit pattern
+of its fp32 change (non-negative floats order like their int32 bit patterns), for "bottom" its
+complement, for "random" a seeded random integer per element (seeded by tensor name, so the draw
+does not depend on sharding or on which other tensors exist). Selecting k elements = taking the k
+largest keys. Ties are broken deterministically: tensors in sorted-name order, then flat index
+(row-major) inside a tensor; so exactly floor(n * k / 100) elements are selected and the selection
+for a smaller ratio is always contained in the one for a larger ratio.
+
+With scope "global" the exact k-th key is found for every ratio of a sweep at once:
+  pass 1  histogram of the high 15 bits of every key (32768 bins), over all tensors;
+  pass 2  for each ratio's boundary bin, histogram of the low 16 bits of the keys in that bin;
+          this gives the exact threshold key T, how many keys exceed it, and how many of the
+          keys equal to T must be taken;
+  pass 3  (only when some ratio takes part of a tie) count keys equal to T per tensor, so the
+          ties can be handed out in tensor order.
+With scope "tensor" each tensor's own floor(numel * k / 100) elements are found the same way,
+inside the tensor. Memory stays O(largest tensor); the cost is a constant number of passes for
+the whole sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from sftlens.config import add_config_arguments, config_from_args, config_to_dict
+from sftlens.errors import SftlensError
+from sftlens.io import atomic_write_json, atomic_write_text, stable_hash
+from sftlens.models import resolve_model
+
+DEFAULT_RATIOS = (1.0, 3.0, 5.0, 10.0, 20.0, 40.0, 60.0)
+RELATIVE_EPS = 1e-8
+_HIGH_SHIFT = 16
+_N_HIGH = 1 << 15  # keys are non-negative int32, so the high part has 15 bits
+_N_LOW = 1 << 16
+_MAX_KEY = 0x7FFFFFFF
+
+# Name patterns cover Llama/Qwen/Mistral (model.layers.N.self_attn.q_proj, mlp.gate_proj,
+# input_layernorm, embed_tokens, lm_head) and GPT-2 (transformer.h.N.attn.c_attn, mlp.c_fc, ln_1,
+# wte, wpe), plus GPT-NeoX/BLOOM/Falcon spellings.
+_LAYER = re.compile(r"(^|\.)(layers|h|blocks|layer)\.\d+\.")
+_NORM = re.compile(r"(norm|(^|\.)ln_?(\d+|f)?\.)", re.IGNORECASE)
+_ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)\.")
+_MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn)\.")
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|embed_in|embed_out|lm_head)\.")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+REGIONS = ("body", "attention", "mlp", "embeddings", "all")
+
+
+def in_region(name: str, region: str) -> bool:
+    """Whether tensor `name` belongs to `region`: a named region or, failing that, a regex."""
+    layer = bool(_LAYER.search(name)) and not _NORM.search(name)
+    if region == "body":
+        return layer
+    if region == "attention":
+        return layer and bool(_ATTENTION.search(name))
+    if region == "mlp":
+        return layer and bool(_MLP.search(name))
+    if region == "embeddings":
+        return bool(_EMBEDDING.search(name))
+    if region == "all":
+        return True
+    return re.search(region, name) is not None
+
+
+def layer_index(name: str) -> int | None:
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which elements count as 'the k % most changed' (shared by deltas and restore)."""
+
+    metric: Literal["relative", "absolute"] = field(
+        default="relative", metadata={"help": "rank by |new-old|/(|old|+1e-8) or by |new-old|"})
+    scope: Literal["global", "tensor"] = field(
+        default="global", metadata={"help": "k %% of all region elements, or k %% of each tensor"})
+    region: str = field(
+        default="body",
+        metadata={"help": "body (layers without norms), attention, mlp, embeddings (incl. lm_head), "
+                          "all, or a regex over tensor names"})
+    strategy: Literal["top", "bottom", "random"] = field(
+        default="top", metadata={"help": "take the largest changes, the smallest, or a seeded random set"})
+    seed: int = field(default=0, metadata={"help": "seed of the random strategy"})
+
+    def __post_init__(self):
+        if self.region not in REGIONS:
+            try:
+                re.compile(self.region)
+            except re.error as err:
+                raise ValueError(f"region {self.region!r} is neither one of {', '.join(REGIONS)} "
+                                 f"nor a valid regex ({err})") from None
+
+
+@dataclass(frozen=True)
+class DeltasConfig(SelectionConfig):
+    """Settings of `sftlens deltas`: which change is measured over which tensors."""
+
+
+def parse_ratios(ratios) -> tuple[float, ...]:
+    """Sorted, de-duplicated percentages, each in (0, 100]."""
+    values = []
+    for r in ratios:
+        try:
+            value = float(r)
+        except (TypeError, ValueError):
+            raise SftlensError(f"ratio {r!r} is not a number") from None
+        if not (0 < value <= 100) or math.isnan(value):
+            raise SftlensError(f"ratio {r!r} is outside (0, 100]")
+        values.append(value)
+    if not values:
+        raise SftlensError("no ratios given")
+    return tuple(sorted(set(values)))
+
+
+def target_count(n: int, ratio: float) -> int:
+    """floor(n * ratio / 100) in exact decimal arithmetic (3.0 % of 100 is 3, not 2.9999)."""
+    return math.floor(n * Fraction(repr(float(ratio))) / 100)
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+_INDEX = "model.safetensors.index.json"
+
+
+@dataclass
+class Checkpoint:
+    """A safetensors checkpoint folder, read tensor by tensor (each read maps and unmaps its shard,
+    so resident memory never accumulates the whole model)."""
+
+    root: Path
+    shard_of: dict[str, str]  # tensor name -> shard file name
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(set(self.shard_of.values()))
+
+    def names_in(self, shard: str) -> list[str]:
+        return sorted(n for n, s in self.shard_of.items() if s == shard)
+
+    def load(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.root / self.shard_of[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def open_checkpoint(spec: str | Path) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(resolve_model(str(spec)))
+    if not root.is_dir():
+        raise SftlensError(f"{spec}: a checkpoint must be a local folder with safetensors weights")
+    index = root / _INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SftlensError(f"{index}: not a safetensors index (no weight_map)") from None
+        shards = sorted(set(weight_map.values()))
+    else:
+        shards = sorted(p.name for p in root.glob("*.safetensors"))
+        if not shards:
+            raise SftlensError(f"{root}: no safetensors weights (model.safetensors or {_INDEX})")
+        weight_map = None
+    shard_of: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for shard in shards:
+        path = root / shard
+        if not path.is_file():
+            raise SftlensError(f"{path}: shard listed in {index.name} is missing")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    shard_of[name] = shard
+                    shapes[name] = tuple(piece.get_shape())
+                    dtypes[name] = piece.get_dtype()
+        except (SafetensorError, OSError) as err:
+            raise SftlensError(f"{path}: unreadable safetensors file ({err})") from None
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            if shard_of.get(name) != shard:
+                raise SftlensError(f"{index}: tensor {name} is not in {shard}")
+    return Checkpoint(root, shard_of, shapes, dtypes)
+
+
+@dataclass
+class CheckpointPair:
+    """Base and fine-tuned checkpoints with identical tensor names, shapes and dtypes."""
+
+    base: Checkpoint
+    finetuned: Checkpoint
+
+    def __post_init__(self):
+        b, f = self.base, self.finetuned
+        only_base = sorted(set(b.shapes) - set(f.shapes))
+        only_ft = sorted(set(f.shapes) - set(b.shapes))
+        if only_base or only_ft:
+            which, root, name = ("base", f.root, only_base[0]) if only_base else ("fine-tuned", b.root, only_ft[0])
+            raise SftlensError(f"tensor {name} of the {which} checkpoint is missing from {root} "
+                               f"({len(only_base) + len(only_ft)} names differ)")
+        for name in sorted(b.shapes):
+            if b.shapes[name] != f.shapes[name]:
+                raise SftlensError(f"tensor {name}: shape {list(b.shapes[name])} in {b.root} "
+                                   f"but {list(f.shapes[name])} in {f.root}")
+            if b.dtypes[name] != f.dtypes[name]:
+                raise SftlensError(f"tensor {name}: dtype {b.dtypes[name]} in {b.root} "
+                                   f"but {f.dtypes[name]} in {f.root}")
+
+    def region_names(self, region: str) -> list[str]:
+        """Sorted floating-point tensors of `region`: the tie-break order of the selection."""
+        floats = ("F64", "F32", "F16", "BF16")
+        names = [n for n in sorted(self.base.shapes) if self.base.dtypes[n] in floats and in_region(n, region)]
+        if not names:
+            raise SftlensError(f"region {region!r} matches no floating-point tensor of {self.base.root}")
+        return names
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.base.shapes[name])
+
+    def load(self, name: str, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = self.base.load(name), self.finetuned.load(name)
+        if check_finite:
+            for ckpt, tensor in zip((self.base, self.finetuned), tensors):
+                if not torch.isfinite(tensor).all():
+                    raise SftlensError(f"{ckpt.root / ckpt.shard_of[name]}: tensor {name} contains NaN or Inf")
+        return tensors
+
+
+def open_pair(base: str | Path, finetuned: str | Path) -> CheckpointPair:
+    return CheckpointPair(open_checkpoint(base), open_checkpoint(finetuned))
+
+
+# --- per-element change and keys -------------------------------------------------------------
+
+def change(base: torch.Tensor, finetuned: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per-element change in fp32 (a fresh tensor; the inputs are not modified)."""
+    old = base.float()
+    delta = finetuned.float().sub(old).abs_()
+    if metric == "relative":
+        delta.div_(old.abs().add_(RELATIVE_EPS))
+    return delta.contiguous()
+
+
+def selection_keys(delta: torch.Tensor, name: str, strategy: str, seed: int) -> torch.Tensor:
+    """int32 keys, larger = selected first (see the module docstring)."""
+    if strategy == "top":
+        return delta.view(torch.int32)
+    if strategy == "bottom":
+        return _MAX_KEY - delta.view(torch.int32)
+    generator = torch.Generator().manual_seed(int(stable_hash([seed, name]), 16) % (1 << 63))
+    return torch.randint(0, _MAX_KEY, delta.shape, generator=generator, dtype=torch.int32)
+
+
+def tensor_keys(pair: CheckpointPair, name: str, config: SelectionConfig,
+                check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(change, keys) of one tensor."""
+    base, finetuned = pair.load(name, check_finite)
+    delta = change(base, finetuned, config.metric)
+    return delta, selection_keys(delta, name, config.strategy, config.seed)
+
+
+# --- exact thresholds --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cut:
+    """Select the keys > threshold, plus the first `ties` keys == threshold in flat order
+    (all of them when `ties` is None)."""
+
+    threshold: int
+    ties: int | None = None
+
+
+def cut_mask(keys: torch.Tensor, cut: Cut | None) -> torch.Tensor:
+    if cut is None:
+        return torch.zeros(keys.shape, dtype=torch.bool)
+    if cut.ties is None:
+        return keys >= cut.threshold
+    mask = keys > cut.threshold
+    if cut.ties:
+        tied = (keys == cut.threshold).view(-1).nonzero().squeeze(1)[: cut.ties]
+        mask.view(-1)[tied] = True
+    return mask
+
+
+def _locate(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin i holding the k-th largest element (1-based), and how many elements lie above it."""
+    tail = counts.flip(0).cumsum(0)
+    j = int(torch.searchsorted(tail, torch.tensor([k], dtype=tail.dtype)))
+    i = len(counts) - 1 - j
+    return i, int(tail[j]) - int(counts[i])
+
+
+def _high_histogram(keys: torch.Tensor) -> torch.Tensor:
+    return torch.bincount((keys >> _HIGH_SHIFT).view(-1), minlength=_N_HIGH)
+
+
+def _low_histograms(keys: torch.Tensor, bins: list[int]) -> torch.Tensor:
+    """(len(bins), 2**16) histograms of the low bits of the keys whose high bits are in `bins`."""
+    slot = torch.full((_N_HIGH,), -1, dtype=torch.int32)
+    slot[torch.tensor(bins, dtype=torch.long)] = torch.arange(len(bins), dtype=torch.int32)
+    flat = keys.view(-1)
+    where = slot[flat >> _HIGH_SHIFT]
+    inside = where >= 0
+    combined = where[inside] * _N_LOW + (flat[inside] & (_N_LOW - 1))
+    return torch.bincount(combined, minlength=len(bins) * _N_LOW).view(len(bins), _N_LOW)
+
+
+def _boundaries(high: torch.Tensor, low_of: Callable[[list[int]], torch.Tensor], ks: list[int]):
+    """For each k (0 -> None): (threshold key, keys above it, keys equal to it)."""
+    coarse = {k: _locate(high, k) for k in ks if k > 0}
+    bins = sorted({b for b, _ in coarse.values()})
+    lows = low_of(bins) if bins else None
+    found = []
+    for k in ks:
+        if k == 0:
+            found.append(None)
+            continue
+        bin_, above = coarse[k]
+        counts = lows[bins.index(bin_)]
+        low, above_low = _locate(counts, k - above)
+        found.append(((bin_ << _HIGH_SHIFT) | low, above + above_low, int(counts[low])))
+    return found
+
+
+def tensor_cuts(keys: torch.Tensor, ratios: tuple[float, ...]) -> list[Cut | None]:
+    """Per-tensor scope: each ratio's floor(numel * k / 100) largest keys of this tensor."""
+    ks = [target_count(keys.numel(), r) for r in ratios]
+    found = _boundaries(_high_histogram(keys), lambda bins: _low_histograms(keys, bins), ks)
+    return [None if f is None else _cut(k, *f) for k, f in zip(ks, found)]
+
+
+def _cut(k: int, threshold: int, greater: int, equal: int) -> Cut:
+    take = k - greater
+    return Cut(threshold, None if take == equal else take)
+
+
+@dataclass
+class Selection:
+    """Where each ratio's cut lies, per tensor: enough to rebuild the selected set of any tensor."""
+
+    config: SelectionConfig
+    ratios: tuple[float, ...]
+    names: list[str]  # region tensors, in tie-break order
+    numel: dict[str, int]
+    cuts: dict[str, list[Cut | None]]  # name -> one cut per ratio
+    passes: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.numel.values())
+
+    def selected_count(self, ratio_index: int) -> int:
+        """Exactly floor(n * k / 100) for scope global; the sum of the per-tensor counts otherwise."""
+        if self.config.scope == "global":
+            return target_count(self.total, self.ratios[ratio_index])
+        return sum(target_count(self.numel[n], self.ratios[ratio_index]) for n in self.names)
+
+    def masks(self, name: str, keys: torch.Tensor) -> list[torch.Tensor]:
+        return [cut_mask(keys, cut) for cut in self.cuts[name]]
+
+    def levels(self, name: str, keys: torch.Tensor) -> torch.Tensor:
+        """uint8 per element: how many ratios of the sweep select it. Selections are nested, so the
+        element is selected at ratio index i (ascending) iff level >= len(ratios) - i."""
+        level = torch.zeros(keys.shape, dtype=torch.uint8)
+        for mask in self.masks(name, keys):
+            level += mask
+        return level
+
+
+def _progress(items, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", disable=not enabled, leave=False)
+
+
+def select(pair: CheckpointPair, ratios, config: SelectionConfig, progress: bool = True) -> Selection:
+    """The exact selection of every ratio of a sweep, found in a constant number of passes."""
+    ratios = parse_ratios(ratios)
+    names = pair.region_names(config.region)
+    numel = {n: pair.numel(n) for n in names}
+    if config.scope == "tensor":
+        cuts = {}
+        for name in _progress(names, "thresholds per tensor", progress):
+            cuts[name] = tensor_cuts(tensor_keys(pair, name, config, check_finite=True)[1], ratios)
+        return Selection(config, ratios, names, numel, cuts, passes=1)
+
+    high = torch.zeros(_N_HIGH, dtype=torch.long)
+    for name in _progress(names, "pass 1: key histogram", progress):
+        high += _high_histogram(tensor_keys(pair, name, config, check_finite=True)[1])
+
+    def low_histograms(bins: list[int]) -> torch.Tensor:
+        total = torch.zeros(len(bins), _N_LOW, dtype=torch.long)
+        for name in _progress(names, "pass 2: boundary refinement", progress):
+            total += _low_histograms(tensor_keys(pair, name, config)[1], bins)
+        return total
+
+    ks = [target_count(sum(numel.values()), r) for r in ratios]
+    found = _boundaries(high, low_histograms, ks)
+    passes = 2 if any(k > 0 for k in ks) else 1
+    partial = [i for i, (k, f) in enumerate(zip(ks, found)) if f is not None and _cut(k, *f).ties is not None]
+    cuts = {name: [None if f is None else Cut(f[0]) for f in found] for name in names}
+    if partial:
+        passes += 1
+        remaining = {i: ks[i] - found[i][1] for i in partial}
+        for name in _progress(names, "pass 3: tie allocation", progress):
+            keys = tensor_keys(pair, name, config)[1]
+            for i in partial:
+                equal = int((keys == found[i][0]).sum())
+                take = min(remaining[i], equal)
+                remaining[i] -= take
+                cuts[name][i] = Cut(found[i][0], None if take == equal else take)
+    return Selection(config, ratios, names, numel, cuts, passes)
+
+
+# --- concentration (Table 3) ---------------------------------------------------------------
+
+def concentration(base_dir, ft_dir, config: DeltasConfig = DeltasConfig(), ratios=DEFAULT_RATIOS,
+                  progress: bool = True) -> dict:
+    """Share of the total change held by the selected k % of elements, for every ratio, plus
+    per-tensor summaries. Sums are accumulated in float64."""
+    start = time.perf_counter()
+    pair = open_pair(base_dir, ft_dir)
+    selection = select(pair, ratios, config, progress)
+    ratios = selection.ratios
+    total = 0.0
+    held = [0.0] * len(ratios)
+    tensors = []
+    for name in _progress(selection.names, "summaries", progress):
+        delta, keys = tensor_keys(pair, name, config)
+        tensor_total = float(delta.sum(dtype=torch.float64))
+        masks = selection.masks(name, keys)
+        counts = [int(m.sum()) for m in masks]
+        for i, mask in enumerate(masks):
+            held[i] += float(delta[mask].sum(dtype=torch.float64))
+        total += tensor_total
+        tensors.append({
+            "name": name, "layer": layer_index(name), "numel": selection.numel[name],
+            "sum": tensor_total, "mean": tensor_total / max(selection.numel[name], 1),
+            "max": float(delta.max()) if delta.numel() else 0.0, "selected": counts,
+        })
+    selected = [selection.selected_count(i) for i in range(len(ratios))]
+    for row in tensors:
+        row["share_of_total"] = row["sum"] / total if total else 0.0
+        row["share_of_selected"] = [c / s if s else 0.0 for c, s in zip(row.pop("selected"), selected)]
+    return {
+        "base": str(pair.base.root), "finetuned": str(pair.finetuned.root),
+        "config": config_to_dict(config), "ratios": list(ratios), "elements": selection.total,
+        "total_change": total, "selected": selected,
+        "shares": [h / total if total else 0.0 for h in held],
+        "tensors": tensors, "passes": selection.passes + 1,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def concentration_markdown(result: dict) -> str:
+    cfg = result["config"]
+    lines = [
+        f"Share of the total {cfg['metric']} change held by the {cfg['strategy']} k % of "
+        f"{result['elements']:,} elements (region {cfg['region']}, scope {cfg['scope']})",
+        "",
+        "| k (%) | elements | share of total change (%) |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {r:g} | {n:,} | {100 * s:.2f} |"
+              for r, n, s in zip(result["ratios"], result["selected"], result["shares"])]
+    return "\n".join(lines)
+
+
+def concentration_csv(result: dict) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["ratio", "elements", "share"])
+    for r, n, s in zip(result["ratios"], result["selected"], result["shares"]):
+        writer.writerow([f"{r:g}", n, f"{s:.8f}"])
+    return out.getvalue()
+
+
+def tensors_csv(result: dict) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["name", "layer", "numel", "mean", "max", "share_of_total",
+                     *[f"share_of_top_{r:g}" for r in result["ratios"]]])
+    for t in result["tensors"]:
+        writer.writerow([t["name"], "" if t["layer"] is None else t["layer"], t["numel"], f"{t['mean']:.6g}",
+                         f"{t['max']:.6g}", f"{t['share_of_total']:.6g}",
+                         *[f"{s:.6g}" for s in t["share_of_selected"]]])
+    return out.getvalue()
+
+
+def plot_concentration(result: dict, path: str | Path) -> Path:
+    """Cumulative share curve, and the share of the top-k elements each layer holds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curve, layers) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [0.0, *result["ratios"]]
+    ys = [0.0, *(100 * s for s in result["shares"])]
+    curve.plot(xs, ys, marker="o")
+    curve.plot([0, 100], [0, 100], linestyle=":", color="grey", label="uniform")
+    curve.set_xlabel("top k % of elements")
+    curve.set_ylabel("% of total change")
+    curve.set_title(f"{result['config']['metric']} change, region {result['config']['region']}")
+    curve.legend()
+    by_layer: dict[int, list[float]] = {}
+    for t in result["tensors"]:
+        if t["layer"] is not None:
+            acc = by_layer.setdefault(t["layer"], [0.0] * len(result["ratios"]))
+            for i, s in enumerate(t["share_of_selected"]):
+                acc[i] += s
+    order = sorted(by_layer)
+    for i, r in enumerate(result["ratios"]):
+        layers.plot(order, [100 * by_layer[layer][i] for layer in order], marker=".", label=f"top {r:g} %")
+    layers.set_xlabel("layer")
+    layers.set_ylabel("% of the selected elements")
+    layers.set_title("where the selected elements lie")
+    if order:
+        layers.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    from sftlens.io import atomic_write_bytes
+
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write_concentration(result: dict, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    files = {"json": out / "concentration.json", "markdown": out / "concentration.md",
+             "csv": out / "concentration.csv", "tensors": out / "tensors.csv", "figure": out / "concentration.png"}
+    atomic_write_json(files["json"], result)
+    atomic_write_text(files["markdown"], concentration_markdown(result) + "\n")
+    atomic_write_text(files["csv"], concentration_csv(result))
+    atomic_write_text(files["tensors"], tensors_csv(result))
+    plot_concentration(result, files["figure"])
+    return files
+
+
+def _run_deltas(args: argparse.Namespace) -> None:
+    config = config_from_args(DeltasConfig, args)
+    result = concentration(args.base, args.finetuned, config, parse_ratios(args.ratios))
+    files = write_concentration(result, args.out)
+    print(concentration_markdown(result))
+    print(f"\n{result['passes']} passes over {len(result['tensors'])} tensors in {result['seconds']:.1f}s; "
+          f"wrote {', '.join(str(p) for p in files.values())}")
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("deltas", help="how concentrated the fine-tuning update is (Table 3)")
+    parser.add_argument("--base", required=True, help="base model (built-in name or folder)")
+    parser.add_argument("--finetuned", required=True, help="fine-tuned model (built-in name or folder)")
+    parser.add_argument("--out", required=True, help="output folder for tables and figure")
+    parser.add_argument("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS),
+                        type=lambda s: tuple(x for x in s.split(",") if x.strip()),
+                        help="comma list of percentages (default: 1,3,5,10,20,40,60)")
+    add_config_arguments(parser, DeltasConfig)
+    parser.set_defaults(func=_run_deltas)
+
+
+__all__ = [
+    "DEFAULT_RATIOS", "REGIONS", "Checkpoint", "CheckpointPair", "Cut", "DeltasConfig", "Selection",
+    "SelectionConfig", "change", "concentration", "concentration_csv", "concentration_markdown",
+    "cut_mask", "in_region", "open_checkpoint", "open_pair", "parse_ratios", "plot_concentration",
+    "select", "selection_keys", "target_count", "tensor_cuts", "tensors_csv", "write_concentration",
+]

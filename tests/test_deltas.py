@@ -1,0 +1,248 @@
+"""The streamed selection equals a brute-force global sort; concentration shares equal brute force."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sftlens.analysis.deltas import (
+    DeltasConfig,
+    SelectionConfig,
+    change,
+    concentration,
+    in_region,
+    open_pair,
+    parse_ratios,
+    select,
+    selection_keys,
+    target_count,
+    write_concentration,
+)
+from sftlens.errors import SftlensError
+
+RATIOS = (1, 3, 5, 10, 20, 40, 60, 100)
+
+
+def write_checkpoint(root: Path, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
+    """A safetensors folder; with shards > 1, an index.json and tensors dealt round-robin."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text("{}")
+    if shards == 1:
+        save_file(tensors, root / "model.safetensors")
+        return root
+    names = list(tensors)
+    weight_map = {}
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s::shards]}
+        save_file(part, root / fname)
+        weight_map.update({n: fname for n in part})
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return root
+
+
+def random_pair(tmp_path: Path, seed: int = 0, shards: int = 3, ties: bool = False, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {
+        "model.embed_tokens.weight": (17, 8), "lm_head.weight": (17, 8), "model.norm.weight": (8,),
+        **{f"model.layers.{i}.self_attn.q_proj.weight": (8, 8) for i in range(3)},
+        **{f"model.layers.{i}.mlp.up_proj.weight": (12, 8) for i in range(3)},
+        **{f"model.layers.{i}.input_layernorm.weight": (8,) for i in range(3)},
+    }
+    base, ft = {}, {}
+    for name, shape in shapes.items():
+        if ties:  # few distinct values: huge tie groups at every threshold
+            b = torch.randint(1, 3, shape, generator=gen).float()
+            f = b + torch.randint(0, 3, shape, generator=gen).float()
+        else:
+            b = torch.randn(shape, generator=gen)
+            f = b + torch.randn(shape, generator=gen) ** 3 * 0.1
+        base[name], ft[name] = b.to(dtype), f.to(dtype)
+    return (write_checkpoint(tmp_path / "base", base, shards), write_checkpoint(tmp_path / "ft", ft, shards),
+            base, ft)
+
+
+def brute_force(base, ft, ratios, config: SelectionConfig) -> list[set[tuple[str, int]]]:
+    """Global sort of every region element by (key descending, tensor name, flat index)."""
+    names = sorted(n for n in base if in_region(n, config.region))
+    rows = []
+    for name in names:
+        delta = change(base[name], ft[name], config.metric)
+        if config.strategy == "top":
+            order = -delta.view(-1).double().numpy()
+        elif config.strategy == "bottom":
+            order = delta.view(-1).double().numpy()
+        else:  # random keys are defined by the implementation's seeded generator
+            order = -selection_keys(delta, name, "random", config.seed).view(-1).double().numpy()
+        rows += [(order[i], names.index(name), i, name) for i in range(delta.numel())]
+    chosen = []
+    for r in ratios:
+        if config.scope == "global":
+            ranked = sorted(rows)[: target_count(len(rows), r)]
+        else:
+            ranked = []
+            for name in names:
+                own = sorted(x for x in rows if x[3] == name)
+                ranked += own[: target_count(len(own), r)]
+        chosen.append({(x[3], x[2]) for x in ranked})
+    return chosen
+
+
+def streamed(base_dir, ft_dir, ratios, config) -> list[set[tuple[str, int]]]:
+    pair = open_pair(base_dir, ft_dir)
+    selection = select(pair, ratios, config, progress=False)
+    chosen = [set() for _ in selection.ratios]
+    for name in selection.names:
+        b, f = pair.load(name)
+        keys = selection_keys(change(b, f, config.metric), name, config.strategy, config.seed)
+        for i, mask in enumerate(selection.masks(name, keys)):
+            chosen[i] |= {(name, int(j)) for j in mask.view(-1).nonzero().view(-1)}
+    return chosen
+
+
+@pytest.mark.parametrize("strategy", ["top", "bottom", "random"])
+@pytest.mark.parametrize("metric", ["relative", "absolute"])
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_selection_equals_brute_force_sort(tmp_path, strategy, metric, scope):
+    base_dir, ft_dir, base, ft = random_pair(tmp_path, seed=len(strategy) + len(metric) + len(scope))
+    config = SelectionConfig(metric=metric, scope=scope, strategy=strategy, region="all", seed=3)
+    got = streamed(base_dir, ft_dir, RATIOS, config)
+    want = brute_force(base, ft, RATIOS, config)
+    total = sum(t.numel() for t in base.values())
+    for r, g, w in zip(RATIOS, got, want):
+        assert g == w, f"ratio {r}"
+        if scope == "global":
+            assert len(g) == math.floor(total * r / 100)
+    assert all(a <= b for a, b in zip(got, got[1:])), "selections must be nested"
+
+
+@pytest.mark.parametrize("strategy", ["top", "bottom"])
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_many_ties_broken_by_tensor_order_then_flat_index(tmp_path, strategy, scope):
+    base_dir, ft_dir, base, ft = random_pair(tmp_path, ties=True)
+    config = SelectionConfig(metric="absolute", scope=scope, strategy=strategy, region="body")
+    pair = open_pair(base_dir, ft_dir)
+    selection = select(pair, RATIOS, config, progress=False)
+    if scope == "global":
+        assert selection.passes == 3, "partial ties need the tie-allocation pass"
+    assert streamed(base_dir, ft_dir, RATIOS, config) == brute_force(base, ft, RATIOS, config)
+
+
+def test_selection_does_not_depend_on_sharding(tmp_path):
+    _, _, base, ft = random_pair(tmp_path / "a", ties=True)
+    config = SelectionConfig(metric="absolute", region="all")
+    one = streamed(write_checkpoint(tmp_path / "b1", base), write_checkpoint(tmp_path / "f1", ft), RATIOS, config)
+    many = streamed(write_checkpoint(tmp_path / "b5", base, 5), write_checkpoint(tmp_path / "f5", ft, 5),
+                    RATIOS, config)
+    assert one == many
+
+
+def test_bf16_checkpoints_rank_in_fp32(tmp_path):
+    base_dir, ft_dir, base, ft = random_pair(tmp_path, dtype=torch.bfloat16)
+    config = SelectionConfig(region="all")
+    assert streamed(base_dir, ft_dir, RATIOS, config) == brute_force(base, ft, RATIOS, config)
+
+
+@pytest.mark.parametrize("strategy", ["top", "random"])
+def test_concentration_shares_equal_brute_force(tmp_path, strategy):
+    base_dir, ft_dir, base, ft = random_pair(tmp_path, seed=5)
+    config = DeltasConfig(metric="relative", region="body", strategy=strategy)
+    result = concentration(base_dir, ft_dir, config, RATIOS, progress=False)
+    names = sorted(n for n in base if in_region(n, "body"))
+    deltas = {n: change(base[n], ft[n], "relative").view(-1).double().numpy() for n in names}
+    total = sum(d.sum() for d in deltas.values())
+    for r, share, chosen in zip(RATIOS, result["shares"], brute_force(base, ft, RATIOS, config)):
+        want = sum(deltas[n][i] for n, i in chosen) / total
+        assert share == pytest.approx(want, rel=1e-12)
+    assert result["shares"][-1] == pytest.approx(1.0)
+    assert result["elements"] == sum(deltas[n].size for n in names)
+    by_name = {t["name"]: t for t in result["tensors"]}
+    assert set(by_name) == set(names)
+    for n in names:
+        assert by_name[n]["mean"] == pytest.approx(deltas[n].mean(), rel=1e-9)
+    for i in range(len(RATIOS)):
+        assert sum(t["share_of_selected"][i] for t in result["tensors"]) == pytest.approx(1.0)
+
+
+def test_top_concentrates_more_than_random(tmp_path):
+    base_dir, ft_dir, _, _ = random_pair(tmp_path, seed=2)
+    top = concentration(base_dir, ft_dir, DeltasConfig(), RATIOS, progress=False)["shares"]
+    rnd = concentration(base_dir, ft_dir, DeltasConfig(strategy="random"), RATIOS, progress=False)["shares"]
+    assert all(t > r for t, r in zip(top[:-1], rnd[:-1]))
+    assert np.all(np.diff(top) >= 0)
+
+
+def test_regions_for_llama_and_gpt2_names():
+    llama = ["model.layers.3.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight",
+             "model.layers.3.input_layernorm.weight", "model.layers.3.self_attn.q_norm.weight",
+             "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+             "model.layers.0.self_attn.k_proj.bias"]
+    gpt2 = ["transformer.h.0.attn.c_attn.weight", "h.1.mlp.c_fc.bias", "transformer.h.0.ln_1.weight",
+            "transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"]
+    pick = {region: [n for n in llama + gpt2 if in_region(n, region)]
+            for region in ("body", "attention", "mlp", "embeddings")}
+    assert pick["body"] == ["model.layers.3.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight",
+                            "model.layers.0.self_attn.k_proj.bias", "transformer.h.0.attn.c_attn.weight",
+                            "h.1.mlp.c_fc.bias"]
+    assert pick["attention"] == ["model.layers.3.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.bias",
+                                 "transformer.h.0.attn.c_attn.weight"]
+    assert pick["mlp"] == ["model.layers.3.mlp.down_proj.weight", "h.1.mlp.c_fc.bias"]
+    assert pick["embeddings"] == ["model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight",
+                                  "transformer.wpe.weight"]
+    assert in_region("model.layers.3.mlp.down_proj.weight", r"layers\.3\.")
+
+
+def test_concentration_files(tmp_path):
+    base_dir, ft_dir, _, _ = random_pair(tmp_path)
+    result = concentration(base_dir, ft_dir, DeltasConfig(), (1, 10), progress=False)
+    files = write_concentration(result, tmp_path / "out")
+    assert files["figure"].read_bytes()[:4] == b"\x89PNG"
+    assert files["csv"].read_text().splitlines()[0] == "ratio,elements,share"
+    assert "| 10 |" in files["markdown"].read_text()
+    assert len(files["tensors"].read_text().splitlines()) == 1 + len(result["tensors"])
+
+
+def test_cli_prints_table(tmp_path, capsys):
+    from sftlens.cli import main
+
+    base_dir, ft_dir, _, _ = random_pair(tmp_path)
+    assert main(["deltas", "--base", str(base_dir), "--finetuned", str(ft_dir), "--out", str(tmp_path / "o"),
+                 "--ratios", "1,5", "--metric", "absolute"]) == 0
+    out = capsys.readouterr().out
+    assert "absolute change" in out and "| 5 |" in out
+    assert (tmp_path / "o" / "concentration.png").is_file()
+
+
+def _error(base_dir, ft_dir, ratios=(1,)) -> str:
+    with pytest.raises(SftlensError) as err:
+        concentration(base_dir, ft_dir, DeltasConfig(region="all"), ratios, progress=False)
+    return str(err.value)
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    _, _, base, ft = random_pair(tmp_path / "ok")
+    good = write_checkpoint(tmp_path / "good", base)
+    renamed = write_checkpoint(tmp_path / "renamed", {k.replace("q_proj", "qq"): v for k, v in ft.items()})
+    assert "missing from" in _error(good, renamed)
+    reshaped = write_checkpoint(tmp_path / "reshaped", {**ft, "lm_head.weight": torch.zeros(8, 17)})
+    assert "lm_head.weight: shape [17, 8]" in _error(good, reshaped)
+    half = write_checkpoint(tmp_path / "half", {**ft, "lm_head.weight": ft["lm_head.weight"].half()})
+    assert "dtype F32" in _error(good, half)
+    bad = ft["model.layers.1.mlp.up_proj.weight"].clone()
+    bad[2, 3] = float("nan")
+    nan = write_checkpoint(tmp_path / "nan", {**ft, "model.layers.1.mlp.up_proj.weight": bad})
+    assert "model.layers.1.mlp.up_proj.weight contains NaN or Inf" in _error(good, nan)
+    sharded = write_checkpoint(tmp_path / "sharded", ft, shards=3)
+    (sharded / "model-00002-of-00003.safetensors").unlink()
+    assert "model-00002-of-00003.safetensors: shard listed" in _error(good, sharded)
+    for ratio in (0, -1, 100.5, "x"):
+        with pytest.raises(SftlensError, match="ratio"):
+            parse_ratios([ratio])
+    with pytest.raises(SftlensError, match="matches no"):
+        concentration(good, good, DeltasConfig(region="nothing_here"), (1,), progress=False)
