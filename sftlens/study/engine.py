@@ -34,9 +34,12 @@ class Unit:
     fn: str  # "module:function", importable on every worker
     params: dict[str, Any]
     deps: dict[str, str] = field(default_factory=dict)  # role -> key of the unit it reads
+    # where things are (model path, data folder, device): passed to the unit, not part of its key,
+    # so a moved data folder or another device does not invalidate results
+    runtime: dict[str, Any] = field(default_factory=dict)
     cpus: float = 1.0
     gpus: float = 0.0
-    cost: float = 0.0  # estimated seconds on the reference machine, for `study plan`
+    work: float = 0.0  # size of the job (generations, training examples...), for `study plan` estimates
     prune: tuple[str, ...] = ()  # artefact paths (relative to the unit dir) droppable once dependents are done
 
     @property
@@ -44,7 +47,8 @@ class Unit:
         return stable_hash({"format": UNIT_FORMAT, "fn": self.fn, "params": self.params, "deps": self.deps})
 
     def spec(self) -> dict:
-        return {"fn": self.fn, "params": self.params, "deps": self.deps, "cpus": self.cpus, "gpus": self.gpus}
+        return {"fn": self.fn, "params": self.params, "deps": self.deps, "runtime": self.runtime,
+                "cpus": self.cpus, "gpus": self.gpus, "work": self.work}
 
 
 def unit_dir(study_dir: str | Path, unit: Unit) -> Path:
@@ -155,7 +159,7 @@ def run_units(units: list[Unit], study_dir: str | Path, executor, prune: bool = 
                         continue
                     waiting.remove(unit)
                     payload = {
-                        "fn": unit.fn, "params": unit.params, "unit_dir": str(unit_dir(study_dir, unit)),
+                        "fn": unit.fn, "params": {**unit.params, **unit.runtime}, "unit_dir": str(unit_dir(study_dir, unit)),
                         "deps": {
                             role: {"dir": str(unit_dir(study_dir, unit_by_key[k])), "result": results[k]}
                             for role, k in unit.deps.items()

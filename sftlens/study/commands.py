@@ -1,0 +1,161 @@
+"""`sftlens study run|plan` and `sftlens demo`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from pathlib import Path
+
+from sftlens.errors import SftlensError
+from sftlens.study.config import PRESETS, StudyConfig, load_study_config
+from sftlens.study.db import StudyDB
+from sftlens.study.engine import Unit, run_units, units_to_run
+from sftlens.study.executors import make_executor
+from sftlens.study.units import build_units
+
+# Seconds per unit of work (one generation, training example, forward pass...) of SmolLM2-135M on
+# this project's 2-core CPU, measured on the demo; `plan` prefers rates measured in the study itself.
+DEFAULT_RATES = {"probe": 0.02, "split": 0.0, "train": 0.25, "eval": 0.05, "kl": 0.02, "deltas": 8.0,
+                 "restore": 0.05, "control": 0.05}
+FIXED_SECONDS = {"probe": 5, "split": 2, "train": 10, "eval": 5, "kl": 5, "deltas": 0, "restore": 8, "control": 8}
+WORK_UNITS = {"probe": "samples", "split": "-", "train": "examples", "eval": "generations", "kl": "prompts",
+              "deltas": "models", "restore": "generations", "control": "generations"}
+
+
+def measured_rates(db: StudyDB, units: list[Unit]) -> dict[str, float]:
+    """Seconds per work item per kind, from this study's finished units."""
+    states = db.states()
+    spent: Counter = Counter()
+    work: Counter = Counter()
+    for unit in units:
+        state = states.get(unit.key)
+        if state and state["state"] == "done" and state["seconds"] and unit.work:
+            spent[unit.kind] += max(0.0, state["seconds"] - FIXED_SECONDS.get(unit.kind, 0))
+            work[unit.kind] += unit.work
+    return {kind: spent[kind] / work[kind] for kind in work}
+
+
+def estimate_seconds(unit: Unit, rates: dict[str, float]) -> float:
+    return FIXED_SECONDS.get(unit.kind, 0) + unit.work * rates.get(unit.kind, DEFAULT_RATES.get(unit.kind, 0.0))
+
+
+def plan_table(units: list[Unit], todo: list[Unit], rates: dict[str, float], measured: set[str]) -> str:
+    kinds = list(dict.fromkeys(u.kind for u in units))
+    lines = ["| unit | total | to run | work to run | est. time | rate from |", "|---|---:|---:|---:|---:|---|"]
+    total_seconds = 0.0
+    for kind in kinds:
+        todo_kind = [u for u in todo if u.kind == kind]
+        seconds = sum(estimate_seconds(u, rates) for u in todo_kind)
+        total_seconds += seconds
+        work = sum(u.work for u in todo_kind)
+        lines.append(
+            f"| {kind} | {sum(u.kind == kind for u in units)} | {len(todo_kind)} | {work:,.0f} {WORK_UNITS.get(kind, '')} "
+            f"| {_duration(seconds)} | {'this study' if kind in measured else 'default (135M, 2 CPUs)'} |"
+        )
+    lines.append(f"| **all** | {len(units)} | {len(todo)} | | {_duration(total_seconds)} | |")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def plan(config: StudyConfig, out: Path, data_dir: str | None = None, listing: bool = False) -> str:
+    units = build_units(config, data_dir)
+    states: dict = {}
+    rates: dict = {}
+    if (out / "study.db").is_file():
+        with StudyDB(out) as db:
+            states = db.states()
+            rates = measured_rates(db, units)
+    todo = units_to_run(units, states)
+    text = [f"study {config.source} -> {out}: {len(units)} units, {len(todo)} to run", "",
+            plan_table(units, todo, {**DEFAULT_RATES, **rates}, set(rates))]
+    if listing:
+        text += ["", *(f"{u.kind:8} {u.key}  {u.label}" for u in todo)]
+    return "\n".join(text)
+
+
+def run_study(config: StudyConfig, out: Path, data_dir: str | None = None, executor: str = "local",
+              address: str | None = None, workers: int | None = None, progress: bool = True):
+    units = build_units(config, data_dir)
+    with StudyDB(out) as db:
+        db.set_meta("config", config.to_dict())
+        db.set_meta("source", config.source)
+    engine = make_executor(executor, address, workers)
+    try:
+        summary = run_units(units, out, engine, prune=config.study.prune_checkpoints, progress=progress)
+    finally:
+        engine.close()
+    if summary.failed:
+        label, error = next(iter(summary.failed.items()))
+        raise SftlensError(f"{len(summary.failed)} unit(s) failed, first {label}: {error} "
+                           f"(`sftlens study run` again retries them)")
+    return summary
+
+
+def _config_arg(value: str) -> str:
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=_config_arg, help=f"study TOML, or a preset: {', '.join(PRESETS)}")
+    parser.add_argument("--out", required=True, help="study directory (database + artefacts)")
+    parser.add_argument("--data-dir", help="EntityQuestions folder (default: the study's data_dir or $SFTLENS_DATA_DIR)")
+
+
+def _add_executor(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=("local", "ray"), default="local", help="where units run (default: local)")
+    parser.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    parser.add_argument("--workers", type=int, help="local executor: parallel units (default: one per local GPU, else 1)")
+
+
+def _run(args) -> None:
+    config = load_study_config(args.config)
+    start = time.perf_counter()
+    summary = run_study(config, Path(args.out), args.data_dir, args.executor, args.address, args.workers)
+    print(f"{args.out}: {len(summary.ran)} units run, {summary.skipped} already done, "
+          f"{len(summary.pruned)} pruned ({time.perf_counter() - start:.0f} s)")
+
+
+def _plan(args) -> None:
+    print(plan(load_study_config(args.config), Path(args.out), args.data_dir, args.list))
+
+
+def run_demo(out: Path, data_dir: str | None, executor: str = "local", address: str | None = None) -> Path:
+    from sftlens.report import write_report
+
+    start = time.perf_counter()
+    run_study(load_study_config("demo"), out, data_dir, executor, address)
+    paths = write_report(out)
+    print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")
+    return paths["html"]
+
+
+def _demo(args) -> None:
+    html = run_demo(Path(args.out), args.data_dir, args.executor, args.address)
+    print(html)
+
+
+def add_cli(subparsers) -> None:
+    study = subparsers.add_parser("study", help="the whole grid as one resumable study")
+    sub = study.add_subparsers(dest="study_command", metavar="ACTION", required=True)
+    run = sub.add_parser("run", help="run the study's units not done yet")
+    _add_common(run)
+    _add_executor(run)
+    run.set_defaults(func=_run)
+    plan_parser = sub.add_parser("plan", help="the units still to run and an estimate of their cost")
+    _add_common(plan_parser)
+    plan_parser.add_argument("--list", action="store_true", help="list every unit still to run")
+    plan_parser.set_defaults(func=_plan)
+    demo = subparsers.add_parser("demo", help="the demo study on SmolLM2-135M (CPU), then its report")
+    demo.add_argument("--out", default="runs/demo", help="study directory (default: runs/demo)")
+    demo.add_argument("--data-dir", help="EntityQuestions folder (default: $SFTLENS_DATA_DIR)")
+    demo.add_argument("--executor", choices=("local", "ray"), default="local")
+    demo.add_argument("--address", help="Ray cluster address")
+    demo.set_defaults(func=_demo)

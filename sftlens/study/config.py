@@ -1,0 +1,162 @@
+"""A study file: one TOML describing the whole grid.
+
+Sections: `[study]` (StudySettings below: model, data, grid, analysis choices) and one section per
+stage, each checked against that stage's config dataclass: `[probe]`, `[split]`, `[train]`,
+`[eval]`, `[kl]`, `[deltas]`, `[restore]`. A file may start from a shipped preset with
+`extends = "demo"` (or "paper", or a path) and override single keys; unknown keys and wrong types
+are errors naming the key (`train.learning_rate: expected a number, got 'fast'`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from sftlens.config import config_from_dict, config_to_dict
+from sftlens.errors import SftlensError
+
+PRESETS = ("paper", "demo")
+
+# section -> (module, config class); imported when a study is loaded, so `sftlens --help` stays fast
+STAGE_SECTIONS = {
+    "probe": ("sftlens.probe", "ProbeConfig"),
+    "split": ("sftlens.split", "SplitConfig"),
+    "train": ("sftlens.train", "TrainConfig"),
+    "eval": ("sftlens.evaluate", "EvalConfig"),
+    "kl": ("sftlens.analysis.kl", "KLConfig"),
+    "deltas": ("sftlens.analysis.deltas", "DeltasConfig"),
+    "restore": ("sftlens.restore", "RestoreConfig"),
+}
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    model: str = field(default="smollm2-135m", metadata={"help": "base model: built-in name, local folder or hub id"})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "EntityQuestions folder (default: --data-dir or $SFTLENS_DATA_DIR)"})
+    in_relations: str = field(default="in", metadata={"help": "in-domain relations (training and Acc_test)"})
+    out_relations: str = field(default="out", metadata={"help": "out-of-domain relations (Acc_testood)"})
+    train_facts_per_relation: int | None = field(
+        default=None, metadata={"help": "probe at most this many training facts per relation (default: all)"})
+    eval_facts_per_relation: int | None = field(
+        default=None, metadata={"help": "probe at most this many dev and test facts per relation (default: all)"})
+    levels: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"help": "mastery levels to train on"})
+    sizes: tuple[int, ...] = field(
+        default=(60, 120, 240, 480, 960, 1920), metadata={"help": "training-set sizes"})
+    include_all: bool = field(default=True, metadata={"help": "also train on each whole level set ('All')"})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"help": "seeds (data sample and training)"})
+    mixed: bool = field(default=True, metadata={"help": "also train on level-mixed sets (Table 6 'SFT (Mixed)')"})
+    analysis_sizes: tuple[int, ...] = field(
+        default=(240, 1920), metadata={"help": "sizes whose models get update statistics and restoration (Tables 3-5)"})
+    table_size: int = field(default=1920, metadata={"help": "training size of Table 2 and Table 6"})
+    concentration_ratios: tuple[float, ...] = field(
+        default=(1, 3, 5, 10, 20, 40, 60), metadata={"help": "top-k %% of Table 3 (update concentration)"})
+    kl: bool = field(default=True, metadata={"help": "first-token KL of every fine-tuned model (Figure 5)"})
+    random_control: bool = field(
+        default=True, metadata={"help": "random restoration at the dev-chosen ratio, as a control"})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for restoration-gain intervals"})
+    prune_checkpoints: bool = field(
+        default=False, metadata={"help": "delete fine-tuned weights once every unit reading them is done"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "device of every unit"})
+    cpus_per_unit: float = field(default=1.0, metadata={"help": "CPUs a unit asks the Ray executor for"})
+    gpus_per_unit: float = field(default=0.0, metadata={"help": "GPUs a unit asks the Ray executor for"})
+
+    def __post_init__(self):
+        if not self.levels or any(not 0 <= level <= 4 for level in self.levels):
+            raise ValueError(f"levels must be in 0..4, got {list(self.levels)}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        if not self.sizes and not self.include_all:
+            raise ValueError("no training sizes: give sizes or include_all = true")
+        if any(s <= 0 for s in self.sizes):
+            raise ValueError(f"sizes must be positive, got {list(self.sizes)}")
+        missing = [s for s in self.analysis_sizes if s not in self.sizes]
+        if missing:
+            raise ValueError(f"analysis_sizes {missing} are not among sizes {list(self.sizes)}")
+        for name in ("train_facts_per_relation", "eval_facts_per_relation"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.bootstrap < 0:
+            raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    study: StudySettings
+    stages: dict  # section -> that stage's config dataclass
+    source: str  # where it came from (preset name or file), for messages
+
+    def to_dict(self) -> dict:
+        return {"study": config_to_dict(self.study), **{k: config_to_dict(v) for k, v in self.stages.items()}}
+
+
+def stage_class(section: str):
+    module, name = STAGE_SECTIONS[section]
+    return getattr(importlib.import_module(module), name)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise SftlensError(f"{path}: cannot read ({err.strerror})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise SftlensError(f"{path}: not valid TOML ({err})") from None
+
+
+def preset_text(name: str) -> str:
+    return resources.files("sftlens.resources").joinpath("presets", f"{name}.toml").read_text(encoding="utf-8")
+
+
+def _load_raw(spec: str, seen: tuple[str, ...] = ()) -> dict:
+    """The merged tables of a preset name or TOML path, following `extends`."""
+    if spec in seen:
+        raise SftlensError(f"{spec}: `extends` loops ({' -> '.join((*seen, spec))})")
+    if spec in PRESETS:
+        raw, base_dir = tomllib.loads(preset_text(spec)), None
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise SftlensError(f"{spec}: no such study file (or preset: {', '.join(PRESETS)})")
+        raw, base_dir = _read_toml(path), path.parent
+    parent = raw.pop("extends", None)
+    if parent is not None and not isinstance(parent, str):
+        raise SftlensError(f"{spec}: extends: expected a preset name or a path, got {parent!r}")
+    data_dir = raw.get("study", {}).get("data_dir") if isinstance(raw.get("study"), dict) else None
+    if base_dir is not None and isinstance(data_dir, str) and not Path(data_dir).expanduser().is_absolute():
+        raw["study"]["data_dir"] = str((base_dir / data_dir).resolve())  # relative to the study file
+    if parent is None:
+        return raw
+    if base_dir is not None and parent not in PRESETS:
+        parent = str(base_dir / parent)
+    merged = _load_raw(parent, (*seen, spec))
+    for section, table in raw.items():
+        if isinstance(table, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **table}
+        else:
+            merged[section] = table
+    return merged
+
+
+def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
+    """Load a study from a preset name or a TOML path; `overrides` = {section: {key: value}}."""
+    raw = _load_raw(spec)
+    for section, table in (overrides or {}).items():
+        raw[section] = {**raw.get(section, {}), **table}
+    known = ("study", *STAGE_SECTIONS)
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise SftlensError(f"{spec}: unknown section or key {unknown[0]!r} (known: extends, {', '.join(known)})")
+    study = config_from_dict(StudySettings, raw.get("study", {}), "study")
+    stages = {s: config_from_dict(stage_class(s), raw.get(s, {}), s) for s in STAGE_SECTIONS}
+    return StudyConfig(study, stages, spec)
+
+
+def with_stage(config: StudyConfig, section: str, **changes) -> object:
+    """A stage config with some fields replaced (e.g. the seed of one training run)."""
+    return dataclasses.replace(config.stages[section], **changes)

@@ -1,0 +1,146 @@
+"""The study's unit functions: each calls one stage with the settings of its unit.
+
+Signature `fn(params, out, deps) -> result`: `params` are the unit's settings plus runtime values
+(model, data_dir, device), `out` its artefact folder, `deps` maps a role to the dependency's
+folder and result. A result is small JSON (records, counts, per-fact correctness) that the driver
+stores in the study database, so the report needs nothing else.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from sftlens.config import config_from_dict
+from sftlens.data import Fact, load_facts
+from sftlens.io import atomic_write_jsonl, read_jsonl
+
+DATA = "data"  # the split unit's output folder
+
+
+def _device(params) -> str | None:
+    return None if params["device"] == "auto" else params["device"]
+
+
+def study_facts(params) -> list[Fact]:
+    """The facts a study probes: per split its relations, the first N per relation if limited."""
+    facts: list[Fact] = []
+    for split, relations in params["relations"].items():
+        limit = params["train_facts_per_relation"] if split == "train" else params["eval_facts_per_relation"]
+        taken: Counter = Counter()
+        for fact in load_facts(params["data_dir"], splits=(split,), relations=tuple(relations)).facts:
+            if limit is None or taken[fact.relation] < limit:
+                taken[fact.relation] += 1
+                facts.append(fact)
+    return facts
+
+
+# --- probe and split ----------------------------------------------------------------------------
+
+
+def probe_unit(params, out: Path, deps) -> dict:
+    from sftlens.probe import ProbeConfig, level_counts, run_probe
+
+    config = config_from_dict(ProbeConfig, params["probe"], "probe")
+    records = run_probe(params["model"], study_facts(params), config, out / "store", progress=True)
+    return {"facts": len(records), "level_counts": level_counts(records.values())}
+
+
+def _probe_records(probe_dir: str | Path):
+    from sftlens.probe import load_probe
+
+    return load_probe(Path(probe_dir) / "store")
+
+
+def split_unit(params, out: Path, deps) -> dict:
+    import dataclasses
+
+    from sftlens.split import SplitConfig, build_splits
+
+    config = config_from_dict(SplitConfig, params["split"], "split")
+    config = dataclasses.replace(config, **params["grid"])
+    manifest = build_splits(study_facts(params), _probe_records(deps["probe"]["dir"]), config, out / DATA)
+    return {"files": {str(p.relative_to(out / DATA)): len(read_jsonl(p)) for p in sorted((out / DATA).rglob("*.jsonl"))},
+            "manifest": manifest if isinstance(manifest, dict) else None}
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def train_unit(params, out: Path, deps) -> dict:
+    import json
+
+    from sftlens.train import RUN_FILE, TrainConfig, train
+
+    config = config_from_dict(TrainConfig, params["train"], "train")
+    sft = Path(deps["split"]["dir"]) / DATA / "train" / f"{params['set']}-n{params['size']}-seed{params['seed']}.jsonl"
+    model_dir = train(params["model"], sft, out / "model", config, progress=True)
+    run = json.loads((model_dir / RUN_FILE).read_text())
+    return {"train_file": str(sft), "examples": run["data"]["count"], "steps": run["steps"],
+            "train_loss": run["train_loss"]}
+
+
+def model_path(params, deps) -> str:
+    """The fine-tuned model a unit reads, or the base model for units without one."""
+    return str(Path(deps["model"]["dir"]) / "model") if "model" in deps else params["model"]
+
+
+def eval_files(split_dir: str | Path, split: str) -> list[Path]:
+    folder = Path(split_dir) / DATA / split
+    return sorted(folder.glob("*-level*.jsonl"))
+
+
+def load_rows(files: list[Path]) -> list[dict]:
+    return [row for path in files for row in read_jsonl(path)]
+
+
+def _evaluate_rows(model, tokenizer, rows: list[dict], config, tag: dict) -> tuple[list[dict], list[dict]]:
+    from sftlens.evaluate import evaluate_model, summarize
+
+    predictions = evaluate_model(model, tokenizer, rows, config)
+    records = [{**r, **tag} for r in summarize(predictions)]
+    return records, predictions
+
+
+def correctness_bits(predictions: list[dict]) -> str:
+    """Per-fact correctness as a '0'/'1' string in prediction order (for paired bootstraps)."""
+    return "".join("1" if p["correct"] else "0" for p in predictions)
+
+
+def eval_unit(params, out: Path, deps) -> dict:
+    from sftlens.evaluate import EvalConfig
+    from sftlens.models import load_model
+
+    config = config_from_dict(EvalConfig, params["eval"], "eval")
+    model, tokenizer = load_model(model_path(params, deps), device=_device(params))
+    records = []
+    for split in params["splits"]:
+        rows = load_rows(eval_files(deps["split"]["dir"], split))
+        split_records, predictions = _evaluate_rows(model, tokenizer, rows, config, {"split": split})
+        atomic_write_jsonl(out / f"predictions-{split}.jsonl", predictions)
+        records += split_records
+    return {"records": records}
+
+
+# --- analyses ----------------------------------------------------------------------------------
+
+
+def kl_unit(params, out: Path, deps) -> dict:
+    from sftlens.analysis.kl import KLConfig, first_token_kl
+    from sftlens.probe import best_templates
+
+    config = config_from_dict(KLConfig, params["kl"], "kl")
+    facts = study_facts(params)
+    templates = best_templates(_probe_records(deps["probe"]["dir"]), facts)
+    result = first_token_kl(params["model"], model_path(params, deps), load_rows(eval_files(deps["split"]["dir"], "test")),
+                            templates, config)
+    return {"kl": result}
+
+
+def deltas_unit(params, out: Path, deps) -> dict:
+    from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration
+
+    config = config_from_dict(DeltasConfig, params["deltas"], "deltas")
+    result = concentration(params["model"], model_path(params, deps), config, tuple(params["ratios"]), progress=True)
+    write_concentration(result, out)
+    return {"ratios": result["ratios"], "shares": result["shares"], "elements": result["elements"]}

@@ -1,0 +1,171 @@
+"""The study's unit graph: probe -> split -> train -> eval, kl, deltas, restore sweep -> control.
+
+`build_units` expands a StudyConfig into units in dependency order. Keys hash the settings a
+unit's result depends on (the model's weight fingerprint, the data files' bytes, the stage
+config) and its dependencies' keys; paths and the device are runtime values outside the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from sftlens.config import config_to_dict
+from sftlens.data import data_dir_from, load_facts, parse_relations
+from sftlens.study.config import StudyConfig
+from sftlens.study.engine import Unit
+
+STAGES = "sftlens.study.stages"
+SPLITS = ("train", "dev", "test")
+
+
+def data_fingerprint(data_dir: Path, relations_by_split: dict[str, tuple[str, ...]]) -> str:
+    """sha256 over the bytes of the data files the study reads."""
+    digest = hashlib.sha256()
+    for split, relations in sorted(relations_by_split.items()):
+        for relation in relations:
+            path = data_dir / split / f"{relation}.{split}.json"
+            digest.update(f"{split}/{relation}:".encode())
+            digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return digest.hexdigest()[:16]
+
+
+def train_set_name(level: int | None) -> str:
+    return "mixed" if level is None else f"level{level}"
+
+
+def size_name(size: int | None) -> str:
+    return "all" if size is None else str(size)
+
+
+class GraphBuilder:
+    def __init__(self, config: StudyConfig, data_dir: str | Path | None, fingerprint: bool = True):
+        self.config = config
+        self.s = config.study
+        self.data_dir = data_dir_from(data_dir or self.s.data_dir).resolve()
+        self.in_rel = parse_relations(self.s.in_relations)
+        self.out_rel = parse_relations(self.s.out_relations)
+        self.units: list[Unit] = []
+        device = self.s.device
+        self.res = {"cpus": self.s.cpus_per_unit, "gpus": self.s.gpus_per_unit}
+        self.runtime = {"model": self.s.model, "data_dir": str(self.data_dir), "device": device}
+        self.base_id = _model_identity(self.s.model) if fingerprint else {"model": self.s.model}
+
+    def add(self, kind: str, label: str, fn: str, params: dict, deps: dict | None = None, work: float = 0.0,
+            prune: tuple[str, ...] = ()) -> Unit:
+        unit = Unit(kind, label, f"{STAGES}:{fn}", params, deps or {}, dict(self.runtime), work=work, prune=prune,
+                    **self.res)
+        self.units.append(unit)
+        return unit
+
+    def relations_by_split(self) -> dict[str, tuple[str, ...]]:
+        both = tuple(dict.fromkeys((*self.in_rel, *self.out_rel)))
+        return {"train": self.in_rel, "dev": both, "test": both}
+
+    def probe(self) -> Unit:
+        rel = self.relations_by_split()
+        counts = _fact_counts(self.data_dir, rel, self.s.train_facts_per_relation, self.s.eval_facts_per_relation)
+        probe_cfg = self.config.stages["probe"]
+        self.selection = {
+            "data": data_fingerprint(self.data_dir, rel), "relations": {k: list(v) for k, v in rel.items()},
+            "train_facts_per_relation": self.s.train_facts_per_relation,
+            "eval_facts_per_relation": self.s.eval_facts_per_relation,
+        }
+        params = {**self.base_id, **self.selection, "probe": config_to_dict(probe_cfg)}
+        self.n_facts = counts
+        return self.add("probe", "probe", "probe_unit", params, work=sum(counts.values()) * _probe_samples(probe_cfg))
+
+    def build(self) -> list[Unit]:
+        s = self.s
+        probe = self.probe()
+        split_cfg = self.config.stages["split"]
+        split = self.add("split", "split", "split_unit", {"split": config_to_dict(split_cfg), "grid": self.grid_params(), **self.selection},
+                         {"probe": probe.key})
+        eval_rows = self.n_facts["test"]
+        dev_rows = self.n_facts["dev"]
+        self.add("eval", "eval base", "eval_unit", {"eval": config_to_dict(self.config.stages["eval"]),
+                                                                "splits": ["test", "dev"]},
+                 {"split": split.key}, work=eval_rows + dev_rows)
+        sweeps: dict[tuple, list[Unit]] = {}
+        models: list[tuple[int | None, int | None, int, Unit]] = []
+        train_rows = self.n_facts["train"] // max(1, len(s.levels))
+        for level in (*s.levels, *((None,) if s.mixed else ())):
+            for size in (*s.sizes, *((None,) if s.include_all else ())):
+                for seed in s.seeds:
+                    name = f"{train_set_name(level)}-n{size_name(size)}-seed{seed}"
+                    train_cfg = config_to_dict(self.config.stages["train"]) | {"seed": seed}
+                    train = self.add(
+                        "train", f"train {name}", "train_unit",
+                        {"set": train_set_name(level), "size": size_name(size), "seed": seed, "train": train_cfg},
+                        {"split": split.key}, work=(size or train_rows) * self.config.stages["train"].epochs,
+                        prune=("model",),
+                    )
+                    models.append((level, size, seed, train))
+        for level, size, seed, train in models:
+            name = train.label.removeprefix("train ")
+            deps = {"model": train.key, "split": split.key}
+            self.add("eval", f"eval {name}", "eval_unit",
+                     {"eval": config_to_dict(self.config.stages["eval"]), "splits": ["test"]}, deps, work=eval_rows)
+            if s.kl:
+                self.add("kl", f"kl {name}", "kl_unit", {"kl": config_to_dict(self.config.stages["kl"]), **self.selection},
+                         {**deps, "probe": probe.key}, work=self.n_facts["test"])
+            if level is None or size not in s.analysis_sizes:
+                continue
+            self.add("deltas", f"deltas {name}", "deltas_unit",
+                     {"deltas": config_to_dict(self.config.stages["deltas"]), "ratios": list(s.concentration_ratios)},
+                     {"model": train.key}, work=1)
+            restore_cfg = self.config.stages["restore"]
+            ratios = _ratios(restore_cfg)
+            sweep = self.add("restore", f"restore {name}", "restore_unit",
+                             {"restore": config_to_dict(restore_cfg), "eval": config_to_dict(self.config.stages["eval"])},
+                             deps, work=(len(ratios) + 1) * (eval_rows + dev_rows + (size or train_rows)))
+            sweeps.setdefault((level, size), []).append(sweep)
+        if s.random_control:
+            for level, size, seed, train in models:
+                group = sweeps.get((level, size))
+                if not group:
+                    continue
+                name = train.label.removeprefix("train ")
+                deps = {"model": train.key, "split": split.key, **{f"sweep{i}": u.key for i, u in enumerate(group)}}
+                self.add("control", f"control {name}", "control_unit",
+                         {"restore": config_to_dict(self.config.stages["restore"]),
+                          "eval": config_to_dict(self.config.stages["eval"]), "seed": seed},
+                         deps, work=eval_rows)
+        return self.units
+
+    def grid_params(self) -> dict:
+        s = self.s
+        return {"levels": list(s.levels), "sizes": list(s.sizes), "include_all": s.include_all,
+                "seeds": list(s.seeds), "mixed": s.mixed}
+
+
+def _model_identity(spec: str) -> dict:
+    from sftlens.models import model_fingerprint
+
+    return {"model_fingerprint": model_fingerprint(spec)}
+
+
+def _probe_samples(probe_cfg) -> int:
+    templates = getattr(probe_cfg, "templates", None) or 21
+    samples = getattr(probe_cfg, "samples", None) or 10
+    return int(templates) * int(samples) if isinstance(templates, int) else 21 * int(samples)
+
+
+def _ratios(restore_cfg) -> tuple[float, ...]:
+    return tuple(getattr(restore_cfg, "ratios"))
+
+
+def _fact_counts(data_dir: Path, rel: dict, train_limit: int | None, eval_limit: int | None) -> dict[str, int]:
+    counts = {}
+    for split, relations in rel.items():
+        facts = load_facts(data_dir, splits=(split,), relations=relations).facts
+        limit = train_limit if split == "train" else eval_limit
+        per_relation: dict[str, int] = {}
+        for fact in facts:
+            per_relation[fact.relation] = per_relation.get(fact.relation, 0) + 1
+        counts[split] = sum(min(n, limit) if limit else n for n in per_relation.values())
+    return counts
+
+
+def build_units(config: StudyConfig, data_dir: str | Path | None = None) -> list[Unit]:
+    return GraphBuilder(config, data_dir).build()
