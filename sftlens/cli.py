@@ -19,7 +19,10 @@ COMMAND_MODULES = (
     "sftlens.models",
     "sftlens.data.stats",
     "sftlens.train",
+    "sftlens.evaluate",
     "sftlens.analysis.deltas",
+    "sftlens.restore",
+    "sftlens.study",
 )
 
 

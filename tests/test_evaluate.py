@@ -1,0 +1,226 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from sftlens import evaluate as evaluate_module
+from sftlens.cli import main
+from sftlens.data import encode_prompt, sft_completion, sft_prompt
+from sftlens.errors import SftlensError
+from sftlens.evaluate import (
+    PREDICTIONS_FILE, SUMMARY_FILE, EvalConfig, acc_of, evaluate, evaluate_model, format_level_table, micro_of,
+    summarize,
+)
+from sftlens.io import read_jsonl
+
+from conftest import TINY_ANSWERS
+
+
+def test_rows(domain: str, level: int, n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        # prompts of different lengths, so batches need padding
+        question = f"Which country is {'the city of ' * (i % 3)}Entity {domain}{level}{i} in?"
+        answers = [TINY_ANSWERS[i % len(TINY_ANSWERS)]]
+        rows.append({"fact_id": f"P17/test/{domain}{level}{i:03d}", "relation": "P17", "domain": domain,
+                     "level": level, "question": question, "answers": answers,
+                     "prompt": sft_prompt(question), "completion": sft_completion(answers[0])})
+    return rows
+
+
+test_rows.__test__ = False  # a helper, not a test
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTLENS_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def test_files(tmp_path) -> list[Path]:
+    return [write_jsonl(tmp_path / "in-level0.jsonl", test_rows("in", 0, 7)),
+            write_jsonl(tmp_path / "out-level3.jsonl", test_rows("out", 3, 5))]
+
+
+def prediction(domain, level, correct):
+    return {"fact_id": "x", "domain": domain, "level": level, "prediction": "", "correct": correct}
+
+
+def test_acc_is_the_mean_of_level_accuracies_not_of_facts():
+    predictions = [prediction("in", 0, False)] * 10 + [prediction("in", lv, True) for lv in (1, 2, 3, 4)]
+    records = summarize(predictions)
+    assert [(r["test_level"], r["n"], r["accuracy"]) for r in records] == [
+        (0, 10, 0.0), (1, 1, 1.0), (2, 1, 1.0), (3, 1, 1.0), (4, 1, 1.0)]
+    assert acc_of(records, "in") == pytest.approx(0.8)
+    assert micro_of(records, "in") == pytest.approx(4 / 14)
+
+
+def test_records_are_per_domain_and_level():
+    predictions = [prediction("out", 2, True), prediction("in", 2, False), prediction("out", 2, False)]
+    assert summarize(predictions) == [
+        {"domain": "in", "test_level": 2, "n": 1, "correct": 0, "accuracy": 0.0},
+        {"domain": "out", "test_level": 2, "n": 2, "correct": 1, "accuracy": 0.5},
+    ]
+    with pytest.raises(SftlensError, match="no evaluation records for domain 'mixed'"):
+        acc_of(summarize(predictions), "mixed")
+
+
+def test_level_table_shows_levels_acc_and_micro():
+    predictions = [prediction("in", 0, False)] * 3 + [prediction("in", 1, True)]
+    table = format_level_table(summarize(predictions))
+    assert "| domain | level 0 | level 1 | Acc | micro | n |" in table
+    assert "| in | 0.00 | 100.00 | 50.00 | 25.00 | 4 |" in table
+
+
+def test_predictions_do_not_depend_on_batch_size(tiny):
+    model, tokenizer = tiny
+    rows = test_rows("in", 1, 9) + test_rows("out", 2, 4)
+    results = [evaluate_model(model, tokenizer, rows, EvalConfig(batch_size=b), progress=False) for b in (1, 4, 64)]
+    assert results[0] == results[1] == results[2]
+    assert [p["fact_id"] for p in results[0]] == [r["fact_id"] for r in rows]
+    assert any(p["prediction"] for p in results[0])  # the random model does say something
+
+
+def greedy_by_hand(model, tokenizer, prompt: str, steps: int) -> str:
+    import torch
+
+    ids = encode_prompt(tokenizer, prompt)
+    new = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_generation_is_greedy_and_bounded(tiny):
+    model, tokenizer = tiny
+    rows = test_rows("in", 0, 5)
+    predictions = evaluate_model(model, tokenizer, rows, EvalConfig(max_new_tokens=4, batch_size=5), progress=False)
+    assert [p["prediction"] for p in predictions] == [greedy_by_hand(model, tokenizer, r["prompt"], 4) for r in rows]
+
+
+def test_correct_when_the_matcher_finds_an_answer(tiny, monkeypatch):
+    model, tokenizer = tiny
+    outputs = iter([["It is in France.", "no idea"]])
+    monkeypatch.setattr(evaluate_module, "generate_answers", lambda *a: next(outputs))
+    rows = [{**test_rows("in", 0, 1)[0], "answers": ["France"]},
+            {**test_rows("in", 0, 1)[0], "answers": ["Italy"]}]
+    predictions = evaluate_model(model, tokenizer, rows, EvalConfig(batch_size=2), progress=False)
+    assert [p["correct"] for p in predictions] == [True, False]
+
+
+def test_evaluate_writes_predictions_and_summary(tiny_model_dir, test_files, tmp_path):
+    records = evaluate(str(tiny_model_dir), test_files, tmp_path / "eval", EvalConfig(batch_size=4), progress=False)
+    assert [(r["domain"], r["test_level"], r["n"]) for r in records] == [("in", 0, 7), ("out", 3, 5)]
+    predictions = read_jsonl(tmp_path / "eval" / PREDICTIONS_FILE)
+    assert [p["source"] for p in predictions] == ["in-level0.jsonl"] * 7 + ["out-level3.jsonl"] * 5
+    summary = json.loads((tmp_path / "eval" / SUMMARY_FILE).read_text())
+    assert summary["records"] == records
+    assert summary["acc"]["out"] == acc_of(records, "out")
+    assert [t["count"] for t in summary["tests"]] == [7, 5]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [PREDICTIONS_FILE, SUMMARY_FILE]
+
+
+def test_finished_evaluation_is_skipped_even_at_another_batch_size(tiny_model_dir, test_files, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    records = evaluate(str(tiny_model_dir), test_files, out, progress=False)
+    monkeypatch.setattr(evaluate_module, "evaluate_model", lambda *a, **k: pytest.fail("evaluated again"))
+    assert evaluate(str(tiny_model_dir), test_files, out, EvalConfig(batch_size=3), progress=False) == records
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_evaluation_resumes_where_it_stopped(tiny_model_dir, test_files, tmp_path, monkeypatch):
+    config = EvalConfig(batch_size=4)
+    straight = evaluate(str(tiny_model_dir), test_files, tmp_path / "straight", config, progress=False)
+    original = evaluate_module.evaluate_model
+    seen = []
+
+    def die_after_first_batch(model, tokenizer, rows, config, progress, on_batch):
+        def first_then_die(batch):
+            on_batch(batch)
+            raise Interrupt
+
+        seen.append(len(rows))
+        return original(model, tokenizer, rows, config, progress, on_batch=first_then_die)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_model", die_after_first_batch)
+    out = tmp_path / "resumed"
+    with pytest.raises(Interrupt):
+        evaluate(str(tiny_model_dir), test_files, out, config, progress=False)
+    assert not (out / SUMMARY_FILE).exists()
+
+    def count_rows(model, tokenizer, rows, config, progress, on_batch):
+        seen.append(len(rows))
+        return original(model, tokenizer, rows, config, progress, on_batch=on_batch)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_model", count_rows)
+    assert evaluate(str(tiny_model_dir), test_files, out, config, progress=False) == straight
+    assert seen == [12, 8]
+    assert read_jsonl(out / PREDICTIONS_FILE) == read_jsonl(tmp_path / "straight" / PREDICTIONS_FILE)
+
+
+def test_out_dir_holding_another_evaluation_is_an_error(tiny_model_dir, test_files, tmp_path):
+    out = tmp_path / "eval"
+    evaluate(str(tiny_model_dir), test_files[:1], out, progress=False)
+    before = (out / SUMMARY_FILE).read_text()
+    with pytest.raises(SftlensError, match="eval: holds another evaluation"):
+        evaluate(str(tiny_model_dir), test_files, out, progress=False)
+    assert (out / SUMMARY_FILE).read_text() == before
+    foreign = tmp_path / "model-like"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    with pytest.raises(SftlensError, match=r"not an sftlens evaluation \(config.json\)"):
+        evaluate(str(tiny_model_dir), test_files, foreign, progress=False)
+
+
+def test_bad_test_files_name_file_and_key(tiny_model_dir, tmp_path):
+    rows = test_rows("in", 0, 2)
+    del rows[1]["level"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(SftlensError, match=r"bad.jsonl:2: missing key 'level'"):
+        evaluate(str(tiny_model_dir), [bad], tmp_path / "eval", progress=False)
+    with pytest.raises(SftlensError, match=r"missing.jsonl: no such file"):
+        evaluate(str(tiny_model_dir), [tmp_path / "missing.jsonl"], tmp_path / "eval", progress=False)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_cli_prints_the_level_table(tiny_model_dir, tmp_path, capsys):
+    split = tmp_path / "split"
+    (split / "test").mkdir(parents=True)
+    for domain in ("in", "out"):
+        for level in range(5):
+            write_jsonl(split / "test" / f"{domain}-level{level}.jsonl", test_rows(domain, level, 2))
+    code = main(["eval", "--model", str(tiny_model_dir), "--split-dir", str(split), "--out", str(tmp_path / "e"),
+                 "--batch-size", "8", "--max-new-tokens", "4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| domain | level 0 | level 1 | level 2 | level 3 | level 4 | Acc | micro | n |" in out
+    assert "| in |" in out and "| out |" in out and out.rstrip().endswith("| 10 |")
+    assert main(["eval", "--model", str(tiny_model_dir), "--out", str(tmp_path / "e2")]) == 2
+    assert "give either --test" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_trained_smollm2_answers_in_the_trained_format(smollm2_dir, tmp_path, monkeypatch):
+    """The base model and its SFT both evaluate; training on the facts raises train-set accuracy."""
+    from sftlens.train import TrainConfig, train
+
+    monkeypatch.setenv("SFTLENS_CACHE", str(smollm2_dir.parents[1]))
+    rows = [{**row, "answers": ["France"], "completion": sft_completion("France")} for row in test_rows("in", 2, 16)]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    base = evaluate(str(smollm2_dir), [data], tmp_path / "base-eval", progress=False)
+    tuned = train(str(smollm2_dir), data, tmp_path / "tuned", TrainConfig(learning_rate=1e-4), progress=False)
+    after = evaluate(str(tuned), [data], tmp_path / "tuned-eval", progress=False)
+    assert after[0]["accuracy"] > base[0]["accuracy"]
+    assert after[0]["accuracy"] == 1.0
