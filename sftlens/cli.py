@@ -21,7 +21,6 @@ COMMAND_MODULES = (
     "sftlens.train",
     "sftlens.evaluate",
     "sftlens.analysis.deltas",
-    "sftlens.restore",
     "sftlens.study",
 )
 
