@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "sftlens.train",
     "sftlens.evaluate",
     "sftlens.analysis.deltas",
+    "sftlens.restore",
     "sftlens.study",
 )
 

@@ -1,0 +1,247 @@
+"""Parameter restoration (paper Section 5.1): set the selected elements of a fine-tuned model back
+to their base values, for a whole sweep of ratios in one run.
+
+The selection (strategy top/bottom/random, metric relative/absolute, scope global/tensor, region)
+is the exact streamed one of `sftlens.analysis.deltas`: exactly floor(n * k / 100) elements, ties
+broken by sorted tensor name, then flat index. Writing is one pass over the shards: each shard's
+region tensors get a per-element "level" (how many ratios select the element; selections are
+nested), then each ratio's output shard is built from it and saved. Peak memory is about one
+output shard plus a few copies of the largest tensor, whatever the model size.
+
+Every ratio's folder is written atomically and keyed by its inputs (file sizes and times of both
+checkpoints, the selection settings, the ratio), so a re-run skips finished ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from sftlens.analysis.deltas import (
+    DEFAULT_RATIOS,
+    Checkpoint,
+    CheckpointPair,
+    Selection,
+    SelectionConfig,
+    cut_mask,
+    open_pair,
+    parse_ratios,
+    select,
+    selection_keys,
+    change,
+)
+from sftlens.config import add_config_arguments, config_from_args, config_to_dict
+from sftlens.errors import SftlensError
+from sftlens.io import atomic_directory, atomic_write_json, atomic_write_text, stable_hash
+
+MANIFEST = "restore.json"
+TABLE = "restored.tsv"
+
+
+@dataclass(frozen=True)
+class RestoreConfig(SelectionConfig):
+    """Which fine-tuned elements go back to their base values (defaults: the paper's)."""
+
+
+def ratio_folder(out_root: str | Path, config: RestoreConfig, ratio: float) -> Path:
+    return Path(out_root) / f"{config.strategy}-{ratio:g}"
+
+
+def _signature(ckpt: Checkpoint) -> list:
+    files = [ckpt.root / s for s in ckpt.shards]
+    return [str(ckpt.root.resolve()), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+
+
+def _key(pair: CheckpointPair, config: RestoreConfig, ratio: float) -> str:
+    return stable_hash({"base": _signature(pair.base), "finetuned": _signature(pair.finetuned),
+                        "config": config_to_dict(config), "ratio": ratio})
+
+
+def _is_done(folder: Path, key: str) -> bool:
+    manifest = folder / MANIFEST
+    if not (manifest.is_file() and (folder / "config.json").is_file()):
+        return False
+    with contextlib.suppress(json.JSONDecodeError, KeyError):
+        return json.loads(manifest.read_text())["key"] == key
+    return False
+
+
+def _check_outputs(pair: CheckpointPair, targets: list[Path]) -> None:
+    """Never write into (or over) a source checkpoint; `targets` = out_root, then ratio folders."""
+    out_root, *folders = (t.resolve() for t in targets)
+    for ckpt in (pair.base, pair.finetuned):
+        source = ckpt.root.resolve()
+        # a ratio folder is replaced as a whole, so it must not contain a source either
+        clashes = [out_root] if out_root == source or source in out_root.parents else []
+        clashes += [f for f in folders if f == source or source in f.parents or f in source.parents]
+        if clashes:
+            raise SftlensError(f"output folder {clashes[0]} overlaps the input checkpoint {source}; "
+                               "choose another --out")
+
+
+def _copy_side_files(source: Path, dest: Path) -> None:
+    """Config, tokenizer, generation config and the shard index: everything but the weights."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.suffix not in (".safetensors", ".bin") and path.name not in (MANIFEST, TABLE):
+            shutil.copy2(path, dest / path.name)
+
+
+def _levels(pair: CheckpointPair, selection: Selection, names: list[str]) -> dict[str, torch.Tensor]:
+    config = selection.config
+    levels = {}
+    for name in names:
+        base, finetuned = pair.load(name)
+        keys = selection_keys(change(base, finetuned, config.metric), name, config.strategy, config.seed)
+        levels[name] = selection.levels(name, keys)
+    return levels
+
+
+def _write_shards(pair: CheckpointPair, selection: Selection, folders: list[Path],
+                  progress: bool) -> list[dict[str, int]]:
+    """Write every ratio's shards into `folders` (one per ratio of `selection`); return, per ratio,
+    the number of restored elements of each region tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    region = set(selection.names)
+    ft = pair.finetuned
+    restored: list[dict[str, int]] = [{} for _ in folders]
+    n_ratios = len(selection.ratios)
+    bar = tqdm(total=len(ft.shards) * n_ratios, desc="writing restored shards", unit="shard", disable=not progress)
+    for shard in ft.shards:
+        with safe_open(ft.root / shard, framework="pt") as f:
+            metadata = f.metadata() or {"format": "pt"}
+        names = ft.names_in(shard)
+        levels = _levels(pair, selection, [n for n in names if n in region])
+        for i, folder in enumerate(folders):
+            tensors = {}
+            for name in names:
+                if name in levels:
+                    base, finetuned = pair.load(name)
+                    mask = levels[name] >= n_ratios - i
+                    tensors[name] = torch.where(mask, base, finetuned)
+                    restored[i][name] = int(mask.sum())
+                else:
+                    tensors[name] = ft.load(name)
+                    if tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
+                        raise SftlensError(f"{ft.root / shard}: tensor {name} contains NaN or Inf")
+            save_file(tensors, folder / shard, metadata=metadata)
+            del tensors
+            bar.update()
+        del levels
+    bar.close()
+    return restored
+
+
+def _manifest(pair: CheckpointPair, selection: Selection, i: int, restored: dict[str, int], key: str,
+              seconds: float) -> dict:
+    return {
+        "key": key, "base": str(pair.base.root), "finetuned": str(pair.finetuned.root),
+        "ratio": selection.ratios[i], "config": config_to_dict(selection.config),
+        "region_elements": selection.total, "restored": sum(restored.values()),
+        "tensors": {name: {"numel": selection.numel[name], "restored": restored[name]} for name in selection.names},
+        "passes": selection.passes + 1, "seconds": round(seconds, 3),
+    }
+
+
+def _table(manifest: dict) -> str:
+    lines = ["name\tnumel\trestored\tfraction"]
+    for name, t in manifest["tensors"].items():
+        lines.append(f"{name}\t{t['numel']}\t{t['restored']}\t{t['restored'] / max(t['numel'], 1):.6f}")
+    return "\n".join(lines) + "\n"
+
+
+def restore_sweep(base, finetuned, ratios=DEFAULT_RATIOS, config: RestoreConfig = RestoreConfig(),
+                  out_root: str | Path = "restored", progress: bool = True) -> dict[float, Path]:
+    """Write one restored HF folder per ratio under `out_root` (named `{strategy}-{ratio}`), each
+    sharded like the fine-tuned input, with its config/tokenizer and a record of what was restored
+    per tensor (restore.json, restored.tsv). Finished ratios are skipped."""
+    start = time.perf_counter()
+    ratios = parse_ratios(ratios)
+    pair = open_pair(base, finetuned)
+    folders = {r: ratio_folder(out_root, config, r) for r in ratios}
+    _check_outputs(pair, [Path(out_root), *folders.values()])
+    keys = {r: _key(pair, config, r) for r in ratios}
+    todo = tuple(r for r in ratios if not _is_done(folders[r], keys[r]))
+    if not todo:
+        return folders
+    selection = select(pair, todo, config, progress)
+    with contextlib.ExitStack() as stack:
+        temps = [stack.enter_context(atomic_directory(folders[r])) for r in todo]
+        restored = _write_shards(pair, selection, temps, progress)
+        for i, (r, tmp) in enumerate(zip(todo, temps)):
+            _copy_side_files(pair.finetuned.root, tmp)
+            manifest = _manifest(pair, selection, i, restored[i], keys[r], time.perf_counter() - start)
+            atomic_write_json(tmp / MANIFEST, manifest)
+            atomic_write_text(tmp / TABLE, _table(manifest))
+    return folders
+
+
+def restore_in_memory(model, base, finetuned, ratio: float, config: RestoreConfig = RestoreConfig(),
+                      selection: Selection | None = None, progress: bool = False):
+    """Restore a loaded fine-tuned `model` in place (and return it), without writing a checkpoint.
+
+    Every region tensor is rewritten from the two checkpoints, so calls for different ratios can
+    follow each other on the same model; pass a `selection` from `select(...)` made for a sweep to
+    skip the threshold passes. Tensors outside the region are left as they are (the fine-tuned ones).
+    """
+    pair = open_pair(base, finetuned)
+    if selection is None:
+        selection = select(pair, (ratio,), config, progress)
+    ratio = parse_ratios([ratio])[0]
+    if ratio not in selection.ratios:
+        raise SftlensError(f"ratio {ratio:g} is not part of the selection ({', '.join(f'{r:g}' for r in selection.ratios)})")
+    i = selection.ratios.index(ratio)
+    state = model.state_dict()
+    missing = [n for n in selection.names if n not in state]
+    if missing:
+        raise SftlensError(f"the model has no tensor {missing[0]} of {pair.finetuned.root}")
+    cfg = selection.config
+    with torch.no_grad():
+        for name in selection.names:
+            b, f = pair.load(name)
+            keys = selection_keys(change(b, f, cfg.metric), name, cfg.strategy, cfg.seed)
+            state[name].copy_(torch.where(cut_mask(keys, selection.cuts[name][i]), b, f))
+    return model
+
+
+def restored_models(model, base, finetuned, ratios=DEFAULT_RATIOS, config: RestoreConfig = RestoreConfig(),
+                    progress: bool = True) -> Iterator[tuple[float, object]]:
+    """Yield (ratio, model restored in place at that ratio) for a whole sweep, sharing one selection;
+    the model is left restored at the last ratio."""
+    selection = select(open_pair(base, finetuned), ratios, config, progress)
+    for ratio in selection.ratios:
+        yield ratio, restore_in_memory(model, base, finetuned, ratio, config, selection)
+
+
+def _run_restore(args: argparse.Namespace) -> None:
+    config = config_from_args(RestoreConfig, args)
+    start = time.perf_counter()
+    folders = restore_sweep(args.base, args.finetuned, args.ratios, config, args.out)
+    print("| ratio (%) | restored elements | folder |")
+    print("|---:|---:|---|")
+    for ratio, folder in folders.items():
+        manifest = json.loads((folder / MANIFEST).read_text())
+        print(f"| {ratio:g} | {manifest['restored']:,} of {manifest['region_elements']:,} | {folder} |")
+    print(f"{len(folders)} restored models in {time.perf_counter() - start:.1f}s")
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("restore", help="restore the most changed parameters to their base values")
+    parser.add_argument("--base", required=True, help="base model (built-in name or folder)")
+    parser.add_argument("--finetuned", required=True, help="fine-tuned model (built-in name or folder)")
+    parser.add_argument("--out", required=True, help="folder receiving one restored model per ratio")
+    parser.add_argument("--ratios", default=DEFAULT_RATIOS,
+                        type=lambda s: tuple(x for x in s.split(",") if x.strip()),
+                        help="comma list of percentages (default: 1,3,5,10,20,40,60)")
+    add_config_arguments(parser, RestoreConfig)
+    parser.set_defaults(func=_run_restore)

@@ -1,0 +1,146 @@
+"""Restoration: exactly the selected elements take base values, outputs are complete HF folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_deltas import RATIOS, brute_force, random_pair, write_checkpoint
+
+from sftlens.analysis.deltas import open_pair, select
+from sftlens.errors import SftlensError
+from sftlens.models import save_model
+from sftlens.restore import MANIFEST, RestoreConfig, restore_in_memory, restore_sweep, restored_models
+
+
+def _load_folder(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def _expected(base, ft, chosen: set[tuple[str, int]]) -> dict[str, torch.Tensor]:
+    out = {n: t.clone() for n, t in ft.items()}
+    for name, i in chosen:
+        out[name].view(-1)[i] = base[name].view(-1)[i]
+    return out
+
+
+@pytest.mark.parametrize("config", [
+    RestoreConfig(),
+    RestoreConfig(metric="absolute", scope="tensor", strategy="bottom", region="all"),
+    RestoreConfig(strategy="random", region="mlp", seed=7),
+], ids=["paper", "tensor-bottom", "random-mlp"])
+def test_restored_elements_equal_base_and_rest_equal_finetuned(tmp_path, config):
+    base_dir, ft_dir, base, ft = random_pair(tmp_path, shards=3, dtype=torch.bfloat16)
+    folders = restore_sweep(base_dir, ft_dir, RATIOS, config, tmp_path / "out", progress=False)
+    assert list(folders) == [float(r) for r in RATIOS]
+    for (ratio, folder), chosen in zip(folders.items(), brute_force(base, ft, RATIOS, config)):
+        got = _load_folder(folder)
+        want = _expected(base, ft, chosen)
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].dtype == torch.bfloat16
+            assert torch.equal(got[name], want[name]), f"{ratio}: {name}"
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert manifest["restored"] == len(chosen)
+        assert sorted(p.name for p in folder.glob("*.safetensors")) == sorted(p.name for p in ft_dir.glob("*.safetensors"))
+        assert (folder / "model.safetensors.index.json").read_text() == (ft_dir / "model.safetensors.index.json").read_text()
+        assert len((folder / "restored.tsv").read_text().splitlines()) == 1 + len(manifest["tensors"])
+
+
+def test_sweep_is_resumable_and_keyed_by_settings(tmp_path):
+    base_dir, ft_dir, _, _ = random_pair(tmp_path)
+    first = restore_sweep(base_dir, ft_dir, (1, 10), RestoreConfig(), tmp_path / "out", progress=False)
+    stamps = {r: (f / MANIFEST).stat().st_mtime_ns for r, f in first.items()}
+    again = restore_sweep(base_dir, ft_dir, (1, 10, 20), RestoreConfig(), tmp_path / "out", progress=False)
+    assert {r: (again[r] / MANIFEST).stat().st_mtime_ns for r in first} == stamps
+    assert (again[20.0] / "config.json").is_file()
+    absolute = restore_sweep(base_dir, ft_dir, (1,), RestoreConfig(metric="absolute"), tmp_path / "out", progress=False)
+    assert (absolute[1.0] / MANIFEST).stat().st_mtime_ns != stamps[1.0]
+    assert json.loads((absolute[1.0] / MANIFEST).read_text())["config"]["metric"] == "absolute"
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def _perturbed(model, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+def test_output_loads_with_from_pretrained_and_matches_in_memory_restore(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from sftlens.models import tiny_model
+
+    base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
+    base_dir = save_model(base_model, tok, tmp_path / "base")
+    ft_model = _perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0])
+    ft_dir = save_model(ft_model, tok, tmp_path / "ft")
+    config = RestoreConfig()
+    folders = restore_sweep(base_dir, ft_dir, (5, 40), config, tmp_path / "out", progress=False)
+
+    base_sd, ft_sd = base_model.state_dict(), ft_model.state_dict()
+    chosen = brute_force(base_sd, ft_sd, (5, 40), config)
+    ids = torch.tensor([tok("<question> Where is Paris? <answer>")["input_ids"]])
+    for (ratio, folder), picked, (_, in_memory) in zip(
+            folders.items(), chosen, restored_models(ft_model, base_dir, ft_dir, (5, 40), config, progress=False)):
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        expected = tiny_model(seed=0, tokenizer=tiny_tokenizer)[0]
+        expected.load_state_dict(_expected(base_sd, ft_sd, picked))
+        with torch.no_grad():
+            want = expected(ids).logits
+            assert torch.equal(loaded(ids).logits, want)
+            assert torch.equal(in_memory(ids).logits, want)
+        assert (folder / "tokenizer.json").is_file()
+
+
+def test_in_memory_restore_of_one_ratio_from_a_sweep_selection(tmp_path, tiny_tokenizer):
+    from sftlens.models import tiny_model
+
+    base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
+    base_dir = save_model(base_model, tok, tmp_path / "base")
+    ft_dir = save_model(_perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0]), tok, tmp_path / "ft")
+    selection = select(open_pair(base_dir, ft_dir), (1, 100), RestoreConfig(region="all"), progress=False)
+    model = tiny_model(seed=0, tokenizer=tiny_tokenizer)[0]
+    restore_in_memory(model, base_dir, ft_dir, 100, RestoreConfig(region="all"), selection)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, base_model.state_dict()[name]), name
+    with pytest.raises(SftlensError, match="not part of the selection"):
+        restore_in_memory(model, base_dir, ft_dir, 3, RestoreConfig(region="all"), selection)
+
+
+def test_cli_writes_every_ratio(tmp_path, capsys):
+    from sftlens.cli import main
+
+    base_dir, ft_dir, _, _ = random_pair(tmp_path)
+    assert main(["restore", "--base", str(base_dir), "--finetuned", str(ft_dir), "--out", str(tmp_path / "o"),
+                 "--ratios", "1,3,5", "--strategy", "random"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(str(tmp_path / "o" / "random-")) == 3 and "3 restored models" in out
+    assert main(["restore", "--base", str(base_dir), "--finetuned", str(ft_dir), "--out", str(ft_dir),
+                 "--ratios", "1"]) == 2
+    assert "overlaps the input checkpoint" in capsys.readouterr().err
+
+
+def test_bad_input_writes_nothing(tmp_path):
+    base_dir, ft_dir, base, ft = random_pair(tmp_path)
+    for out, ft_at in ((ft_dir, ft_dir), (base_dir / "inside", ft_dir), (tmp_path, tmp_path / "top-1")):
+        ft_dir.rename(ft_at)
+        with pytest.raises(SftlensError, match="overlaps the input"):
+            restore_sweep(base_dir, ft_at, (1,), RestoreConfig(), out, progress=False)
+        ft_at.rename(ft_dir)
+    for ratio in (0, 101):
+        with pytest.raises(SftlensError, match="outside"):
+            restore_sweep(base_dir, ft_dir, (1, ratio), RestoreConfig(), tmp_path / "out", progress=False)
+    embed = ft["model.embed_tokens.weight"].clone()
+    embed[0, 0] = float("inf")
+    broken = write_checkpoint(tmp_path / "broken", {**ft, "model.embed_tokens.weight": embed}, shards=3)
+    with pytest.raises(SftlensError, match="model.embed_tokens.weight contains NaN or Inf"):
+        restore_sweep(base_dir, broken, (1, 5), RestoreConfig(), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
