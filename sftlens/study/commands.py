@@ -128,7 +128,7 @@ def _plan(args) -> None:
 
 
 def run_demo(out: Path, data_dir: str | None, executor: str = "local", address: str | None = None) -> Path:
-    from sftlens.report import write_report
+    from sftlens.study.report import write_report
 
     start = time.perf_counter()
     run_study(load_study_config("demo"), out, data_dir, executor, address)
@@ -143,6 +143,9 @@ def _demo(args) -> None:
 
 
 def add_cli(subparsers) -> None:
+    from sftlens.study import report
+
+    report.add_cli(subparsers)
     study = subparsers.add_parser("study", help="the whole grid as one resumable study")
     sub = study.add_subparsers(dest="study_command", metavar="ACTION", required=True)
     run = sub.add_parser("run", help="run the study's units not done yet")

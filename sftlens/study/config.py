@@ -56,6 +56,8 @@ class StudySettings:
     table_size: int = field(default=1920, metadata={"help": "training size of Table 2 and Table 6"})
     concentration_ratios: tuple[float, ...] = field(
         default=(1, 3, 5, 10, 20, 40, 60), metadata={"help": "top-k %% of Table 3 (update concentration)"})
+    restore_ratios: tuple[float, ...] = field(
+        default=(1, 3, 5, 10, 20, 40, 60), metadata={"help": "restore ratios (%%) of the sweep (Tables 4-5)"})
     kl: bool = field(default=True, metadata={"help": "first-token KL of every fine-tuned model (Figure 5)"})
     random_control: bool = field(
         default=True, metadata={"help": "random restoration at the dev-chosen ratio, as a control"})

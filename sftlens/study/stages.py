@@ -112,7 +112,7 @@ def eval_unit(params, out: Path, deps) -> dict:
     from sftlens.models import load_model
 
     config = config_from_dict(EvalConfig, params["eval"], "eval")
-    model, tokenizer = load_model(model_path(params, deps), device=_device(params))
+    model, tokenizer = load_model(model_path(params, deps), dtype=config.dtype, device=_device(params))
     records = []
     for split in params["splits"]:
         rows = load_rows(eval_files(deps["split"]["dir"], split))
@@ -144,3 +144,76 @@ def deltas_unit(params, out: Path, deps) -> dict:
     result = concentration(params["model"], model_path(params, deps), config, tuple(params["ratios"]), progress=True)
     write_concentration(result, out)
     return {"ratios": result["ratios"], "shares": result["shares"], "elements": result["elements"]}
+
+
+# --- restoration -------------------------------------------------------------------------------
+
+
+def _bits_by_level(predictions: list[dict]) -> dict[str, dict[str, str]]:
+    """{domain: {level: correctness string}} in row order, for paired bootstraps in the report."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for p in predictions:
+        out.setdefault(p["domain"], {}).setdefault(str(p["level"]), []).append("1" if p["correct"] else "0")
+    return {d: {lv: "".join(bits) for lv, bits in levels.items()} for d, levels in out.items()}
+
+
+def _sweep_rows(params, deps) -> dict[str, list[dict]]:
+    rows = {split: load_rows(eval_files(deps["split"]["dir"], split)) for split in ("test", "dev")}
+    rows["train"] = read_jsonl(deps["model"]["result"]["train_file"])
+    return rows
+
+
+def _evaluate_splits(model, tokenizer, rows_by_split: dict, config, ratio: float) -> tuple[list[dict], dict]:
+    records, bits = [], {}
+    for split, rows in rows_by_split.items():
+        split_records, predictions = _evaluate_rows(model, tokenizer, rows, config,
+                                                    {"split": split, "restore_ratio": ratio})
+        records += split_records
+        if split == "test":
+            bits = _bits_by_level(predictions)
+    return records, bits
+
+
+def restore_unit(params, out: Path, deps) -> dict:
+    """Evaluate the fine-tuned model restored at every ratio (0 = as fine-tuned) on test, dev and
+    its own training set; restoration happens in memory, one selection for the whole sweep."""
+    from sftlens.evaluate import EvalConfig
+    from sftlens.models import load_model
+    from sftlens.restore import RestoreConfig, restored_models
+
+    eval_cfg = config_from_dict(EvalConfig, params["eval"], "eval")
+    restore_cfg = config_from_dict(RestoreConfig, params["restore"], "restore")
+    finetuned = model_path(params, deps)
+    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=_device(params))
+    rows = _sweep_rows(params, deps)
+    records, bits0 = _evaluate_splits(model, tokenizer, rows, eval_cfg, 0.0)
+    bits = {"0": bits0}
+    for ratio, restored in restored_models(model, params["model"], finetuned, params["ratios"], restore_cfg):
+        ratio_records, ratio_bits = _evaluate_splits(restored, tokenizer, rows, eval_cfg, float(ratio))
+        records += ratio_records
+        bits[f"{float(ratio):g}"] = ratio_bits
+    return {"records": records, "test_bits": bits}
+
+
+def control_unit(params, out: Path, deps) -> dict:
+    """Random restoration at the ratio the dev split chose for this (level, size) over all its
+    seeds: does restoring the *most changed* elements matter, or would any elements do?"""
+    import dataclasses
+
+    from sftlens.evaluate import EvalConfig
+    from sftlens.models import load_model
+    from sftlens.restore import RestoreConfig, restore_in_memory
+    from sftlens.study.results import chosen_ratio
+
+    ratio = chosen_ratio([d["result"] for role, d in sorted(deps.items()) if role.startswith("sweep")])
+    if ratio == 0:
+        return {"ratio": 0.0, "records": [], "test_bits": {}}
+    eval_cfg = config_from_dict(EvalConfig, params["eval"], "eval")
+    restore_cfg = config_from_dict(RestoreConfig, params["restore"], "restore")
+    restore_cfg = dataclasses.replace(restore_cfg, strategy="random", seed=params["seed"])
+    finetuned = model_path(params, deps)
+    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=_device(params))
+    restore_in_memory(model, params["model"], finetuned, ratio, restore_cfg)
+    rows = {"test": load_rows(eval_files(deps["split"]["dir"], "test"))}
+    records, bits = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
+    return {"ratio": ratio, "records": records, "test_bits": bits}

@@ -114,10 +114,10 @@ class GraphBuilder:
             self.add("deltas", f"deltas {name}", "deltas_unit",
                      {"deltas": config_to_dict(self.config.stages["deltas"]), "ratios": list(s.concentration_ratios)},
                      {"model": train.key}, work=1)
-            restore_cfg = self.config.stages["restore"]
-            ratios = _ratios(restore_cfg)
+            ratios = list(s.restore_ratios)
             sweep = self.add("restore", f"restore {name}", "restore_unit",
-                             {"restore": config_to_dict(restore_cfg), "eval": config_to_dict(self.config.stages["eval"])},
+                             {"restore": config_to_dict(self.config.stages["restore"]), "ratios": ratios,
+                              "eval": config_to_dict(self.config.stages["eval"])},
                              deps, work=(len(ratios) + 1) * (eval_rows + dev_rows + (size or train_rows)))
             sweeps.setdefault((level, size), []).append(sweep)
         if s.random_control:
@@ -146,13 +146,7 @@ def _model_identity(spec: str) -> dict:
 
 
 def _probe_samples(probe_cfg) -> int:
-    templates = getattr(probe_cfg, "templates", None) or 21
-    samples = getattr(probe_cfg, "samples", None) or 10
-    return int(templates) * int(samples) if isinstance(templates, int) else 21 * int(samples)
-
-
-def _ratios(restore_cfg) -> tuple[float, ...]:
-    return tuple(getattr(restore_cfg, "ratios"))
+    return (len(probe_cfg.templates) or 21) * probe_cfg.samples
 
 
 def _fact_counts(data_dir: Path, rel: dict, train_limit: int | None, eval_limit: int | None) -> dict[str, int]:
