@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "sftlens.data.stats",
     "sftlens.train",
     "sftlens.evaluate",
+    "sftlens.analysis.kl",
     "sftlens.analysis.deltas",
     "sftlens.restore",
     "sftlens.study",
