@@ -223,9 +223,102 @@ def restored_models(model, base, finetuned, ratios=DEFAULT_RATIOS, config: Resto
         yield ratio, restore_in_memory(model, base, finetuned, ratio, config, selection)
 
 
+def _eval_sets(test_files, train_file) -> dict[str, tuple[list[dict], list[dict]]]:
+    from sftlens.evaluate import EVAL_KEYS
+    from sftlens.train import data_manifest, read_split_rows
+
+    files = {"test": [Path(p) for p in test_files], "train": [Path(train_file)] if train_file else []}
+    sets = {}
+    for name, paths in files.items():
+        if paths:
+            rows = [read_split_rows(p, EVAL_KEYS) for p in paths]
+            sets[name] = ([r for part in rows for r in part], [data_manifest(p, part) for p, part in zip(paths, rows)])
+    if "test" not in sets:
+        raise SftlensError("--eval needs --test FILE [FILE ...]")
+    return sets
+
+
+def evaluate_restored(base, finetuned, ratios=DEFAULT_RATIOS, config: RestoreConfig = RestoreConfig(),
+                      test_files=(), out_dir: str | Path = "restored", eval_config=None, train_file=None,
+                      progress: bool = True) -> list[dict]:
+    """Accuracy of the fine-tuned model unrestored (ratio 0) and restored at every ratio, restoring
+    in memory (no checkpoint written): the paper's Table 4 on `test_files`, Table 5 on `train_file`.
+
+    Returns long-format evaluation records with `set` (test/train), `restore_ratio` and `strategy`;
+    each ratio's records are cached in out_dir/eval/ by inputs, so a re-run skips finished ratios."""
+    from sftlens.evaluate import RESULT_NEUTRAL, EvalConfig, evaluate_model, summarize
+    from sftlens.models import load_model
+
+    eval_config = eval_config or EvalConfig()
+    sets = _eval_sets(test_files, train_file)
+    pair = open_pair(base, finetuned)
+    levels = (0.0, *parse_ratios(ratios))
+    settings = {k: v for k, v in config_to_dict(eval_config).items() if k not in RESULT_NEUTRAL}
+    manifests = {name: manifest for name, (_, manifest) in sets.items()}
+    keys = {r: stable_hash({"restore": _key(pair, config, r), "sets": manifests, "eval": settings}) for r in levels}
+    paths = {r: Path(out_dir) / "eval" / f"{config.strategy}-{r:g}.json" for r in levels}
+    done = {}
+    for r in levels:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError):
+            cached = json.loads(paths[r].read_text())
+            if cached["key"] == keys[r]:
+                done[r] = cached["records"]
+    todo = [r for r in levels if r not in done]
+    if todo:
+        model, tokenizer = load_model(str(finetuned), dtype=eval_config.dtype, device=eval_config.device)
+
+        def run(ratio: float) -> None:
+            records = []
+            for name, (rows, _) in sets.items():
+                predictions = evaluate_model(model, tokenizer, rows, eval_config, progress)
+                records += [{**rec, "set": name, "restore_ratio": ratio, "strategy": config.strategy}
+                            for rec in summarize(predictions)]
+            atomic_write_json(paths[ratio], {"key": keys[ratio], "records": records})
+            done[ratio] = records
+
+        if todo[0] == 0.0:
+            run(todo.pop(0))
+        if todo:
+            for ratio, _ in restored_models(model, base, finetuned, todo, config, progress):
+                run(ratio)
+    return [rec for r in levels for rec in done[r]]
+
+
+def restore_table(records: list[dict]) -> str:
+    """Markdown, Table 4/5 layout: one row per restore ratio, the paper's Acc (%) per set and domain,
+    with the change against the unrestored model."""
+    from sftlens.evaluate import acc_of
+
+    columns = sorted({(r["set"], r["domain"]) for r in records}, key=lambda c: (c[0] != "test", c[1]))
+    ratios = sorted({r["restore_ratio"] for r in records})
+
+    def acc(ratio: float, column: tuple[str, str]) -> float:
+        part = [r for r in records if r["restore_ratio"] == ratio and r["set"] == column[0]]
+        return 100 * acc_of(part, column[1])
+
+    lines = ["| restore (%) | " + " | ".join(f"{s} {d} Acc" for s, d in columns) + " |",
+             "|---:" + "|---:" * len(columns) + "|"]
+    for ratio in ratios:
+        cells = [f"{acc(ratio, c):.2f}" + (f" ({acc(ratio, c) - acc(0.0, c):+.2f})" if ratio and 0.0 in ratios else "")
+                 for c in columns]
+        lines.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _run_restore(args: argparse.Namespace) -> None:
     config = config_from_args(RestoreConfig, args)
     start = time.perf_counter()
+    if args.eval:
+        from sftlens.evaluate import EvalConfig
+
+        records = evaluate_restored(args.base, args.finetuned, args.ratios, config, args.test or (), args.out,
+                                    config_from_args(EvalConfig, args), args.train)
+        table = restore_table(records)
+        atomic_write_text(Path(args.out) / "eval" / f"{config.strategy}-table.md", table + "\n")
+        print(table)
+        print(f"evaluated {len({r['restore_ratio'] for r in records})} models in memory "
+              f"in {time.perf_counter() - start:.1f}s")
+        return
     folders = restore_sweep(args.base, args.finetuned, args.ratios, config, args.out)
     print("| ratio (%) | restored elements | folder |")
     print("|---:|---:|---|")
@@ -236,12 +329,21 @@ def _run_restore(args: argparse.Namespace) -> None:
 
 
 def add_cli(subparsers) -> None:
+    from sftlens.evaluate import EvalConfig
+
     parser = subparsers.add_parser("restore", help="restore the most changed parameters to their base values")
     parser.add_argument("--base", required=True, help="base model (built-in name or folder)")
     parser.add_argument("--finetuned", required=True, help="fine-tuned model (built-in name or folder)")
-    parser.add_argument("--out", required=True, help="folder receiving one restored model per ratio")
+    parser.add_argument("--out", required=True, help="folder receiving one restored model per ratio "
+                                                     "(with --eval: the evaluation records)")
     parser.add_argument("--ratios", default=DEFAULT_RATIOS,
                         type=lambda s: tuple(x for x in s.split(",") if x.strip()),
                         help="comma list of percentages (default: 1,3,5,10,20,40,60)")
+    parser.add_argument("--eval", action="store_true",
+                        help="evaluate the unrestored and every restored model in memory instead of writing "
+                             "checkpoints (Table 4 on --test, Table 5 on --train)")
+    parser.add_argument("--test", nargs="+", metavar="FILE", help="split JSONL test files for --eval")
+    parser.add_argument("--train", metavar="FILE", help="the model's training JSONL, for --eval (Table 5)")
     add_config_arguments(parser, RestoreConfig)
+    add_config_arguments(parser, EvalConfig)
     parser.set_defaults(func=_run_restore)

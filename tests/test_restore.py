@@ -144,3 +144,52 @@ def test_bad_input_writes_nothing(tmp_path):
     with pytest.raises(SftlensError, match="model.embed_tokens.weight contains NaN or Inf"):
         restore_sweep(base_dir, broken, (1, 5), RestoreConfig(), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_eval_sweep_restores_in_memory_and_caches(tmp_path, tiny_tokenizer, monkeypatch):
+    from sftlens.evaluate import EvalConfig, evaluate_model, summarize
+    from sftlens.models import tiny_model
+    from sftlens.restore import evaluate_restored, restore_table
+
+    base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
+    base_dir = save_model(base_model, tok, tmp_path / "base")
+    ft_model = tiny_model(seed=5, tokenizer=tiny_tokenizer)[0]
+    ft_dir = save_model(ft_model, tok, tmp_path / "ft")
+    rows = [{"fact_id": f"P17/test/{i:05d}", "relation": "P17", "domain": domain, "level": i % 5,
+             "question": f"Which country is X{i} located in?", "answers": ["France"],
+             "prompt": f"<question> Which country is X{i} located in? <answer>", "completion": " France "}
+            for i, domain in enumerate(["in", "out"] * 5)]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outputs = {}
+    import sftlens.evaluate
+
+    real = sftlens.evaluate.evaluate_model
+
+    def recording(model, tokenizer, eval_rows, config, progress=True):
+        predictions = real(model, tokenizer, eval_rows, config, progress=False)
+        outputs.setdefault("runs", []).append([p["prediction"] for p in predictions])
+        return predictions
+
+    monkeypatch.setattr(sftlens.evaluate, "evaluate_model", recording)
+    config, eval_config = RestoreConfig(region="all"), EvalConfig(max_new_tokens=3)
+    records = evaluate_restored(base_dir, ft_dir, (50, 100), config, [test], tmp_path / "out", eval_config,
+                                train_file=test, progress=False)
+    assert sorted({r["restore_ratio"] for r in records}) == [0.0, 50.0, 100.0]
+    assert {r["set"] for r in records} == {"test", "train"}
+    runs = outputs["runs"]
+    assert len(runs) == 6
+    base_preds = [p["prediction"] for p in real(base_model, tok, rows, eval_config, progress=False)]
+    ft_preds = [p["prediction"] for p in real(ft_model, tok, rows, eval_config, progress=False)]
+    assert runs[0] == ft_preds and runs[4] == base_preds, "ratio 0 = fine-tuned, 100 % of all = base"
+    assert summarize(real(base_model, tok, rows, eval_config, progress=False)) == [
+        {k: v for k, v in r.items() if k not in ("set", "restore_ratio", "strategy")}
+        for r in records if r["restore_ratio"] == 100 and r["set"] == "test"]
+    table = restore_table(records)
+    assert table.splitlines()[0] == "| restore (%) | test in Acc | test out Acc | train in Acc | train out Acc |"
+    assert len(table.splitlines()) == 5
+    again = evaluate_restored(base_dir, ft_dir, (50, 100), config, [test], tmp_path / "out", eval_config,
+                              train_file=test, progress=False)
+    assert again == records and len(outputs["runs"]) == 6, "cached ratios are not re-evaluated"
+    with pytest.raises(SftlensError, match="needs --test"):
+        evaluate_restored(base_dir, ft_dir, (50,), config, [], tmp_path / "out", eval_config, progress=False)
