@@ -107,3 +107,175 @@ def test_a_process_pool_gives_the_same_results(tmp_path):
     assert sorted(summary.ran) == ["a", "b", "c", "d"]
     assert values(tmp_path / "pool") == values(tmp_path / "seq")
     assert sorted(executions(log)) == ["a", "b", "c", "d"]
+
+
+# --- config and plan ----------------------------------------------------------------------------
+
+from sftlens.study.commands import plan, run_study  # noqa: E402
+from sftlens.study.config import load_study_config  # noqa: E402
+from sftlens.study.results import load_results  # noqa: E402
+from sftlens.study.units import build_units  # noqa: E402
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[study]\nmodle = "x"\n', "unknown setting study.modle"),
+    ('[train]\nlearning_rate = "fast"\n', "train.learning_rate: expected a number, got 'fast'"),
+    ('[probe]\nsamples = 1.5\n', "probe.samples: expected an integer"),
+    ('[trian]\nepochs = 1\n', "unknown section or key 'trian'"),
+    ('[study]\nsizes = [16]\nanalysis_sizes = [32]\n', "analysis_sizes [32] are not among sizes [16]"),
+    ('extends = "nope"\n', "nope: no such study file"),
+])
+def test_bad_study_files_name_the_key(tmp_path, text, message):
+    with pytest.raises(SftlensError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_study_config(str(write_config(tmp_path / "s.toml", 'extends = "demo"\n' + text)))
+
+
+def test_a_study_file_extends_a_preset_and_overrides_single_keys(tmp_path):
+    config = load_study_config(str(write_config(tmp_path / "s.toml", 'extends = "demo"\n[train]\nepochs = 2\n')))
+    demo = load_study_config("demo")
+    assert config.stages["train"].epochs == 2.0
+    assert config.stages["train"].batch_size == demo.stages["train"].batch_size
+    assert config.study == demo.study
+
+
+def test_the_paper_plan_lists_the_full_grid_without_running_anything(shared_data_dir, tmp_path):
+    units = build_units(load_study_config("paper"), shared_data_dir)
+    kinds = {}
+    for unit in units:
+        kinds[unit.kind] = kinds.get(unit.kind, 0) + 1
+    trained = (5 + 1) * 7 * 5  # (5 levels + mixed) x (6 sizes + All) x 5 seeds
+    analysed = 5 * 2 * 5  # levels x {240, 1920} x seeds
+    assert kinds == {"probe": 1, "split": 1, "eval": 1 + trained, "train": trained, "kl": trained,
+                     "deltas": analysed, "restore": analysed, "control": analysed}
+    text = plan(load_study_config("paper"), tmp_path / "paper", str(shared_data_dir))
+    assert f"{len(units)} units, {len(units)} to run" in text
+    assert not (tmp_path / "paper").exists()
+
+
+# --- a tiny-model study, end to end ----------------------------------------------------------
+
+TINY_STUDY = """
+extends = "demo"
+[study]
+model = "{model}"
+data_dir = "{data}"
+train_facts_per_relation = 12
+eval_facts_per_relation = 2
+levels = [0]
+sizes = [8]
+seeds = [0, 1]
+analysis_sizes = [8]
+table_size = 8
+restore_ratios = [10, 50]
+bootstrap = 50
+kl_test_set = "in-level0"
+prune_checkpoints = true
+[probe]
+samples = 1
+templates = [0]
+max_new_tokens = 4
+[train]
+learning_rate = 1e-3
+[eval]
+max_new_tokens = 4
+"""
+
+
+def tiny_study_file(folder: Path, model_dir: Path, data_dir: Path) -> Path:
+    return write_config(folder / "study.toml", TINY_STUDY.format(model=model_dir, data=data_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """A finished tiny study (run once for the module): its config file and directory."""
+    from conftest import write_tiny_data
+    from sftlens.models import save_model, tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-study")
+    model, tokenizer = tiny_model(seed=0)
+    model_dir = save_model(model, tokenizer, root / "model")
+    config_file = tiny_study_file(root, model_dir, write_tiny_data(root / "eq"))
+    run_study(load_study_config(str(config_file)), root / "study", progress=False)
+    return config_file, root / "study"
+
+
+def comparable(study_dir: Path) -> dict:
+    """Every unit's result by label (what the report reads), for equality across runs."""
+    return {u["label"]: u["result"] for u in load_results(study_dir).units}
+
+
+def test_a_tiny_study_runs_every_unit_once(tiny_study):
+    _, study = tiny_study
+    units = load_results(study).units
+    assert {u["state"] for u in units} == {"done"}
+    assert {u["runs"] for u in units} == {1}
+    kinds = sorted({u["kind"] for u in units})
+    assert kinds == ["control", "deltas", "eval", "kl", "probe", "restore", "split", "train"]
+    assert not list(study.glob("units/train/*/model")), "prune_checkpoints drops fine-tuned weights"
+
+
+def test_an_edited_config_recomputes_only_what_changed(tiny_study, tmp_path):
+    config_file, study = tiny_study
+    edited = write_config(tmp_path / "edited.toml", config_file.read_text().replace(
+        "[eval]\nmax_new_tokens = 4", "[eval]\nmax_new_tokens = 3"))
+    text = plan(load_study_config(str(edited)), study, listing=True)
+    to_run = {line.split()[0] for line in text.splitlines() if line.startswith(("eval ", "restore ", "control ", "train "))}
+    # evaluation changed: evaluations and sweeps re-run, and the pruned models they read are retrained
+    assert to_run == {"eval", "restore", "control", "train"}
+    assert "| probe | 1 | 0 |" in text and "| kl | 2 | 0 |" in text and "| deltas | 2 | 0 |" in text
+
+
+def test_the_report_regenerates_from_the_database_alone(tiny_study, tmp_path):
+    import shutil
+
+    from sftlens.study.report import write_report
+
+    _, study = tiny_study
+    copy = tmp_path / "only-db"
+    copy.mkdir()
+    shutil.copy(study / "study.db", copy / "study.db")
+    paths = write_report(copy)
+    markdown = paths["markdown"].read_text()
+    for title in ("Table 1", "Figure 2", "Table 2", "Figure 4", "Figure 5", "Table 3", "Table 4", "Table 5",
+                  "Table 6", "chosen on dev"):
+        assert f"## {title}" in markdown or title in markdown
+    html = paths["html"].read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert " ± " in markdown
+    assert "D_train-0" in markdown and "mixed" in markdown
+
+
+def test_a_killed_study_resumes_without_redoing_finished_units(tiny_study, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config_file, reference = tiny_study
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sftlens", "study", "run", str(config_file), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_before: set[str] = set()
+    deadline = time.time() + 300
+    while time.time() < deadline and len(done_before) < 8 and proc.poll() is None:
+        time.sleep(0.2)
+        if (out / "study.db").is_file():
+            with StudyDB(out) as db:
+                done_before = {k for k, s in db.states().items() if s["state"] == "done"}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with StudyDB(out) as db:
+        done_before = {k for k, s in db.states().items() if s["state"] == "done"}
+        total = len(db.planned_units())
+    assert 0 < len(done_before) < total, "the kill must land midway"
+    summary = run_study(load_study_config(str(config_file)), out, progress=False)
+    assert len(summary.ran) == total - len(done_before)
+    with StudyDB(out) as db:
+        states = db.states()
+    assert all(states[k]["runs"] == 1 for k in done_before)
+    assert comparable(out) == comparable(reference)

@@ -59,6 +59,8 @@ class StudySettings:
     restore_ratios: tuple[float, ...] = field(
         default=(1, 3, 5, 10, 20, 40, 60), metadata={"help": "restore ratios (%%) of the sweep (Tables 4-5)"})
     kl: bool = field(default=True, metadata={"help": "first-token KL of every fine-tuned model (Figure 5)"})
+    kl_test_set: str = field(
+        default="in-level4", metadata={"help": "test file of the KL (Figure 5): {in,out}-level{L}"})
     random_control: bool = field(
         default=True, metadata={"help": "random restoration at the dev-chosen ratio, as a control"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for restoration-gain intervals"})

@@ -8,6 +8,7 @@ stores in the study database, so the report needs nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -53,8 +54,6 @@ def _probe_records(probe_dir: str | Path):
 
 
 def split_unit(params, out: Path, deps) -> dict:
-    import dataclasses
-
     from sftlens.split import SplitConfig, build_splits
 
     config = config_from_dict(SplitConfig, params["split"], "split")
@@ -126,15 +125,18 @@ def eval_unit(params, out: Path, deps) -> dict:
 
 
 def kl_unit(params, out: Path, deps) -> dict:
-    from sftlens.analysis.kl import KLConfig, first_token_kl
+    """First-token KL against the base model on one test file, prompted with each relation's best
+    mapping template from the probe (the paper's Section 4.1)."""
+    from sftlens.analysis.kl import KLConfig, compute_kl
     from sftlens.probe import best_templates
 
     config = config_from_dict(KLConfig, params["kl"], "kl")
-    facts = study_facts(params)
-    templates = best_templates(_probe_records(deps["probe"]["dir"]), facts)
-    result = first_token_kl(params["model"], model_path(params, deps), load_rows(eval_files(deps["split"]["dir"], "test")),
-                            templates, config)
-    return {"kl": result}
+    if config.device is None and _device(params):
+        config = dataclasses.replace(config, device=_device(params))
+    templates = best_templates(_probe_records(deps["probe"]["dir"]), study_facts(params))
+    test_file = Path(deps["split"]["dir"]) / DATA / "test" / f"{params['test_set']}.jsonl"
+    result = compute_kl(params["model"], model_path(params, deps), test_file, config, templates, out)
+    return {"kl": result["summary"], "test_set": params["test_set"]}
 
 
 def deltas_unit(params, out: Path, deps) -> dict:
@@ -198,8 +200,6 @@ def restore_unit(params, out: Path, deps) -> dict:
 def control_unit(params, out: Path, deps) -> dict:
     """Random restoration at the ratio the dev split chose for this (level, size) over all its
     seeds: does restoring the *most changed* elements matter, or would any elements do?"""
-    import dataclasses
-
     from sftlens.evaluate import EvalConfig
     from sftlens.models import load_model
     from sftlens.restore import RestoreConfig, restore_in_memory

@@ -107,7 +107,7 @@ class GraphBuilder:
             self.add("eval", f"eval {name}", "eval_unit",
                      {"eval": config_to_dict(self.config.stages["eval"]), "splits": ["test"]}, deps, work=eval_rows)
             if s.kl:
-                self.add("kl", f"kl {name}", "kl_unit", {"kl": config_to_dict(self.config.stages["kl"]), **self.selection},
+                self.add("kl", f"kl {name}", "kl_unit", {"kl": config_to_dict(self.config.stages["kl"]), "test_set": s.kl_test_set, **self.selection},
                          {**deps, "probe": probe.key}, work=self.n_facts["test"])
             if level is None or size not in s.analysis_sizes:
                 continue
