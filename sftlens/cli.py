@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "sftlens.analysis.deltas",
     "sftlens.restore",
     "sftlens.study",
+    "sftlens.report",
 )
 
 

@@ -211,3 +211,16 @@ def acc_vs_size_figure(records: list[dict], path: str | Path, domains: tuple[str
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 
+
+def _run_report(args) -> None:
+    from sftlens.study.report import write_report
+
+    paths = write_report(args.dir)
+    print(paths["html"])
+    print(paths["markdown"])
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="a study's report (HTML + Markdown), rebuilt from its database")
+    parser.add_argument("dir", help="study directory (holding study.db)")
+    parser.set_defaults(func=_run_report)

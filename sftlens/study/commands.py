@@ -143,9 +143,6 @@ def _demo(args) -> None:
 
 
 def add_cli(subparsers) -> None:
-    from sftlens.study import report
-
-    report.add_cli(subparsers)
     study = subparsers.add_parser("study", help="the whole grid as one resumable study")
     sub = study.add_subparsers(dest="study_command", metavar="ACTION", required=True)
     run = sub.add_parser("run", help="run the study's units not done yet")

@@ -74,6 +74,7 @@ def _plot_lines(path: Path, panels: list[tuple[str, dict]], ylabel: str, sizes: 
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, (title, lines) in zip(axes[0], panels):
+        plotted = False
         for label, points in lines.items():
             xs = [i for i, s in enumerate(sizes) if s in points and points[s][2] > 0]
             if not xs:
@@ -81,12 +82,16 @@ def _plot_lines(path: Path, panels: list[tuple[str, dict]], ylabel: str, sizes: 
             ys = [points[sizes[i]][0] * scale for i in xs]
             es = [points[sizes[i]][1] * scale for i in xs]
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+            plotted = True
         ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
         ax.set_xlabel("training examples")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if plotted:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -113,16 +118,17 @@ def figure2(records: list[dict], out: Path) -> Section:
 
 
 def table2(records: list[dict], size) -> Section:
+    from sftlens.report import level_table
+
     test = [r for r in records if r["split"] == "test" and r["size"] == size and r["strategy"] == "sft"]
-    tables = []
-    for domain, name in DOMAINS:
-        rows = []
-        for lv in _train_levels(test):
-            cells = [fmt(*level_acc_over_seeds(test, domain, t, train_level=lv)) for t in LEVELS]
-            rows.append([_level_name(lv), *cells, fmt(*acc_over_seeds(test, domain, train_level=lv))])
-        tables.append((name, ["train set", *(f"test-{t}" for t in LEVELS), "Acc"], rows))
+    if not test:
+        return Section(f"Table 2: train level x test level ({size} training examples)", "No models of this size.")
+    table = level_table(test, size, digits=1)
+    rows = [[_level_name(row[0]), *("–" if c is None else f"{c.mean:.1f} ± {c.std:.1f}" for c in row[1:])]
+            for row in table.rows]
     return Section(f"Table 2: train level x test level ({size} training examples)",
-                   "Accuracy (%) per test level, mean ± sd over seeds.", tables)
+                   "Accuracy (%) per domain and test level, then Acc; mean ± sd over seeds.",
+                   [("", list(table.columns), rows)])
 
 
 def figure4(records: list[dict], out: Path) -> Section:
@@ -329,15 +335,3 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
     atomic_write_text(out / "report.md", _markdown(title, parts))
     atomic_write_bytes(out / "report.html", _html(title, parts).encode("utf-8"))
     return {"html": out / "report.html", "markdown": out / "report.md"}
-
-
-def _run_report(args) -> None:
-    paths = write_report(args.dir)
-    print(paths["html"])
-    print(paths["markdown"])
-
-
-def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="HTML + Markdown report of a study, from its database")
-    parser.add_argument("dir", help="study directory (holding study.db)")
-    parser.set_defaults(func=_run_report)
