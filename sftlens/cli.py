@@ -18,6 +18,8 @@ from sftlens.errors import SftlensError
 COMMAND_MODULES = (
     "sftlens.models",
     "sftlens.data.stats",
+    "sftlens.probe",
+    "sftlens.split",
     "sftlens.train",
     "sftlens.evaluate",
     "sftlens.analysis.kl",

@@ -1,0 +1,219 @@
+"""Data division by mastery level (paper Sections 3.1 and 3.3).
+
+Training sets: for each level L, size N and seed S, N in-domain training facts of level L balanced
+across the topics (relations): topics take turns in a seeded order, so shares are equal to within
+one, and a topic that runs out simply stops taking turns while the others fill the set. A "mixed"
+set is drawn the same way from all levels. Size `all` is every fact of the level (one file per seed,
+in seeded order); a level smaller than a size gives a file of all its facts, flagged `short` in the
+manifest. Test and dev facts are divided by domain and level, all of them.
+
+Layout under the output folder (see ARCHITECTURE.md): `train/level{L}-n{N}-seed{S}.jsonl`,
+`train/mixed-n{N}-seed{S}.jsonl`, `test/{in,out}-level{L}.jsonl`, `dev/{in,out}-level{L}.jsonl`
+and `manifest.json`. The folder is written as a whole (temporary folder + rename); the manifest
+records a hash of the inputs, and a re-run with the same inputs leaves the folder untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from sftlens.config import add_config_arguments, config_from_args, config_to_dict
+from sftlens.data import Fact, load_facts, sft_completion, sft_prompt
+from sftlens.errors import SftlensError
+from sftlens.io import atomic_directory, atomic_write_json, atomic_write_jsonl, stable_hash
+from sftlens.probe import LEVELS, ProbeRecord, load_probe
+
+SPLIT_FORMAT = 1
+MANIFEST = "manifest.json"
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    sizes: tuple[int, ...] = field(
+        default=(60, 120, 240, 480, 960, 1920), metadata={"help": "training-set sizes (facts per set)"}
+    )
+    include_all: bool = field(default=True, metadata={"help": "also write each whole level as size 'all'"})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"help": "one training set per seed"})
+    levels: tuple[int, ...] = field(default=LEVELS, metadata={"help": "mastery levels to build training sets for"})
+    mixed: bool = field(default=True, metadata={"help": "also build level-agnostic 'mixed' training sets"})
+
+    def __post_init__(self) -> None:
+        for name in ("sizes", "seeds", "levels"):  # callers may pass lists (dataclasses.replace)
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if any(size < 1 for size in self.sizes):
+            raise ValueError(f"sizes must be positive, got {list(self.sizes)}")
+        if not self.sizes and not self.include_all:
+            raise ValueError("no training sizes: give sizes or include_all")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        bad = [level for level in self.levels if level not in LEVELS]
+        if bad:
+            raise ValueError(f"levels: {bad[0]} is not a mastery level (0..4)")
+
+    def size_names(self) -> list[str]:
+        return [str(size) for size in self.sizes] + ([ALL] if self.include_all else [])
+
+
+def split_row(fact: Fact, level: int) -> dict:
+    """One JSONL row in the paper's SFT format (Appendix A); the completion uses the first answer."""
+    return {
+        "fact_id": fact.id, "relation": fact.relation, "domain": fact.domain, "level": level,
+        "question": fact.question, "answers": list(fact.answers),
+        "prompt": sft_prompt(fact.question), "completion": sft_completion(fact.answers[0]),
+    }
+
+
+def balanced_sample(pools: dict[str, list[Fact]], size: int | None, seed: int, salt: str) -> list[Fact]:
+    """`size` facts (None: all) spread evenly over the topics of `pools`, in a seeded order.
+
+    Each topic's pool is shuffled by (seed, salt, topic); topics then take turns in a seeded order,
+    a topic that runs out drops out, and the result is shuffled so topics interleave.
+    """
+    rng = random.Random(stable_hash([seed, salt]))
+    queues = {}
+    for topic in sorted(pools):
+        pool = sorted(pools[topic], key=lambda f: f.id)
+        random.Random(stable_hash([seed, salt, topic])).shuffle(pool)
+        queues[topic] = pool
+    order = sorted(queues)
+    rng.shuffle(order)
+    target = sum(map(len, queues.values())) if size is None else size
+    taken: list[Fact] = []
+    position = dict.fromkeys(order, 0)
+    while len(taken) < target:
+        active = [t for t in order if position[t] < len(queues[t])]
+        if not active:
+            break
+        for topic in active:
+            if len(taken) == target:
+                break
+            taken.append(queues[topic][position[topic]])
+            position[topic] += 1
+    rng.shuffle(taken)
+    return taken
+
+
+def _levels_of(facts: list[Fact], records: dict[str, ProbeRecord]) -> dict[str, int]:
+    missing = [f.id for f in facts if f.id not in records]
+    if missing:
+        raise SftlensError(f"{len(missing)} facts have no probe record (e.g. {missing[0]}); probe them first")
+    return {f.id: records[f.id].level for f in facts}
+
+
+def _inputs_key(facts: list[Fact], levels: dict[str, int], config: SplitConfig) -> str:
+    facts_part = sorted((f.id, f.question, list(f.answers), levels[f.id]) for f in facts)
+    return stable_hash([SPLIT_FORMAT, config_to_dict(config), facts_part], length=32)
+
+
+def _set_entry(path: str, kind: str, facts: list[Fact], levels: dict[str, int], **extra) -> dict:
+    return {
+        "path": path, "kind": kind, "size": len(facts), "fact_ids": [f.id for f in facts],
+        "composition": dict(sorted(Counter(f.relation for f in facts).items())),
+        "levels": {str(k): v for k, v in sorted(Counter(levels[f.id] for f in facts).items())},
+        **extra,
+    }
+
+
+def _train_sets(train: list[Fact], levels: dict[str, int], config: SplitConfig):
+    """Yield (name, facts, manifest fields) for every training set. A level with fewer facts than
+    a size asks for still gets its file, holding all it has, flagged `short` in the manifest."""
+    groups = [(f"level{level}", level) for level in config.levels] + ([("mixed", None)] if config.mixed else [])
+    for prefix, level in groups:
+        chosen = [f for f in train if level is None or levels[f.id] == level]
+        pools: dict[str, list[Fact]] = {}
+        for fact in chosen:
+            pools.setdefault(fact.relation, []).append(fact)
+        for size in config.size_names():
+            wanted = None if size == ALL else int(size)
+            for seed in config.seeds:
+                facts = balanced_sample(pools, wanted, seed, prefix)
+                yield f"train/{prefix}-n{size}-seed{seed}", facts, {
+                    "level": "mixed" if level is None else level, "requested": size, "seed": seed,
+                    "short": wanted is not None and len(facts) < wanted,
+                }
+
+
+def build_splits(facts: Iterable[Fact], records: dict[str, ProbeRecord], config: SplitConfig, out_dir) -> dict:
+    """Write the training, test and dev sets of `facts` (every one probed) under `out_dir`; return the manifest."""
+    facts = sorted({f.id: f for f in facts}.values(), key=lambda f: f.id)
+    if not facts:
+        raise SftlensError("empty fact selection: nothing to split")
+    levels = _levels_of(facts, records)
+    out_dir = Path(out_dir)
+    key = _inputs_key(facts, levels, config)
+    existing = out_dir / MANIFEST
+    if existing.is_file():
+        try:
+            manifest = json.loads(existing.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            manifest = {}
+        if manifest.get("inputs") == key:
+            return manifest
+
+    train = [f for f in facts if f.split == "train" and f.domain == "in"]
+    sets: dict[str, dict] = {}
+    files: dict[str, list[dict]] = {}
+    for name, chosen, extra in _train_sets(train, levels, config):
+        sets[name] = _set_entry(f"{name}.jsonl", "train", chosen, levels, **extra)
+        files[name] = [split_row(f, levels[f.id]) for f in chosen]
+    for split in ("test", "dev"):
+        for domain in ("in", "out"):
+            part = [f for f in facts if f.split == split and f.domain == domain]
+            for level in LEVELS if part else ():
+                name = f"{split}/{domain}-level{level}"
+                chosen = [f for f in part if levels[f.id] == level]
+                sets[name] = _set_entry(f"{name}.jsonl", split, chosen, levels, domain=domain, level=level)
+                files[name] = [split_row(f, level) for f in chosen]
+
+    available = Counter((levels[f.id], f.relation) for f in train)
+    manifest = {
+        "format": SPLIT_FORMAT, "inputs": key, "config": config_to_dict(config),
+        "train_available": {
+            str(level): {rel: available[level, rel] for rel in sorted({f.relation for f in train})} for level in LEVELS
+        },
+        "sets": sets,
+    }
+    with atomic_directory(out_dir) as tmp:
+        for name, rows in files.items():
+            atomic_write_jsonl(tmp / f"{name}.jsonl", rows)
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def summary(manifest: dict) -> str:
+    """A short Markdown table of the written sets with their topic balance."""
+    lines = ["| set | facts | topics | per topic (min-max) |", "|---|---:|---:|---|"]
+    for name, entry in manifest["sets"].items():
+        counts = list(entry["composition"].values()) or [0]
+        short = f" (short of {entry['requested']})" if entry.get("short") else ""
+        lines.append(f"| {name} | {entry['size']}{short} | {len(entry['composition'])} | {min(counts)}-{max(counts)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _run(args: argparse.Namespace) -> None:
+    config = config_from_args(SplitConfig, args)
+    records = load_probe(args.store)
+    if not records:
+        raise SftlensError(f"{args.store}: no probe records")
+    relations = sorted({fid.split("/")[0] for fid in records})
+    splits = sorted({fid.split("/")[1] for fid in records})
+    facts = [f for f in load_facts(args.data_dir, splits=tuple(splits), relations=tuple(relations)).facts if f.id in records]
+    manifest = build_splits(facts, records, config, args.out)
+    print(summary(manifest), end="")
+    print(f"written to {args.out}")
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("split", help="divide probed facts into SFT sets by mastery level")
+    parser.add_argument("--store", required=True, help="probe store folder (from `sftlens probe`)")
+    parser.add_argument("--data-dir", help="EntityQuestions folder (default: $SFTLENS_DATA_DIR)")
+    parser.add_argument("--out", required=True, help="output folder for the sets and manifest.json")
+    add_config_arguments(parser, SplitConfig)
+    parser.set_defaults(func=_run)
