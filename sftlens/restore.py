@@ -31,6 +31,7 @@ from sftlens.analysis.deltas import (
     CheckpointPair,
     Selection,
     SelectionConfig,
+    assert_finite,
     cut_mask,
     open_pair,
     parse_ratios,
@@ -94,13 +95,17 @@ def _copy_side_files(source: Path, dest: Path) -> None:
             shutil.copy2(path, dest / path.name)
 
 
-def _levels(pair: CheckpointPair, selection: Selection, names: list[str]) -> dict[str, torch.Tensor]:
+def _levels(pair: CheckpointPair, selection: Selection, names: list[str]) -> dict[str, tuple[torch.Tensor, list[int]]]:
+    """Per tensor: the selection level of every element, and how many elements each ratio restores."""
     config = selection.config
+    n_ratios = len(selection.ratios)
     levels = {}
     for name in names:
         base, finetuned = pair.load(name)
         keys = selection_keys(change(base, finetuned, config.metric), name, config.strategy, config.seed)
-        levels[name] = selection.levels(name, keys)
+        level = selection.levels(name, keys)
+        at_least = torch.bincount(level.view(-1), minlength=n_ratios + 1).flip(0).cumsum(0).flip(0)
+        levels[name] = level, [int(at_least[n_ratios - i]) for i in range(n_ratios)]
     return levels
 
 
@@ -126,14 +131,14 @@ def _write_shards(pair: CheckpointPair, selection: Selection, folders: list[Path
             tensors = {}
             for name in names:
                 if name in levels:
+                    level, counts = levels[name]
                     base, finetuned = pair.load(name)
-                    mask = levels[name] >= n_ratios - i
-                    tensors[name] = torch.where(mask, base, finetuned)
-                    restored[i][name] = int(mask.sum())
+                    tensors[name] = torch.where(level >= n_ratios - i, base, finetuned)
+                    restored[i][name] = counts[i]
                 else:
                     tensors[name] = ft.load(name)
-                    if tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
-                        raise SftlensError(f"{ft.root / shard}: tensor {name} contains NaN or Inf")
+                    if i == 0:
+                        assert_finite(ft, name, tensors[name])
             save_file(tensors, folder / shard, metadata=metadata)
             del tensors
             bar.update()

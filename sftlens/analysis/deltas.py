@@ -243,13 +243,19 @@ class CheckpointPair:
     def numel(self, name: str) -> int:
         return math.prod(self.base.shapes[name])
 
-    def load(self, name: str, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = self.base.load(name), self.finetuned.load(name)
-        if check_finite:
-            for ckpt, tensor in zip((self.base, self.finetuned), tensors):
-                if not torch.isfinite(tensor).all():
-                    raise SftlensError(f"{ckpt.root / ckpt.shard_of[name]}: tensor {name} contains NaN or Inf")
-        return tensors
+    def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.load(name), self.finetuned.load(name)
+
+
+def assert_finite(ckpt: Checkpoint, name: str, tensor: torch.Tensor, summary: torch.Tensor | None = None) -> None:
+    """Raise on a NaN/Inf in `tensor`. A NaN or Inf anywhere makes a sum non-finite, so the one
+    fast reduction `summary` (default: the tensor's own sum) decides; only a non-finite (or
+    overflowed) sum pays for the exact element-wise test."""
+    if not tensor.is_floating_point():
+        return
+    total = tensor.float().sum() if summary is None else summary
+    if not math.isfinite(float(total)) and not bool(torch.isfinite(tensor).all()):
+        raise SftlensError(f"{ckpt.root / ckpt.shard_of[name]}: tensor {name} contains NaN or Inf")
 
 
 def open_pair(base: str | Path, finetuned: str | Path) -> CheckpointPair:
@@ -280,8 +286,13 @@ def selection_keys(delta: torch.Tensor, name: str, strategy: str, seed: int) -> 
 def tensor_keys(pair: CheckpointPair, name: str, config: SelectionConfig,
                 check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(change, keys) of one tensor."""
-    base, finetuned = pair.load(name, check_finite)
+    base, finetuned = pair.load(name)
     delta = change(base, finetuned, config.metric)
+    if check_finite:
+        # a NaN/Inf in either input makes the change non-finite, so its sum screens both
+        total = delta.sum()
+        assert_finite(pair.base, name, base, total)
+        assert_finite(pair.finetuned, name, finetuned, total)
     return delta, selection_keys(delta, name, config.strategy, config.seed)
 
 
@@ -322,13 +333,13 @@ def _high_histogram(keys: torch.Tensor) -> torch.Tensor:
 
 def _low_histograms(keys: torch.Tensor, bins: list[int]) -> torch.Tensor:
     """(len(bins), 2**16) histograms of the low bits of the keys whose high bits are in `bins`."""
-    slot = torch.full((_N_HIGH,), -1, dtype=torch.int32)
+    # keys outside the boundary bins go to one extra, discarded row: cheaper than masking them out
+    slot = torch.full((_N_HIGH,), len(bins), dtype=torch.int32)
     slot[torch.tensor(bins, dtype=torch.long)] = torch.arange(len(bins), dtype=torch.int32)
     flat = keys.view(-1)
-    where = slot[flat >> _HIGH_SHIFT]
-    inside = where >= 0
-    combined = where[inside] * _N_LOW + (flat[inside] & (_N_LOW - 1))
-    return torch.bincount(combined, minlength=len(bins) * _N_LOW).view(len(bins), _N_LOW)
+    combined = slot[flat >> _HIGH_SHIFT].mul_(_N_LOW).add_(flat & (_N_LOW - 1))
+    counts = torch.bincount(combined, minlength=(len(bins) + 1) * _N_LOW)
+    return counts[: len(bins) * _N_LOW].view(len(bins), _N_LOW)
 
 
 def _boundaries(high: torch.Tensor, low_of: Callable[[list[int]], torch.Tensor], ks: list[int]):
@@ -389,7 +400,7 @@ class Selection:
         element is selected at ratio index i (ascending) iff level >= len(ratios) - i."""
         level = torch.zeros(keys.shape, dtype=torch.uint8)
         for mask in self.masks(name, keys):
-            level += mask
+            level.add_(mask.view(torch.uint8))
         return level
 
 
@@ -431,7 +442,7 @@ def select(pair: CheckpointPair, ratios, config: SelectionConfig, progress: bool
         for name in _progress(names, "pass 3: tie allocation", progress):
             keys = tensor_keys(pair, name, config)[1]
             for i in partial:
-                equal = int((keys == found[i][0]).sum())
+                equal = int(torch.count_nonzero(keys == found[i][0]))
                 take = min(remaining[i], equal)
                 remaining[i] -= take
                 cuts[name][i] = Cut(found[i][0], None if take == equal else take)
@@ -455,7 +466,7 @@ def concentration(base_dir, ft_dir, config: DeltasConfig = DeltasConfig(), ratio
         delta, keys = tensor_keys(pair, name, config)
         tensor_total = float(delta.sum(dtype=torch.float64))
         masks = selection.masks(name, keys)
-        counts = [int(m.sum()) for m in masks]
+        counts = [int(torch.count_nonzero(m)) for m in masks]
         for i, mask in enumerate(masks):
             held[i] += float(delta[mask].sum(dtype=torch.float64))
         total += tensor_total
