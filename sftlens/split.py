@@ -148,14 +148,9 @@ def build_splits(facts: Iterable[Fact], records: dict[str, ProbeRecord], config:
     levels = _levels_of(facts, records)
     out_dir = Path(out_dir)
     key = _inputs_key(facts, levels, config)
-    existing = out_dir / MANIFEST
-    if existing.is_file():
-        try:
-            manifest = json.loads(existing.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            manifest = {}
-        if manifest.get("inputs") == key:
-            return manifest
+    existing = _read_manifest(out_dir / MANIFEST)
+    if existing.get("inputs") == key:
+        return existing
 
     train = [f for f in facts if f.split == "train" and f.domain == "in"]
     sets: dict[str, dict] = {}
@@ -184,7 +179,14 @@ def build_splits(facts: Iterable[Fact], records: dict[str, ProbeRecord], config:
         for name, rows in files.items():
             atomic_write_jsonl(tmp / f"{name}.jsonl", rows)
         atomic_write_json(tmp / MANIFEST, manifest)
-    return manifest
+    return _read_manifest(out_dir / MANIFEST)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def summary(manifest: dict) -> str:
