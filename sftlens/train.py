@@ -189,15 +189,14 @@ def _callbacks(progress: bool):
     return [LossBar()] if progress else [], NoFinalCheckpoint()
 
 
-def _build_trainer(model, tokenizer, examples: list[dict], config: TrainConfig, checkpoint_dir: Path,
-                   progress: bool, callbacks=()):
+def _build_trainer(model, tokenizer, examples: list[dict], args, progress: bool, callbacks=()):
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback, Trainer
 
     tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = Trainer(
         model=model,
-        args=_training_arguments(config, checkpoint_dir, progress),
+        args=args,
         train_dataset=examples,
         data_collator=collator,
         processing_class=tokenizer,
@@ -302,8 +301,11 @@ def train(model: str, sft_path: Path, out_dir: Path, config: TrainConfig = Train
     examples = encode_sft_set(tokenizer, rows, sft_path, context)
 
     work_dir = out_dir.with_name(f".{out_dir.name}.partial")
-    last_checkpoint = _prepare_work_dir(work_dir, identity["key"], progress)
-    trainer = _build_trainer(net, tokenizer, examples, config, work_dir / "checkpoints", progress, callbacks)
+    args = _training_arguments(config, work_dir / "checkpoints", progress)
+    # Under `accelerate launch` rank 0 sets the work folder up before the others look at it.
+    with args.main_process_first(local=False, desc="preparing the work folder"):
+        last_checkpoint = _prepare_work_dir(work_dir, identity["key"], progress and args.process_index == 0)
+    trainer = _build_trainer(net, tokenizer, examples, args, progress, callbacks)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     record = {
