@@ -47,7 +47,7 @@ UNKEYED_SETTINGS = ("batch_size",)
 # length (little padding), small enough that a kill loses little.
 CHUNK_BATCHES = 4
 # CPU batches beyond this many sequences stop paying off (the matmuls are already compute-bound).
-CPU_MAX_SEQUENCES = 320
+CPU_MAX_SEQUENCES = 128
 # Share of available memory the CPU batch may take (KV cache plus vocabulary-wide score buffers).
 CPU_MEMORY_SHARE = 0.25
 CUDA_START_PROMPTS = 512
@@ -292,7 +292,8 @@ def probe_facts(
         batch_size = config.batch_size or cpu_batch_size(lm, max(map(len, encoded.values())), config)
     facts_per_chunk = max(1, -(-CHUNK_BATCHES * batch_size // len(template_ids)))
     records: dict[str, ProbeRecord] = {}
-    bar = tqdm(total=len(facts), desc="probing", unit="fact", disable=not progress)
+    bar = tqdm(total=len(encoded) * config.samples, desc=f"probing {len(facts)} facts", unit="sample",
+               disable=not progress, smoothing=0.1)
     for chunk in _chunks(facts, facts_per_chunk):
         correct: Counter = Counter()
         # Sorting by length keeps padding low; results do not depend on the order.
@@ -302,7 +303,7 @@ def probe_facts(
             texts = generate_samples(lm, tokenizer, [encoded[f.id, t] for f, t in batch], seeds, config)
             for (fact, template), outputs in zip(batch, texts):
                 correct[fact.id, template] = sum(matcher.is_correct(o, fact.answers) for o in outputs)
-            bar.set_postfix(batch=len(batch))
+            bar.update(len(batch) * config.samples)
         for fact in chunk:
             per_template = tuple(correct[fact.id, t] for t in template_ids)
             record = ProbeRecord(
@@ -313,7 +314,7 @@ def probe_facts(
             records[fact.id] = record
             if on_record:
                 on_record(record)
-            bar.update(1)
+        bar.set_postfix(facts_done=len(records))
     bar.close()
     return records
 
