@@ -128,11 +128,16 @@ def write_config(path: Path, text: str) -> Path:
     ('[probe]\nsamples = 1.5\n', "probe.samples: expected an integer"),
     ('[trian]\nepochs = 1\n', "unknown section or key 'trian'"),
     ('[study]\nsizes = [16]\nanalysis_sizes = [32]\n', "analysis_sizes [32] are not among sizes [16]"),
-    ('extends = "nope"\n', "nope: no such study file"),
+    ('[study]\nkl_test_set = "level4"\n', "kl_test_set must be in, out or"),
 ])
 def test_bad_study_files_name_the_key(tmp_path, text, message):
     with pytest.raises(SftlensError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_study_config(str(write_config(tmp_path / "s.toml", 'extends = "demo"\n' + text)))
+
+
+def test_extends_names_an_existing_preset_or_file(tmp_path):
+    with pytest.raises(SftlensError, match="nope: no such study file"):
+        load_study_config(str(write_config(tmp_path / "s.toml", 'extends = "nope"\n')))
 
 
 def test_a_study_file_extends_a_preset_and_overrides_single_keys(tmp_path):
@@ -227,7 +232,7 @@ def test_an_edited_config_recomputes_only_what_changed(tiny_study, tmp_path):
     to_run = {line.split()[0] for line in text.splitlines() if line.startswith(("eval ", "restore ", "control ", "train "))}
     # evaluation changed: evaluations and sweeps re-run, and the pruned models they read are retrained
     assert to_run == {"eval", "restore", "control", "train"}
-    assert "| probe | 1 | 0 |" in text and "| kl | 2 | 0 |" in text and "| deltas | 2 | 0 |" in text
+    assert "| probe | 1 | 0 |" in text and "| kl | 4 | 0 |" in text and "| deltas | 2 | 0 |" in text
 
 
 def test_the_report_regenerates_from_the_database_alone(tiny_study, tmp_path):

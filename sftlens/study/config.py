@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -60,7 +61,7 @@ class StudySettings:
         default=(1, 3, 5, 10, 20, 40, 60), metadata={"help": "restore ratios (%%) of the sweep (Tables 4-5)"})
     kl: bool = field(default=True, metadata={"help": "first-token KL of every fine-tuned model (Figure 5)"})
     kl_test_set: str = field(
-        default="in-level4", metadata={"help": "test file of the KL (Figure 5): {in,out}-level{L}"})
+        default="in-level4", metadata={"help": "test facts of the KL (Figure 5): {in,out}-level{L}, or in / out (all levels)"})
     random_control: bool = field(
         default=True, metadata={"help": "random restoration at the dev-chosen ratio, as a control"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for restoration-gain intervals"})
@@ -85,6 +86,8 @@ class StudySettings:
         for name in ("train_facts_per_relation", "eval_facts_per_relation"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kl_test_set not in ("in", "out") and not re.fullmatch(r"(in|out)-level[0-4]", self.kl_test_set):
+            raise ValueError(f"kl_test_set must be in, out or {{in,out}}-level{{0..4}}, got {self.kl_test_set!r}")
         if self.bootstrap < 0:
             raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
 

@@ -59,8 +59,9 @@ def split_unit(params, out: Path, deps) -> dict:
     config = config_from_dict(SplitConfig, params["split"], "split")
     config = dataclasses.replace(config, **params["grid"])
     manifest = build_splits(study_facts(params), _probe_records(deps["probe"]["dir"]), config, out / DATA)
-    return {"files": {str(p.relative_to(out / DATA)): len(read_jsonl(p)) for p in sorted((out / DATA).rglob("*.jsonl"))},
-            "manifest": manifest if isinstance(manifest, dict) else None}
+    # the manifest's fact-id lists stay in the file; the database keeps the sizes and compositions
+    sets = {name: {k: v for k, v in entry.items() if k != "fact_ids"} for name, entry in manifest["sets"].items()}
+    return {"sets": sets}
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -72,10 +73,11 @@ def train_unit(params, out: Path, deps) -> dict:
     from sftlens.train import RUN_FILE, TrainConfig, train
 
     config = config_from_dict(TrainConfig, params["train"], "train")
-    sft = Path(deps["split"]["dir"]) / DATA / "train" / f"{params['set']}-n{params['size']}-seed{params['seed']}.jsonl"
+    train_set = f"train/{params['set']}-n{params['size']}-seed{params['seed']}.jsonl"
+    sft = Path(deps["split"]["dir"]) / DATA / train_set
     model_dir = train(params["model"], sft, out / "model", config, progress=True)
     run = json.loads((model_dir / RUN_FILE).read_text())
-    return {"train_file": str(sft), "examples": run["data"]["count"], "steps": run["steps"],
+    return {"train_set": train_set, "examples": run["data"]["count"], "steps": run["steps"],
             "train_loss": run["train_loss"]}
 
 
@@ -124,6 +126,15 @@ def eval_unit(params, out: Path, deps) -> dict:
 # --- analyses ----------------------------------------------------------------------------------
 
 
+def _kl_test_file(split_dir: str, test_set: str, out: Path) -> Path:
+    """`in-level4` names one test file; `in` / `out` all test levels of a domain, gathered in one file."""
+    if "-level" in test_set:
+        return Path(split_dir) / DATA / "test" / f"{test_set}.jsonl"
+    gathered = out / f"test-{test_set}.jsonl"
+    atomic_write_jsonl(gathered, load_rows(sorted((Path(split_dir) / DATA / "test").glob(f"{test_set}-level*.jsonl"))))
+    return gathered
+
+
 def kl_unit(params, out: Path, deps) -> dict:
     """First-token KL against the base model on one test file, prompted with each relation's best
     mapping template from the probe (the paper's Section 4.1)."""
@@ -134,7 +145,7 @@ def kl_unit(params, out: Path, deps) -> dict:
     if config.device is None and _device(params):
         config = dataclasses.replace(config, device=_device(params))
     templates = best_templates(_probe_records(deps["probe"]["dir"]), study_facts(params))
-    test_file = Path(deps["split"]["dir"]) / DATA / "test" / f"{params['test_set']}.jsonl"
+    test_file = _kl_test_file(deps["split"]["dir"], params["test_set"], out)
     result = compute_kl(params["model"], model_path(params, deps), test_file, config, templates, out)
     return {"kl": result["summary"], "test_set": params["test_set"]}
 
@@ -161,7 +172,7 @@ def _bits_by_level(predictions: list[dict]) -> dict[str, dict[str, str]]:
 
 def _sweep_rows(params, deps) -> dict[str, list[dict]]:
     rows = {split: load_rows(eval_files(deps["split"]["dir"], split)) for split in ("test", "dev")}
-    rows["train"] = read_jsonl(deps["model"]["result"]["train_file"])
+    rows["train"] = read_jsonl(Path(deps["split"]["dir"]) / DATA / deps["model"]["result"]["train_set"])
     return rows
 
 
