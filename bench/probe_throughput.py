@@ -7,8 +7,9 @@ samples/s, generated tokens/s (tokens up to and including EOS), their ratio, the
 memory added by each phase, and the machine's measured matmul throughput next to the FLOP rate the
 probe achieves (2 x parameters FLOPs per generated token).
 
-    python bench/probe_throughput.py                       # ~2-3 minutes on 2 CPU cores
+    python bench/probe_throughput.py                       # ~2-3 minutes on 2 idle CPU cores
     python bench/probe_throughput.py --facts 8 --templates 0,1,2,3
+    python bench/probe_throughput.py --invariance          # also: batch size 1 vs auto, record by record
 """
 
 from __future__ import annotations
@@ -89,8 +90,7 @@ def naive_loop(lm, tokenizer, prompts, facts, config: ProbeConfig) -> tuple[int,
 
 
 def probe_tokens(tokenizer, lm, facts, config, prompts_per_batch):
-    """Run sftlens' probe and count its generated tokens by re-tokenising nothing: generate is
-    wrapped to count tokens of every call."""
+    """Run sftlens' probe; `generate` is wrapped to count the tokens each call produced."""
     counted = {"tokens": 0}
     original = lm.generate
 
@@ -104,7 +104,7 @@ def probe_tokens(tokenizer, lm, facts, config, prompts_per_batch):
         records = probe_facts(lm, tokenizer, facts, config, batch_size=prompts_per_batch, progress=False)
     finally:
         del lm.generate
-    return counted["tokens"], sum(r.correct for r in records.values())
+    return counted["tokens"], sum(r.correct for r in records.values()), records
 
 
 def main(argv=None) -> int:
@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--facts", type=int, default=3, help="facts per relation")
     parser.add_argument("--templates", default="0,1", help="mapping-template indices per fact")
     parser.add_argument("--batch-size", type=int, default=0, help="sftlens prompts per batch (0 = auto)")
+    parser.add_argument("--invariance", action="store_true",
+                        help="probe again one prompt per batch and compare every fact's counts with the batched run")
     args = parser.parse_args(argv)
 
     from sftlens.models import load_model
@@ -133,13 +135,15 @@ def main(argv=None) -> int:
           f"x {config.samples} samples = {samples} samples, T={config.temperature}, max {config.max_new_tokens} new tokens")
     print(f"sftlens batch: {batch} prompts = {batch * config.samples} sequences")
 
+    # Warm-up: pages the memory-mapped weights in, so neither phase is charged for it.
+    lm.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with PeakRss() as naive_mem:
         start = time.perf_counter()
         naive_tok, naive_correct = naive_loop(lm, tokenizer, prompts, [f for f, _ in jobs], config)
         naive_s = time.perf_counter() - start
     with PeakRss() as probe_mem:
         start = time.perf_counter()
-        probe_tok, probe_correct = probe_tokens(tokenizer, lm, facts, config, batch)
+        probe_tok, probe_correct, batched = probe_tokens(tokenizer, lm, facts, config, batch)
         probe_s = time.perf_counter() - start
 
     params = sum(p.numel() for p in lm.parameters())
@@ -164,6 +168,13 @@ def main(argv=None) -> int:
     print(f"matmul throughput ({batch * config.samples}x{hidden} @ {hidden}x{inner}, fp32): {peak:.1f} GFLOP/s")
     print(f"sftlens probe achieves {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of it "
           f"(naive: {naive_tok / naive_s * flops_per_token / 1e9:.1f} GFLOP/s)")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} (the CPU may be shared)")
+    if args.invariance:
+        single = probe_facts(lm, tokenizer, facts, config, batch_size=1, progress=False)
+        same = sum(single[f.id] == batched[f.id] for f in facts)
+        apart = sum(abs(a - b) for f in facts for a, b in zip(single[f.id].template_correct, batched[f.id].template_correct))
+        print(f"batch size 1 vs {batch}: {same}/{len(facts)} facts with identical per-template counts; "
+              f"per-template correct counts differ by {apart} in total over {samples} samples")
     return 0
 
 
