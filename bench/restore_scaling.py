@@ -116,8 +116,11 @@ def build_checkpoints(root: Path, gb: float, shard_mb: int, seed: int = 0) -> tu
 
 # --- workers (run in subprocesses) ----------------------------------------------------------
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+def _usage() -> dict:
+    """Peak RSS and CPU seconds of this process (CPU time is less sensitive than wall time to
+    other work sharing the machine)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def _stage(text: str) -> None:
@@ -130,7 +133,7 @@ def worker_ours(base: str, ft: str, out: str, ratios: list[float]) -> dict:
     start = time.perf_counter()
     folders = restore_sweep(base, ft, ratios, RestoreConfig(), out, progress=False)
     passes = json.loads((folders[ratios[0]] / "restore.json").read_text())["passes"]
-    return {"seconds": time.perf_counter() - start, "peak_rss_gb": _peak_rss_gb(), "passes": passes}
+    return {"seconds": time.perf_counter() - start, "passes": passes, **_usage()}
 
 
 def _is_body(name: str) -> bool:
@@ -174,7 +177,7 @@ def worker_naive(base: str, ft: str, out: str, ratio: float) -> dict:
         with safe_open(ft_dir / shard, framework="pt") as f:
             keys = list(f.keys())
         save_file({n: new[n] for n in keys}, out_dir / shard, metadata={"format": "pt"})
-    return {"seconds": time.perf_counter() - start, "peak_rss_gb": _peak_rss_gb()}
+    return {"seconds": time.perf_counter() - start, **_usage()}
 
 
 def run_worker(args: list[str], limit_gb: float) -> dict:
@@ -224,6 +227,16 @@ def compare(ours: Path, naive: Path, base: Path, ft: Path) -> dict:
             "restored_ours": restored_ours, "restored_naive": restored_naive}
 
 
+def _describe(same: dict | None) -> str:
+    if same is None:
+        return "-"
+    if not same["differing"]:
+        return f"identical ({same['restored_ours']:,} changed elements restored)"
+    verdict = "all tied at the threshold" if same["all_ties"] else "NOT ties: selections differ"
+    return (f"{same['restored_ours']:,} vs {same['restored_naive']:,} restored; {same['differing']:,} elements "
+            f"differ, {verdict} (value {same['tie_values'][0]:.6g})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=0.5, help="size of each model in GB (bf16)")
@@ -252,11 +265,12 @@ def main() -> None:
         shutil.rmtree(root / "ours", ignore_errors=True)
         ours = run_worker(["ours", str(base), str(ft), str(root / "ours"), *map(str, RATIOS)], args.limit_gb)
         print(f"ours  (one process, {len(RATIOS)} ratios): " + (
-            f"{ours['seconds']:.1f}s, peak RSS {ours['peak_rss_gb']:.2f} GB, {ours['passes']} passes"
+            f"wall {ours['wall']:.1f}s, CPU {ours['cpu']:.1f}s, peak RSS {ours['peak_rss_gb']:.2f} GB, "
+            f"{ours['passes']} passes over the weights"
             if ours["ok"] else f"FAILED at {ours['failed_at']}: {ours['error']}"))
         if args.skip_naive:
             return
-        naive_total, naive_peak, rows = 0.0, 0.0, []
+        naive_total, naive_cpu, naive_peak, rows = 0.0, 0.0, 0.0, []
         for ratio in RATIOS:
             out = root / f"naive-{ratio}"
             shutil.rmtree(out, ignore_errors=True)
@@ -264,21 +278,25 @@ def main() -> None:
             naive_total += result["wall"]
             if result["ok"]:
                 naive_peak = max(naive_peak, result["peak_rss_gb"])
+                naive_cpu += result["cpu"]
                 same = compare(root / "ours" / f"top-{ratio:g}", out, base, ft) if ours["ok"] else None
-                rows.append((ratio, f"{result['wall']:.1f}s", f"{result['peak_rss_gb']:.2f} GB", same))
+                rows.append((ratio, f"{result['wall']:.1f}s", f"{result['cpu']:.1f}s", f"{result['peak_rss_gb']:.2f} GB",
+                             _describe(same)))
             else:
-                rows.append((ratio, f"{result['wall']:.1f}s", "-", f"FAILED at '{result['failed_at']}': {result['error']}"))
+                rows.append((ratio, f"{result['wall']:.1f}s", "-", "-",
+                             f"FAILED at '{result['failed_at']}': {result['error']}"))
                 print(f"naive {ratio}%: failed at '{result['failed_at']}' ({result['error']}); skipping the rest")
                 break
             shutil.rmtree(out, ignore_errors=True)
-        print("\n| ratio (%) | naive wall | naive peak RSS | comparison with ours |")
-        print("|---:|---:|---:|---|")
+        print("\n| ratio (%) | naive wall | naive CPU | naive peak RSS | comparison with ours |")
+        print("|---:|---:|---:|---:|---|")
         for row in rows:
             print("| " + " | ".join(str(c) for c in row) + " |")
-        finished = all(isinstance(r[3], dict) or r[3] is None for r in rows) and len(rows) == len(RATIOS)
+        finished = len(rows) == len(RATIOS) and not rows[-1][-1].startswith("FAILED")
         if finished and ours["ok"]:
-            print(f"\nnaive total {naive_total:.1f}s (peak {naive_peak:.2f} GB) vs ours {ours['wall']:.1f}s "
-                  f"(peak {ours['peak_rss_gb']:.2f} GB): {naive_total / ours['wall']:.1f}x faster")
+            print(f"\nnaive total: wall {naive_total:.1f}s, CPU {naive_cpu:.1f}s, peak {naive_peak:.2f} GB; "
+                  f"ours: wall {ours['wall']:.1f}s, CPU {ours['cpu']:.1f}s, peak {ours['peak_rss_gb']:.2f} GB; "
+                  f"speed-up {naive_total / ours['wall']:.1f}x (wall), {naive_cpu / ours['cpu']:.1f}x (CPU)")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -129,8 +129,9 @@ def test_many_ties_broken_by_tensor_order_then_flat_index(tmp_path, strategy, sc
     config = SelectionConfig(metric="absolute", scope=scope, strategy=strategy, region="body")
     pair = open_pair(base_dir, ft_dir)
     selection = select(pair, RATIOS, config, progress=False)
-    if scope == "global":
-        assert selection.passes == 3, "partial ties need the tie-allocation pass"
+    assert any(cut is not None and cut.ties is not None for cuts in selection.cuts.values() for cut in cuts), \
+        "the case must split tie groups"
+    assert selection.passes == (2 if scope == "global" else 1)
     assert streamed(base_dir, ft_dir, RATIOS, config) == brute_force(base, ft, RATIOS, config)
 
 

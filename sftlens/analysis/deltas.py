@@ -15,12 +15,11 @@ largest keys. Ties are broken deterministically: tensors in sorted-name order, t
 for a smaller ratio is always contained in the one for a larger ratio.
 
 With scope "global" the exact k-th key is found for every ratio of a sweep at once:
-  pass 1  histogram of the high 15 bits of every key (32768 bins), over all tensors;
-  pass 2  for each ratio's boundary bin, histogram of the low 16 bits of the keys in that bin;
-          this gives the exact threshold key T, how many keys exceed it, and how many of the
-          keys equal to T must be taken;
-  pass 3  (only when some ratio takes part of a tie) count keys equal to T per tensor, so the
-          ties can be handed out in tensor order.
+  pass 1  histogram of the high 20 bits of every key (2**20 bins), over all tensors;
+  pass 2  for each ratio's boundary bin, histogram of the low 11 bits of the keys in that bin,
+          kept per tensor (7 x 2048 counts); summed, they give the exact threshold key T and
+          how many keys exceed it; per tensor, how many keys equal T, so the ties can be handed
+          out in tensor order without another pass.
 With scope "tensor" each tensor's own floor(numel * k / 100) elements are found the same way,
 inside the tensor. Memory stays O(largest tensor); the cost is a constant number of passes for
 the whole sweep.
@@ -49,9 +48,9 @@ from sftlens.models import resolve_model
 
 DEFAULT_RATIOS = (1.0, 3.0, 5.0, 10.0, 20.0, 40.0, 60.0)
 RELATIVE_EPS = 1e-8
-_HIGH_SHIFT = 16
-_N_HIGH = 1 << 15  # keys are non-negative int32, so the high part has 15 bits
-_N_LOW = 1 << 16
+_HIGH_SHIFT = 11
+_N_HIGH = 1 << 20  # keys are non-negative int32: 20 high bits, 11 low bits
+_N_LOW = 1 << _HIGH_SHIFT
 _MAX_KEY = 0x7FFFFFFF
 
 # Name patterns cover Llama/Qwen/Mistral (model.layers.N.self_attn.q_proj, mlp.gate_proj,
@@ -266,10 +265,9 @@ def open_pair(base: str | Path, finetuned: str | Path) -> CheckpointPair:
 
 def change(base: torch.Tensor, finetuned: torch.Tensor, metric: str) -> torch.Tensor:
     """Per-element change in fp32 (a fresh tensor; the inputs are not modified)."""
-    old = base.float()
-    delta = finetuned.float().sub(old).abs_()
+    delta = finetuned.float().sub(base.float()).abs_()  # float() of an fp32 input is the input itself
     if metric == "relative":
-        delta.div_(old.abs().add_(RELATIVE_EPS))
+        delta.div_(base.float().abs().add_(RELATIVE_EPS))
     return delta.contiguous()
 
 
@@ -331,44 +329,59 @@ def _high_histogram(keys: torch.Tensor) -> torch.Tensor:
     return torch.bincount((keys >> _HIGH_SHIFT).view(-1), minlength=_N_HIGH)
 
 
-def _low_histograms(keys: torch.Tensor, bins: list[int]) -> torch.Tensor:
-    """(len(bins), 2**16) histograms of the low bits of the keys whose high bits are in `bins`."""
-    # keys outside the boundary bins go to one extra, discarded row: cheaper than masking them out
+def _bin_slots(bins: list[int]) -> torch.Tensor:
+    """High part -> row of the boundary histogram; every other bin goes to one extra row."""
     slot = torch.full((_N_HIGH,), len(bins), dtype=torch.int32)
     slot[torch.tensor(bins, dtype=torch.long)] = torch.arange(len(bins), dtype=torch.int32)
+    return slot
+
+
+def _low_histograms(keys: torch.Tensor, slot: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """(n_bins, _N_LOW) int32 histograms of the low bits of the keys in the boundary bins."""
+    # one extra, discarded row for the other keys is cheaper than masking them out
     flat = keys.view(-1)
     combined = slot[flat >> _HIGH_SHIFT].mul_(_N_LOW).add_(flat & (_N_LOW - 1))
-    counts = torch.bincount(combined, minlength=(len(bins) + 1) * _N_LOW)
-    return counts[: len(bins) * _N_LOW].view(len(bins), _N_LOW)
+    counts = torch.bincount(combined, minlength=(n_bins + 1) * _N_LOW)
+    return counts[: n_bins * _N_LOW].view(n_bins, _N_LOW).int()
 
 
-def _boundaries(high: torch.Tensor, low_of: Callable[[list[int]], torch.Tensor], ks: list[int]):
-    """For each k (0 -> None): (threshold key, keys above it, keys equal to it)."""
+@dataclass(frozen=True)
+class _Boundary:
+    threshold: int  # the k-th largest key
+    greater: int  # keys strictly above it
+    equal: int  # keys equal to it
+    row: int  # which boundary histogram holds it
+    low: int  # its low bits
+
+    def cut(self, k: int) -> Cut:
+        take = k - self.greater
+        return Cut(self.threshold, None if take == self.equal else take)
+
+
+def _boundaries(high: torch.Tensor, ks: list[int], lows_of) -> tuple[list[_Boundary | None], object]:
+    """Each k's boundary (None for k = 0), from the high histogram and the boundary bins' low
+    histograms, which `lows_of(bins)` computes and returns as (summed histograms, anything)."""
     coarse = {k: _locate(high, k) for k in ks if k > 0}
     bins = sorted({b for b, _ in coarse.values()})
-    lows = low_of(bins) if bins else None
-    found = []
+    lows, extra = lows_of(bins) if bins else (None, None)
+    found: list[_Boundary | None] = []
     for k in ks:
         if k == 0:
             found.append(None)
             continue
         bin_, above = coarse[k]
-        counts = lows[bins.index(bin_)]
-        low, above_low = _locate(counts, k - above)
-        found.append(((bin_ << _HIGH_SHIFT) | low, above + above_low, int(counts[low])))
-    return found
+        row = bins.index(bin_)
+        low, above_low = _locate(lows[row].long(), k - above)
+        found.append(_Boundary((bin_ << _HIGH_SHIFT) | low, above + above_low, int(lows[row, low]), row, low))
+    return found, extra
 
 
 def tensor_cuts(keys: torch.Tensor, ratios: tuple[float, ...]) -> list[Cut | None]:
     """Per-tensor scope: each ratio's floor(numel * k / 100) largest keys of this tensor."""
     ks = [target_count(keys.numel(), r) for r in ratios]
-    found = _boundaries(_high_histogram(keys), lambda bins: _low_histograms(keys, bins), ks)
-    return [None if f is None else _cut(k, *f) for k, f in zip(ks, found)]
-
-
-def _cut(k: int, threshold: int, greater: int, equal: int) -> Cut:
-    take = k - greater
-    return Cut(threshold, None if take == equal else take)
+    found, _ = _boundaries(_high_histogram(keys), ks,
+                           lambda bins: (_low_histograms(keys, _bin_slots(bins), len(bins)), None))
+    return [None if b is None else b.cut(k) for k, b in zip(ks, found)]
 
 
 @dataclass
@@ -425,28 +438,29 @@ def select(pair: CheckpointPair, ratios, config: SelectionConfig, progress: bool
     for name in _progress(names, "pass 1: key histogram", progress):
         high += _high_histogram(tensor_keys(pair, name, config, check_finite=True)[1])
 
-    def low_histograms(bins: list[int]) -> torch.Tensor:
-        total = torch.zeros(len(bins), _N_LOW, dtype=torch.long)
+    def boundary_histograms(bins: list[int]):
+        # Each tensor's own boundary histograms are kept (a few KB per tensor), so the keys equal
+        # to a threshold can be counted per tensor, and ties handed out, without another pass.
+        slot = _bin_slots(bins)
+        per_tensor = {}
         for name in _progress(names, "pass 2: boundary refinement", progress):
-            total += _low_histograms(tensor_keys(pair, name, config)[1], bins)
-        return total
+            per_tensor[name] = _low_histograms(tensor_keys(pair, name, config)[1], slot, len(bins))
+        return sum(per_tensor.values()), per_tensor
 
     ks = [target_count(sum(numel.values()), r) for r in ratios]
-    found = _boundaries(high, low_histograms, ks)
-    passes = 2 if any(k > 0 for k in ks) else 1
-    partial = [i for i, (k, f) in enumerate(zip(ks, found)) if f is not None and _cut(k, *f).ties is not None]
-    cuts = {name: [None if f is None else Cut(f[0]) for f in found] for name in names}
-    if partial:
-        passes += 1
-        remaining = {i: ks[i] - found[i][1] for i in partial}
-        for name in _progress(names, "pass 3: tie allocation", progress):
-            keys = tensor_keys(pair, name, config)[1]
-            for i in partial:
-                equal = int(torch.count_nonzero(keys == found[i][0]))
-                take = min(remaining[i], equal)
-                remaining[i] -= take
-                cuts[name][i] = Cut(found[i][0], None if take == equal else take)
-    return Selection(config, ratios, names, numel, cuts, passes)
+    found, per_tensor = _boundaries(high, ks, boundary_histograms)
+    cuts: dict[str, list[Cut | None]] = {name: [] for name in names}
+    for k, boundary in zip(ks, found):
+        remaining = k - boundary.greater if boundary else 0
+        for name in names:  # sorted: the tie-break order
+            if boundary is None:
+                cuts[name].append(None)
+                continue
+            equal = int(per_tensor[name][boundary.row, boundary.low])
+            take = min(remaining, equal)
+            remaining -= take
+            cuts[name].append(Cut(boundary.threshold, None if take == equal else take))
+    return Selection(config, ratios, names, numel, cuts, passes=2 if any(ks) else 1)
 
 
 # --- concentration (Table 3) ---------------------------------------------------------------
