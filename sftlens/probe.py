@@ -83,12 +83,16 @@ class ProbeConfig:
         if any(t < 0 for t in self.templates) or len(set(self.templates)) != len(self.templates):
             raise ValueError(f"templates must be distinct non-negative indices, got {list(self.templates)}")
 
-    def keyed_settings(self) -> dict:
-        """The settings a result depends on: the store key."""
+    def keyed_settings(self, device: str = "cpu") -> dict:
+        """The settings a result depends on: the store key. `auto` dtype is resolved for `device`
+        (fp32 on CPU, bf16 on GPU), as the two give different samples."""
+        from sftlens.models import parse_dtype
+
         settings = config_to_dict(self)
         for name in UNKEYED_SETTINGS:
             settings.pop(name)
         settings["templates"] = list(self.templates)
+        settings["dtype"] = str(parse_dtype(self.dtype, device.split(":")[0])).removeprefix("torch.")
         return settings
 
 
@@ -324,8 +328,8 @@ def probe_facts(
 # --- the store ------------------------------------------------------------------------------
 
 
-def store_meta(model: str, fingerprint: str, config: ProbeConfig) -> dict:
-    settings = config.keyed_settings()
+def store_meta(model: str, fingerprint: str, config: ProbeConfig, device: str = "cpu") -> dict:
+    settings = config.keyed_settings(device)
     return {"format": STORE_FORMAT, "model": model, "fingerprint": fingerprint, "settings": settings,
             "key": stable_hash([fingerprint, settings])}
 
@@ -378,7 +382,7 @@ def load_probe(store: str | os.PathLike, model: str | None = None, config: Probe
         if model is not None and config is not None:
             from sftlens.models import model_fingerprint
 
-            wanted = store_meta(model, model_fingerprint(model), config)
+            wanted = store_meta(model, model_fingerprint(model), config, _device())
             if meta["key"] != wanted["key"]:
                 raise SftlensError(f"{store / META_FILE}: store was written {_difference(meta, wanted)}")
     records: dict[str, ProbeRecord] = {}
@@ -423,14 +427,15 @@ def run_probe(
         raise SftlensError("empty fact selection: nothing to probe")
     template_indices(facts, config)
     store_dir = Path(store_dir)
-    _open_store(store_dir, store_meta(model, model_fingerprint(model), config))
+    device = _device()
+    _open_store(store_dir, store_meta(model, model_fingerprint(model), config, device))
     launched = shard is None
     rank, world = process_shard() if launched else shard
     done = load_probe(store_dir)
     ordered = sorted({f.id: f for f in facts}.values(), key=lambda f: f.id)
     mine = [f for i, f in enumerate(ordered) if i % world == rank and f.id not in done]
     if mine:
-        lm, tokenizer = load_model(model, dtype=config.dtype, device=_device())
+        lm, tokenizer = load_model(model, dtype=config.dtype, device=device)
         with JsonlAppender(store_dir / f"records-rank{rank}.jsonl") as log:
             if config.batch_size or lm.device.type != "cuda":
                 probe_facts(lm, tokenizer, mine, config, on_record=lambda r: log.write(r.to_row()), progress=progress)
@@ -540,7 +545,7 @@ def write_level_tables(records: Iterable[ProbeRecord], store_dir: Path) -> str:
 def default_store(model: str, config: ProbeConfig) -> Path:
     from sftlens.models import model_fingerprint
 
-    meta = store_meta(model, model_fingerprint(model), config)
+    meta = store_meta(model, model_fingerprint(model), config, _device())
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model).name or model).strip("-")
     return Path("sftlens-probes") / f"{slug}-{meta['key'][:12]}"
 
@@ -573,6 +578,8 @@ def _run(args: argparse.Namespace) -> None:
         raise SftlensError(f"no facts for relations {args.relations} in split {args.split}")
     store = _store_from_args(args, config)
     records = run_probe(args.model, facts, config, store)
+    if process_shard()[0] != 0:  # under accelerate launch, the main process reports
+        return
     print(f"store: {store} ({len(records)} facts of this selection)")
     print(write_level_tables(load_probe(store).values(), store), end="")
 
@@ -592,6 +599,9 @@ def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "probe", help="measure the base model's mastery of facts (R_k, levels)",
         description="Probe facts (default action) or print the level table of a store (`probe stats`).",
+        epilog="Defaults are the paper's (21 templates x 10 samples, 32 tokens). A quick CPU demo: "
+               "--templates 0,1,2,3,4 --samples 4 --max-new-tokens 12 --stop-at-newline (= probe.FAST_PROBE). "
+               "Several processes or GPUs: accelerate launch -m sftlens probe ...",
     )
     parser.add_argument("action", nargs="?", choices=("run", "stats"), default="run", help="run (default) or stats")
     parser.add_argument("--model", help="built-in name, local folder or hub id")
