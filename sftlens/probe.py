@@ -397,18 +397,22 @@ def load_probe(store: str | os.PathLike, model: str | None = None, config: Probe
     return records
 
 
-def process_shard() -> tuple[int, int]:
-    """(rank, world size) under `accelerate launch`; (0, 1) for a plain process."""
+def _state():
     from accelerate import PartialState
 
-    state = PartialState()
+    # Without a GPU, accelerate only forms a process group (gloo) when told it runs on CPU; that
+    # is how `torchrun --nproc_per_node N -m sftlens probe` shares work on a CPU machine.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def process_shard() -> tuple[int, int]:
+    """(rank, world size) under `accelerate launch` or `torchrun`; (0, 1) for a plain process."""
+    state = _state()
     return state.process_index, state.num_processes
 
 
 def _device() -> str:
-    from accelerate import PartialState
-
-    return str(PartialState().device)
+    return str(_state().device)
 
 
 def run_probe(
@@ -442,9 +446,7 @@ def run_probe(
             else:
                 _probe_fitting_gpu(lm, tokenizer, mine, config, log, store_dir, progress)
     if launched and world > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+        _state().wait_for_everyone()
     records = load_probe(store_dir)
     return {f.id: records[f.id] for f in ordered if f.id in records}
 
@@ -601,7 +603,8 @@ def add_cli(subparsers) -> None:
         description="Probe facts (default action) or print the level table of a store (`probe stats`).",
         epilog="Defaults are the paper's (21 templates x 10 samples, 32 tokens). A quick CPU demo: "
                "--templates 0,1,2,3,4 --samples 4 --max-new-tokens 12 --stop-at-newline (= probe.FAST_PROBE). "
-               "Several processes or GPUs: accelerate launch -m sftlens probe ...",
+               "Several GPUs: accelerate launch -m sftlens probe ...; several CPU processes: "
+               "torchrun --nproc_per_node N -m sftlens probe ...",
     )
     parser.add_argument("action", nargs="?", choices=("run", "stats"), default="run", help="run (default) or stats")
     parser.add_argument("--model", help="built-in name, local folder or hub id")
