@@ -99,12 +99,8 @@ def run_study(config: StudyConfig, out: Path, data_dir: str | None = None, execu
     return summary
 
 
-def _config_arg(value: str) -> str:
-    return value
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=_config_arg, help=f"study TOML, or a preset: {', '.join(PRESETS)}")
+    parser.add_argument("config", help=f"study TOML, or a preset: {', '.join(PRESETS)}")
     parser.add_argument("--out", required=True, help="study directory (database + artefacts)")
     parser.add_argument("--data-dir", help="EntityQuestions folder (default: the study's data_dir or $SFTLENS_DATA_DIR)")
 

@@ -62,8 +62,15 @@ def _level_name(level) -> str:
 
 def table1(results: StudyResults) -> Section:
     rows = [[r["set"], *(str(r[f"level{i}"]) for i in LEVELS), str(r["total"])] for r in results.counts()]
+    tables = [("", ["set", *(f"level {i}" for i in LEVELS), "total"], rows)]
+    split = results.done("split")
+    short = [[name, str(entry["size"]), str(entry["requested"])]
+             for name, entry in (split[0]["result"]["sets"].items() if split else []) if entry.get("short")]
+    if short:
+        tables.append(("training sets short of their size (a level with fewer facts than asked: all it has)",
+                       ["training set", "facts", "requested"], short))
     return Section("Table 1: facts per mastery level", "Counts of probed facts per mastery level of the base model.",
-                   [("", ["set", *(f"level {i}" for i in LEVELS), "total"], rows)])
+                   tables)
 
 
 def _plot_lines(path: Path, panels: list[tuple[str, dict]], ylabel: str, sizes: list, scale: float = 100.0) -> Path:

@@ -113,7 +113,7 @@ def eval_unit(params, out: Path, deps) -> dict:
     from sftlens.models import load_model
 
     config = config_from_dict(EvalConfig, params["eval"], "eval")
-    model, tokenizer = load_model(model_path(params, deps), dtype=config.dtype, device=_device(params))
+    model, tokenizer = load_model(model_path(params, deps), dtype=config.dtype, device=config.device or _device(params))
     records = []
     for split in params["splits"]:
         rows = load_rows(eval_files(deps["split"]["dir"], split))
@@ -197,7 +197,7 @@ def restore_unit(params, out: Path, deps) -> dict:
     eval_cfg = config_from_dict(EvalConfig, params["eval"], "eval")
     restore_cfg = config_from_dict(RestoreConfig, params["restore"], "restore")
     finetuned = model_path(params, deps)
-    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=_device(params))
+    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or _device(params))
     rows = _sweep_rows(params, deps)
     records, bits0 = _evaluate_splits(model, tokenizer, rows, eval_cfg, 0.0)
     bits = {"0": bits0}
@@ -223,7 +223,7 @@ def control_unit(params, out: Path, deps) -> dict:
     restore_cfg = config_from_dict(RestoreConfig, params["restore"], "restore")
     restore_cfg = dataclasses.replace(restore_cfg, strategy="random", seed=params["seed"])
     finetuned = model_path(params, deps)
-    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=_device(params))
+    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or _device(params))
     restore_in_memory(model, params["model"], finetuned, ratio, restore_cfg)
     rows = {"test": load_rows(eval_files(deps["split"]["dir"], "test"))}
     records, bits = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
