@@ -108,7 +108,7 @@ class GraphBuilder:
                      {"eval": config_to_dict(self.config.stages["eval"]), "splits": ["test"]}, deps, work=eval_rows)
             if s.kl:
                 self.add("kl", f"kl {name}", "kl_unit", {"kl": config_to_dict(self.config.stages["kl"]), "test_set": s.kl_test_set, **self.selection},
-                         {**deps, "probe": probe.key}, work=self.n_facts["test"])
+                         {**deps, "probe": probe.key}, work=self.kl_rows())
             if level is None or size not in s.analysis_sizes:
                 continue
             self.add("deltas", f"deltas {name}", "deltas_unit",
@@ -132,6 +132,13 @@ class GraphBuilder:
                           "eval": config_to_dict(self.config.stages["eval"]), "seed": seed},
                          deps, work=eval_rows)
         return self.units
+
+    def kl_rows(self) -> float:
+        """Facts of the KL's test set: a domain's test facts, a fifth of them for a single level."""
+        domain, _, level = self.s.kl_test_set.partition("-")
+        relations = self.in_rel if domain == "in" else self.out_rel
+        share = len(relations) / max(1, len(set(self.in_rel) | set(self.out_rel)))
+        return self.n_facts["test"] * share / (5 if level else 1)
 
     def grid_params(self) -> dict:
         s = self.s
