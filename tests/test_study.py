@@ -1,16 +1,19 @@
-"""The study: engine (keys, resume, failures, pruning), config, unit graph, plan, report, demo."""
+"""The study: engine (keys, resume, failures, pruning), config, unit graph, plan, report, kill and resume."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from sftlens.errors import SftlensError
+from sftlens.study.commands import plan, run_study
+from sftlens.study.config import load_study_config
 from sftlens.study.db import StudyDB
 from sftlens.study.engine import Unit, run_units, unit_dir
 from sftlens.study.executors import LocalExecutor
+from sftlens.study.results import load_results
+from sftlens.study.units import build_units
 
 
 # --- the engine on a small graph of arithmetic units ------------------------------------------
@@ -110,12 +113,6 @@ def test_a_process_pool_gives_the_same_results(tmp_path):
 
 
 # --- config and plan ----------------------------------------------------------------------------
-
-from sftlens.study.commands import plan, run_study  # noqa: E402
-from sftlens.study.config import load_study_config  # noqa: E402
-from sftlens.study.results import load_results  # noqa: E402
-from sftlens.study.units import build_units  # noqa: E402
-
 
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)

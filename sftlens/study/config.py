@@ -9,7 +9,6 @@ are errors naming the key (`train.learning_rate: expected a number, got 'fast'`)
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import re
 import tomllib
@@ -162,8 +161,3 @@ def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
     study = config_from_dict(StudySettings, raw.get("study", {}), "study")
     stages = {s: config_from_dict(stage_class(s), raw.get(s, {}), s) for s in STAGE_SECTIONS}
     return StudyConfig(study, stages, spec)
-
-
-def with_stage(config: StudyConfig, section: str, **changes) -> object:
-    """A stage config with some fields replaced (e.g. the seed of one training run)."""
-    return dataclasses.replace(config.stages[section], **changes)

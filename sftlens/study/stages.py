@@ -103,11 +103,6 @@ def _evaluate_rows(model, tokenizer, rows: list[dict], config, tag: dict) -> tup
     return records, predictions
 
 
-def correctness_bits(predictions: list[dict]) -> str:
-    """Per-fact correctness as a '0'/'1' string in prediction order (for paired bootstraps)."""
-    return "".join("1" if p["correct"] else "0" for p in predictions)
-
-
 def eval_unit(params, out: Path, deps) -> dict:
     from sftlens.evaluate import EvalConfig
     from sftlens.models import load_model
