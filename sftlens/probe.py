@@ -47,7 +47,7 @@ UNKEYED_SETTINGS = ("batch_size",)
 # length (little padding), small enough that a kill loses little.
 CHUNK_BATCHES = 4
 # CPU batches beyond this many sequences stop paying off (the matmuls are already compute-bound).
-CPU_MAX_SEQUENCES = 128
+CPU_MAX_SEQUENCES = 256
 # Share of available memory the CPU batch may take (KV cache plus vocabulary-wide score buffers).
 CPU_MEMORY_SHARE = 0.25
 CUDA_START_PROMPTS = 512

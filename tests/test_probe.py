@@ -119,6 +119,16 @@ def test_seed_changes_samples(tiny):
         generate_samples(lm, tokenizer, [prompt], [[1, 2]], QUICK)
 
 
+def test_cpu_batch_size_fits_the_memory_share(tiny, monkeypatch):
+    lm, _ = tiny
+    config = ProbeConfig(samples=10, max_new_tokens=32)
+    per_sequence = probe_module._bytes_per_sequence(lm, 20, config)
+    monkeypatch.setattr(probe_module, "_available_memory", lambda: 40 * per_sequence)
+    assert probe_module.cpu_batch_size(lm, 20, config) == 1  # 10 sequences fit in a quarter, 20 do not
+    monkeypatch.setattr(probe_module, "_available_memory", lambda: 1 << 40)
+    assert probe_module.cpu_batch_size(lm, 20, config) == probe_module.CPU_MAX_SEQUENCES // 10
+
+
 def test_two_shards_equal_one_process(tiny_model_dir, tmp_path):
     facts = common_facts(10)
     whole = run_probe(str(tiny_model_dir), facts, QUICK, tmp_path / "whole", progress=False, shard=(0, 1))
@@ -165,7 +175,7 @@ def test_sigkill_and_restart_equals_uninterrupted_run(tiny_model_dir, tmp_path):
     while time.monotonic() < deadline and proc.poll() is None:
         if records_file.is_file() and records_file.read_text().count("\n") >= 3:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     written = records_file.read_text().count("\n")
