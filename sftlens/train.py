@@ -259,11 +259,11 @@ def _prepare_work_dir(work_dir: Path, key: str, progress: bool) -> Path | None:
     return None
 
 
-def _finish(trainer, tokenizer, work_dir: Path, out_dir: Path, record: dict) -> None:
+def _finish(trainer, work_dir: Path, out_dir: Path, record: dict) -> None:
     staged = work_dir / "model"
-    trainer.save_model(str(staged))  # every process: FSDP/DeepSpeed gather the weights here
+    # Every process takes part (FSDP/DeepSpeed gather the weights); it saves the tokenizer too.
+    trainer.save_model(str(staged))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(staged)
         atomic_write_jsonl(staged / LOSS_FILE, loss_log(trainer.state.log_history))
         atomic_write_json(staged / RUN_FILE, record)
         if out_dir.exists():
@@ -313,7 +313,7 @@ def train(model: str, sft_path: Path, out_dir: Path, config: TrainConfig = Train
         "steps": trainer.state.global_step, "train_seconds": round(time.perf_counter() - started, 3),
         "train_loss": result.training_loss, "resumed_from": last_checkpoint and last_checkpoint.name,
     }
-    _finish(trainer, tokenizer, work_dir, out_dir, record)
+    _finish(trainer, work_dir, out_dir, record)
     return out_dir
 
 
