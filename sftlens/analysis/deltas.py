@@ -445,7 +445,10 @@ def select(pair: CheckpointPair, ratios, config: SelectionConfig, progress: bool
         per_tensor = {}
         for name in _progress(names, "pass 2: boundary refinement", progress):
             per_tensor[name] = _low_histograms(tensor_keys(pair, name, config)[1], slot, len(bins))
-        return sum(per_tensor.values()), per_tensor
+        total = torch.zeros(len(bins), _N_LOW, dtype=torch.long)
+        for counts in per_tensor.values():
+            total += counts
+        return total, per_tensor
 
     ks = [target_count(sum(numel.values()), r) for r in ratios]
     found, per_tensor = _boundaries(high, ks, boundary_histograms)
