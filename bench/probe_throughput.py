@@ -7,7 +7,7 @@ samples/s, generated tokens/s (tokens up to and including EOS), their ratio, the
 memory added by each phase, and the machine's measured matmul throughput next to the FLOP rate the
 probe achieves (2 x parameters FLOPs per generated token).
 
-    python bench/probe_throughput.py                       # ~2-3 minutes on 2 idle CPU cores
+    python bench/probe_throughput.py                       # ~2-3 min on 2 idle cores (9 min at load 8)
     python bench/probe_throughput.py --facts 8 --templates 0,1,2,3
     python bench/probe_throughput.py --invariance          # also: batch size 1 vs auto, sample by sample
 """
