@@ -14,11 +14,12 @@ from sftlens.study.engine import Unit, run_units, units_to_run
 from sftlens.study.executors import make_executor
 from sftlens.study.units import build_units
 
-# Seconds per unit of work (one generation, training example, forward pass...) of SmolLM2-135M on
-# this project's 2-core CPU, measured on the demo; `plan` prefers rates measured in the study itself.
-DEFAULT_RATES = {"probe": 0.02, "split": 0.0, "train": 0.25, "eval": 0.05, "kl": 0.02, "deltas": 8.0,
-                 "restore": 0.05, "control": 0.05}
-FIXED_SECONDS = {"probe": 5, "split": 2, "train": 10, "eval": 5, "kl": 5, "deltas": 0, "restore": 8, "control": 8}
+# Seconds per unit of work (one sampled continuation, training example, greedy answer, KL prompt) and
+# per unit of SmolLM2-135M on a 2-core CPU, from the demo's CPU time (fp32, batched); `plan` prefers
+# the rates this study measured itself once units of a kind have finished.
+DEFAULT_RATES = {"probe": 0.2, "split": 0.0, "train": 1.0, "eval": 0.3, "kl": 0.1, "deltas": 10.0,
+                 "restore": 0.3, "control": 0.3}
+FIXED_SECONDS = {"probe": 5, "split": 2, "train": 25, "eval": 5, "kl": 8, "deltas": 0, "restore": 8, "control": 8}
 WORK_UNITS = {"probe": "samples", "split": "-", "train": "examples", "eval": "generations", "kl": "prompts",
               "deltas": "models", "restore": "generations", "control": "generations"}
 
