@@ -195,7 +195,7 @@ def run_worker(args: list[str], limit_gb: float) -> dict:
     stages = [line for line in proc.stderr.splitlines() if line.startswith("stage: ")]
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
     return {"ok": False, "wall": wall, "failed_at": stages[-1][7:] if stages else "start",
-            "error": (errors[-1] if errors else proc.stderr.strip().splitlines()[-1:] or ["killed"])[0][:160],
+            "error": (errors[-1] if errors else (proc.stderr.strip().splitlines() or ["killed"])[-1])[:160],
             "returncode": proc.returncode}
 
 
