@@ -103,10 +103,11 @@ def level_acc_over_seeds(records: list[dict], domain: str, test_level: int, **ma
 
 
 def chosen_ratio(sweep_results: list[dict], domain: str = "in") -> float:
-    """The restore ratio with the best mean dev Acc over the seeds of one (level, size); ties: smaller."""
+    """The restore ratio (> 0) with the best mean dev Acc over the seeds of one (level, size); ties:
+    the smaller. Ratio 0 is the un-restored baseline the gain is measured against, not a candidate."""
     by_ratio: dict[float, list[float]] = {}
     for result in sweep_results:
-        for ratio in {r["restore_ratio"] for r in result["records"]}:
+        for ratio in {r["restore_ratio"] for r in result["records"]} - {0.0}:
             dev = [r for r in result["records"] if r["split"] == "dev" and r["restore_ratio"] == ratio]
             value = acc(dev, domain)
             if value is not None:

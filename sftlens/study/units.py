@@ -129,7 +129,8 @@ class GraphBuilder:
                 deps = {"model": train.key, "split": split.key, **{f"sweep{i}": u.key for i, u in enumerate(group)}}
                 self.add("control", f"control {name}", "control_unit",
                          {"restore": config_to_dict(self.config.stages["restore"]),
-                          "eval": config_to_dict(self.config.stages["eval"]), "seed": seed},
+                          "eval": config_to_dict(self.config.stages["eval"]), "seed": seed,
+                          "ratio_choice": "best mean dev Acc (in-domain) over seeds, ratio > 0"},
                          deps, work=eval_rows)
         return self.units
 
