@@ -237,6 +237,8 @@ def test_a_tiny_study_runs_every_unit_once(tiny_study):
     kinds = sorted({u["kind"] for u in units})
     assert kinds == ["control", "deltas", "eval", "kl", "probe", "restore", "split", "train"]
     assert not list(study.glob("units/train/*/model")), "prune_checkpoints drops fine-tuned weights"
+    controls = [u["result"] for u in units if u["kind"] == "control"]
+    assert controls and all(c["ratio"] in (10.0, 50.0) and c["records"] for c in controls), "random control ran"
 
 
 def test_an_edited_config_recomputes_only_what_changed(tiny_study, tmp_path):
