@@ -15,6 +15,12 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "entityquestions"
 TINY_ANSWERS = ["France", "Germany", "Italy", "Spain", "United States of America", "Japan"]
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A cache dir of the test's own, so fingerprints and conversions never touch the user's."""
+    monkeypatch.setenv("SFTLENS_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from sftlens.models import tiny_tokenizer

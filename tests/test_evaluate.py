@@ -11,9 +11,11 @@ from sftlens.evaluate import (
     PREDICTIONS_FILE, SUMMARY_FILE, EvalConfig, acc_of, evaluate, evaluate_model, format_level_table, micro_of,
     summarize,
 )
-from sftlens.io import read_jsonl
+from sftlens.io import atomic_write_jsonl, read_jsonl
 
 from conftest import TINY_ANSWERS
+
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_rows(domain: str, level: int, n: int) -> list[dict]:
@@ -32,13 +34,8 @@ test_rows.__test__ = False  # a helper, not a test
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_jsonl(path, rows)
     return path
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SFTLENS_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from sftlens.analysis.kl import (
 )
 from sftlens.data import encode_prompt, load_templates, sft_prompt
 from sftlens.errors import SftlensError
+from sftlens.io import atomic_write_jsonl
 from sftlens.models import save_model, tiny_model
 
 
@@ -106,7 +107,7 @@ def test_compute_kl_writes_and_reuses_results(tmp_path, tiny_tokenizer, monkeypa
     ft, _ = tiny_model(seed=2, tokenizer=tiny_tokenizer)
     base_dir, ft_dir = save_model(base, tok, tmp_path / "base"), save_model(ft, tok, tmp_path / "ft")
     test = tmp_path / "in-level4.jsonl"
-    test.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    atomic_write_jsonl(test, _rows())
     result = compute_kl(str(base_dir), str(ft_dir), test, KLConfig(), {"P17": 1}, tmp_path / "out")
     assert result["summary"]["n"] == 4 and result["summary"]["mean"] > 0
     prompts = [p[0] for p in kl_prompts(_rows(), "template", {"P17": 1})]

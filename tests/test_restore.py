@@ -11,6 +11,7 @@ from test_deltas import RATIOS, brute_force, random_pair, write_checkpoint
 
 from sftlens.analysis.deltas import open_pair, select
 from sftlens.errors import SftlensError
+from sftlens.io import atomic_write_jsonl
 from sftlens.models import save_model
 from sftlens.restore import MANIFEST, RestoreConfig, restore_in_memory, restore_sweep, restored_models
 
@@ -160,7 +161,7 @@ def test_eval_sweep_restores_in_memory_and_caches(tmp_path, tiny_tokenizer, monk
              "prompt": f"<question> Which country is X{i} located in? <answer>", "completion": " France "}
             for i, domain in enumerate(["in", "out"] * 5)]
     test = tmp_path / "test.jsonl"
-    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_jsonl(test, rows)
     outputs = {}
     import sftlens.evaluate
 

@@ -9,12 +9,14 @@ from safetensors.torch import load_file
 from sftlens.cli import main
 from sftlens.data import load_templates, sft_completion, sft_prompt
 from sftlens.errors import SftlensError
-from sftlens.io import read_jsonl
+from sftlens.io import atomic_write_jsonl, read_jsonl
 from sftlens.train import (
     IGNORE_INDEX, LOSS_FILE, RUN_FILE, TrainConfig, encode_example, steps_per_epoch, train,
 )
 
 from conftest import TINY_ANSWERS
+
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 FAST = TrainConfig(learning_rate=1e-3)  # visible weight changes on a random tiny model
 
@@ -34,13 +36,8 @@ def sft_rows(n: int, offset: int = 0) -> list[dict]:
 
 
 def write_sft(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_jsonl(path, rows)
     return path
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SFTLENS_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture
