@@ -116,11 +116,22 @@ def build_checkpoints(root: Path, gb: float, shard_mb: int, seed: int = 0) -> tu
 
 # --- workers (run in subprocesses) ----------------------------------------------------------
 
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS since exec (VmHWM). Not ru_maxrss: Linux carries it over exec from
+    the forked parent, so a worker would report at least this script's own RSS after building
+    the checkpoints (about 1.3 GB at 6 GB per model)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _usage() -> dict:
     """Peak RSS and CPU seconds of this process (CPU time is less sensitive than wall time to
     other work sharing the machine)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "cpu": usage.ru_utime + usage.ru_stime}
+    return {"peak_rss_gb": _peak_rss_bytes() / 1e9, "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def _stage(text: str) -> None:

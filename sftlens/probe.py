@@ -417,13 +417,14 @@ def _device() -> str:
 
 def run_probe(
     model: str, facts: list[Fact], config: ProbeConfig, store_dir: str | os.PathLike, progress: bool = True,
-    *, shard: tuple[int, int] | None = None,
+    *, shard: tuple[int, int] | None = None, device: str | None = None,
 ) -> dict[str, ProbeRecord]:
     """Probe `facts` into `store_dir`, skipping facts already there; return the records of `facts`.
 
     Under `accelerate launch`, rank r of w probes every w-th fact (in id order) and writes its own
     records file; all ranks wait for each other and return the merged records. `shard` sets
     (rank, world) explicitly instead (ranks run one after another then see only finished shards).
+    `device` overrides the process's accelerate device (e.g. "cpu" on a GPU machine).
     """
     from sftlens.models import load_model, model_fingerprint
 
@@ -431,7 +432,7 @@ def run_probe(
         raise SftlensError("empty fact selection: nothing to probe")
     template_indices(facts, config)
     store_dir = Path(store_dir)
-    device = _device()
+    device = device or _device()
     _open_store(store_dir, store_meta(model, model_fingerprint(model), config, device))
     launched = shard is None
     rank, world = process_shard() if launched else shard

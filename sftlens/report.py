@@ -168,6 +168,11 @@ def write_table(table: Table, stem: str | Path) -> tuple[Path, Path]:
     return md, csv_path
 
 
+def size_sort_key(size) -> tuple:
+    """Training sizes ascending, then "all" (a level's every fact)."""
+    return (1, 0) if size == "all" else (0, size)
+
+
 def acc_vs_size(records: list[dict], domains: tuple[str, ...] = DOMAINS) -> dict[str, dict]:
     """Figure 2 data: domain -> training level -> [(size, Stat of Acc over seeds)], sizes ascending."""
     grouped = runs(records)
@@ -177,39 +182,53 @@ def acc_vs_size(records: list[dict], domains: tuple[str, ...] = DOMAINS) -> dict
         for (train_level, size, _seed), recs in grouped.items():
             if any(r["domain"] == domain for r in recs):
                 lines.setdefault(train_level, {}).setdefault(size, []).append(acc_of(recs, domain))
-        series[domain] = {level: [(size, seed_stat(accs)) for size, accs in sorted(by_size.items())]
-                          for level, by_size in sorted(lines.items(), key=lambda kv: _level_sort_key(kv[0]))}
+        series[domain] = {
+            level: [(size, seed_stat(by_size[size])) for size in sorted(by_size, key=size_sort_key)]
+            for level, by_size in sorted(lines.items(), key=lambda kv: _level_sort_key(kv[0]))}
     return series
 
 
-def acc_vs_size_figure(records: list[dict], path: str | Path, domains: tuple[str, ...] = DOMAINS) -> Path:
-    """Figure 2: Acc (%) versus training size, a line per training level, a panel per domain,
-    error bars = spread over seeds; written as PNG with the Agg backend (no display needed)."""
+def plot_series(path: str | Path, panels: list[tuple[str, dict]], ylabel: str, sizes: list,
+                scale: float = 100.0) -> Path:
+    """Lines over training sizes, a panel per (title, {label: {size: (mean, spread, n)}}), error
+    bars = spread over seeds, written atomically as PNG (Agg, no display needed). Sizes sit at
+    equal steps: the paper's sizes double (60 ... 1920), and "all" goes last."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    series = acc_vs_size(records, domains)
-    figure = Figure(figsize=(5 * len(domains), 4), layout="constrained")
+    figure = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(domains), squeeze=False)[0]
-    sizes = sorted({size for lines in series.values() for points in lines.values() for size, _ in points})
-    for ax, domain in zip(axes, domains):
-        for level, points in series[domain].items():
-            ax.errorbar([s for s, _ in points], [st.mean for _, st in points], yerr=[st.std for _, st in points],
-                        marker="o", capsize=3, label=f"train-{level}")
-        if len(sizes) > 1 and sizes[0] > 0 and sizes[-1] / sizes[0] >= 4:
-            ax.set_xscale("log", base=2)  # the paper's sizes double: 60, 120, ..., 1920
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.minorticks_off()
-        ax.set_title(DOMAIN_TITLES.get(domain, domain))
+    for ax, (title, lines) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        for label, points in lines.items():
+            xs = [i for i, size in enumerate(sizes) if size in points and points[size][2] > 0]
+            if xs:
+                ax.errorbar(xs, [points[sizes[i]][0] * scale for i in xs], yerr=[points[sizes[i]][1] * scale for i in xs],
+                            marker="o", capsize=3, label=label)
+        ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
         ax.set_xlabel("training examples")
-        ax.set_ylabel("Acc (%)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[-1].legend(title="training level", fontsize="small")
+        if ax.lines:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
+
+
+def acc_vs_size_figure(records: list[dict], path: str | Path, domains: tuple[str, ...] = DOMAINS) -> Path:
+    """Figure 2: Acc (%) versus training size, a line per training level, a panel per domain."""
+    series = acc_vs_size(records, domains)
+    sizes = sorted({size for lines in series.values() for points in lines.values() for size, _ in points},
+                   key=size_sort_key)
+    panels = [(DOMAIN_TITLES.get(domain, domain),
+               {f"train-{level}": {size: (st.mean, st.std, st.n) for size, st in points}
+                for level, points in series[domain].items()})
+              for domain in domains]
+    return plot_series(path, panels, "Acc (%)", sizes, scale=1.0)
 
 
 def _run_report(args) -> None:

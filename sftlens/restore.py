@@ -3,10 +3,10 @@ to their base values, for a whole sweep of ratios in one run.
 
 The selection (strategy top/bottom/random, metric relative/absolute, scope global/tensor, region)
 is the exact streamed one of `sftlens.analysis.deltas`: exactly floor(n * k / 100) elements, ties
-broken by sorted tensor name, then flat index. Writing is one pass over the shards: each shard's
-region tensors get a per-element "level" (how many ratios select the element; selections are
-nested), then each ratio's output shard is built from it and saved. Peak memory is about one
-output shard plus a few copies of the largest tensor, whatever the model size.
+broken by sorted tensor name, then flat index. Writing is one more pass over the shards, for all
+ratios at once: every block of rows of a tensor is read once, and each ratio's restored block is
+written straight into that ratio's output shard, so peak memory is a few copies of one block
+(`CHUNK_ELEMENTS`), whatever the size of the model, of its shards or of its largest tensor.
 
 Every ratio's folder is written atomically and keyed by its inputs (file sizes and times of both
 checkpoints, the selection settings, the ratio), so a re-run skips finished ratios.
@@ -32,12 +32,10 @@ from sftlens.analysis.deltas import (
     Selection,
     SelectionConfig,
     assert_finite,
-    cut_mask,
     open_pair,
     parse_ratios,
     select,
-    selection_keys,
-    change,
+    tensor_keys,
 )
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.errors import SftlensError
@@ -89,60 +87,79 @@ def _check_outputs(pair: CheckpointPair, targets: list[Path]) -> None:
 
 
 def _copy_side_files(source: Path, dest: Path) -> None:
-    """Config, tokenizer, generation config and the shard index: everything but the weights."""
+    """Config, tokenizer, generation config and the shard index: everything but the weights and
+    the records of how the source was made (a restored model was not trained, nor restored, so)."""
+    from sftlens.train import LOSS_FILE, RUN_FILE
+
+    records = (MANIFEST, TABLE, RUN_FILE, LOSS_FILE)
     for path in sorted(source.iterdir()):
-        if path.is_file() and path.suffix not in (".safetensors", ".bin") and path.name not in (MANIFEST, TABLE):
+        if path.is_file() and path.suffix not in (".safetensors", ".bin") and path.name not in records:
             shutil.copy2(path, dest / path.name)
 
 
-def _levels(pair: CheckpointPair, selection: Selection, names: list[str]) -> dict[str, tuple[torch.Tensor, list[int]]]:
-    """Per tensor: the selection level of every element, and how many elements each ratio restores."""
-    config = selection.config
-    n_ratios = len(selection.ratios)
-    levels = {}
-    for name in names:
-        base, finetuned = pair.load(name)
-        keys = selection_keys(change(base, finetuned, config.metric), name, config.strategy, config.seed)
-        level = selection.levels(name, keys)
-        at_least = torch.bincount(level.view(-1), minlength=n_ratios + 1).flip(0).cumsum(0).flip(0)
-        levels[name] = level, [int(at_least[n_ratios - i]) for i in range(n_ratios)]
-    return levels
+def _read_header(path: Path) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A safetensors file's header as raw bytes (length prefix included) and each tensor's byte
+    range in the file. Format: 8-byte little-endian header size, JSON header (data_offsets count
+    from the header's end), then the tensors' bytes. The file was already validated by safe_open."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+    data_start = 8 + size
+    spans = {name: (data_start + info["data_offsets"][0], data_start + info["data_offsets"][1])
+             for name, info in json.loads(raw).items() if name != "__metadata__"}
+    return size.to_bytes(8, "little") + raw, spans
+
+
+def _restored_blocks(pair: CheckpointPair, selection: Selection, name: str,
+                     n_ratios: int) -> Iterator[tuple[int, list[torch.Tensor], list[int]]]:
+    """(byte offset in the tensor, each ratio's restored block, each ratio's restored count) for
+    every block of rows of `name`; outside the region every ratio gets the fine-tuned block."""
+    if name not in selection.numel:
+        ft = pair.finetuned
+        for offset, block in ft.blocks(name):
+            assert_finite(ft, name, block)
+            yield offset * block.element_size(), [block] * n_ratios, [0] * n_ratios
+        return
+    cutter = selection.cutter(name)
+    for chunk, _, keys in tensor_keys(pair, name, selection.config):
+        masks = cutter.masks(keys)
+        yield chunk.offset * chunk.finetuned.element_size(), \
+            [torch.where(mask, chunk.base, chunk.finetuned) for mask in masks], \
+            [int(torch.count_nonzero(mask)) for mask in masks]
+
+
+def _as_bytes(tensor: torch.Tensor):
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _write_shards(pair: CheckpointPair, selection: Selection, folders: list[Path],
                   progress: bool) -> list[dict[str, int]]:
-    """Write every ratio's shards into `folders` (one per ratio of `selection`); return, per ratio,
-    the number of restored elements of each region tensor."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """Write every ratio's shards into `folders` (one per ratio of `selection`) in one pass; return,
+    per ratio, the number of restored elements of each region tensor.
+
+    Each output shard starts with its input shard's header (same tensors, offsets and metadata),
+    and every restored block is written at its place: safetensors' save_file would need the whole
+    output shard in memory (twice, while serialising) for each ratio."""
     from tqdm.auto import tqdm
 
-    region = set(selection.names)
     ft = pair.finetuned
-    restored: list[dict[str, int]] = [{} for _ in folders]
-    n_ratios = len(selection.ratios)
-    bar = tqdm(total=len(ft.shards) * n_ratios, desc="writing restored shards", unit="shard", disable=not progress)
+    n_ratios = len(folders)
+    restored: list[dict[str, int]] = [dict.fromkeys(selection.names, 0) for _ in folders]
+    bar = tqdm(total=len(ft.shard_of), desc="writing restored shards", unit="tensor", disable=not progress)
     for shard in ft.shards:
-        with safe_open(ft.root / shard, framework="pt") as f:
-            metadata = f.metadata() or {"format": "pt"}
-        names = ft.names_in(shard)
-        levels = _levels(pair, selection, [n for n in names if n in region])
-        for i, folder in enumerate(folders):
-            tensors = {}
-            for name in names:
-                if name in levels:
-                    level, counts = levels[name]
-                    base, finetuned = pair.load(name)
-                    tensors[name] = torch.where(level >= n_ratios - i, base, finetuned)
-                    restored[i][name] = counts[i]
-                else:
-                    tensors[name] = ft.load(name)
-                    if i == 0:
-                        assert_finite(ft, name, tensors[name])
-            save_file(tensors, folder / shard, metadata=metadata)
-            del tensors
-            bar.update()
-        del levels
+        header, spans = _read_header(ft.root / shard)
+        with contextlib.ExitStack() as stack:
+            outs = [stack.enter_context(open(folder / shard, "wb")) for folder in folders]
+            for out in outs:
+                out.write(header)
+            for name in sorted(spans, key=spans.__getitem__):
+                for position, blocks, counts in _restored_blocks(pair, selection, name, n_ratios):
+                    for i, (out, block) in enumerate(zip(outs, blocks)):
+                        out.seek(spans[name][0] + position)
+                        out.write(_as_bytes(block))
+                        if name in restored[i]:
+                            restored[i][name] += counts[i]
+                bar.update()
     bar.close()
     return restored
 
@@ -210,12 +227,12 @@ def restore_in_memory(model, base, finetuned, ratio: float, config: RestoreConfi
     missing = [n for n in selection.names if n not in state]
     if missing:
         raise SftlensError(f"the model has no tensor {missing[0]} of {pair.finetuned.root}")
-    cfg = selection.config
     with torch.no_grad():
         for name in selection.names:
-            b, f = pair.load(name)
-            keys = selection_keys(change(b, f, cfg.metric), name, cfg.strategy, cfg.seed)
-            state[name].copy_(torch.where(cut_mask(keys, selection.cuts[name][i]), b, f))
+            cutter = selection.cutter(name)
+            for chunk, _, keys in tensor_keys(pair, name, selection.config):
+                target = state[name] if chunk.rows is None else state[name][chunk.rows[0]:chunk.rows[1]]
+                target.copy_(torch.where(cutter.mask(i, keys), chunk.base, chunk.finetuned))
     return model
 
 

@@ -21,6 +21,17 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SFTLENS_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(params=["whole", "chunked"])
+def chunking(request, monkeypatch):
+    """'chunked' makes the weight passes read every tensor in blocks of a row or a few elements,
+    so tie groups, random keys and restored values all span blocks."""
+    if request.param == "chunked":
+        import sftlens.analysis.deltas
+
+        monkeypatch.setattr(sftlens.analysis.deltas, "CHUNK_ELEMENTS", 5)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from sftlens.models import tiny_tokenizer

@@ -112,3 +112,11 @@ def test_figure_is_a_png_with_two_panels(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width, _ = matplotlib.image.imread(path).shape
     assert width == 1200 and height == 480  # two 5x4-inch panels at 120 dpi
+
+
+def test_figure_places_size_all_last(tmp_path):
+    records = make_records(sizes=(240, 60), seeds=(0,)) + [
+        {**r, "size": "all"} for r in make_records(sizes=(1920,), seeds=(0,))]
+    assert [size for size, _ in acc_vs_size(records)["in"][0]] == [60, 240, "all"]
+    path = acc_vs_size_figure(records, tmp_path / "figure2.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -35,7 +35,7 @@ def _expected(base, ft, chosen: set[tuple[str, int]]) -> dict[str, torch.Tensor]
     RestoreConfig(metric="absolute", scope="tensor", strategy="bottom", region="all"),
     RestoreConfig(strategy="random", region="mlp", seed=7),
 ], ids=["paper", "tensor-bottom", "random-mlp"])
-def test_restored_elements_equal_base_and_rest_equal_finetuned(tmp_path, config):
+def test_restored_elements_equal_base_and_rest_equal_finetuned(tmp_path, config, chunking):
     base_dir, ft_dir, base, ft = random_pair(tmp_path, shards=3, dtype=torch.bfloat16)
     folders = restore_sweep(base_dir, ft_dir, RATIOS, config, tmp_path / "out", progress=False)
     assert list(folders) == [float(r) for r in RATIOS]
@@ -74,7 +74,7 @@ def _perturbed(model, seed: int = 1):
     return model
 
 
-def test_output_loads_with_from_pretrained_and_matches_in_memory_restore(tmp_path, tiny_tokenizer):
+def test_output_loads_with_from_pretrained_and_matches_in_memory_restore(tmp_path, tiny_tokenizer, chunking):
     from transformers import AutoModelForCausalLM
 
     from sftlens.models import tiny_model
@@ -83,6 +83,8 @@ def test_output_loads_with_from_pretrained_and_matches_in_memory_restore(tmp_pat
     base_dir = save_model(base_model, tok, tmp_path / "base")
     ft_model = _perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0])
     ft_dir = save_model(ft_model, tok, tmp_path / "ft")
+    for record in ("sftlens_train.json", "loss_log.jsonl"):  # what `sftlens train` leaves beside weights
+        (ft_dir / record).write_text("{}\n")
     config = RestoreConfig()
     folders = restore_sweep(base_dir, ft_dir, (5, 40), config, tmp_path / "out", progress=False)
 
@@ -99,6 +101,7 @@ def test_output_loads_with_from_pretrained_and_matches_in_memory_restore(tmp_pat
             assert torch.equal(loaded(ids).logits, want)
             assert torch.equal(in_memory(ids).logits, want)
         assert (folder / "tokenizer.json").is_file()
+        assert not (folder / "sftlens_train.json").exists() and not (folder / "loss_log.jsonl").exists()
 
 
 def test_in_memory_restore_of_one_ratio_from_a_sweep_selection(tmp_path, tiny_tokenizer):
@@ -129,7 +132,7 @@ def test_cli_writes_every_ratio(tmp_path, capsys):
     assert "overlaps the input checkpoint" in capsys.readouterr().err
 
 
-def test_bad_input_writes_nothing(tmp_path):
+def test_bad_input_writes_nothing(tmp_path, chunking):
     base_dir, ft_dir, base, ft = random_pair(tmp_path)
     for out, ft_at in ((ft_dir, ft_dir), (base_dir / "inside", ft_dir), (tmp_path, tmp_path / "top-1")):
         ft_dir.rename(ft_at)
@@ -148,7 +151,7 @@ def test_bad_input_writes_nothing(tmp_path):
 
 
 def test_eval_sweep_restores_in_memory_and_caches(tmp_path, tiny_tokenizer, monkeypatch):
-    from sftlens.evaluate import EvalConfig, evaluate_model, summarize
+    from sftlens.evaluate import EvalConfig, summarize
     from sftlens.models import tiny_model
     from sftlens.restore import evaluate_restored, restore_table
 

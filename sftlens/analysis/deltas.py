@@ -8,8 +8,8 @@ Selection without a flat copy of the model
 ------------------------------------------
 Each element gets an int32 *key* whose order is the selection order: for "top" the bit pattern
 of its fp32 change (non-negative floats order like their int32 bit patterns), for "bottom" its
-complement, for "random" a seeded random integer per element (seeded by tensor name, so the draw
-does not depend on sharding or on which other tensors exist). Selecting k elements = taking the k
+complement, for "random" a seeded hash of (seed, tensor name, flat index), so the draw does not
+depend on sharding, on chunking or on which other tensors exist. Selecting k elements = taking the k
 largest keys. Ties are broken deterministically: tensors in sorted-name order, then flat index
 (row-major) inside a tensor; so exactly floor(n * k / 100) elements are selected and the selection
 for a smaller ratio is always contained in the one for a larger ratio.
@@ -21,8 +21,11 @@ With scope "global" the exact k-th key is found for every ratio of a sweep at on
           how many keys exceed it; per tensor, how many keys equal T, so the ties can be handed
           out in tensor order without another pass.
 With scope "tensor" each tensor's own floor(numel * k / 100) elements are found the same way,
-inside the tensor. Memory stays O(largest tensor); the cost is a constant number of passes for
-the whole sweep.
+inside the tensor. The cost is a constant number of passes for the whole sweep.
+
+Every pass reads a tensor in chunks of whole rows (at most `CHUNK_ELEMENTS` elements, one
+`safe_open` mapping per chunk), and ties are handed out across chunks in flat order, so peak memory
+is a few copies of one chunk, whatever the size of the model or of its largest tensor.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Iterator, Literal
 
 import torch
 
@@ -52,6 +55,9 @@ _HIGH_SHIFT = 11
 _N_HIGH = 1 << 20  # keys are non-negative int32: 20 high bits, 11 low bits
 _N_LOW = 1 << _HIGH_SHIFT
 _MAX_KEY = 0x7FFFFFFF
+# 4 Mi elements: a 16 MB fp32 change per chunk, small enough that the few temporaries of a chunk
+# stay far below the weights' size, large enough that per-chunk overhead is negligible
+CHUNK_ELEMENTS = 1 << 22
 
 # Name patterns cover Llama/Qwen/Mistral (model.layers.N.self_attn.q_proj, mlp.gate_proj,
 # input_layernorm, embed_tokens, lm_head) and GPT-2 (transformer.h.N.attn.c_attn, mlp.c_fc, ln_1,
@@ -143,10 +149,22 @@ def target_count(n: int, ratio: float) -> int:
 _INDEX = "model.safetensors.index.json"
 
 
+def row_blocks(shape: tuple[int, ...]) -> list[tuple[tuple[int, int] | None, int]]:
+    """(rows [start, stop) of dimension 0, flat index of the block's first element) of the blocks
+    covering a tensor in chunks of at most `CHUNK_ELEMENTS` elements (at least one row each);
+    rows is None for a 0-d tensor, read whole."""
+    if not shape:
+        return [(None, 0)]
+    row = math.prod(shape[1:])
+    step = max(1, CHUNK_ELEMENTS // max(row, 1))
+    return [((start, min(start + step, shape[0])), start * row) for start in range(0, shape[0], step)] \
+        or [((0, 0), 0)]
+
+
 @dataclass
 class Checkpoint:
-    """A safetensors checkpoint folder, read tensor by tensor (each read maps and unmaps its shard,
-    so resident memory never accumulates the whole model)."""
+    """A safetensors checkpoint folder, read a tensor or a block of its rows at a time; each read
+    maps and unmaps its shard, so resident memory never accumulates more than the block read."""
 
     root: Path
     shard_of: dict[str, str]  # tensor name -> shard file name
@@ -161,10 +179,29 @@ class Checkpoint:
         return sorted(n for n, s in self.shard_of.items() if s == shard)
 
     def load(self, name: str) -> torch.Tensor:
+        return self.read(name, None)
+
+    def read(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (the whole tensor for None)."""
         from safetensors import safe_open
 
         with safe_open(self.root / self.shard_of[name], framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
+
+    def blocks(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """(flat index of the first element, block) of every block of rows of `name`."""
+        for rows, offset in row_blocks(self.shapes[name]):
+            yield offset, self.read(name, rows)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A block of whole rows of one tensor in both checkpoints."""
+
+    rows: tuple[int, int] | None  # None: the whole (0-d) tensor
+    offset: int  # flat index of the block's first element
+    base: torch.Tensor
+    finetuned: torch.Tensor
 
 
 def open_checkpoint(spec: str | Path) -> Checkpoint:
@@ -245,6 +282,10 @@ class CheckpointPair:
     def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base.load(name), self.finetuned.load(name)
 
+    def chunks(self, name: str) -> Iterator[Chunk]:
+        for rows, offset in row_blocks(self.base.shapes[name]):
+            yield Chunk(rows, offset, self.base.read(name, rows), self.finetuned.read(name, rows))
+
 
 def assert_finite(ckpt: Checkpoint, name: str, tensor: torch.Tensor, summary: torch.Tensor | None = None) -> None:
     """Raise on a NaN/Inf in `tensor`. A NaN or Inf anywhere makes a sum non-finite, so the one
@@ -271,27 +312,52 @@ def change(base: torch.Tensor, finetuned: torch.Tensor, metric: str) -> torch.Te
     return delta.contiguous()
 
 
-def selection_keys(delta: torch.Tensor, name: str, strategy: str, seed: int) -> torch.Tensor:
-    """int32 keys, larger = selected first (see the module docstring)."""
+def _mix31(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2**31) that scatters neighbouring integers (int64 arithmetic, no
+    overflow: every product stays below 2**58)."""
+    for _ in range(3):
+        x = (x ^ (x >> 16)).mul_(0x45D9F3B).bitwise_and_(_MAX_KEY)
+    return x ^ (x >> 16)
+
+
+def random_keys(name: str, seed: int, offset: int, shape) -> torch.Tensor:
+    """Seeded pseudo-random int32 keys of the elements offset, offset + 1, ... of tensor `name`.
+    A key is a function of (seed, name, flat index) alone, so it does not depend on how a tensor
+    is read in chunks; within a tensor of < 2**31 elements no two keys are equal."""
+    salt = int(stable_hash([seed, name]), 16)
+    index = torch.arange(offset, offset + math.prod(shape), dtype=torch.int64)
+    keys = _mix31((index & _MAX_KEY) ^ (salt & _MAX_KEY))
+    keys = _mix31(keys ^ (index >> 31) ^ ((salt >> 31) & _MAX_KEY))
+    return keys.to(torch.int32).view(shape)
+
+
+def selection_keys(delta: torch.Tensor, name: str, strategy: str, seed: int, offset: int = 0) -> torch.Tensor:
+    """int32 keys, larger = selected first (see the module docstring); `offset` is the flat index
+    of `delta`'s first element in its tensor."""
     if strategy == "top":
         return delta.view(torch.int32)
     if strategy == "bottom":
         return _MAX_KEY - delta.view(torch.int32)
-    generator = torch.Generator().manual_seed(int(stable_hash([seed, name]), 16) % (1 << 63))
-    return torch.randint(0, _MAX_KEY, delta.shape, generator=generator, dtype=torch.int32)
+    return random_keys(name, seed, offset, delta.shape)
 
 
-def tensor_keys(pair: CheckpointPair, name: str, config: SelectionConfig,
-                check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(change, keys) of one tensor."""
-    base, finetuned = pair.load(name)
-    delta = change(base, finetuned, config.metric)
+def chunk_keys(pair: CheckpointPair, name: str, chunk: Chunk, config: SelectionConfig,
+               check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(change, keys) of one chunk of a tensor."""
+    delta = change(chunk.base, chunk.finetuned, config.metric)
     if check_finite:
         # a NaN/Inf in either input makes the change non-finite, so its sum screens both
         total = delta.sum()
-        assert_finite(pair.base, name, base, total)
-        assert_finite(pair.finetuned, name, finetuned, total)
-    return delta, selection_keys(delta, name, config.strategy, config.seed)
+        assert_finite(pair.base, name, chunk.base, total)
+        assert_finite(pair.finetuned, name, chunk.finetuned, total)
+    return delta, selection_keys(delta, name, config.strategy, config.seed, chunk.offset)
+
+
+def tensor_keys(pair: CheckpointPair, name: str, config: SelectionConfig,
+                check_finite: bool = False) -> Iterator[tuple[Chunk, torch.Tensor, torch.Tensor]]:
+    """(chunk, change, keys) of every chunk of one tensor, in flat order."""
+    for chunk in pair.chunks(name):
+        yield chunk, *chunk_keys(pair, name, chunk, config, check_finite)
 
 
 # --- exact thresholds --------------------------------------------------------------------------
@@ -305,16 +371,30 @@ class Cut:
     ties: int | None = None
 
 
-def cut_mask(keys: torch.Tensor, cut: Cut | None) -> torch.Tensor:
-    if cut is None:
-        return torch.zeros(keys.shape, dtype=torch.bool)
-    if cut.ties is None:
-        return keys >= cut.threshold
-    mask = keys > cut.threshold
-    if cut.ties:
-        tied = (keys == cut.threshold).view(-1).nonzero().squeeze(1)[: cut.ties]
-        mask.view(-1)[tied] = True
-    return mask
+class TensorCuts:
+    """Applies one tensor's cuts (one per ratio) to its keys, chunk after chunk in flat order: the
+    tied keys a cut takes are the first ones of the tensor, however it is chunked."""
+
+    def __init__(self, cuts: list[Cut | None]):
+        self.cuts = cuts
+        self.ties_left = [cut.ties if cut is not None else 0 for cut in cuts]
+
+    def masks(self, keys: torch.Tensor) -> list[torch.Tensor]:
+        return [self.mask(i, keys) for i in range(len(self.cuts))]
+
+    def mask(self, i: int, keys: torch.Tensor) -> torch.Tensor:
+        """Ratio i's mask of the next chunk of keys."""
+        cut = self.cuts[i]
+        if cut is None:
+            return torch.zeros(keys.shape, dtype=torch.bool)
+        if cut.ties is None:
+            return keys >= cut.threshold
+        mask = keys > cut.threshold
+        if self.ties_left[i]:
+            tied = (keys == cut.threshold).view(-1).nonzero().squeeze(1)[: self.ties_left[i]]
+            mask.view(-1)[tied] = True
+            self.ties_left[i] -= len(tied)
+        return mask
 
 
 def _locate(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -376,12 +456,25 @@ def _boundaries(high: torch.Tensor, ks: list[int], lows_of) -> tuple[list[_Bound
     return found, extra
 
 
-def tensor_cuts(keys: torch.Tensor, ratios: tuple[float, ...]) -> list[Cut | None]:
-    """Per-tensor scope: each ratio's floor(numel * k / 100) largest keys of this tensor."""
-    ks = [target_count(keys.numel(), r) for r in ratios]
-    found, _ = _boundaries(_high_histogram(keys), ks,
-                           lambda bins: (_low_histograms(keys, _bin_slots(bins), len(bins)), None))
-    return [None if b is None else b.cut(k) for k, b in zip(ks, found)]
+def tensor_cuts(pair: CheckpointPair, name: str, config: SelectionConfig,
+                ratios: tuple[float, ...]) -> tuple[list[Cut | None], int]:
+    """Per-tensor scope: each ratio's floor(numel * k / 100) largest keys of this tensor, and how
+    many passes over it that took (a tensor read in one chunk is read once, its keys kept)."""
+    single = len(row_blocks(pair.base.shapes[name])) == 1
+    kept = [keys for _, _, keys in tensor_keys(pair, name, config, check_finite=True)] if single else None
+
+    def key_chunks(check_finite: bool = False):
+        return iter(kept) if kept else (keys for _, _, keys in tensor_keys(pair, name, config, check_finite))
+
+    high = sum(_high_histogram(keys) for keys in key_chunks(check_finite=True))
+
+    def lows_of(bins: list[int]):
+        slot = _bin_slots(bins)
+        return sum(_low_histograms(keys, slot, len(bins)) for keys in key_chunks()), None
+
+    ks = [target_count(pair.numel(name), r) for r in ratios]
+    found, _ = _boundaries(high, ks, lows_of)
+    return [None if b is None else b.cut(k) for k, b in zip(ks, found)], 1 if single else 2
 
 
 @dataclass
@@ -405,16 +498,13 @@ class Selection:
             return target_count(self.total, self.ratios[ratio_index])
         return sum(target_count(self.numel[n], self.ratios[ratio_index]) for n in self.names)
 
-    def masks(self, name: str, keys: torch.Tensor) -> list[torch.Tensor]:
-        return [cut_mask(keys, cut) for cut in self.cuts[name]]
+    def cutter(self, name: str) -> TensorCuts:
+        """Feed it tensor `name`'s key chunks in flat order; it gives each ratio's mask."""
+        return TensorCuts(self.cuts[name])
 
-    def levels(self, name: str, keys: torch.Tensor) -> torch.Tensor:
-        """uint8 per element: how many ratios of the sweep select it. Selections are nested, so the
-        element is selected at ratio index i (ascending) iff level >= len(ratios) - i."""
-        level = torch.zeros(keys.shape, dtype=torch.uint8)
-        for mask in self.masks(name, keys):
-            level.add_(mask.view(torch.uint8))
-        return level
+    def masks(self, name: str, keys: torch.Tensor) -> list[torch.Tensor]:
+        """Each ratio's mask of a whole tensor's keys."""
+        return self.cutter(name).masks(keys)
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -429,26 +519,28 @@ def select(pair: CheckpointPair, ratios, config: SelectionConfig, progress: bool
     names = pair.region_names(config.region)
     numel = {n: pair.numel(n) for n in names}
     if config.scope == "tensor":
-        cuts = {}
+        cuts, passes = {}, 1
         for name in _progress(names, "thresholds per tensor", progress):
-            cuts[name] = tensor_cuts(tensor_keys(pair, name, config, check_finite=True)[1], ratios)
-        return Selection(config, ratios, names, numel, cuts, passes=1)
+            cuts[name], tensor_passes = tensor_cuts(pair, name, config, ratios)
+            passes = max(passes, tensor_passes)
+        return Selection(config, ratios, names, numel, cuts, passes=passes)
 
     high = torch.zeros(_N_HIGH, dtype=torch.long)
     for name in _progress(names, "pass 1: key histogram", progress):
-        high += _high_histogram(tensor_keys(pair, name, config, check_finite=True)[1])
+        for _, _, keys in tensor_keys(pair, name, config, check_finite=True):
+            high += _high_histogram(keys)
 
     def boundary_histograms(bins: list[int]):
         # Each tensor's own boundary histograms are kept (a few KB per tensor), so the keys equal
         # to a threshold can be counted per tensor, and ties handed out, without another pass.
+        # One block allocated up front: small per-tensor results allocated between the passes'
+        # large temporaries would pin the heap and keep hundreds of MB of freed memory resident.
         slot = _bin_slots(bins)
-        per_tensor = {}
-        for name in _progress(names, "pass 2: boundary refinement", progress):
-            per_tensor[name] = _low_histograms(tensor_keys(pair, name, config)[1], slot, len(bins))
-        total = torch.zeros(len(bins), _N_LOW, dtype=torch.long)
-        for counts in per_tensor.values():
-            total += counts
-        return total, per_tensor
+        counts = torch.zeros(len(names), len(bins), _N_LOW, dtype=torch.int32)
+        for row, name in enumerate(_progress(names, "pass 2: boundary refinement", progress)):
+            for _, _, keys in tensor_keys(pair, name, config):
+                counts[row] += _low_histograms(keys, slot, len(bins))
+        return counts.sum(0, dtype=torch.long), dict(zip(names, counts))
 
     ks = [target_count(sum(numel.values()), r) for r in ratios]
     found, per_tensor = _boundaries(high, ks, boundary_histograms)
@@ -480,17 +572,19 @@ def concentration(base_dir, ft_dir, config: DeltasConfig = DeltasConfig(), ratio
     held = [0.0] * len(ratios)
     tensors = []
     for name in _progress(selection.names, "summaries", progress):
-        delta, keys = tensor_keys(pair, name, config)
-        tensor_total = float(delta.sum(dtype=torch.float64))
-        masks = selection.masks(name, keys)
-        counts = [int(torch.count_nonzero(m)) for m in masks]
-        for i, mask in enumerate(masks):
-            held[i] += float(delta[mask].sum(dtype=torch.float64))
+        cutter = selection.cutter(name)
+        tensor_total, tensor_max, counts = 0.0, 0.0, [0] * len(ratios)
+        for _, delta, keys in tensor_keys(pair, name, config):
+            tensor_total += float(delta.sum(dtype=torch.float64))
+            tensor_max = max(tensor_max, float(delta.max()) if delta.numel() else 0.0)
+            for i, mask in enumerate(cutter.masks(keys)):
+                counts[i] += int(torch.count_nonzero(mask))
+                held[i] += float(delta[mask].sum(dtype=torch.float64))
         total += tensor_total
         tensors.append({
             "name": name, "layer": layer_index(name), "numel": selection.numel[name],
             "sum": tensor_total, "mean": tensor_total / max(selection.numel[name], 1),
-            "max": float(delta.max()) if delta.numel() else 0.0, "selected": counts,
+            "max": tensor_max, "selected": counts,
         })
     selected = [selection.selected_count(i) for i in range(len(ratios))]
     for row in tensors:
@@ -617,8 +711,9 @@ def add_cli(subparsers) -> None:
 
 
 __all__ = [
-    "DEFAULT_RATIOS", "REGIONS", "Checkpoint", "CheckpointPair", "Cut", "DeltasConfig", "Selection",
-    "SelectionConfig", "change", "concentration", "concentration_csv", "concentration_markdown",
-    "cut_mask", "in_region", "open_checkpoint", "open_pair", "parse_ratios", "plot_concentration",
-    "select", "selection_keys", "target_count", "tensor_cuts", "tensors_csv", "write_concentration",
+    "CHUNK_ELEMENTS", "DEFAULT_RATIOS", "REGIONS", "Checkpoint", "CheckpointPair", "Chunk", "Cut",
+    "DeltasConfig", "Selection", "SelectionConfig", "TensorCuts", "change", "chunk_keys", "concentration",
+    "concentration_csv", "concentration_markdown", "in_region", "open_checkpoint", "open_pair",
+    "parse_ratios", "plot_concentration", "random_keys", "row_blocks", "select", "selection_keys",
+    "target_count", "tensor_cuts", "tensor_keys", "tensors_csv", "write_concentration",
 ]

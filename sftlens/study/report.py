@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftlens.io import atomic_write_bytes, atomic_write_text
+from sftlens.report import level_table, plot_series, size_sort_key
 from sftlens.study.results import (
     StudyResults,
     acc,
@@ -44,10 +45,6 @@ def fmt(mean: float, spread: float, n: int, scale: float = 100.0, digits: int = 
     return f"{mean * scale:.{digits}f} ± {spread * scale:.{digits}f}"
 
 
-def _size_key(size) -> tuple:
-    return (1, 0) if size == "all" else (0, size)
-
-
 def _train_levels(records) -> list:
     levels = sorted({r["train_level"] for r in records if isinstance(r["train_level"], int)})
     return levels + (["mixed"] if any(r["train_level"] == "mixed" for r in records) else [])
@@ -73,41 +70,8 @@ def table1(results: StudyResults) -> Section:
                    tables)
 
 
-def _plot_lines(path: Path, panels: list[tuple[str, dict]], ylabel: str, sizes: list, scale: float = 100.0) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], panels):
-        plotted = False
-        for label, points in lines.items():
-            xs = [i for i, s in enumerate(sizes) if s in points and points[s][2] > 0]
-            if not xs:
-                continue
-            ys = [points[sizes[i]][0] * scale for i in xs]
-            es = [points[sizes[i]][1] * scale for i in xs]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-            plotted = True
-        ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
-        ax.set_xlabel("training examples")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if plotted:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _sizes(records) -> list:
-    return sorted({r["size"] for r in records if r["size"] is not None}, key=_size_key)
+    return sorted({r["size"] for r in records if r["size"] is not None}, key=size_sort_key)
 
 
 def figure2(records: list[dict], out: Path) -> Section:
@@ -119,14 +83,12 @@ def figure2(records: list[dict], out: Path) -> Section:
                  for lv in _train_levels(test)}
         panels.append((f"Acc ({name})", lines))
         rows += [[name, label, *(fmt(*lines[label][s]) for s in sizes)] for label in lines]
-    path = _plot_lines(out / "figure2.png", panels, "Acc (%)", sizes)
+    path = plot_series(out / "figure2.png", panels, "Acc (%)", sizes)
     return Section("Figure 2: Acc vs training size", "Acc = mean of the 5 test-level accuracies (%), mean ± sd over seeds.",
                    [("", ["domain", "train set", *map(str, sizes)], rows)], path)
 
 
 def table2(records: list[dict], size) -> Section:
-    from sftlens.report import level_table
-
     test = [r for r in records if r["split"] == "test" and r["size"] == size and r["strategy"] == "sft"]
     if not test:
         return Section(f"Table 2: train level x test level ({size} training examples)", "No models of this size.")
@@ -147,7 +109,7 @@ def figure4(records: list[dict], out: Path) -> Section:
     sizes = _sizes(test)
     lines = {_level_name(lv): {s: level_acc_over_seeds(test, "in", level, train_level=lv, size=s) for s in sizes}
              for lv in _train_levels(test)}
-    path = _plot_lines(out / "figure4.png", [(f"Acc on in-domain test level {level}", lines)], "accuracy (%)", sizes)
+    path = plot_series(out / "figure4.png", [(f"Acc on in-domain test level {level}", lines)], "accuracy (%)", sizes)
     rows = [[label, *(fmt(*lines[label][s]) for s in sizes)] for label in lines]
     note = "" if level == 4 else f" The base model has no in-domain test facts at level 4; level {level} is its best."
     return Section(f"Figure 4: accuracy on test level {level} vs size",
@@ -166,7 +128,7 @@ def figure5(results: StudyResults, out: Path) -> Section:
     for lv in _train_levels(points):
         lines[_level_name(lv)] = {
             s: mean_spread([p["kl"] for p in points if p["train_level"] == lv and p["size"] == s]) for s in sizes}
-    path = _plot_lines(out / "figure5.png", [("first-token KL(ft || base)", lines)], "KL", sizes, scale=1.0)
+    path = plot_series(out / "figure5.png", [("first-token KL(ft || base)", lines)], "KL", sizes, scale=1.0)
     rows = [[label, *(fmt(*lines[label][s], scale=1.0, digits=4) for s in sizes)] for label in lines]
     return Section("Figure 5: KL divergence vs size",
                    "Mean first-token KL of the re-normalised top-10 logits (fine-tuned vs base), mean ± sd over seeds.",
@@ -233,7 +195,7 @@ def restoration_selection(results: StudyResults, samples: int) -> tuple[Section,
         tags = results.model_tags(unit)
         controls.setdefault((tags["train_level"], tags["size"]), {})[tags["seed"]] = unit["result"]
     rows, chosen = [], {}
-    for (level, size), sweeps in sorted(_sweep_groups(results).items(), key=lambda kv: (_size_key(kv[0][1]), str(kv[0][0]))):
+    for (level, size), sweeps in sorted(_sweep_groups(results).items(), key=lambda kv: (size_sort_key(kv[0][1]), str(kv[0][0]))):
         ratio = chosen_ratio(sweeps)
         chosen[(level, size)] = ratio
         key = f"{ratio:g}"

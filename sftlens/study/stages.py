@@ -43,7 +43,8 @@ def probe_unit(params, out: Path, deps) -> dict:
     from sftlens.probe import ProbeConfig, level_counts, run_probe
 
     config = config_from_dict(ProbeConfig, params["probe"], "probe")
-    records = run_probe(params["model"], study_facts(params), config, out / "store", progress=True)
+    records = run_probe(params["model"], study_facts(params), config, out / "store", progress=True,
+                        device=_device(params))
     return {"facts": len(records), "level_counts": level_counts(records.values())}
 
 
