@@ -144,12 +144,17 @@ def format_level_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _load_test_rows(test_files: list[Path]) -> tuple[list[dict], list[dict]]:
+def load_test_rows(test_files: list[Path]) -> tuple[list[dict], list[dict]]:
+    """The rows of every file (each tagged with its `source` file name) and one manifest per file.
+    A split writes one file per domain and level, and a weak base model leaves some levels empty:
+    such files count (as no facts), but files that are all empty are an error."""
     rows, manifests = [], []
-    for path in test_files:
-        file_rows = read_split_rows(path, EVAL_KEYS)
+    for path in map(Path, test_files):
+        file_rows = read_split_rows(path, EVAL_KEYS, allow_empty=True)
         rows += [{**row, "source": path.name} for row in file_rows]
         manifests.append(data_manifest(path, file_rows))
+    if not rows:
+        raise SftlensError(f"no examples in {', '.join(str(p) for p in test_files)} (all empty)")
     return rows, manifests
 
 
@@ -200,7 +205,7 @@ def evaluate(model: str, test_files: list[Path], out_dir: Path, config: EvalConf
     test_files, out_dir = [Path(p) for p in test_files], Path(out_dir)
     if not test_files:
         raise SftlensError("no test files given")
-    rows, manifests = _load_test_rows(test_files)
+    rows, manifests = load_test_rows(test_files)
     key = _evaluation_key(model, manifests, config)
     finished = _check_out_dir(out_dir, key)
     if finished is not None:

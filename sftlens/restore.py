@@ -246,17 +246,13 @@ def restored_models(model, base, finetuned, ratios=DEFAULT_RATIOS, config: Resto
 
 
 def _eval_sets(test_files, train_file) -> dict[str, tuple[list[dict], list[dict]]]:
-    from sftlens.evaluate import EVAL_KEYS
-    from sftlens.train import data_manifest, read_split_rows
+    from sftlens.evaluate import load_test_rows
 
-    files = {"test": [Path(p) for p in test_files], "train": [Path(train_file)] if train_file else []}
-    sets = {}
-    for name, paths in files.items():
-        if paths:
-            rows = [read_split_rows(p, EVAL_KEYS) for p in paths]
-            sets[name] = ([r for part in rows for r in part], [data_manifest(p, part) for p, part in zip(paths, rows)])
-    if "test" not in sets:
+    if not test_files:
         raise SftlensError("--eval needs --test FILE [FILE ...]")
+    sets = {"test": load_test_rows(list(test_files))}
+    if train_file:
+        sets["train"] = load_test_rows([train_file])
     return sets
 
 

@@ -71,8 +71,9 @@ class TrainConfig:
 RESULT_NEUTRAL = ("save_steps",)
 
 
-def read_split_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """Rows of a split JSONL file; a malformed line or a missing key names the file and line."""
+def read_split_rows(path: Path, required: tuple[str, ...], allow_empty: bool = False) -> list[dict]:
+    """Rows of a split JSONL file; a malformed line or a missing key names the file and line.
+    An empty file is an error unless `allow_empty` (a test level the base model has no facts at)."""
     path = Path(path)
     if not path.is_file():
         raise SftlensError(f"{path}: no such file")
@@ -91,7 +92,7 @@ def read_split_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
             if missing:
                 raise SftlensError(f"{path}:{number}: missing key {missing[0]!r}")
             rows.append(row)
-    if not rows:
+    if not rows and not allow_empty:
         raise SftlensError(f"{path}: no examples (empty file)")
     return rows
 
