@@ -88,7 +88,7 @@ def _check_outputs(pair: CheckpointPair, targets: list[Path]) -> None:
 
 def _copy_side_files(source: Path, dest: Path) -> None:
     """Config, tokenizer, generation config and the shard index: everything but the weights and
-    the records of how the source was made (a restored model was not trained, nor restored, so)."""
+    the source's own records (they describe the fine-tuning run, not the restored model)."""
     from sftlens.train import LOSS_FILE, RUN_FILE
 
     records = (MANIFEST, TABLE, RUN_FILE, LOSS_FILE)

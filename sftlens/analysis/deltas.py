@@ -178,9 +178,6 @@ class Checkpoint:
     def names_in(self, shard: str) -> list[str]:
         return sorted(n for n, s in self.shard_of.items() if s == shard)
 
-    def load(self, name: str) -> torch.Tensor:
-        return self.read(name, None)
-
     def read(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         """Rows [start, stop) of tensor `name` (the whole tensor for None)."""
         from safetensors import safe_open
@@ -278,9 +275,6 @@ class CheckpointPair:
 
     def numel(self, name: str) -> int:
         return math.prod(self.base.shapes[name])
-
-    def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.base.load(name), self.finetuned.load(name)
 
     def chunks(self, name: str) -> Iterator[Chunk]:
         for rows, offset in row_blocks(self.base.shapes[name]):
