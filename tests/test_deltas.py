@@ -102,7 +102,7 @@ def streamed(base_dir, ft_dir, ratios, config) -> list[set[tuple[str, int]]]:
     for name in selection.names:
         b, f = pair.base.read(name, None), pair.finetuned.read(name, None)
         keys = selection_keys(change(b, f, config.metric), name, config.strategy, config.seed)
-        for i, mask in enumerate(selection.masks(name, keys)):
+        for i, mask in enumerate(selection.cutter(name).masks(keys)):
             chosen[i] |= {(name, int(j)) for j in mask.view(-1).nonzero().view(-1)}
     return chosen
 

@@ -496,10 +496,6 @@ class Selection:
         """Feed it tensor `name`'s key chunks in flat order; it gives each ratio's mask."""
         return TensorCuts(self.cuts[name])
 
-    def masks(self, name: str, keys: torch.Tensor) -> list[torch.Tensor]:
-        """Each ratio's mask of a whole tensor's keys."""
-        return self.cutter(name).masks(keys)
-
 
 def _progress(items, desc: str, enabled: bool):
     from tqdm.auto import tqdm
