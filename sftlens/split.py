@@ -5,7 +5,8 @@ across the topics (relations): topics take turns in a seeded order, so shares ar
 one, and a topic that runs out simply stops taking turns while the others fill the set. A "mixed"
 set is drawn the same way from all levels. Size `all` is every fact of the level (one file per seed,
 in seeded order); a level smaller than a size gives a file of all its facts, flagged `short` in the
-manifest. Test and dev facts are divided by domain and level, all of them.
+manifest. Test and dev facts are divided by domain and level: all of them, or at most
+`eval_facts_per_level` per (domain, level), topic-balanced.
 
 Layout under the output folder (see ARCHITECTURE.md): `train/level{L}-n{N}-seed{S}.jsonl`,
 `train/mixed-n{N}-seed{S}.jsonl`, `test/{in,out}-level{L}.jsonl`, `dev/{in,out}-level{L}.jsonl`
@@ -43,6 +44,9 @@ class SplitConfig:
     seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"help": "one training set per seed"})
     levels: tuple[int, ...] = field(default=LEVELS, metadata={"help": "mastery levels to build training sets for"})
     mixed: bool = field(default=True, metadata={"help": "also build level-agnostic 'mixed' training sets"})
+    eval_facts_per_level: int | None = field(
+        default=None, metadata={"help": "at most this many test (and dev) facts per domain and level, "
+                                        "topic-balanced (default: all)"})
 
     def __post_init__(self) -> None:
         for name in ("sizes", "seeds", "levels"):  # callers may pass lists (dataclasses.replace)
@@ -53,6 +57,8 @@ class SplitConfig:
             raise ValueError("no training sizes: give sizes or include_all")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        if self.eval_facts_per_level is not None and self.eval_facts_per_level < 1:
+            raise ValueError(f"eval_facts_per_level must be positive, got {self.eval_facts_per_level}")
         bad = [level for level in self.levels if level not in LEVELS]
         if bad:
             raise ValueError(f"levels: {bad[0]} is not a mastery level (0..4)")
@@ -140,6 +146,17 @@ def _train_sets(train: list[Fact], levels: dict[str, int], config: SplitConfig):
                 }
 
 
+def _eval_sample(facts: list[Fact], limit: int | None, name: str) -> list[Fact]:
+    """A test or dev level's facts, at most `limit` of them balanced over topics, in fact-id order
+    (a weak model leaves thousands of level-0 facts, and a few hundred already give a tight interval)."""
+    if limit is None or len(facts) <= limit:
+        return facts
+    pools: dict[str, list[Fact]] = {}
+    for fact in facts:
+        pools.setdefault(fact.relation, []).append(fact)
+    return sorted(balanced_sample(pools, limit, 0, name), key=lambda f: f.id)
+
+
 def build_splits(facts: Iterable[Fact], records: dict[str, ProbeRecord], config: SplitConfig, out_dir) -> dict:
     """Write the training, test and dev sets of `facts` (every one probed) under `out_dir`; return the manifest."""
     facts = sorted({f.id: f for f in facts}.values(), key=lambda f: f.id)
@@ -163,7 +180,7 @@ def build_splits(facts: Iterable[Fact], records: dict[str, ProbeRecord], config:
             part = [f for f in facts if f.split == split and f.domain == domain]
             for level in LEVELS if part else ():
                 name = f"{split}/{domain}-level{level}"
-                chosen = [f for f in part if levels[f.id] == level]
+                chosen = _eval_sample([f for f in part if levels[f.id] == level], config.eval_facts_per_level, name)
                 sets[name] = _set_entry(f"{name}.jsonl", split, chosen, levels, domain=domain, level=level)
                 files[name] = [split_row(f, level) for f in chosen]
 

@@ -97,8 +97,10 @@ def layer_index(name: str) -> int | None:
 class SelectionConfig:
     """Which elements count as 'the k % most changed' (shared by deltas and restore)."""
 
-    metric: Literal["relative", "absolute"] = field(
-        default="relative", metadata={"help": "rank by |new-old|/(|old|+1e-8) or by |new-old|"})
+    metric: Literal["relative", "absolute", "relative_nonzero"] = field(
+        default="relative",
+        metadata={"help": "rank by |new-old|/(|old|+1e-8), by |new-old|, or relative with elements whose "
+                          "base value is exactly 0 counted as unchanged (relative_nonzero)"})
     scope: Literal["global", "tensor"] = field(
         default="global", metadata={"help": "k %% of all region elements, or k %% of each tensor"})
     region: str = field(
@@ -301,8 +303,12 @@ def open_pair(base: str | Path, finetuned: str | Path) -> CheckpointPair:
 def change(base: torch.Tensor, finetuned: torch.Tensor, metric: str) -> torch.Tensor:
     """Per-element change in fp32 (a fresh tensor; the inputs are not modified)."""
     delta = finetuned.float().sub(base.float()).abs_()  # float() of an fp32 input is the input itself
-    if metric == "relative":
-        delta.div_(base.float().abs().add_(RELATIVE_EPS))
+    if metric != "absolute":
+        base_abs = base.float().abs()
+        delta.div_(base_abs + RELATIVE_EPS)
+        if metric == "relative_nonzero":
+            # |d| / 1e-8 on an exactly-zero base (left by de-quantisation) would outweigh everything else
+            delta.masked_fill_(base_abs == 0, 0.0)
     return delta.contiguous()
 
 
@@ -588,6 +594,26 @@ def concentration(base_dir, ft_dir, config: DeltasConfig = DeltasConfig(), ratio
         "tensors": tensors, "passes": selection.passes + 1,
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def zero_base_mass(base_dir, ft_dir, region: str = "body") -> dict:
+    """How much of the relative change sits on elements whose base value is exactly 0: there
+    |d| / (0 + 1e-8) is huge, so a few such elements (e.g. left by Q4_1 de-quantisation, which
+    rounds small weights to 0) can dominate every relative-change statistic."""
+    pair = open_pair(base_dir, ft_dir)
+    elements = zeros = 0
+    total = on_zeros = 0.0
+    for name in pair.region_names(region):
+        for chunk in pair.chunks(name):
+            relative = change(chunk.base, chunk.finetuned, "relative")
+            zero = chunk.base == 0
+            elements += relative.numel()
+            zeros += int(torch.count_nonzero(zero))
+            total += float(relative.sum(dtype=torch.float64))
+            on_zeros += float(relative[zero].sum(dtype=torch.float64))
+    return {"region": region, "elements": elements, "zero_base_elements": zeros,
+            "zero_base_share_of_elements": zeros / elements if elements else 0.0,
+            "zero_base_share_of_relative_change": on_zeros / total if total else 0.0}
 
 
 def concentration_markdown(result: dict) -> str:

@@ -15,11 +15,12 @@ from sftlens.study.executors import make_executor
 from sftlens.study.units import build_units
 
 # Seconds per unit of work (one sampled continuation, training example, greedy answer, KL prompt) and
-# per unit of SmolLM2-135M on a 2-core CPU, from the demo's CPU time (fp32, batched); `plan` prefers
-# the rates this study measured itself once units of a kind have finished.
-DEFAULT_RATES = {"probe": 0.2, "split": 0.0, "train": 1.0, "eval": 0.3, "kl": 0.1, "deltas": 10.0,
-                 "restore": 0.3, "control": 0.3}
-FIXED_SECONDS = {"probe": 5, "split": 2, "train": 25, "eval": 5, "kl": 8, "deltas": 0, "restore": 8, "control": 8}
+# per unit, for SmolLM2-135M in fp32 on a 2-core CPU, measured on an idle machine (2026-11-25: probe
+# 28 samples/s at <= 16 tokens, SFT 0.22 s per example at batch 8, greedy eval 17 facts/s);
+# `plan` prefers the rates this study measured itself once units of a kind have finished.
+DEFAULT_RATES = {"probe": 0.036, "split": 0.0, "train": 0.22, "eval": 0.06, "kl": 0.05, "deltas": 25.0,
+                 "restore": 0.06, "control": 0.06}
+FIXED_SECONDS = {"probe": 5, "split": 2, "train": 8, "eval": 4, "kl": 6, "deltas": 0, "restore": 6, "control": 6}
 WORK_UNITS = {"probe": "samples", "split": "-", "train": "examples", "eval": "generations", "kl": "prompts",
               "deltas": "models", "restore": "generations", "control": "generations"}
 
@@ -82,9 +83,52 @@ def plan(config: StudyConfig, out: Path, data_dir: str | None = None, listing: b
     return "\n".join(text)
 
 
+def code_version() -> str:
+    """The git commit of the sftlens source that runs (`+dirty` with uncommitted changes), or its
+    package version outside a checkout: a results page names the code that produced it."""
+    import subprocess
+
+    import sftlens
+
+    source = Path(sftlens.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"sftlens {sftlens.__version__}"
+    return commit + ("+dirty" if dirty else "")
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()} CPUs ({cpu}){gpu}, torch {torch.__version__}, {platform.system()}"
+
+
+def _record_session(db: StudyDB, session: dict) -> None:
+    """Each `study run` is one session; a study's wall time is the sum over sessions (a resumed run)."""
+    sessions = [s for s in db.meta("sessions", []) if s["started"] != session["started"]]
+    db.set_meta("sessions", [*sessions, session])
+
+
 def run_study(config: StudyConfig, out: Path, data_dir: str | None = None, executor: str = "local",
               address: str | None = None, workers: int | None = None, progress: bool = True):
+    import sys
+
     units = build_units(config, data_dir)
+    session = {"started": time.time(), "command": " ".join(["sftlens", *sys.argv[1:]]), "code": code_version(),
+               "machine": machine(), "executor": executor}
     with StudyDB(out) as db:
         db.set_meta("config", config.to_dict())
         db.set_meta("source", config.source)
@@ -93,6 +137,8 @@ def run_study(config: StudyConfig, out: Path, data_dir: str | None = None, execu
         summary = run_units(units, out, engine, prune=config.study.prune_checkpoints, progress=progress)
     finally:
         engine.close()
+        with StudyDB(out) as db:
+            _record_session(db, {**session, "finished": time.time(), "wall_s": time.time() - session["started"]})
     if summary.failed:
         label, error = next(iter(summary.failed.items()))
         raise SftlensError(f"{len(summary.failed)} unit(s) failed, first {label}: {error} "

@@ -20,7 +20,7 @@ from typing import Literal
 from sftlens.config import config_from_dict, config_to_dict
 from sftlens.errors import SftlensError
 
-PRESETS = ("paper", "demo")
+PRESETS = ("paper", "demo", "repro")
 
 # section -> (module, config class); imported when a study is loaded, so `sftlens --help` stays fast
 STAGE_SECTIONS = {
@@ -44,7 +44,13 @@ class StudySettings:
     train_facts_per_relation: int | None = field(
         default=None, metadata={"help": "probe at most this many training facts per relation (default: all)"})
     eval_facts_per_relation: int | None = field(
-        default=None, metadata={"help": "probe at most this many dev and test facts per relation (default: all)"})
+        default=None, metadata={"help": "probe at most this many test facts (and dev facts, unless "
+                                        "dev_facts_per_relation) per relation (default: all)"})
+    dev_facts_per_relation: int | None = field(
+        default=None, metadata={"help": "probe at most this many dev facts per relation (default: as test)"})
+    eval_facts_per_level: int | None = field(
+        default=None, metadata={"help": "evaluate at most this many test (and dev) facts per domain and mastery "
+                                        "level, topic-balanced (default: all probed)"})
     levels: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"help": "mastery levels to train on"})
     sizes: tuple[int, ...] = field(
         default=(60, 120, 240, 480, 960, 1920), metadata={"help": "training-set sizes"})
@@ -82,13 +88,23 @@ class StudySettings:
         missing = [s for s in self.analysis_sizes if s not in self.sizes]
         if missing:
             raise ValueError(f"analysis_sizes {missing} are not among sizes {list(self.sizes)}")
-        for name in ("train_facts_per_relation", "eval_facts_per_relation"):
+        for name in ("train_facts_per_relation", "eval_facts_per_relation", "dev_facts_per_relation",
+                     "eval_facts_per_level"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kl_test_set not in ("in", "out") and not re.fullmatch(r"(in|out)-level[0-4]", self.kl_test_set):
             raise ValueError(f"kl_test_set must be in, out or {{in,out}}-level{{0..4}}, got {self.kl_test_set!r}")
         if self.bootstrap < 0:
             raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
+
+
+    def facts_per_relation(self, split: str) -> int | None:
+        """The probe's limit on facts per relation of one split (None: all)."""
+        if split == "train":
+            return self.train_facts_per_relation
+        if split == "dev" and self.dev_facts_per_relation is not None:
+            return self.dev_facts_per_relation
+        return self.eval_facts_per_relation
 
 
 @dataclass(frozen=True)

@@ -69,10 +69,27 @@ def restore_records(results: StudyResults) -> list[dict]:
     return out
 
 
-def acc(records: list[dict], domain: str) -> float | None:
-    """The paper's Acc: mean of the per-level accuracies of one model."""
-    levels = [r["accuracy"] for r in records if r["domain"] == domain]
-    return sum(levels) / len(levels) if levels else None
+# A level with fewer facts than this is too noisy to average or to decide anything on: its cells are
+# marked in the report, it is left out of Acc, and no verdict uses it.
+MIN_N = 30
+
+
+def acc_levels(records: list[dict], domain: str, min_n: int = MIN_N) -> list[int]:
+    """The test levels Acc averages for one domain: those with at least `min_n` facts, or, when
+    none has that many (a toy study), every level with a fact, which the report marks as small."""
+    present = sorted({r["test_level"] for r in records if r["domain"] == domain and r["n"] > 0})
+    large = [lv for lv in present if all(r["n"] >= min_n for r in records
+                                         if r["domain"] == domain and r["test_level"] == lv)]
+    return large or present
+
+
+def acc(records: list[dict], domain: str, levels: list[int] | None = None) -> float | None:
+    """The paper's Acc, the mean of per-level accuracies of one model, over `levels` (default
+    `acc_levels`: the levels with enough facts; every model of a study shares its test sets, so
+    they average the same levels)."""
+    levels = acc_levels(records, domain) if levels is None else levels
+    values = [r["accuracy"] for r in records if r["domain"] == domain and r["test_level"] in levels]
+    return sum(values) / len(values) if values else None
 
 
 def mean_spread(values: list[float]) -> tuple[float, float, int]:

@@ -27,7 +27,10 @@ def study_facts(params) -> list[Fact]:
     """The facts a study probes: per split its relations, the first N per relation if limited."""
     facts: list[Fact] = []
     for split, relations in params["relations"].items():
-        limit = params["train_facts_per_relation"] if split == "train" else params["eval_facts_per_relation"]
+        if split == "train":
+            limit = params["train_facts_per_relation"]
+        else:
+            limit = params.get(f"{split}_facts_per_relation", params["eval_facts_per_relation"])
         taken: Counter = Counter()
         for fact in load_facts(params["data_dir"], splits=(split,), relations=tuple(relations)).facts:
             if limit is None or taken[fact.relation] < limit:
@@ -110,13 +113,15 @@ def eval_unit(params, out: Path, deps) -> dict:
 
     config = config_from_dict(EvalConfig, params["eval"], "eval")
     model, tokenizer = load_model(model_path(params, deps), dtype=config.dtype, device=config.device or _device(params))
-    records = []
+    records, bits = [], {}
     for split in params["splits"]:
         rows = load_rows(eval_files(deps["split"]["dir"], split))
         split_records, predictions = _evaluate_rows(model, tokenizer, rows, config, {"split": split})
         atomic_write_jsonl(out / f"predictions-{split}.jsonl", predictions)
         records += split_records
-    return {"records": records}
+        if split == "test":
+            bits = _bits_by_level(predictions)
+    return {"records": records, "test_bits": bits}
 
 
 # --- analyses ----------------------------------------------------------------------------------
@@ -146,13 +151,27 @@ def kl_unit(params, out: Path, deps) -> dict:
     return {"kl": result["summary"], "test_set": params["test_set"]}
 
 
+# Table 3 under the configured metric, and the two views a reader needs to judge it: the absolute
+# change, and the relative change without elements whose base value is exactly 0.
+CONCENTRATION_METRICS = ("relative", "absolute", "relative_nonzero")
+
+
 def deltas_unit(params, out: Path, deps) -> dict:
-    from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration
+    from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration, zero_base_mass
 
     config = config_from_dict(DeltasConfig, params["deltas"], "deltas")
-    result = concentration(params["model"], model_path(params, deps), config, tuple(params["ratios"]), progress=True)
+    finetuned = model_path(params, deps)
+    result = concentration(params["model"], finetuned, config, tuple(params["ratios"]), progress=True)
     write_concentration(result, out)
-    return {"ratios": result["ratios"], "shares": result["shares"], "elements": result["elements"]}
+    by_metric = {config.metric: result["shares"]}
+    for metric in CONCENTRATION_METRICS:
+        if metric not in by_metric:
+            other = concentration(params["model"], finetuned, dataclasses.replace(config, metric=metric),
+                                  tuple(params["ratios"]), progress=True)
+            by_metric[metric] = other["shares"]
+    return {"ratios": result["ratios"], "shares": result["shares"], "elements": result["elements"],
+            "metric": config.metric, "shares_by_metric": by_metric,
+            "zero_base": zero_base_mass(params["model"], finetuned, config.region)}
 
 
 # --- restoration -------------------------------------------------------------------------------
@@ -167,19 +186,23 @@ def _bits_by_level(predictions: list[dict]) -> dict[str, dict[str, str]]:
 
 
 def _sweep_rows(params, deps) -> dict[str, list[dict]]:
-    rows = {split: load_rows(eval_files(deps["split"]["dir"], split)) for split in ("test", "dev")}
-    rows["train"] = read_jsonl(Path(deps["split"]["dir"]) / DATA / deps["model"]["result"]["train_set"])
+    """Test (both domains), in-domain dev (what the ratio is chosen on) and the model's training set."""
+    split_dir = deps["split"]["dir"]
+    rows = {"test": load_rows(eval_files(split_dir, "test")),
+            "dev": load_rows([f for f in eval_files(split_dir, "dev") if f.name.startswith("in-")])}
+    rows["train"] = read_jsonl(Path(split_dir) / DATA / deps["model"]["result"]["train_set"])
     return rows
 
 
 def _evaluate_splits(model, tokenizer, rows_by_split: dict, config, ratio: float) -> tuple[list[dict], dict]:
+    """Records of every split, and per split its correctness strings ({split: {domain: {level: bits}}})."""
     records, bits = [], {}
     for split, rows in rows_by_split.items():
         split_records, predictions = _evaluate_rows(model, tokenizer, rows, config,
                                                     {"split": split, "restore_ratio": ratio})
         records += split_records
-        if split == "test":
-            bits = _bits_by_level(predictions)
+        if split != "dev":
+            bits[split] = _bits_by_level(predictions)
     return records, bits
 
 
@@ -195,13 +218,17 @@ def restore_unit(params, out: Path, deps) -> dict:
     finetuned = model_path(params, deps)
     model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or _device(params))
     rows = _sweep_rows(params, deps)
-    records, bits0 = _evaluate_splits(model, tokenizer, rows, eval_cfg, 0.0)
-    bits = {"0": bits0}
+    # ratio 0 is the fine-tuned model itself, already scored on test by its eval unit
+    unrestored = deps["eval"]["result"]
+    records, bits0 = _evaluate_splits(model, tokenizer, {k: v for k, v in rows.items() if k != "test"}, eval_cfg, 0.0)
+    records += [{**r, "restore_ratio": 0.0} for r in unrestored["records"] if r["split"] == "test"]
+    bits = {"0": {**bits0, "test": unrestored["test_bits"]}}
     for ratio, restored in restored_models(model, params["model"], finetuned, params["ratios"], restore_cfg):
         ratio_records, ratio_bits = _evaluate_splits(restored, tokenizer, rows, eval_cfg, float(ratio))
         records += ratio_records
         bits[f"{float(ratio):g}"] = ratio_bits
-    return {"records": records, "test_bits": bits}
+    return {"records": records, "test_bits": {r: b["test"] for r, b in bits.items()},
+            "train_bits": {r: b["train"] for r, b in bits.items()}}
 
 
 def control_unit(params, out: Path, deps) -> dict:
@@ -221,6 +248,7 @@ def control_unit(params, out: Path, deps) -> dict:
     finetuned = model_path(params, deps)
     model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or _device(params))
     restore_in_memory(model, params["model"], finetuned, ratio, restore_cfg)
-    rows = {"test": load_rows(eval_files(deps["split"]["dir"], "test"))}
+    rows = {"test": load_rows(eval_files(deps["split"]["dir"], "test")),
+            "train": read_jsonl(Path(deps["split"]["dir"]) / DATA / deps["model"]["result"]["train_set"])}
     records, bits = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
-    return {"ratio": ratio, "records": records, "test_bits": bits}
+    return {"ratio": ratio, "records": records, "test_bits": bits["test"], "train_bits": bits["train"]}

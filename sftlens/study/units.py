@@ -64,13 +64,16 @@ class GraphBuilder:
 
     def probe(self) -> Unit:
         rel = self.relations_by_split()
-        counts = _fact_counts(self.data_dir, rel, self.s.train_facts_per_relation, self.s.eval_facts_per_relation)
+        limits = {split: self.s.facts_per_relation(split) for split in rel}
+        counts = _fact_counts(self.data_dir, rel, limits)
         probe_cfg = self.config.stages["probe"]
         self.selection = {
             "data": data_fingerprint(self.data_dir, rel), "relations": {k: list(v) for k, v in rel.items()},
             "train_facts_per_relation": self.s.train_facts_per_relation,
             "eval_facts_per_relation": self.s.eval_facts_per_relation,
         }
+        if self.s.dev_facts_per_relation is not None:  # only when set, so older studies keep their keys
+            self.selection["dev_facts_per_relation"] = self.s.dev_facts_per_relation
         params = {**self.base_id, **self.selection, "probe": config_to_dict(probe_cfg)}
         self.n_facts = counts
         return self.add("probe", "probe", "probe_unit", params, work=sum(counts.values()) * _probe_samples(probe_cfg))
@@ -81,8 +84,8 @@ class GraphBuilder:
         split_cfg = self.config.stages["split"]
         split = self.add("split", "split", "split_unit", {"split": config_to_dict(split_cfg), "grid": self.grid_params(), **self.selection},
                          {"probe": probe.key})
-        eval_rows = self.n_facts["test"]
-        dev_rows = self.n_facts["dev"]
+        eval_rows = self.evaluated_rows("test")
+        dev_rows = self.evaluated_rows("dev")
         self.add("eval", "eval base", "eval_unit", {"eval": config_to_dict(self.config.stages["eval"]),
                                                                 "splits": ["test", "dev"]},
                  {"split": split.key}, work=eval_rows + dev_rows)
@@ -104,8 +107,9 @@ class GraphBuilder:
         for level, size, seed, train in models:
             name = train.label.removeprefix("train ")
             deps = {"model": train.key, "split": split.key}
-            self.add("eval", f"eval {name}", "eval_unit",
-                     {"eval": config_to_dict(self.config.stages["eval"]), "splits": ["test"]}, deps, work=eval_rows)
+            evaluation = self.add("eval", f"eval {name}", "eval_unit",
+                                  {"eval": config_to_dict(self.config.stages["eval"]), "splits": ["test"]}, deps,
+                                  work=eval_rows)
             if s.kl:
                 self.add("kl", f"kl {name}", "kl_unit", {"kl": config_to_dict(self.config.stages["kl"]), "test_set": s.kl_test_set, **self.selection},
                          {**deps, "probe": probe.key}, work=self.kl_rows())
@@ -115,10 +119,12 @@ class GraphBuilder:
                      {"deltas": config_to_dict(self.config.stages["deltas"]), "ratios": list(s.concentration_ratios)},
                      {"model": train.key}, work=1)
             ratios = list(s.restore_ratios)
+            own_rows = size or train_rows
             sweep = self.add("restore", f"restore {name}", "restore_unit",
                              {"restore": config_to_dict(self.config.stages["restore"]), "ratios": ratios,
-                              "eval": config_to_dict(self.config.stages["eval"])},
-                             deps, work=(len(ratios) + 1) * (eval_rows + dev_rows + (size or train_rows)))
+                              "eval": config_to_dict(self.config.stages["eval"]), "dev": "in"},
+                             {**deps, "eval": evaluation.key},
+                             work=len(ratios) * (eval_rows + dev_rows / 2 + own_rows) + dev_rows / 2 + own_rows)
             sweeps.setdefault((level, size), []).append(sweep)
         if s.random_control:
             for level, size, seed, train in models:
@@ -131,20 +137,32 @@ class GraphBuilder:
                          {"restore": config_to_dict(self.config.stages["restore"]),
                           "eval": config_to_dict(self.config.stages["eval"]), "seed": seed,
                           "ratio_choice": "best mean dev Acc (in-domain) over seeds, ratio > 0"},
-                         deps, work=eval_rows)
+                         deps, work=eval_rows + (size or train_rows))
         return self.units
+
+    def evaluated_rows(self, split: str) -> float:
+        """Test or dev facts a model is evaluated on; under `eval_facts_per_level` roughly the cap
+        per domain (level 0 holds most facts of a weak model) plus the rarer levels (a fifth)."""
+        n = self.n_facts[split]
+        cap = self.s.eval_facts_per_level
+        return n if cap is None else min(n, 2 * cap + 0.2 * n)
 
     def kl_rows(self) -> float:
         """Facts of the KL's test set: a domain's test facts, a fifth of them for a single level."""
         domain, _, level = self.s.kl_test_set.partition("-")
         relations = self.in_rel if domain == "in" else self.out_rel
         share = len(relations) / max(1, len(set(self.in_rel) | set(self.out_rel)))
-        return self.n_facts["test"] * share / (5 if level else 1)
+        rows = self.n_facts["test"] * share / (5 if level else 1)
+        cap = self.s.eval_facts_per_level
+        return rows if cap is None else min(rows, cap * (1 if level else 5))
 
     def grid_params(self) -> dict:
         s = self.s
-        return {"levels": list(s.levels), "sizes": list(s.sizes), "include_all": s.include_all,
+        grid = {"levels": list(s.levels), "sizes": list(s.sizes), "include_all": s.include_all,
                 "seeds": list(s.seeds), "mixed": s.mixed}
+        if s.eval_facts_per_level is not None:  # only when set, so older studies keep their keys
+            grid["eval_facts_per_level"] = s.eval_facts_per_level
+        return grid
 
 
 def _model_identity(spec: str) -> dict:
@@ -157,11 +175,11 @@ def _probe_samples(probe_cfg) -> int:
     return (len(probe_cfg.templates) or 21) * probe_cfg.samples
 
 
-def _fact_counts(data_dir: Path, rel: dict, train_limit: int | None, eval_limit: int | None) -> dict[str, int]:
+def _fact_counts(data_dir: Path, rel: dict, limits: dict[str, int | None]) -> dict[str, int]:
     counts = {}
     for split, relations in rel.items():
         facts = load_facts(data_dir, splits=(split,), relations=relations).facts
-        limit = train_limit if split == "train" else eval_limit
+        limit = limits[split]
         per_relation: dict[str, int] = {}
         for fact in facts:
             per_relation[fact.relation] = per_relation.get(fact.relation, 0) + 1
