@@ -1,12 +1,14 @@
 """`sftlens` command line: one subcommand per pipeline stage, registered by the stage itself.
 
-Each module below exposes `add_cli(subparsers)`; a stage appears in `sftlens --help` only once
-its module exists, so the help lists working subcommands only.
+`COMMANDS` is the one table of verbs: each names the module whose `add_cli(subparsers)` defines it
+and a one-line summary for `sftlens --help`. Only the module of the verb being run is imported, so
+`sftlens --help` does not import torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -14,32 +16,50 @@ import sys
 
 from sftlens import __version__
 from sftlens.errors import SftlensError
+from sftlens.io import exclusive_writer
 
-COMMAND_MODULES = (
-    "sftlens.models",
-    "sftlens.data.stats",
-    "sftlens.probe",
-    "sftlens.split",
-    "sftlens.train",
-    "sftlens.evaluate",
-    "sftlens.analysis.kl",
-    "sftlens.analysis.deltas",
-    "sftlens.restore",
-    "sftlens.study",
-    "sftlens.report",
-)
+COMMANDS = {
+    "models": ("sftlens.models", "prepare the built-in models"),
+    "data": ("sftlens.data.stats", "inspect EntityQuestions data"),
+    "probe": ("sftlens.probe", "measure the base model's mastery of facts (R_k, levels)"),
+    "split": ("sftlens.split", "divide probed facts into SFT sets by mastery level"),
+    "train": ("sftlens.train", "supervised fine-tuning on an SFT set (JSONL)"),
+    "eval": ("sftlens.evaluate", "accuracy per mastery level (greedy decoding)"),
+    "kl": ("sftlens.analysis.kl", "first-token KL between a fine-tuned model and its base (Figure 5)"),
+    "deltas": ("sftlens.analysis.deltas", "how concentrated the fine-tuning update is (Table 3)"),
+    "restore": ("sftlens.restore", "restore the most changed parameters to their base values"),
+    "study": ("sftlens.study", "the whole grid as one resumable study"),
+    "demo": ("sftlens.study", "the demo study on SmolLM2-135M (CPU), then its report"),
+    "report": ("sftlens.study.report", "a study's report (HTML + Markdown), rebuilt from its database"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with `command`'s module loaded (every module with None); other verbs are
+    listed with their summary only."""
     parser = argparse.ArgumentParser(
         prog="sftlens",
         description="What supervised fine-tuning did to your model's knowledge, and how to undo the harm.",
     )
     parser.add_argument("--version", action="version", version=f"sftlens {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_cli(subparsers)
+    wanted = {COMMANDS[command][0]} if command in COMMANDS else {m for m, _ in COMMANDS.values()}
+    if command is not None and command not in COMMANDS:
+        wanted = set()  # argparse names the unknown verb
+    loaded = set()
+    for name, (module, summary) in COMMANDS.items():
+        if module in wanted:
+            if module not in loaded:
+                importlib.import_module(module).add_cli(subparsers)
+                loaded.add(module)
+        else:
+            subparsers.add_parser(name, help=summary)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The verb of a command line (the first argument that is not an option), if any."""
+    return next((arg for arg in argv if not arg.startswith("-")), "")
 
 
 def _quiet_libraries() -> None:
@@ -47,11 +67,22 @@ def _quiet_libraries() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def _one_writer(args):
+    """A subcommand that writes a folder in place (`writes` names its argument) holds that folder's
+    lock; under `accelerate launch` / `torchrun` only rank 0 takes it, as the ranks share the folder."""
+    target = getattr(args, getattr(args, "writes", ""), None) if getattr(args, "writes", None) else None
+    if target is None or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return exclusive_writer(target, f"{args.command} output")
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     try:
-        result = args.func(args)
+        with _one_writer(args):
+            result = args.func(args)
     except SftlensError as err:
         print(f"sftlens: error: {err}", file=sys.stderr)
         return 2

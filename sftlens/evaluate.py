@@ -27,7 +27,7 @@ from sftlens.config import add_config_arguments, config_from_args, config_to_dic
 from sftlens.data import default_matcher, encode_prompt
 from sftlens.errors import SftlensError
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
-from sftlens.train import data_manifest, read_split_rows
+from sftlens.split import data_manifest, read_split_rows
 
 EVAL_KEYS = ("fact_id", "domain", "level", "answers", "prompt")
 SUMMARY_FILE = "summary.json"
@@ -118,10 +118,29 @@ def _domain_records(records: list[dict], domain: str) -> list[dict]:
     return selected
 
 
-def acc_of(records: list[dict], domain: str) -> float:
-    """The paper's Acc: the mean of the per-level accuracies, each level weighing the same."""
+# A test level with fewer facts than this is too noisy to average or to decide anything on: Acc
+# leaves it out (and a study report marks its cells and keeps it out of every verdict).
+MIN_N = 30
+
+
+def acc_levels(records: list[dict], domain: str, min_n: int = MIN_N) -> list[int]:
+    """The test levels Acc averages for one domain: those with at least `min_n` facts, or, when
+    none has that many (a toy run), every level with a fact."""
+    present = sorted({r["test_level"] for r in records if r["domain"] == domain and r["n"] > 0})
+    large = [lv for lv in present
+             if all(r["n"] >= min_n for r in records if r["domain"] == domain and r["test_level"] == lv)]
+    return large or present
+
+
+def acc_of(records: list[dict], domain: str, levels: list[int] | None = None) -> float:
+    """The paper's Acc: the mean of the per-level accuracies, each level weighing the same, over
+    `levels` (default `acc_levels`: the levels with enough facts)."""
     selected = _domain_records(records, domain)
-    return sum(r["accuracy"] for r in selected) / len(selected)
+    levels = acc_levels(selected, domain) if levels is None else levels
+    values = [r["accuracy"] for r in selected if r["test_level"] in levels]
+    if not values:
+        raise SftlensError(f"no evaluation records for domain {domain!r} at levels {levels}")
+    return sum(values) / len(values)
 
 
 def micro_of(records: list[dict], domain: str) -> float:
@@ -263,4 +282,4 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--split-dir", help="a split folder: evaluate on all of its test/*.jsonl")
     parser.add_argument("--out", required=True, help="folder for predictions.jsonl and summary.json")
     add_config_arguments(parser, EvalConfig)
-    parser.set_defaults(func=_run_eval)
+    parser.set_defaults(func=_run_eval, writes="out")

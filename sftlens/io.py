@@ -7,13 +7,18 @@ either the old state or the new one, never a half-written file.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from sftlens.errors import SftlensError
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -131,3 +136,42 @@ class JsonlAppender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def lock_path(target: str | Path) -> Path:
+    """The lock file of an output folder or file: a hidden sibling, so the output itself stays clean."""
+    target = Path(target).absolute()
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive_writer(target: str | Path, what: str = "output") -> Iterator[None]:
+    """Hold the one-writer lock of `target` (an OS-level `flock`, which the kernel drops when the
+    holder dies, so a SIGKILL leaves no stale lock). A second writer fails at once with one line
+    naming the holder (pid, host and start time, from the lock file). Readers never take it."""
+    path = lock_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise SftlensError(f"{target}: another sftlens run is writing this {what} ({holder}); wait for it to end, "
+                           "or write elsewhere") from None
+    try:
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays, its content is only read while locked
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on {info['host']}, since {info['started']}"
+    except (OSError, ValueError, KeyError):
+        return "holder unknown"

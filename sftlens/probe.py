@@ -34,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
-from sftlens.data import Fact, default_matcher, encode_prompt, load_facts, load_templates
+from sftlens.data import Fact, default_matcher, encode_prompt, first_per_relation, load_facts, load_templates
 from sftlens.errors import SftlensError
-from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl, stable_hash
+from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_text, exclusive_writer, read_jsonl, stable_hash
 
 STORE_FORMAT = 1
 META_FILE = "probe.json"
@@ -441,7 +441,8 @@ def run_probe(
     mine = [f for i, f in enumerate(ordered) if i % world == rank and f.id not in done]
     if mine:
         lm, tokenizer = load_model(model, dtype=config.dtype, device=device)
-        with JsonlAppender(store_dir / f"records-rank{rank}.jsonl") as log:
+        records_file = store_dir / f"records-rank{rank}.jsonl"
+        with exclusive_writer(records_file, "probe store"), JsonlAppender(records_file) as log:
             if config.batch_size or lm.device.type != "cuda":
                 probe_facts(lm, tokenizer, mine, config, on_record=lambda r: log.write(r.to_row()), progress=progress)
             else:
@@ -576,7 +577,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.limit is not None:
         if args.limit < 1:
             raise SftlensError(f"--limit must be positive, got {args.limit}")
-        facts = _first_per_relation(facts, args.limit)
+        facts = first_per_relation(facts, args.limit)
     if not facts:
         raise SftlensError(f"no facts for relations {args.relations} in split {args.split}")
     store = _store_from_args(args, config)
@@ -585,17 +586,6 @@ def _run(args: argparse.Namespace) -> None:
         return
     print(f"store: {store} ({len(records)} facts of this selection)")
     print(write_level_tables(load_probe(store).values(), store), end="")
-
-
-def _first_per_relation(facts: list[Fact], limit: int) -> list[Fact]:
-    seen: Counter = Counter()
-    chosen = []
-    for fact in facts:
-        key = (fact.relation, fact.split)
-        if seen[key] < limit:
-            seen[key] += 1
-            chosen.append(fact)
-    return chosen
 
 
 def add_cli(subparsers) -> None:

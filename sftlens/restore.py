@@ -364,4 +364,4 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--train", metavar="FILE", help="the model's training JSONL, for --eval (Table 5)")
     add_config_arguments(parser, RestoreConfig)
     add_config_arguments(parser, EvalConfig)
-    parser.set_defaults(func=_run_restore)
+    parser.set_defaults(func=_run_restore, writes="out")

@@ -17,6 +17,7 @@ records a hash of the inputs, and a re-run with the same inputs leaves the folde
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 from collections import Counter
@@ -76,6 +77,40 @@ def split_row(fact: Fact, level: int) -> dict:
     }
 
 
+def read_split_rows(path: Path, required: tuple[str, ...], allow_empty: bool = False) -> list[dict]:
+    """Rows of a split JSONL file; a malformed line or a missing key names the file and line.
+    An empty file is an error unless `allow_empty` (a test level the base model has no facts at)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SftlensError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SftlensError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise SftlensError(f"{path}:{number}: expected a JSON object")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise SftlensError(f"{path}:{number}: missing key {missing[0]!r}")
+            rows.append(row)
+    if not rows and not allow_empty:
+        raise SftlensError(f"{path}: no examples (empty file)")
+    return rows
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def data_manifest(path: Path, rows: list[dict]) -> dict:
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "count": len(rows)}
+
+
 def balanced_sample(pools: dict[str, list[Fact]], size: int | None, seed: int, salt: str) -> list[Fact]:
     """`size` facts (None: all) spread evenly over the topics of `pools`, in a seeded order.
 
@@ -127,6 +162,12 @@ def _set_entry(path: str, kind: str, facts: list[Fact], levels: dict[str, int], 
     }
 
 
+def train_set(name: str, size: int | str, seed: int) -> str:
+    """The one spelling of a training set's path in a split folder (no suffix): `name` is
+    `level{L}` or `mixed`, `size` a number or `all`."""
+    return f"train/{name}-n{size}-seed{seed}"
+
+
 def _train_sets(train: list[Fact], levels: dict[str, int], config: SplitConfig):
     """Yield (name, facts, manifest fields) for every training set. A level with fewer facts than
     a size asks for still gets its file, holding all it has, flagged `short` in the manifest."""
@@ -140,7 +181,7 @@ def _train_sets(train: list[Fact], levels: dict[str, int], config: SplitConfig):
             wanted = None if size == ALL else int(size)
             for seed in config.seeds:
                 facts = balanced_sample(pools, wanted, seed, prefix)
-                yield f"train/{prefix}-n{size}-seed{seed}", facts, {
+                yield train_set(prefix, size, seed), facts, {
                     "level": "mixed" if level is None else level, "requested": size, "seed": seed,
                     "short": wanted is not None and len(facts) < wanted,
                 }
@@ -235,4 +276,4 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--data-dir", help="EntityQuestions folder (default: $SFTLENS_DATA_DIR)")
     parser.add_argument("--out", required=True, help="output folder for the sets and manifest.json")
     add_config_arguments(parser, SplitConfig)
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=_run, writes="out")

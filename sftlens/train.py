@@ -13,7 +13,6 @@ an `out` that holds anything else is an error and is never touched.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from sftlens.config import add_config_arguments, config_from_args, config_to_dic
 from sftlens.data import encode_prompt
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
+from sftlens.split import data_manifest, read_split_rows
 
 IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
 RUN_FILE = "sftlens_train.json"
@@ -69,40 +69,6 @@ class TrainConfig:
 # Settings that change how a run is carried out but not its result; they stay out of the run key
 # so that, e.g., resuming with a different checkpoint interval continues the same run.
 RESULT_NEUTRAL = ("save_steps",)
-
-
-def read_split_rows(path: Path, required: tuple[str, ...], allow_empty: bool = False) -> list[dict]:
-    """Rows of a split JSONL file; a malformed line or a missing key names the file and line.
-    An empty file is an error unless `allow_empty` (a test level the base model has no facts at)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SftlensError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SftlensError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise SftlensError(f"{path}:{number}: expected a JSON object")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise SftlensError(f"{path}:{number}: missing key {missing[0]!r}")
-            rows.append(row)
-    if not rows and not allow_empty:
-        raise SftlensError(f"{path}: no examples (empty file)")
-    return rows
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def data_manifest(path: Path, rows: list[dict]) -> dict:
-    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "count": len(rows)}
 
 
 def encode_example(tokenizer, prompt: str, completion: str) -> dict:
@@ -332,5 +298,5 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--data", required=True, help="SFT set: JSONL rows with prompt and completion")
     parser.add_argument("--out", required=True, help="folder for the fine-tuned model")
     add_config_arguments(parser, TrainConfig)
-    parser.set_defaults(func=_run_train)
+    parser.set_defaults(func=_run_train, writes="out")
 

@@ -24,6 +24,7 @@ from sftlens.analysis.deltas import (
     selection_keys,
     target_count,
     write_concentration,
+    zero_base_mass,
 )
 from sftlens.errors import SftlensError
 
@@ -187,6 +188,42 @@ def test_concentration_shares_equal_brute_force(tmp_path, strategy, chunking):
         assert by_name[n]["mean"] == pytest.approx(deltas[n].mean(), rel=1e-9)
     for i in range(len(RATIOS)):
         assert sum(t["share_of_selected"][i] for t in result["tensors"]) == pytest.approx(1.0)
+
+
+def planted_zeros(tmp_path: Path, zeros: int = 9):
+    """A random pair whose base has `zeros` exact zeros planted in body tensors (changed in ft)."""
+    base_dir, ft_dir, base, ft = random_pair(tmp_path, seed=11, shards=2)
+    names = sorted(n for n in base if in_region(n, "body"))
+    gen = torch.Generator().manual_seed(4)
+    for k in range(zeros):
+        name = names[k % len(names)]
+        i = int(torch.randint(0, base[name].numel(), (1,), generator=gen))
+        base[name].view(-1)[i] = 0.0
+    return write_checkpoint(tmp_path / "zbase", base, 2), ft_dir, base, ft, names
+
+
+def test_zero_base_mass_equals_brute_force(tmp_path, chunking):
+    base_dir, ft_dir, base, ft, names = planted_zeros(tmp_path)
+    got = zero_base_mass(base_dir, ft_dir, "body")
+    b = np.concatenate([base[n].view(-1).double().numpy() for n in names])
+    f = np.concatenate([ft[n].view(-1).double().numpy() for n in names])
+    relative = np.abs(f - b) / (np.abs(b) + 1e-8)
+    assert got["elements"] == b.size and got["zero_base_elements"] == int((b == 0).sum()) == 9
+    assert got["zero_base_share_of_relative_change"] == pytest.approx(relative[b == 0].sum() / relative.sum(), rel=1e-5)
+    assert got["zero_base_share_of_relative_change"] > 0.99  # |d| / 1e-8 swamps everything else
+
+
+def test_relative_nonzero_concentration_ignores_zero_base_elements(tmp_path, chunking):
+    base_dir, ft_dir, base, ft, names = planted_zeros(tmp_path)
+    plain = concentration(base_dir, ft_dir, DeltasConfig(metric="relative"), RATIOS, progress=False)
+    without = concentration(base_dir, ft_dir, DeltasConfig(metric="relative_nonzero"), RATIOS, progress=False)
+    b = np.concatenate([base[n].view(-1).double().numpy() for n in names])
+    f = np.concatenate([ft[n].view(-1).double().numpy() for n in names])
+    kept = np.where(b == 0, 0.0, np.abs(f - b) / (np.abs(b) + 1e-8))
+    ranked = np.sort(kept)[::-1]
+    for r, share in zip(RATIOS, without["shares"]):
+        assert share == pytest.approx(ranked[: target_count(b.size, r)].sum() / kept.sum(), rel=1e-5)
+    assert plain["shares"][1] > 0.99 > without["shares"][1]  # top 3 % holds every planted zero
 
 
 def test_top_concentrates_more_than_random(tmp_path):

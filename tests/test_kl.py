@@ -15,7 +15,6 @@ from sftlens.analysis.kl import (
     first_token_logits,
     kl_for_models,
     kl_prompts,
-    plot_kl_vs_size,
     summarize_kl,
     top_k_kl,
 )
@@ -121,16 +120,10 @@ def test_compute_kl_writes_and_reuses_results(tmp_path, tiny_tokenizer, monkeypa
     assert again == json.loads((tmp_path / "out" / "kl.json").read_text())
 
 
-def test_summary_and_figure(tmp_path):
+def test_summary():
     s = summarize_kl([1.0, 2.0, 3.0, 10.0])
     assert (s["n"], s["mean"], s["median"], s["min"], s["max"]) == (4, 4.0, 2.5, 1.0, 10.0)
     assert summarize_kl([]) == {"n": 0}
-    records = [{"train_level": level, "size": size, "seed": seed, "kl": level + size / 1000 + seed}
-               for level in range(5) for size in (240, 1920) for seed in (0, 1)]
-    path = plot_kl_vs_size(records, tmp_path / "fig5.png")
-    assert path.read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(SftlensError):
-        plot_kl_vs_size([], tmp_path / "none.png")
 
 
 def test_config_rejects_bad_values():

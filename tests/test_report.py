@@ -6,7 +6,7 @@ import pytest
 
 from sftlens.errors import SftlensError
 from sftlens.report import (
-    Stat, acc_vs_size, acc_vs_size_figure, level_table, select, to_csv, to_markdown, write_table,
+    Stat, acc_vs_size, level_table, plot_series, size_sort_key, select, to_csv, to_markdown, write_table,
 )
 
 
@@ -105,10 +105,20 @@ def test_acc_vs_size_series_has_a_line_per_training_level():
     assert points[2][1] == Stat(pytest.approx(statistics.fmean(acc)), pytest.approx(statistics.stdev(acc)), 2)
 
 
+def figure2(records: list[dict], path):
+    """Figure 2 from the record layer: Acc over seeds per (domain, level, size), one panel per domain."""
+    series = acc_vs_size(records)
+    sizes = sorted({size for lines in series.values() for points in lines.values() for size, _ in points},
+                   key=size_sort_key)
+    panels = [(domain, {f"train-{lv}": {size: (st.mean, st.std, st.n) for size, st in points}
+                        for lv, points in lines.items()}) for domain, lines in series.items()]
+    return plot_series(path, panels, "Acc (%)", sizes, scale=1.0, references=[30.0, None])
+
+
 def test_figure_is_a_png_with_two_panels(tmp_path):
     import matplotlib.image
 
-    path = acc_vs_size_figure(make_records(sizes=(60, 240, 1920)), tmp_path / "fig" / "figure2.png")
+    path = figure2(make_records(sizes=(60, 240, 1920)), tmp_path / "fig" / "figure2.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width, _ = matplotlib.image.imread(path).shape
     assert width == 1200 and height == 480  # two 5x4-inch panels at 120 dpi
@@ -118,5 +128,5 @@ def test_figure_places_size_all_last(tmp_path):
     records = make_records(sizes=(240, 60), seeds=(0,)) + [
         {**r, "size": "all"} for r in make_records(sizes=(1920,), seeds=(0,))]
     assert [size for size, _ in acc_vs_size(records)["in"][0]] == [60, 240, "all"]
-    path = acc_vs_size_figure(records, tmp_path / "figure2.png")
+    path = figure2(records, tmp_path / "figure2.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -76,8 +76,11 @@ def test_edited_settings_recompute_only_the_affected_units(tmp_path):
 
 def test_a_failed_unit_blocks_its_dependents_and_is_retried_next_run(tmp_path):
     log = tmp_path / "log"
-    summary = run_units(diamond(log, fail_c=True), tmp_path / "s", LocalExecutor(1), progress=False)
-    assert summary.failed == {"c": "unit c was told to fail"}
+    units = diamond(log, fail_c=True)
+    summary = run_units(units, tmp_path / "s", LocalExecutor(1), progress=False)
+    error_log = unit_dir(tmp_path / "s", units[2]) / "error.log"
+    assert summary.failed == {"c": f"c (add stage): unit c was told to fail [traceback: {error_log}]"}
+    assert "Traceback" in error_log.read_text() and "add_unit" in error_log.read_text()
     assert summary.ran == ["a", "b"]
     with StudyDB(tmp_path / "s") as db:
         states = {u["label"]: u["state"] for u in db.planned_units()}
@@ -126,6 +129,7 @@ def write_config(path: Path, text: str) -> Path:
     ('[trian]\nepochs = 1\n', "unknown section or key 'trian'"),
     ('[study]\nsizes = [16]\nanalysis_sizes = [32]\n', "analysis_sizes [32] are not among sizes [16]"),
     ('[study]\nkl_test_set = "level4"\n', "kl_test_set must be in, out or"),
+    ('[split]\nsizes = [8]\n', "split.sizes has no effect in a study"),
 ])
 def test_bad_study_files_name_the_key(tmp_path, text, message):
     with pytest.raises(SftlensError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -272,32 +276,48 @@ def test_the_report_regenerates_from_the_database_alone(tiny_study, tmp_path):
     assert "D_train-0" in markdown and "mixed" in markdown
 
 
-def test_a_killed_study_resumes_without_redoing_finished_units(tiny_study, tmp_path):
+def _run_until(config_file: Path, out: Path, stop_after: int) -> set[str]:
+    """Start `study run` in a subprocess, SIGKILL it once `stop_after` units are done (or it ends);
+    return the units done by then."""
     import signal
     import subprocess
     import sys
     import time
 
-    config_file, reference = tiny_study
-    out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "sftlens", "study", "run", str(config_file), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done_before: set[str] = set()
     deadline = time.time() + 300
-    while time.time() < deadline and len(done_before) < 8 and proc.poll() is None:
-        time.sleep(0.2)
+    done: set[str] = set()
+    while time.time() < deadline and len(done) < stop_after and proc.poll() is None:
+        time.sleep(0.1)
         if (out / "study.db").is_file():
             with StudyDB(out) as db:
-                done_before = {k for k, s in db.states().items() if s["state"] == "done"}
+                done = {k for k, s in db.states().items() if s["state"] == "done"}
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     with StudyDB(out) as db:
-        done_before = {k for k, s in db.states().items() if s["state"] == "done"}
-        total = len(db.planned_units())
-    assert 0 < len(done_before) < total, "the kill must land midway"
+        return {k for k, s in db.states().items() if s["state"] == "done"}
+
+
+def test_a_study_killed_at_random_points_ends_as_an_uninterrupted_run(tiny_study, tmp_path):
+    import random
+
+    from sftlens.study.report import write_report
+
+    config_file, reference = tiny_study
+    out = tmp_path / "killed"
+    total = len(load_results(reference).units)
+    kill_points = sorted(random.Random(12).sample(range(2, total - 1), 3))
+    done_before: set[str] = set()
+    for point in kill_points:
+        done = _run_until(config_file, out, point)
+        assert done_before <= done
+        done_before = done
+    assert 0 < len(done_before) < total, "the kills must land midway"
     summary = run_study(load_study_config(str(config_file)), out, progress=False)
     assert len(summary.ran) == total - len(done_before)
     with StudyDB(out) as db:
         states = db.states()
-    assert all(states[k]["runs"] == 1 for k in done_before)
+    assert all(states[k]["runs"] == 1 for k in done_before), "a finished unit was redone"
     assert_same_results(comparable(out), comparable(reference))
+    assert write_report(out)["markdown"].read_text() == write_report(reference)["markdown"].read_text()

@@ -653,12 +653,9 @@ def tensors_csv(result: dict) -> str:
 
 def plot_concentration(result: dict, path: str | Path) -> Path:
     """Cumulative share curve, and the share of the top-k elements each layer holds."""
-    import matplotlib
+    from sftlens.report import figure_panels, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (curve, layers) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (curve, layers) = figure_panels(2, width=5.5)
     xs = [0.0, *result["ratios"]]
     ys = [0.0, *(100 * s for s in result["shares"])]
     curve.plot(xs, ys, marker="o")
@@ -681,16 +678,7 @@ def plot_concentration(result: dict, path: str | Path) -> Path:
     layers.set_title("where the selected elements lie")
     if order:
         layers.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    from sftlens.io import atomic_write_bytes
-
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return save_figure(figure, path)
 
 
 def write_concentration(result: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -723,7 +711,7 @@ def add_cli(subparsers) -> None:
                         type=lambda s: tuple(x for x in s.split(",") if x.strip()),
                         help="comma list of percentages (default: 1,3,5,10,20,40,60)")
     add_config_arguments(parser, DeltasConfig)
-    parser.set_defaults(func=_run_deltas)
+    parser.set_defaults(func=_run_deltas, writes="out")
 
 
 __all__ = [

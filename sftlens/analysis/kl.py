@@ -14,7 +14,6 @@ probe.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.data import encode_prompt, load_templates, sft_prompt
 from sftlens.errors import SftlensError
-from sftlens.io import atomic_write_bytes, atomic_write_json, stable_hash
+from sftlens.io import atomic_write_json, stable_hash
 
 KL_FILE = "kl.json"
 KL_ROW_KEYS = ("fact_id", "relation", "question", "answers")
@@ -167,7 +166,7 @@ def compute_kl(base: str, finetuned: str, test_file: str | Path, config: KLConfi
     `templates` (relation -> mapping-template index, e.g. `sftlens.probe.best_templates`) defaults
     to the first template of every relation."""
     from sftlens.models import load_model, model_fingerprint
-    from sftlens.train import data_manifest, read_split_rows
+    from sftlens.split import data_manifest, read_split_rows
 
     rows = read_split_rows(Path(test_file), KL_ROW_KEYS)
     templates = dict(templates or {})
@@ -190,39 +189,10 @@ def compute_kl(base: str, finetuned: str, test_file: str | Path, config: KLConfi
     return result
 
 
-def plot_kl_vs_size(records: list[dict], path: str | Path) -> Path:
-    """Figure 5 layout: mean KL (over seeds) versus training size, one line per training level.
-    `records` have train_level, size, seed and kl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups: dict[object, dict[int, list[float]]] = {}
-    for r in records:
-        groups.setdefault(r["train_level"], {}).setdefault(int(r["size"]), []).append(float(r["kl"]))
-    if not groups:
-        raise SftlensError("no KL records to plot")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for level in sorted(groups, key=str):
-        sizes = sorted(groups[level])
-        ax.plot(sizes, [statistics.fmean(groups[level][s]) for s in sizes], marker="o", label=f"train-{level}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("training size")
-    ax.set_ylabel("KL(p_ft || p_base), first token")
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
-
-
 def _templates_from_probe(store: str, test_file: str) -> dict[str, int]:
     from sftlens.data import Fact
     from sftlens.probe import best_templates, load_probe
-    from sftlens.train import read_split_rows
+    from sftlens.split import read_split_rows
 
     rows = read_split_rows(Path(test_file), KL_ROW_KEYS)
     facts = [Fact(r["fact_id"], r["relation"], subject_of(r), tuple(r["answers"]), "test", r.get("domain", ""),
@@ -254,4 +224,4 @@ def add_cli(subparsers) -> None:
                                               "mapping template (default: the first template)")
     parser.add_argument("--out", help="folder for kl.json (per-fact values and summary; reused when current)")
     add_config_arguments(parser, KLConfig)
-    parser.set_defaults(func=_run_kl)
+    parser.set_defaults(func=_run_kl, writes="out")

@@ -5,6 +5,7 @@ from sftlens.data.facts import (
     FactSet,
     RelationTemplates,
     data_dir_from,
+    first_per_relation,
     in_domain_relations,
     load_facts,
     load_templates,
@@ -15,7 +16,7 @@ from sftlens.data.matching import Matcher, default_matcher, normalize
 from sftlens.data.prompts import encode_prompt, sft_completion, sft_prompt
 
 __all__ = [
-    "Fact", "FactSet", "RelationTemplates", "Matcher", "data_dir_from", "default_matcher",
+    "Fact", "FactSet", "RelationTemplates", "Matcher", "data_dir_from", "default_matcher", "first_per_relation",
     "in_domain_relations", "load_facts", "load_templates", "normalize", "out_of_domain_relations",
     "parse_relations", "encode_prompt", "sft_completion", "sft_prompt",
 ]

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Iterable
 
 from tqdm import tqdm
 
@@ -167,3 +168,18 @@ def load_facts(
     if not result.facts and not result.unmatched:
         raise SftlensError(f"{root}: no data files for splits {','.join(splits)} (expected e.g. {splits[0]}/P17.{splits[0]}.json)")
     return result
+
+
+def first_per_relation(facts: Iterable[Fact], limit: int | None) -> list[Fact]:
+    """The first `limit` facts of each (relation, split), in input order (None: all): the one
+    definition of "probe at most N facts per relation" for the CLI and studies."""
+    if limit is None:
+        return list(facts)
+    taken: dict[tuple[str, str], int] = {}
+    chosen = []
+    for fact in facts:
+        key = (fact.relation, fact.split)
+        if taken.get(key, 0) < limit:
+            taken[key] = taken.get(key, 0) + 1
+            chosen.append(fact)
+    return chosen

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import Counter
 from pathlib import Path
 
 from sftlens.errors import SftlensError
+from sftlens.io import exclusive_writer
 from sftlens.study.config import PRESETS, StudyConfig, load_study_config
 from sftlens.study.db import StudyDB
 from sftlens.study.engine import Unit, run_units, units_to_run
@@ -128,20 +130,21 @@ def run_study(config: StudyConfig, out: Path, data_dir: str | None = None, execu
 
     units = build_units(config, data_dir)
     session = {"started": time.time(), "command": " ".join(["sftlens", *sys.argv[1:]]), "code": code_version(),
-               "machine": machine(), "executor": executor}
-    with StudyDB(out) as db:
-        db.set_meta("config", config.to_dict())
-        db.set_meta("source", config.source)
-    engine = make_executor(executor, address, workers)
-    try:
-        summary = run_units(units, out, engine, prune=config.study.prune_checkpoints, progress=progress)
-    finally:
-        engine.close()
+               "machine": machine(), "executor": executor, "load_average_at_start": os.getloadavg()}
+    with exclusive_writer(out, "study folder"):
         with StudyDB(out) as db:
-            _record_session(db, {**session, "finished": time.time(), "wall_s": time.time() - session["started"]})
+            db.set_meta("config", config.to_dict())
+            db.set_meta("source", config.source)
+        engine = make_executor(executor, address, workers)
+        try:
+            summary = run_units(units, out, engine, prune=config.study.prune_checkpoints, progress=progress)
+        finally:
+            engine.close()
+            with StudyDB(out) as db:
+                _record_session(db, {**session, "finished": time.time(), "wall_s": time.time() - session["started"],
+                                     "load_average": os.getloadavg()})
     if summary.failed:
-        label, error = next(iter(summary.failed.items()))
-        raise SftlensError(f"{len(summary.failed)} unit(s) failed, first {label}: {error} "
+        raise SftlensError(f"{len(summary.failed)} unit(s) failed, first {next(iter(summary.failed.values()))} "
                            f"(`sftlens study run` again retries them)")
     return summary
 

@@ -1,8 +1,10 @@
 """A study file: one TOML describing the whole grid.
 
 Sections: `[study]` (StudySettings below: model, data, grid, analysis choices) and one section per
-stage, each checked against that stage's config dataclass: `[probe]`, `[split]`, `[train]`,
-`[eval]`, `[kl]`, `[deltas]`, `[restore]`. A file may start from a shipped preset with
+stage, each checked against that stage's config dataclass: `[probe]`, `[train]`, `[eval]`, `[kl]`,
+`[deltas]`, `[restore]`. The split has no section: every setting of `SplitConfig` is the study's grid
+(`[study]` levels, sizes, include_all, seeds, mixed, eval_facts_per_level), so a `[split]` key would
+have no effect and is an error naming it. A file may start from a shipped preset with
 `extends = "demo"` (or "paper", or a path) and override single keys; unknown keys and wrong types
 are errors naming the key (`train.learning_rate: expected a number, got 'fast'`).
 """
@@ -25,7 +27,6 @@ PRESETS = ("paper", "demo", "repro")
 # section -> (module, config class); imported when a study is loaded, so `sftlens --help` stays fast
 STAGE_SECTIONS = {
     "probe": ("sftlens.probe", "ProbeConfig"),
-    "split": ("sftlens.split", "SplitConfig"),
     "train": ("sftlens.train", "TrainConfig"),
     "eval": ("sftlens.evaluate", "EvalConfig"),
     "kl": ("sftlens.analysis.kl", "KLConfig"),
@@ -170,6 +171,11 @@ def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
     raw = _load_raw(spec)
     for section, table in (overrides or {}).items():
         raw[section] = {**raw.get(section, {}), **table}
+    if raw.get("split"):
+        key = next(iter(raw["split"])) if isinstance(raw["split"], dict) else ""
+        raise SftlensError(f"{spec}: split.{key} has no effect in a study: the split follows [study] "
+                           "(levels, sizes, include_all, seeds, mixed, eval_facts_per_level); set it there")
+    raw.pop("split", None)
     known = ("study", *STAGE_SECTIONS)
     unknown = sorted(set(raw) - set(known))
     if unknown:

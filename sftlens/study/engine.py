@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sftlens.errors import SftlensError
-from sftlens.io import stable_hash
+from sftlens.io import atomic_write_text, stable_hash
 from sftlens.study.db import StudyDB
 
 # Bump when the meaning of a unit's result changes, so old results are not reused.
@@ -94,15 +94,18 @@ def units_to_run(units: list[Unit], states: dict[str, dict]) -> list[Unit]:
     return [u for u in units if u.key in needed]
 
 
-def _error_text(err: BaseException) -> str:
-    if isinstance(err, SftlensError):
-        return str(err)
-    return "".join(traceback.format_exception(err)).strip()
+def cause(err: BaseException) -> str:
+    """The cause of a unit's failure in one line: an SftlensError's own message (which names the file,
+    key or value at fault), else the exception's type and message."""
+    text = str(err) if isinstance(err, SftlensError) else f"{type(err).__name__}: {err}"
+    return " ".join(text.split()) or type(err).__name__
 
 
-def _first_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else text
+def record_failure(unit: Unit, err: BaseException, study_dir: Path) -> str:
+    """Write the traceback to the unit's `error.log`; return the one line the user sees."""
+    log = unit_dir(study_dir, unit) / "error.log"
+    atomic_write_text(log, "".join(traceback.format_exception(err)))
+    return f"{unit.label} ({unit.kind} stage): {cause(err)} [traceback: {log}]"
 
 
 @dataclass
@@ -180,11 +183,11 @@ def run_units(units: list[Unit], study_dir: str | Path, executor, prune: bool = 
                         if prune:
                             _prune_finished(unit_by_key, children, finished, [unit.key, *unit.deps.values()], study_dir, db, summary)
                     else:
-                        text = _error_text(value)
-                        db.mark_failed(unit.key, text)
-                        summary.failed[unit.label] = _first_line(text)
+                        line = record_failure(unit, value, study_dir)
+                        db.mark_failed(unit.key, line)
+                        summary.failed[unit.label] = line
                         blocked.add(unit.key)
-                        bar.write(f"failed: {unit.label}: {_first_line(text)}")
+                        bar.write(f"failed: {line}")
         finally:
             bar.close()
             for unit in pending.values():

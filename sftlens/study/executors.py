@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import os
-import time
 
 from sftlens.errors import SftlensError
 from sftlens.study.engine import timed_execute
@@ -98,18 +97,15 @@ class RayExecutor:
                 raise SftlensError(f"cannot connect to Ray at {address}: {err}") from None
             self._started = True
         self._task = ray.remote(max_retries=0)(timed_execute)
-        self._started_at: dict = {}
 
     def submit(self, unit, payload):
         ref = self._task.options(num_cpus=unit.cpus, num_gpus=unit.gpus, name=unit.label).remote(payload)
-        self._started_at[ref] = time.perf_counter()
         return ref
 
     def wait(self, handles) -> list:
         ready, _ = self.ray.wait(handles, num_returns=1)
         out = []
         for ref in ready:
-            self._started_at.pop(ref, None)
             try:
                 result, seconds = self.ray.get(ref)
                 out.append((ref, True, result, seconds))

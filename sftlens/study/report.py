@@ -1,274 +1,115 @@
-"""`sftlens report DIR`: every table and figure of the paper's analysis for one study, rebuilt
-from its database alone, as a self-contained HTML page (figures embedded as base64 PNG) and a
-Markdown file with the PNGs beside it. Every number is a mean over seeds with its spread (sample
-standard deviation, `mean ± sd`; `n` seeds where fewer than the study's seeds finished).
+"""`sftlens report DIR`: a study's report, rebuilt from its database alone.
+
+Findings come first (each of the paper's claims with its effect, 95 % interval, n and a verdict from
+the rule in `sftlens.study.findings`), then every table and figure of the paper
+(`sftlens.study.sections`). Written as a self-contained HTML page (figures embedded) and Markdown
+with the PNGs beside it. `--page FILE` also writes a results page for a repository: the same
+Markdown, headed by the command, date, wall time, machine and code version of the run and a summary
+of the verdicts, with its PNGs beside it.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import math
-from dataclasses import dataclass, field
+import time
+from collections import Counter
 from pathlib import Path
 
+from sftlens.evaluate import MIN_N
 from sftlens.io import atomic_write_bytes, atomic_write_text
-from sftlens.report import level_table, plot_series, size_sort_key
-from sftlens.study.results import (
-    StudyResults,
-    acc,
-    acc_over_seeds,
-    bootstrap_gain,
-    chosen_ratio,
-    eval_records,
-    level_acc_over_seeds,
-    load_results,
-    mean_spread,
-    restore_records,
+from sftlens.study.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, findings
+from sftlens.study.results import StudyResults, eval_records, load_results, restore_records
+from sftlens.study.sections import (
+    Section,
+    ci,
+    figure2,
+    figure4,
+    figure5,
+    restoration,
+    table1,
+    table2,
+    table3,
+    table4,
+    table5,
+    table6,
 )
 
-LEVELS = (0, 1, 2, 3, 4)
-DOMAINS = (("in", "in-domain"), ("out", "out-of-domain"))
+EFFECT_FORMAT = {"pts": (100.0, 1, "+", " pts"), "KL": (1.0, 4, "+", ""), "r": (1.0, 2, "+", ""), "%": (100.0, 1, "", " %")}
 
 
-@dataclass
-class Section:
-    title: str
-    text: str = ""
-    tables: list[tuple[str, list[str], list[list[str]]]] = field(default_factory=list)  # (caption, header, rows)
-    figure: Path | None = None
-
-
-def fmt(mean: float, spread: float, n: int, scale: float = 100.0, digits: int = 1) -> str:
-    if n == 0 or math.isnan(mean):
+def effect_text(finding: Finding) -> str:
+    if finding.effect is None:
         return "–"
-    return f"{mean * scale:.{digits}f} ± {spread * scale:.{digits}f}"
+    scale, digits, sign, suffix = EFFECT_FORMAT[finding.unit]
+    return ci(finding.effect, scale, digits, sign) + suffix
 
 
-def _train_levels(records) -> list:
-    levels = sorted({r["train_level"] for r in records if isinstance(r["train_level"], int)})
-    return levels + (["mixed"] if any(r["train_level"] == "mixed" for r in records) else [])
+def findings_section(results: StudyResults, samples: int) -> tuple[Section, list[Finding]]:
+    found = findings(results, samples)
+    rows = [[f.claim, f.comparison, effect_text(f), f.n, f.verdict] for f in found]
+    claims = [[claim, text, EXPECTED[claim]] for claim, text in CLAIMS.items()]
+    text = (f"Each claim of the paper, tested on this study. Effects with a 95 % percentile bootstrap interval "
+            f"({samples} resamples; test facts resampled within each level, paired wherever the same facts are "
+            "compared; seeds resampled within each arm, paired where both arms are the same models). Verdict rule, "
+            "fixed in code before any run: holds = the whole interval lies on the side the paper predicts; reversed = "
+            f"wholly on the other side; inconclusive = it contains 0 (or the threshold); levels with fewer than {MIN_N} "
+            "facts never enter a verdict. Accuracies are in-domain Acc over the test levels with enough facts.")
+    return Section("Findings", text, [("the claims", ["claim", "statement", "the paper predicts"], claims),
+                                      ("the evidence", ["claim", "comparison", "effect [95 % CI]", "n", "verdict"], rows)]), found
 
 
-def _level_name(level) -> str:
-    return f"D_train-{level}" if isinstance(level, int) else str(level)
+def verdict_summary(found: list[Finding]) -> list[str]:
+    """One line per claim: how its comparisons came out."""
+    lines = []
+    for claim, statement in CLAIMS.items():
+        mine = [f.verdict.split(":")[0] for f in found if f.claim == claim]
+        counts = Counter(mine)
+        parts = [f"{word} in {counts[word]}" for word in ("holds", "reversed", "inconclusive", NOT_TESTED) if counts[word]]
+        lines.append(f"- **{claim}** {statement} — {', '.join(parts)} of {len(mine)} comparison(s).")
+    return lines
 
 
-# --- sections -----------------------------------------------------------------------------------
+def run_header(results: StudyResults, study_dir: Path, page: Path) -> list[str]:
+    sessions = results.sessions
+    units = Counter(u["state"] for u in results.units)
+    if not sessions:
+        return ["No run record in this study's database (it predates run records)."]
+    wall = sum(s.get("wall_s", 0.0) for s in sessions)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(sessions[0]["started"]))
+    codes = ", ".join(dict.fromkeys(s["code"] for s in sessions))
+    lines = [
+        f"- Study run: `{sessions[0]['command']}` ({len(sessions)} session(s)), started {started}",
+        f"- Wall time: **{wall / 60:.1f} min** (sum over sessions); units: "
+        + ", ".join(f"{n} {state}" for state, n in sorted(units.items())),
+        f"- Machine: {sessions[-1]['machine']}",
+        f"- Code: sftlens at git commit `{codes}`",
+        f"- This page: `sftlens report {study_dir} --page {page}` (every number below comes from the study database; "
+        "re-running the command regenerates the page)",
+    ]
+    return lines
 
 
-def table1(results: StudyResults) -> Section:
-    rows = [[r["set"], *(str(r[f"level{i}"]) for i in LEVELS), str(r["total"])] for r in results.counts()]
-    tables = [("", ["set", *(f"level {i}" for i in LEVELS), "total"], rows)]
-    split = results.done("split")
-    short = [[name, str(entry["size"]), str(entry["requested"])]
-             for name, entry in (split[0]["result"]["sets"].items() if split else []) if entry.get("short")]
-    if short:
-        tables.append(("training sets short of their size (a level with fewer facts than asked: all it has)",
-                       ["training set", "facts", "requested"], short))
-    return Section("Table 1: facts per mastery level", "Counts of probed facts per mastery level of the base model.",
-                   tables)
-
-
-def _sizes(records) -> list:
-    return sorted({r["size"] for r in records if r["size"] is not None}, key=size_sort_key)
-
-
-def figure2(records: list[dict], out: Path) -> Section:
-    test = [r for r in records if r["split"] == "test" and r["strategy"] == "sft"]
-    sizes = _sizes(test)
-    panels, rows = [], []
-    for domain, name in DOMAINS:
-        lines = {_level_name(lv): {s: acc_over_seeds(test, domain, train_level=lv, size=s) for s in sizes}
-                 for lv in _train_levels(test)}
-        panels.append((f"Acc ({name})", lines))
-        rows += [[name, label, *(fmt(*lines[label][s]) for s in sizes)] for label in lines]
-    path = plot_series(out / "figure2.png", panels, "Acc (%)", sizes)
-    return Section("Figure 2: Acc vs training size", "Acc = mean of the 5 test-level accuracies (%), mean ± sd over seeds.",
-                   [("", ["domain", "train set", *map(str, sizes)], rows)], path)
-
-
-def table2(records: list[dict], size) -> Section:
-    test = [r for r in records if r["split"] == "test" and r["size"] == size and r["strategy"] == "sft"]
-    if not test:
-        return Section(f"Table 2: train level x test level ({size} training examples)", "No models of this size.")
-    table = level_table(test, size, digits=1)
-    rows = [[_level_name(row[0]), *("–" if c is None else f"{c.mean:.1f} ± {c.std:.1f}" for c in row[1:])]
-            for row in table.rows]
-    return Section(f"Table 2: train level x test level ({size} training examples)",
-                   "Accuracy (%) per domain and test level, then Acc; mean ± sd over seeds.",
-                   [("", list(table.columns), rows)])
-
-
-def figure4(records: list[dict], out: Path) -> Section:
-    """The paper plots test level 4 (facts the base model mastered best); a weak base model may
-    have none there, so the highest in-domain test level that has facts stands in, named as such."""
-    test = [r for r in records if r["split"] == "test" and r["strategy"] == "sft"]
-    present = [r["test_level"] for r in test if r["domain"] == "in" and r["n"] > 0]
-    level = max(present, default=4)
-    sizes = _sizes(test)
-    lines = {_level_name(lv): {s: level_acc_over_seeds(test, "in", level, train_level=lv, size=s) for s in sizes}
-             for lv in _train_levels(test)}
-    path = plot_series(out / "figure4.png", [(f"Acc on in-domain test level {level}", lines)], "accuracy (%)", sizes)
-    rows = [[label, *(fmt(*lines[label][s]) for s in sizes)] for label in lines]
-    note = "" if level == 4 else f" The base model has no in-domain test facts at level 4; level {level} is its best."
-    return Section(f"Figure 4: accuracy on test level {level} vs size",
-                   "In-domain test facts the base model mastered best." + note,
-                   [("", ["train set", *map(str, sizes)], rows)], path)
-
-
-def kl_points(results: StudyResults) -> list[dict]:
-    return [{**results.model_tags(u), "kl": u["result"]["kl"]["mean"]} for u in results.done("kl")]
-
-
-def figure5(results: StudyResults, out: Path) -> Section:
-    points = kl_points(results)
-    sizes = _sizes(points)
-    lines = {}
-    for lv in _train_levels(points):
-        lines[_level_name(lv)] = {
-            s: mean_spread([p["kl"] for p in points if p["train_level"] == lv and p["size"] == s]) for s in sizes}
-    path = plot_series(out / "figure5.png", [("first-token KL(ft || base)", lines)], "KL", sizes, scale=1.0)
-    rows = [[label, *(fmt(*lines[label][s], scale=1.0, digits=4) for s in sizes)] for label in lines]
-    return Section("Figure 5: KL divergence vs size",
-                   "Mean first-token KL of the re-normalised top-10 logits (fine-tuned vs base), mean ± sd over seeds.",
-                   [("", ["train set", *map(str, sizes)], rows)], path)
-
-
-def table3(results: StudyResults) -> Section:
-    units = [(results.model_tags(u), u["result"]) for u in results.done("deltas")]
-    if not units:
-        return Section("Table 3: update concentration", "No update statistics in this study.")
-    ratios = units[0][1]["ratios"]
-    tables = []
-    for size in _sizes([t for t, _ in units]):
-        rows = []
-        for lv in _train_levels([t for t, _ in units]):
-            shares = [r["shares"] for t, r in units if t["train_level"] == lv and t["size"] == size]
-            rows.append([_level_name(lv), *(fmt(*mean_spread([s[i] for s in shares]), digits=2) for i in range(len(ratios)))])
-        tables.append((f"{size} training examples", ["train set", *(f"top {r:g} %" for r in ratios)], rows))
-    return Section("Table 3: update concentration",
-                   "Share (%) of the total parameter change held by the k % most changed elements.", tables)
-
-
-def _ratio_table(sweeps: list[dict], split: str, domain: str, size) -> list[list[str]]:
-    part = [r for r in sweeps if r["size"] == size and r["split"] == split and r["strategy"] == "restore"]
-    levels = _train_levels(part)
-    rows = []
-    for ratio in sorted({r["restore_ratio"] for r in part}):
-        cells = [fmt(*acc_over_seeds(part, domain, train_level=lv, restore_ratio=ratio)) for lv in levels]
-        rows.append([f"{ratio:g} %", *cells])
-    return [["restore", *map(_level_name, levels)], *rows]
-
-
-def table4(sweeps: list[dict]) -> Section:
-    tables = []
-    for size in _sizes(sweeps):
-        for domain, name in DOMAINS:
-            header, *rows = _ratio_table(sweeps, "test", domain, size)
-            tables.append((f"{name}, {size} training examples", header, rows))
-    return Section("Table 4: Acc vs restore ratio", "Test Acc (%) after restoring the top k % most changed elements.", tables)
-
-
-def table5(sweeps: list[dict]) -> Section:
-    tables = []
-    for size in _sizes(sweeps):
-        header, *rows = _ratio_table(sweeps, "train", "in", size)
-        tables.append((f"{size} training examples", header, rows))
-    return Section("Table 5: training-set accuracy after restoration",
-                   "Accuracy (%) of each model on its own training set.", tables)
-
-
-def _sweep_groups(results: StudyResults) -> dict[tuple, list[dict]]:
-    groups: dict[tuple, list[dict]] = {}
-    for unit in results.done("restore"):
-        tags = results.model_tags(unit)
-        groups.setdefault((tags["train_level"], tags["size"]), []).append({**unit["result"], "seed": tags["seed"]})
-    return groups
-
-
-def restoration_selection(results: StudyResults, samples: int) -> tuple[Section, dict]:
-    """Beyond the paper: the ratio chosen on dev, its test gain with a bootstrap CI, and the
-    random-restoration control at the same ratio."""
-    controls: dict[tuple, dict] = {}
-    for unit in results.done("control"):
-        tags = results.model_tags(unit)
-        controls.setdefault((tags["train_level"], tags["size"]), {})[tags["seed"]] = unit["result"]
-    rows, chosen = [], {}
-    for (level, size), sweeps in sorted(_sweep_groups(results).items(), key=lambda kv: (size_sort_key(kv[0][1]), str(kv[0][0]))):
-        ratio = chosen_ratio(sweeps)
-        chosen[(level, size)] = ratio
-        key = f"{ratio:g}"
-        before = [s["test_bits"]["0"]["in"] for s in sweeps]
-        after = [s["test_bits"][key]["in"] for s in sweeps]
-        accs0 = mean_spread([acc([r for r in s["records"] if r["split"] == "test" and r["restore_ratio"] == 0], "in") for s in sweeps])
-        accs = mean_spread([acc([r for r in s["records"] if r["split"] == "test" and r["restore_ratio"] == ratio], "in") for s in sweeps])
-        gain, low, high = bootstrap_gain(list(zip(before, after)), samples)
-        ctrl = controls.get((level, size), {})
-        random_pairs = [(s["test_bits"]["0"]["in"], ctrl[s["seed"]]["test_bits"]["in"]) for s in sweeps
-                        if s["seed"] in ctrl and ctrl[s["seed"]]["test_bits"]]
-        if random_pairs:
-            rgain, rlow, rhigh = bootstrap_gain(random_pairs, samples)
-            random_cell = f"{100 * rgain:+.1f} [{100 * rlow:+.1f}, {100 * rhigh:+.1f}]"
-        else:
-            random_cell = "–"
-        rows.append([_level_name(level), str(size), f"{ratio:g} %", fmt(*accs0), fmt(*accs),
-                     f"{100 * gain:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]", random_cell])
-    section = Section(
-        "Restoration ratio chosen on dev, reported on test",
-        "Unlike the paper (which picked the ratio on test), the ratio maximises the mean in-domain dev Acc over "
-        "seeds; gains are in-domain test Acc points with a paired bootstrap 95 % interval (facts resampled within "
-        "each test level); the control restores the same number of randomly chosen elements.",
-        [("", ["train set", "size", "dev-chosen ratio", "Acc before", "Acc after", "gain [95 % CI]",
-               "random control gain [95 % CI]"], rows)])
-    return section, chosen
-
-
-def table6(results: StudyResults, records: list[dict], sweeps: list[dict], chosen: dict, size) -> Section:
-    test = [r for r in records if r["split"] == "test"]
-    rows = []
-    base = [r for r in test if r["strategy"] == "base"]
-    rows.append(["base model", "–", *(f"{100 * acc(base, d):.1f}" if base else "–" for d, _ in DOMAINS)])
-
-    def best(candidates: list[tuple[str, list[dict]]]) -> list[str] | None:
-        scored = [(acc_over_seeds(rs, "in"), label, rs) for label, rs in candidates if rs]
-        if not scored:
-            return None
-        (m, _, _), label, rs = max(scored, key=lambda t: t[0][0])
-        return [label, *(fmt(*acc_over_seeds(rs, d)) for d, _ in DOMAINS)]
-
-    sft = [r for r in test if r["strategy"] == "sft"]
-    mixed = best([(f"n={s}", [r for r in sft if r["train_level"] == "mixed" and r["size"] == s]) for s in _sizes(sft)])
-    divided = best([(_level_name(lv), [r for r in sft if r["train_level"] == lv and r["size"] == size])
-                    for lv in _train_levels(sft) if lv != "mixed"])
-    restored = best([(f"{_level_name(lv)}, {chosen[(lv, size)]:g} %",
-                      [r for r in sweeps if r["train_level"] == lv and r["size"] == size and r["split"] == "test"
-                       and r["strategy"] == "restore" and r["restore_ratio"] == chosen[(lv, size)]])
-                     for (lv, s) in chosen if s == size])
-    for name, row in (("SFT (mixed), best size", mixed), (f"SFT (divided), best level at n={size}", divided),
-                      (f"SFT + restoration (dev-chosen ratio), n={size}", restored)):
-        rows.append([name, *(row or ["–", "–", "–"])])
-    return Section("Table 6: strategies", "Test Acc (%), mean ± sd over seeds; the best configuration of each strategy "
-                   "is chosen by in-domain test Acc as in the paper, except the restore ratio (chosen on dev).",
-                   [("", ["strategy", "configuration", "Acc in-domain", "Acc out-of-domain"], rows)])
-
-
-# --- rendering ----------------------------------------------------------------------------------
-
-
-def sections(results: StudyResults, out: Path) -> list[Section]:
+def sections(results: StudyResults, out: Path, prefix: str = "") -> tuple[list[Section], list[Finding]]:
     study = results.config.get("study", {})
+    samples = study.get("bootstrap", 1000)
     records = eval_records(results)
     sweeps = restore_records(results)
-    selection, chosen = restoration_selection(results, study.get("bootstrap", 1000))
+
+    def png(name: str) -> Path:
+        return out / f"{prefix}{name}.png"
+
+    found_section, found = findings_section(results, samples)
+    selection, chosen = restoration(results, records, png("restoration"), samples)
     size = study.get("table_size")
-    return [table1(results), figure2(records, out), table2(records, size), figure4(records, out),
-            figure5(results, out), table3(results), table4(sweeps), table5(sweeps), selection,
-            table6(results, records, sweeps, chosen, size)]
+    parts = [found_section, table1(results), figure2(records, png("figure2")), table2(records, size),
+             figure4(records, png("figure4")), figure5(results, png("figure5")), table3(results), table4(sweeps),
+             table5(sweeps), selection, table6(records, sweeps, chosen, size)]
+    return parts, found
 
 
-def _markdown(title: str, parts: list[Section]) -> str:
-    lines = [f"# {title}", ""]
+def _markdown(title: str, parts: list[Section], preamble: list[str] = ()) -> str:
+    lines = [f"# {title}", "", *preamble, *([""] if preamble else [])]
     for s in parts:
         lines += [f"## {s.title}", "", s.text, ""]
         if s.figure:
@@ -300,13 +141,35 @@ def _html(title: str, parts: list[Section]) -> str:
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
 
 
-def write_report(study_dir: str | Path) -> dict[str, Path]:
-    """Write `report/report.html` (self-contained) and `report/report.md` (+ PNGs) under the study."""
+def write_report(study_dir: str | Path, page: str | Path | None = None) -> dict[str, Path]:
+    """Write `report/report.html` (self-contained) and `report/report.md` (+ PNGs) under the study,
+    and, with `page`, a results page (Markdown, PNGs beside it named `<page stem>-<figure>.png`)."""
     study_dir = Path(study_dir)
     results = load_results(study_dir)
     out = study_dir / "report"
-    parts = sections(results, out)
+    parts, _ = sections(results, out)
     title = f"sftlens study report: {results.source} ({results.config.get('study', {}).get('model', '?')})"
     atomic_write_text(out / "report.md", _markdown(title, parts))
     atomic_write_bytes(out / "report.html", _html(title, parts).encode("utf-8"))
-    return {"html": out / "report.html", "markdown": out / "report.md"}
+    paths = {"html": out / "report.html", "markdown": out / "report.md"}
+    if page is not None:
+        page = Path(page)
+        page_parts, found = sections(results, page.parent, f"{page.stem}-")
+        preamble = [*run_header(results, study_dir, page), "", "**Summary of the verdicts at this scale** "
+                    "(generated from the Findings table below):", "", *verdict_summary(found)]
+        atomic_write_text(page, _markdown(f"Results: {results.source} study of "
+                                          f"{results.config.get('study', {}).get('model', '?')}", page_parts, preamble))
+        paths["page"] = page
+    return paths
+
+
+def _run_report(args) -> None:
+    for path in write_report(args.dir, args.page).values():
+        print(path)
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="a study's report (HTML + Markdown), rebuilt from its database")
+    parser.add_argument("dir", help="study directory (holding study.db)")
+    parser.add_argument("--page", help="also write a results page (Markdown, PNGs beside it) to this file")
+    parser.set_defaults(func=_run_report)

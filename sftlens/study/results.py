@@ -1,5 +1,5 @@
 """A finished study's numbers, read from its database alone: tagged long-format records, means
-and spreads over seeds, the dev-chosen restore ratio and paired bootstrap intervals.
+and spreads over seeds, Acc over the levels with enough facts, the dev-chosen restore ratio.
 
 Every evaluation record gets the study's tags: `train_level` (0-4, "mixed", or "base"), `size`
 (int or "all"), `seed`, `split` (test, dev, train), `restore_ratio` (0 = not restored) and
@@ -8,11 +8,11 @@ Every evaluation record gets the study's tags: `train_level` (0-4, "mixed", or "
 
 from __future__ import annotations
 
-import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from sftlens.evaluate import acc_of
 from sftlens.study.db import StudyDB
 
 
@@ -21,6 +21,7 @@ class StudyResults:
     config: dict
     source: str
     units: list[dict]  # the current plan's units with spec, state and result
+    sessions: list[dict] = field(default_factory=list)  # each `study run`: command, code, machine, wall time
 
     def done(self, kind: str) -> list[dict]:
         return [u for u in self.units if u["kind"] == kind and u["state"] == "done"]
@@ -46,7 +47,7 @@ class StudyResults:
 
 def load_results(study_dir: str | Path) -> StudyResults:
     with StudyDB(study_dir, create=False) as db:
-        return StudyResults(db.meta("config", {}), db.meta("source", "?"), db.planned_units())
+        return StudyResults(db.meta("config", {}), db.meta("source", "?"), db.planned_units(), db.meta("sessions", []))
 
 
 def eval_records(results: StudyResults) -> list[dict]:
@@ -69,27 +70,12 @@ def restore_records(results: StudyResults) -> list[dict]:
     return out
 
 
-# A level with fewer facts than this is too noisy to average or to decide anything on: its cells are
-# marked in the report, it is left out of Acc, and no verdict uses it.
-MIN_N = 30
-
-
-def acc_levels(records: list[dict], domain: str, min_n: int = MIN_N) -> list[int]:
-    """The test levels Acc averages for one domain: those with at least `min_n` facts, or, when
-    none has that many (a toy study), every level with a fact, which the report marks as small."""
-    present = sorted({r["test_level"] for r in records if r["domain"] == domain and r["n"] > 0})
-    large = [lv for lv in present if all(r["n"] >= min_n for r in records
-                                         if r["domain"] == domain and r["test_level"] == lv)]
-    return large or present
-
-
 def acc(records: list[dict], domain: str, levels: list[int] | None = None) -> float | None:
-    """The paper's Acc, the mean of per-level accuracies of one model, over `levels` (default
-    `acc_levels`: the levels with enough facts; every model of a study shares its test sets, so
-    they average the same levels)."""
-    levels = acc_levels(records, domain) if levels is None else levels
-    values = [r["accuracy"] for r in records if r["domain"] == domain and r["test_level"] in levels]
-    return sum(values) / len(values) if values else None
+    """Acc of one model (`sftlens.evaluate.acc_of`: over the levels with enough facts; every model of
+    a study shares its test sets, so they average the same levels); None without records."""
+    if not any(r["domain"] == domain for r in records):
+        return None
+    return acc_of(records, domain, levels)
 
 
 def mean_spread(values: list[float]) -> tuple[float, float, int]:
@@ -132,30 +118,3 @@ def chosen_ratio(sweep_results: list[dict], domain: str = "in") -> float:
     if not by_ratio:
         return 0.0
     return max(sorted(by_ratio), key=lambda ratio: statistics.fmean(by_ratio[ratio]))
-
-
-def bootstrap_gain(pairs: list[tuple[dict, dict]], samples: int, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over seeds of Acc(after) - Acc(before) on test, in-domain, with a paired bootstrap 95 %
-    interval: facts are resampled within each test level (so Acc stays a mean of level accuracies),
-    the same draw for every seed, since all seeds share the test set.
-
-    Each pair is (before, after): {level: '0'/'1' correctness string in a fixed fact order}.
-    """
-    def gain(draw: dict[int, list[int]] | None) -> float:
-        diffs = []
-        for before, after in pairs:
-            levels = []
-            for level, bits in before.items():
-                idx = draw[level] if draw else range(len(bits))
-                n = len(idx)
-                levels.append(sum(int(after[level][i]) - int(bits[i]) for i in idx) / n)
-            diffs.append(statistics.fmean(levels))
-        return statistics.fmean(diffs)
-
-    point = gain(None)
-    if samples <= 0 or not pairs:
-        return point, float("nan"), float("nan")
-    rng = random.Random(seed)
-    sizes = {level: len(bits) for level, bits in pairs[0][0].items()}
-    gains = sorted(gain({lv: [rng.randrange(n) for _ in range(n)] for lv, n in sizes.items()}) for _ in range(samples))
-    return point, gains[int(0.025 * (samples - 1))], gains[int(round(0.975 * (samples - 1)))]

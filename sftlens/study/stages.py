@@ -9,11 +9,10 @@ stores in the study database, so the report needs nothing else.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from pathlib import Path
 
 from sftlens.config import config_from_dict
-from sftlens.data import Fact, load_facts
+from sftlens.data import Fact, first_per_relation, load_facts
 from sftlens.io import atomic_write_jsonl, read_jsonl
 
 DATA = "data"  # the split unit's output folder
@@ -27,16 +26,16 @@ def study_facts(params) -> list[Fact]:
     """The facts a study probes: per split its relations, the first N per relation if limited."""
     facts: list[Fact] = []
     for split, relations in params["relations"].items():
-        if split == "train":
-            limit = params["train_facts_per_relation"]
-        else:
-            limit = params.get(f"{split}_facts_per_relation", params["eval_facts_per_relation"])
-        taken: Counter = Counter()
-        for fact in load_facts(params["data_dir"], splits=(split,), relations=tuple(relations)).facts:
-            if limit is None or taken[fact.relation] < limit:
-                taken[fact.relation] += 1
-                facts.append(fact)
+        loaded = load_facts(params["data_dir"], splits=(split,), relations=tuple(relations)).facts
+        facts += first_per_relation(loaded, facts_limit(params, split))
     return facts
+
+
+def facts_limit(params, split: str) -> int | None:
+    """A unit's limit on probed facts per relation of one split (from StudySettings.facts_per_relation)."""
+    if split == "train":
+        return params["train_facts_per_relation"]
+    return params.get(f"{split}_facts_per_relation", params["eval_facts_per_relation"])
 
 
 # --- probe and split ----------------------------------------------------------------------------
@@ -60,8 +59,7 @@ def _probe_records(probe_dir: str | Path):
 def split_unit(params, out: Path, deps) -> dict:
     from sftlens.split import SplitConfig, build_splits
 
-    config = config_from_dict(SplitConfig, params["split"], "split")
-    config = dataclasses.replace(config, **params["grid"])
+    config = config_from_dict(SplitConfig, params["grid"], "split")
     manifest = build_splits(study_facts(params), _probe_records(deps["probe"]["dir"]), config, out / DATA)
     # the manifest's fact-id lists stay in the file; the database keeps the sizes and compositions
     sets = {name: {k: v for k, v in entry.items() if k != "fact_ids"} for name, entry in manifest["sets"].items()}
@@ -74,10 +72,11 @@ def split_unit(params, out: Path, deps) -> dict:
 def train_unit(params, out: Path, deps) -> dict:
     import json
 
+    from sftlens.split import train_set as split_train_set
     from sftlens.train import RUN_FILE, TrainConfig, train
 
     config = config_from_dict(TrainConfig, params["train"], "train")
-    train_set = f"train/{params['set']}-n{params['size']}-seed{params['seed']}.jsonl"
+    train_set = f"{split_train_set(params['set'], params['size'], params['seed'])}.jsonl"
     sft = Path(deps["split"]["dir"]) / DATA / train_set
     model_dir = train(params["model"], sft, out / "model", config, progress=True)
     run = json.loads((model_dir / RUN_FILE).read_text())

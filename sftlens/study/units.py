@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 
 from sftlens.config import config_to_dict
-from sftlens.data import data_dir_from, load_facts, parse_relations
+from sftlens.data import data_dir_from, first_per_relation, load_facts, parse_relations
 from sftlens.study.config import StudyConfig
 from sftlens.study.engine import Unit
 
@@ -81,8 +81,7 @@ class GraphBuilder:
     def build(self) -> list[Unit]:
         s = self.s
         probe = self.probe()
-        split_cfg = self.config.stages["split"]
-        split = self.add("split", "split", "split_unit", {"split": config_to_dict(split_cfg), "grid": self.grid_params(), **self.selection},
+        split = self.add("split", "split", "split_unit", {"grid": self.grid_params(), **self.selection},
                          {"probe": probe.key})
         eval_rows = self.evaluated_rows("test")
         dev_rows = self.evaluated_rows("dev")
@@ -176,15 +175,9 @@ def _probe_samples(probe_cfg) -> int:
 
 
 def _fact_counts(data_dir: Path, rel: dict, limits: dict[str, int | None]) -> dict[str, int]:
-    counts = {}
-    for split, relations in rel.items():
-        facts = load_facts(data_dir, splits=(split,), relations=relations).facts
-        limit = limits[split]
-        per_relation: dict[str, int] = {}
-        for fact in facts:
-            per_relation[fact.relation] = per_relation.get(fact.relation, 0) + 1
-        counts[split] = sum(min(n, limit) if limit else n for n in per_relation.values())
-    return counts
+    return {split: len(first_per_relation(load_facts(data_dir, splits=(split,), relations=relations).facts,
+                                          limits[split]))
+            for split, relations in rel.items()}
 
 
 def build_units(config: StudyConfig, data_dir: str | Path | None = None) -> list[Unit]:

@@ -1,0 +1,94 @@
+"""Percentile bootstrap of accuracy differences between groups of models scored on shared facts.
+
+Facts are resampled within each (scope, domain, level) with one draw per scope shared by every model
+(so models answering the same facts are compared on the same resampled facts: paired over facts);
+seeds are resampled with replacement within each arm of a comparison, jointly when the two arms are
+the same models (paired over seeds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    low: float
+    high: float
+
+
+def estimate(point: float, draws: np.ndarray) -> Estimate:
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return Estimate(float(point), float(low), float(high))
+
+
+# --- bootstrap of accuracies -------------------------------------------------------------------
+
+
+def _bits(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8) - ord("0")
+
+
+class FactDraws:
+    """Bootstrap draws of fact indices per (domain, level), created on first use and then shared
+    by every model scored on the same facts."""
+
+    def __init__(self, samples: int, seed: int):
+        self.samples = samples
+        self.rng = np.random.default_rng(seed)
+        self.index: dict[tuple, np.ndarray] = {}
+
+    def draws(self, key: tuple, n: int) -> np.ndarray:
+        if (key, n) not in self.index:
+            self.index[key, n] = self.rng.integers(0, n, size=(self.samples, n))
+        return self.index[key, n]
+
+    def acc(self, bits: dict[str, dict[str, str]], domain: str, levels: list[int], scope: str = "test"):
+        """(Acc, Acc per draw) of one model: the mean over `levels` of the share of correct facts."""
+        points, per_draw = [], []
+        for level in levels:
+            correct = _bits(bits[domain][str(level)])
+            points.append(correct.mean())
+            per_draw.append(correct[self.draws((scope, domain, level), len(correct))].mean(axis=1))
+        return float(np.mean(points)), np.mean(per_draw, axis=0)
+
+
+class SeedDraws:
+    def __init__(self, samples: int, seed: int):
+        self.samples = samples
+        self.rng = np.random.default_rng(seed)
+
+    def pick(self, k: int) -> np.ndarray:
+        return self.rng.integers(0, k, size=(self.samples, k))
+
+    @staticmethod
+    def mean(per_seed: np.ndarray, pick: np.ndarray) -> np.ndarray:
+        """per_seed: (seeds, draws) -> (draws,): each draw's mean over its resampled seeds."""
+        return per_seed[pick, np.arange(per_seed.shape[1])[:, None]].mean(axis=1)
+
+
+def arm_difference(facts: FactDraws, seeds: SeedDraws, arm_a: list[dict], arm_b: list[dict], domain: str,
+                   levels: list[int], paired_seeds: bool, scope: str = "test") -> Estimate:
+    """Mean Acc over the models of arm a minus that of arm b; each model is {"bits": ...}; paired arms
+    list the same seeds in the same order."""
+    def arm(models):
+        scored = [facts.acc(m["bits"], domain, levels, m.get("scope", scope)) for m in models]
+        return np.array([p for p, _ in scored]), np.stack([d for _, d in scored])
+
+    points_a, draws_a = arm(arm_a)
+    points_b, draws_b = arm(arm_b)
+    pick_a = seeds.pick(len(arm_a))
+    pick_b = pick_a if paired_seeds else seeds.pick(len(arm_b))
+    draws = SeedDraws.mean(draws_a, pick_a) - SeedDraws.mean(draws_b, pick_b)
+    return estimate(points_a.mean() - points_b.mean(), draws)
+
+
+def arm_acc(facts: FactDraws, seeds: SeedDraws, arm: list[dict], domain: str, levels: list[int],
+            scope: str = "test") -> Estimate:
+    """Mean Acc over the models of one arm, with its interval (facts and seeds resampled)."""
+    scored = [facts.acc(m["bits"], domain, levels, m.get("scope", scope)) for m in arm]
+    points, draws = np.array([p for p, _ in scored]), np.stack([d for _, d in scored])
+    return estimate(points.mean(), SeedDraws.mean(draws, seeds.pick(len(arm))))
