@@ -27,6 +27,7 @@ from sftlens.config import add_config_arguments, config_from_args, config_to_dic
 from sftlens.data import default_matcher, encode_prompt
 from sftlens.errors import SftlensError
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
+from sftlens.markdown import markdown_table
 from sftlens.split import data_manifest, read_split_rows
 
 EVAL_KEYS = ("fact_id", "domain", "level", "answers", "prompt")
@@ -152,15 +153,13 @@ def micro_of(records: list[dict], domain: str) -> float:
 def format_level_table(records: list[dict]) -> str:
     """Markdown: one row per domain, accuracy (%) per test level, then Acc, micro and n."""
     levels = sorted({r["test_level"] for r in records})
-    lines = ["| domain | " + " | ".join(f"level {lv}" for lv in levels) + " | Acc | micro | n |",
-             "|---" * (len(levels) + 4) + "|"]
+    rows = []
     for domain in sorted({r["domain"] for r in records}):
         by_level = {r["test_level"]: r for r in records if r["domain"] == domain}
         cells = [f"{100 * by_level[lv]['accuracy']:.2f}" if lv in by_level else "–" for lv in levels]
         n = sum(r["n"] for r in by_level.values())
-        lines.append(f"| {domain} | " + " | ".join(cells)
-                     + f" | {100 * acc_of(records, domain):.2f} | {100 * micro_of(records, domain):.2f} | {n} |")
-    return "\n".join(lines)
+        rows.append([domain, *cells, f"{100 * acc_of(records, domain):.2f}", f"{100 * micro_of(records, domain):.2f}", n])
+    return markdown_table(["domain", *(f"level {lv}" for lv in levels), "Acc", "micro", "n"], rows)
 
 
 def load_test_rows(test_files: list[Path]) -> tuple[list[dict], list[dict]]:

@@ -37,6 +37,7 @@ from sftlens.config import add_config_arguments, config_from_args, config_to_dic
 from sftlens.data import Fact, default_matcher, encode_prompt, first_per_relation, load_facts, load_templates
 from sftlens.errors import SftlensError
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_text, exclusive_writer, read_jsonl, stable_hash
+from sftlens.markdown import markdown_table
 
 STORE_FORMAT = 1
 META_FILE = "probe.json"
@@ -530,9 +531,7 @@ def level_counts_table(records: Iterable[ProbeRecord], fmt: str = "markdown") ->
     if fmt != "markdown":
         raise SftlensError(f"unknown table format {fmt!r} (markdown or csv)")
     header = ["set", *(f"level {i}" for i in LEVELS), "total"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, [[r[c] for c in columns] for r in rows], "l" + "r" * (len(header) - 1)) + "\n"
 
 
 def write_level_tables(records: Iterable[ProbeRecord], store_dir: Path) -> str:

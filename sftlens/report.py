@@ -20,6 +20,7 @@ from pathlib import Path
 from sftlens.errors import SftlensError
 from sftlens.evaluate import acc_of
 from sftlens.io import atomic_write_bytes, atomic_write_text
+from sftlens.markdown import markdown_table
 
 DOMAINS = ("in", "out")
 DOMAIN_TITLES = {"in": "in-domain", "out": "out-of-domain"}
@@ -36,10 +37,17 @@ class Stat:
     n: int
 
 
+def mean_spread(values: list[float | None]) -> tuple[float, float, int]:
+    """The one statistic over seeds: mean, sample standard deviation (0 for one value) and count;
+    missing values (None) are left out, none at all gives NaNs and 0."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
 def seed_stat(values: list[float], scale: float = 100.0) -> Stat:
-    scaled = [scale * v for v in values]
-    std = statistics.stdev(scaled) if len(scaled) > 1 else 0.0
-    return Stat(statistics.fmean(scaled), std, len(scaled))
+    return Stat(*mean_spread([scale * v for v in values]))
 
 
 @dataclass(frozen=True)
@@ -130,9 +138,7 @@ def _cell_text(cell, digits: int) -> str:
 
 
 def to_markdown(table: Table) -> str:
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(_cell_text(c, table.digits) for c in row) + " |" for row in table.rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(list(table.columns), [[_cell_text(c, table.digits) for c in row] for row in table.rows]) + "\n"
 
 
 def _stat_columns(table: Table) -> set[int]:

@@ -40,6 +40,7 @@ from sftlens.analysis.deltas import (
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_directory, atomic_write_json, atomic_write_text, stable_hash
+from sftlens.markdown import markdown_table
 
 MANIFEST = "restore.json"
 TABLE = "restored.tsv"
@@ -314,13 +315,9 @@ def restore_table(records: list[dict]) -> str:
         part = [r for r in records if r["restore_ratio"] == ratio and r["set"] == column[0]]
         return 100 * acc_of(part, column[1])
 
-    lines = ["| restore (%) | " + " | ".join(f"{s} {d} Acc" for s, d in columns) + " |",
-             "|---:" + "|---:" * len(columns) + "|"]
-    for ratio in ratios:
-        cells = [f"{acc(ratio, c):.2f}" + (f" ({acc(ratio, c) - acc(0.0, c):+.2f})" if ratio and 0.0 in ratios else "")
-                 for c in columns]
-        lines.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[f"{ratio:g}", *(f"{acc(ratio, c):.2f}" + (f" ({acc(ratio, c) - acc(0.0, c):+.2f})" if ratio and 0.0 in ratios else "")
+                              for c in columns)] for ratio in ratios]
+    return markdown_table(["restore (%)", *(f"{s} {d} Acc" for s, d in columns)], rows, "r" * (len(columns) + 1))
 
 
 def _run_restore(args: argparse.Namespace) -> None:
@@ -338,11 +335,11 @@ def _run_restore(args: argparse.Namespace) -> None:
               f"in {time.perf_counter() - start:.1f}s")
         return
     folders = restore_sweep(args.base, args.finetuned, args.ratios, config, args.out)
-    print("| ratio (%) | restored elements | folder |")
-    print("|---:|---:|---|")
+    rows = []
     for ratio, folder in folders.items():
         manifest = json.loads((folder / MANIFEST).read_text())
-        print(f"| {ratio:g} | {manifest['restored']:,} of {manifest['region_elements']:,} | {folder} |")
+        rows.append([f"{ratio:g}", f"{manifest['restored']:,} of {manifest['region_elements']:,}", folder])
+    print(markdown_table(["ratio (%)", "restored elements", "folder"], rows, "rrl"))
     print(f"{len(folders)} restored models in {time.perf_counter() - start:.1f}s")
 
 

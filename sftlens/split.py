@@ -30,6 +30,7 @@ from sftlens.data import Fact, load_facts, sft_completion, sft_prompt
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_directory, atomic_write_json, atomic_write_jsonl, stable_hash
 from sftlens.probe import LEVELS, ProbeRecord, load_probe
+from sftlens.markdown import markdown_table
 
 SPLIT_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -249,12 +250,12 @@ def _read_manifest(path: Path) -> dict:
 
 def summary(manifest: dict) -> str:
     """A short Markdown table of the written sets with their topic balance."""
-    lines = ["| set | facts | topics | per topic (min-max) |", "|---|---:|---:|---|"]
+    rows = []
     for name, entry in manifest["sets"].items():
         counts = list(entry["composition"].values()) or [0]
         short = f" (short of {entry['requested']})" if entry.get("short") else ""
-        lines.append(f"| {name} | {entry['size']}{short} | {len(entry['composition'])} | {min(counts)}-{max(counts)} |")
-    return "\n".join(lines) + "\n"
+        rows.append([name, f"{entry['size']}{short}", len(entry["composition"]), f"{min(counts)}-{max(counts)}"])
+    return markdown_table(["set", "facts", "topics", "per topic (min-max)"], rows, "lrrl") + "\n"
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -48,6 +48,7 @@ from sftlens.config import add_config_arguments, config_from_args, config_to_dic
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, atomic_write_text, stable_hash
 from sftlens.models import resolve_model
+from sftlens.markdown import markdown_table
 
 DEFAULT_RATIOS = (1.0, 3.0, 5.0, 10.0, 20.0, 40.0, 60.0)
 RELATIVE_EPS = 1e-8
@@ -622,11 +623,10 @@ def concentration_markdown(result: dict) -> str:
         f"Share of the total {cfg['metric']} change held by the {cfg['strategy']} k % of "
         f"{result['elements']:,} elements (region {cfg['region']}, scope {cfg['scope']})",
         "",
-        "| k (%) | elements | share of total change (%) |",
-        "|---:|---:|---:|",
+        markdown_table(["k (%)", "elements", "share of total change (%)"],
+                       [[f"{r:g}", f"{n:,}", f"{100 * s:.2f}"]
+                        for r, n, s in zip(result["ratios"], result["selected"], result["shares"])], "rrr"),
     ]
-    lines += [f"| {r:g} | {n:,} | {100 * s:.2f} |"
-              for r, n, s in zip(result["ratios"], result["selected"], result["shares"])]
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import argparse
 from collections import Counter
 
 from sftlens.data.facts import SPLITS, FactSet, load_facts, load_templates
+from sftlens.markdown import markdown_table
 
 
 def stats_rows(facts: FactSet) -> list[dict]:
@@ -27,9 +28,7 @@ def stats_rows(facts: FactSet) -> list[dict]:
 
 def format_stats(rows: list[dict], facts: FactSet) -> str:
     cols = ["relation", "domain", "split", "records", "multi_answer", "unmatched"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    lines.append("")
+    lines = [markdown_table(cols, [[r[c] for c in cols] for r in rows]), ""]
     for split in SPLITS:
         part = [r for r in rows if r["split"] == split]
         if part:

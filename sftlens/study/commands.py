@@ -15,6 +15,7 @@ from sftlens.study.db import StudyDB
 from sftlens.study.engine import Unit, run_units, units_to_run
 from sftlens.study.executors import make_executor
 from sftlens.study.units import build_units
+from sftlens.markdown import markdown_table
 
 # Seconds per unit of work (one sampled continuation, training example, greedy answer, KL prompt) and
 # per unit, for SmolLM2-135M in fp32 on a 2-core CPU, measured on an idle machine (2026-11-25: probe
@@ -46,19 +47,17 @@ def estimate_seconds(unit: Unit, rates: dict[str, float]) -> float:
 
 def plan_table(units: list[Unit], todo: list[Unit], rates: dict[str, float], measured: set[str]) -> str:
     kinds = list(dict.fromkeys(u.kind for u in units))
-    lines = ["| unit | total | to run | work to run | est. time | rate from |", "|---|---:|---:|---:|---:|---|"]
+    rows = []
     total_seconds = 0.0
     for kind in kinds:
         todo_kind = [u for u in todo if u.kind == kind]
         seconds = sum(estimate_seconds(u, rates) for u in todo_kind)
         total_seconds += seconds
         work = sum(u.work for u in todo_kind)
-        lines.append(
-            f"| {kind} | {sum(u.kind == kind for u in units)} | {len(todo_kind)} | {work:,.0f} {WORK_UNITS.get(kind, '')} "
-            f"| {_duration(seconds)} | {'this study' if kind in measured else 'default (135M, 2 CPUs)'} |"
-        )
-    lines.append(f"| **all** | {len(units)} | {len(todo)} | | {_duration(total_seconds)} | |")
-    return "\n".join(lines)
+        rows.append([kind, sum(u.kind == kind for u in units), len(todo_kind), f"{work:,.0f} {WORK_UNITS.get(kind, '')}",
+                     _duration(seconds), "this study" if kind in measured else "default (135M, 2 CPUs)"])
+    rows.append(["**all**", len(units), len(todo), "", _duration(total_seconds), ""])
+    return markdown_table(["unit", "total", "to run", "work to run", "est. time", "rate from"], rows, "lrrrrl")
 
 
 def _duration(seconds: float) -> str:

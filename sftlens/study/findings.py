@@ -21,7 +21,7 @@ import numpy as np
 from sftlens.evaluate import MIN_N
 from sftlens.report import size_sort_key
 from sftlens.study.bootstrap import Estimate, FactDraws, SeedDraws, arm_difference, estimate
-from sftlens.study.results import StudyResults, chosen_ratio
+from sftlens.study.results import StudyResults, chosen_ratio, level_name, train_levels
 
 # C5: the update counts as concentrated when the top 1 % of elements holds at least this share of
 # the total change (ten times the 1 % a uniform change would give).
@@ -86,20 +86,10 @@ def _group(models: list[dict], level, size) -> list[dict]:
     return sorted((m for m in models if m["train_level"] == level and m["size"] == size), key=lambda m: m["seed"])
 
 
-def _levels_of(models: list[dict]) -> list:
-    levels = sorted({m["train_level"] for m in models if isinstance(m["train_level"], int)})
-    return levels + (["mixed"] if any(m["train_level"] == "mixed" for m in models) else [])
-
-
-def _set_name(level) -> str:
-    return f"D_train-{level}" if isinstance(level, int) else str(level)
-
-
 def _size_text(group: list[dict], size) -> str:
-    examples = sorted({m["examples"] for m in group if m["examples"] is not None})
-    if examples and isinstance(size, int) and examples[-1] < size:
-        return f"n={size} (short: {'/'.join(map(str, examples))} facts)"
-    return f"n={size}"
+    short = sorted({m["examples"] for m in group if isinstance(size, int) and m["examples"] is not None
+                    and m["examples"] < size})
+    return f"n={size} (short: {'/'.join(map(str, short))} facts)" if short else f"n={size}"
 
 
 def _is_short(group: list[dict], size) -> bool:
@@ -150,17 +140,17 @@ class Claims:
         if why:
             return [not_tested("C1", "Acc(largest size) - Acc(240)", why)]
         out = []
-        for level in _levels_of(self.models):
+        for level in train_levels(self.models):
             sizes = self.sizes(level)
             largest = sizes[-1]
             ref = reference_size(sizes, largest)
-            label = f"{_set_name(level)}: Acc({largest}) - Acc({ref})"
+            label = f"{level_name(level)}: Acc({largest}) - Acc({ref})"
             if ref is None:
                 out.append(not_tested("C1", label, "one training size only"))
                 continue
             big, small = _group(self.models, level, largest), _group(self.models, level, ref)
             effect = self.acc_gap(big, small)
-            out.append(Finding("C1", f"{_set_name(level)}: Acc({_size_text(big, largest)}) - Acc(n={ref})", effect,
+            out.append(Finding("C1", f"{level_name(level)}: Acc({_size_text(big, largest)}) - Acc(n={ref})", effect,
                                self.n_text(big, small), verdict(effect.low, effect.high, -1)))
         return out
 
@@ -170,7 +160,7 @@ class Claims:
         if why:
             return [not_tested("C2", "best - worst training level", why)]
         out = []
-        levels = [lv for lv in _levels_of(self.models) if isinstance(lv, int)]
+        levels = [lv for lv in train_levels(self.models) if isinstance(lv, int)]
         for size in sorted({m["size"] for m in self.models}, key=size_sort_key):
             groups = {lv: _group(self.models, lv, size) for lv in levels}
             full = {lv: g for lv, g in groups.items() if g and not _is_short(g, size)}
@@ -182,7 +172,7 @@ class Claims:
             mean_acc = {lv: np.mean([self.facts.acc(m["bits"], "in", self.levels)[0] for m in g]) for lv, g in full.items()}
             best, worst = max(mean_acc, key=mean_acc.get), min(mean_acc, key=mean_acc.get)
             effect = self.acc_gap(full[best], full[worst])
-            out.append(Finding("C2", f"n={size}: Acc({_set_name(best)}) - Acc({_set_name(worst)}) (best - worst)",
+            out.append(Finding("C2", f"n={size}: Acc({level_name(best)}) - Acc({level_name(worst)}) (best - worst)",
                                effect, self.n_text(full[best], full[worst]), verdict(effect.low, effect.high, +1)))
         return out
 
@@ -194,8 +184,9 @@ class Claims:
             return [not_tested("C3", "best - worst subset of one size", why)]
         size = max((m["size"] for m in self.models), key=size_sort_key)
         at_size = [m for m in self.models if m["size"] == size]
-        groups = [(f"{_set_name(lv)}, n={size}: best - worst seed", _group(at_size, lv, size)) for lv in _levels_of(at_size)]
-        groups.append((f"n={size}: best - worst of all levels and seeds", at_size))
+        groups = [(f"{level_name(lv)}, {_size_text(_group(at_size, lv, size), size)}: best - worst seed",
+                   _group(at_size, lv, size)) for lv in train_levels(at_size)]
+        groups.append((f"{_size_text(at_size, size)}: best - worst of all levels and seeds", at_size))
         out = []
         for label, group in groups:
             if len(group) < 2:
@@ -204,7 +195,7 @@ class Claims:
             ranked = sorted(group, key=lambda m: self.facts.acc(m["bits"], "in", self.levels)[0])
             best, worst = ranked[-1], ranked[0]
             effect = arm_difference(self.facts, self.seeds, [best], [worst], "in", self.levels, paired_seeds=True)
-            tags = f" ({_set_name(best['train_level'])} seed {best['seed']} vs {_set_name(worst['train_level'])} seed {worst['seed']})"
+            tags = f" ({level_name(best['train_level'])} seed {best['seed']} vs {level_name(worst['train_level'])} seed {worst['seed']})"
             out.append(Finding("C3", label + tags, effect, f"{describe_levels(self.records, 'in', self.levels)}; "
                                f"{len(group)} models", verdict(effect.low, effect.high, +1)))
         return out
@@ -217,10 +208,10 @@ class Claims:
         if not points:
             return [not_tested("C4", "KL vs size; corr(KL, accuracy)", "no KL in this study", "KL")]
         out = []
-        for level in _levels_of(points):
+        for level in train_levels(points):
             sizes = sorted({p["size"] for p in points if p["train_level"] == level}, key=size_sort_key)
             ref = reference_size(sizes, sizes[-1])
-            label = f"{_set_name(level)}: KL(n={sizes[-1]}) - KL(n={ref})"
+            label = f"{level_name(level)}: KL(n={sizes[-1]}) - KL(n={ref})"
             if ref is None:
                 out.append(not_tested("C4", label, "one training size only", "KL"))
                 continue
@@ -273,7 +264,7 @@ class Claims:
                 note = ""
                 if metric == "relative" and zero and np.mean(zero) > 0.5:
                     note = f"; {100 * np.mean(zero):.1f} % of it sits on elements whose base value is exactly 0"
-                out.append(Finding("C5", f"{_set_name(level)}, n={size}: top-1 % share, {metric} change{note}", effect,
+                out.append(Finding("C5", f"{level_name(level)}, n={size}: top-1 % share, {metric} change{note}", effect,
                                    f"{len(shares)} models", verdict(effect.low, effect.high, +1, CONCENTRATED_SHARE), "%"))
         return out
 
@@ -294,7 +285,7 @@ class Claims:
         for (level, size), group in sorted(sweeps.items(), key=lambda kv: (str(kv[0][0]), size_sort_key(kv[0][1]))):
             group.sort(key=lambda s: s["seed"])
             ratio = chosen_ratio(group)
-            name = f"{_set_name(level)}, n={size}, restore {ratio:g} % (dev-chosen)"
+            name = f"{level_name(level)}, n={size}, restore {ratio:g} % (dev-chosen)"
             for split in ("test", "train"):
                 out += self._restoration_rows(name, split, group, controls, level, size, ratio)
         return out

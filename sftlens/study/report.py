@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sftlens.evaluate import MIN_N
 from sftlens.io import atomic_write_bytes, atomic_write_text
+from sftlens.markdown import markdown_table
 from sftlens.study.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, findings
 from sftlens.study.results import StudyResults, eval_records, load_results, restore_records
 from sftlens.study.sections import (
@@ -117,9 +118,7 @@ def _markdown(title: str, parts: list[Section], preamble: list[str] = ()) -> str
         for caption, header, rows in s.tables:
             if caption:
                 lines += [f"*{caption}*", ""]
-            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(row) + " |" for row in rows]
-            lines.append("")
+            lines += [markdown_table(header, rows), ""]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftlens.evaluate import acc_of
+from sftlens.report import mean_spread
 from sftlens.study.db import StudyDB
 
 
@@ -50,6 +51,16 @@ def load_results(study_dir: str | Path) -> StudyResults:
         return StudyResults(db.meta("config", {}), db.meta("source", "?"), db.planned_units(), db.meta("sessions", []))
 
 
+def train_levels(items: list[dict]) -> list:
+    """The training levels present among records or models (`train_level`): 0-4 ascending, then mixed."""
+    levels = sorted({r["train_level"] for r in items if isinstance(r["train_level"], int)})
+    return levels + (["mixed"] if any(r["train_level"] == "mixed" for r in items) else [])
+
+
+def level_name(level) -> str:
+    return f"D_train-{level}" if isinstance(level, int) else str(level)
+
+
 def eval_records(results: StudyResults) -> list[dict]:
     """Records of plain models (base and fine-tuned, not restored), every split they were evaluated on."""
     out = []
@@ -76,15 +87,6 @@ def acc(records: list[dict], domain: str, levels: list[int] | None = None) -> fl
     if not any(r["domain"] == domain for r in records):
         return None
     return acc_of(records, domain, levels)
-
-
-def mean_spread(values: list[float]) -> tuple[float, float, int]:
-    """Mean and sample standard deviation over seeds (0 with a single seed)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan"), 0
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return statistics.fmean(values), spread, len(values)
 
 
 def per_seed(records: list[dict], **match) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftlens.evaluate import MIN_N, acc_levels
-from sftlens.report import plot_bands, plot_series, size_sort_key
+from sftlens.report import mean_spread, plot_bands, plot_series, size_sort_key
 from sftlens.study.bootstrap import FactDraws, SeedDraws, arm_acc, arm_difference
 from sftlens.study.results import (
     StudyResults,
@@ -21,7 +21,8 @@ from sftlens.study.results import (
     acc_over_seeds,
     chosen_ratio,
     level_acc_over_seeds,
-    mean_spread,
+    level_name,
+    train_levels,
 )
 
 LEVELS = (0, 1, 2, 3, 4)
@@ -46,15 +47,6 @@ def fmt(mean: float, spread: float, n: int, scale: float = 100.0, digits: int = 
 def ci(estimate, scale: float = 100.0, digits: int = 1, sign: str = "+") -> str:
     return (f"{estimate.value * scale:{sign}.{digits}f} "
             f"[{estimate.low * scale:{sign}.{digits}f}, {estimate.high * scale:{sign}.{digits}f}]")
-
-
-def train_levels(records) -> list:
-    levels = sorted({r["train_level"] for r in records if isinstance(r["train_level"], int)})
-    return levels + (["mixed"] if any(r["train_level"] == "mixed" for r in records) else [])
-
-
-def level_name(level) -> str:
-    return f"D_train-{level}" if isinstance(level, int) else str(level)
 
 
 def sizes_of(records) -> list:
