@@ -86,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     except SftlensError as err:
         print(f"sftlens: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno is None:
+            raise
+        # a full disk, a read-only folder, a missing permission: the file and the reason, no traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"sftlens: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("sftlens: interrupted", file=sys.stderr)
         return 130

@@ -34,7 +34,9 @@ import torch
 from tqdm import tqdm
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
-from sftlens.data import Fact, default_matcher, encode_prompt, first_per_relation, load_facts, load_templates
+from sftlens.data import (
+    Fact, default_matcher, encode_prompt, first_per_relation, load_facts, load_templates, parse_fact_id,
+)
 from sftlens.errors import SftlensError
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_text, exclusive_writer, read_jsonl, stable_hash
 from sftlens.markdown import markdown_table
@@ -485,15 +487,12 @@ def best_templates(records: dict[str, ProbeRecord], facts: Iterable[Fact]) -> di
     return {rel: min(c, key=lambda t: (-c[t], t)) for rel, c in hits.items() if c}
 
 
-_FACT_ID = re.compile(r"^(?P<relation>[^/]+)/(?P<split>[^/]+)/")
-
-
 def _group_of(fact_id: str) -> tuple[str, str]:
-    match = _FACT_ID.match(fact_id)
+    relation, split, _ = parse_fact_id(fact_id)
     templates = load_templates()
-    if match is None or match["relation"] not in templates:
-        raise SftlensError(f"probe record {fact_id!r}: not a relation/split/index fact id")
-    return match["split"], templates[match["relation"]].domain
+    if relation not in templates:
+        raise SftlensError(f"probe record {fact_id!r}: unknown relation {relation}")
+    return split, templates[relation].domain
 
 
 def _group_name(split: str, domain: str) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
-from sftlens.data import Fact, load_facts, sft_completion, sft_prompt
+from sftlens.data import Fact, load_facts, parse_fact_id, sft_completion, sft_prompt
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_directory, atomic_write_json, atomic_write_jsonl, stable_hash
 from sftlens.probe import LEVELS, ProbeRecord, load_probe
@@ -263,8 +263,9 @@ def _run(args: argparse.Namespace) -> None:
     records = load_probe(args.store)
     if not records:
         raise SftlensError(f"{args.store}: no probe records")
-    relations = sorted({fid.split("/")[0] for fid in records})
-    splits = sorted({fid.split("/")[1] for fid in records})
+    ids = [parse_fact_id(fid) for fid in records]
+    relations = sorted({relation for relation, _, _ in ids})
+    splits = sorted({split for _, split, _ in ids})
     facts = [f for f in load_facts(args.data_dir, splits=tuple(splits), relations=tuple(relations)).facts if f.id in records]
     manifest = build_splits(facts, records, config, args.out)
     print(summary(manifest), end="")

@@ -149,3 +149,46 @@ def test_a_truncated_safetensors_shard_names_the_file(tmp_path):
     shard.write_bytes(shard.read_bytes()[:5000])
     with pytest.raises(SftlensError, match=str(shard)):
         open_pair(tmp_path / "base", tmp_path / "ft")
+
+
+def test_enospc_while_writing_restored_folders_leaves_no_folder(tmp_path, monkeypatch):
+    import sftlens.restore
+    from sftlens.restore import RestoreConfig, restore_sweep
+    from test_deltas import random_pair
+
+    base_dir, ft_dir, _, _ = random_pair(tmp_path, shards=2)
+    real, calls = sftlens.restore._as_bytes, []
+
+    def fails_on_the_third_block(tensor):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensor)
+
+    monkeypatch.setattr(sftlens.restore, "_as_bytes", fails_on_the_third_block)
+    with pytest.raises(OSError):
+        restore_sweep(base_dir, ft_dir, (1, 10), RestoreConfig(region="all"), tmp_path / "out", progress=False)
+    assert list((tmp_path / "out").iterdir()) == [], "no partial restored folder"
+    monkeypatch.setattr(sftlens.restore, "_as_bytes", real)
+    folders = restore_sweep(base_dir, ft_dir, (1, 10), RestoreConfig(region="all"), tmp_path / "out", progress=False)
+    assert all((folder / "restore.json").is_file() for folder in folders.values())
+
+
+def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
+    from sftlens import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report.md"))
+
+    monkeypatch.setattr(cli, "build_parser", lambda command=None: _parser_running(full))
+    assert cli.main(["x"]) == 2
+    assert capsys.readouterr().err == f"sftlens: error: {tmp_path / 'report.md'}: No space left on device\n"
+
+
+def _parser_running(func):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command")
+    parser.set_defaults(func=func)
+    return parser

@@ -267,11 +267,15 @@ def test_the_report_regenerates_from_the_database_alone(tiny_study, tmp_path):
     shutil.copy(study / "study.db", copy / "study.db")
     paths = write_report(copy)
     markdown = paths["markdown"].read_text()
-    for title in ("Table 1", "Figure 2", "Table 2", "Figure 4", "Figure 5", "Table 3", "Table 4", "Table 5",
-                  "Table 6", "chosen on dev"):
+    for title in ("Findings", "Table 1", "Figure 2", "Table 2", "Figure 4", "Figure 5", "Table 3", "Table 4",
+                  "Table 5", "Table 6", "chosen on dev"):
         assert f"## {title}" in markdown or title in markdown
+    assert markdown.index("## Findings") < markdown.index("## Table 1")
+    for claim in ("C1", "C2", "C3", "C4", "C5", "C6"):
+        assert f"| {claim} |" in markdown
+    assert "| n (test facts) |" in markdown and "artefact check" in markdown
     html = paths["html"].read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4  # figures 2, 4, 5 and the restoration curve
     assert " ± " in markdown
     assert "D_train-0" in markdown and "mixed" in markdown
 

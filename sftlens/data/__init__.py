@@ -5,11 +5,13 @@ from sftlens.data.facts import (
     FactSet,
     RelationTemplates,
     data_dir_from,
+    fact_id,
     first_per_relation,
     in_domain_relations,
     load_facts,
     load_templates,
     out_of_domain_relations,
+    parse_fact_id,
     parse_relations,
 )
 from sftlens.data.matching import Matcher, default_matcher, normalize
@@ -18,5 +20,5 @@ from sftlens.data.prompts import encode_prompt, sft_completion, sft_prompt
 __all__ = [
     "Fact", "FactSet", "RelationTemplates", "Matcher", "data_dir_from", "default_matcher", "first_per_relation",
     "in_domain_relations", "load_facts", "load_templates", "normalize", "out_of_domain_relations",
-    "parse_relations", "encode_prompt", "sft_completion", "sft_prompt",
+    "parse_fact_id", "parse_relations", "fact_id", "encode_prompt", "sft_completion", "sft_prompt",
 ]

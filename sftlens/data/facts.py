@@ -161,7 +161,7 @@ def load_facts(
                 continue
             result.facts.append(
                 Fact(
-                    id=f"{relation}/{split}/{index:05d}", relation=relation, subject=match.group(1),
+                    id=fact_id(relation, split, index), relation=relation, subject=match.group(1),
                     answers=tuple(rec["answers"]), split=split, domain=tpl.domain, question=rec["question"],
                 )
             )
@@ -183,3 +183,19 @@ def first_per_relation(facts: Iterable[Fact], limit: int | None) -> list[Fact]:
             taken[key] = taken.get(key, 0) + 1
             chosen.append(fact)
     return chosen
+
+
+_FACT_ID = re.compile(r"^(?P<relation>[^/]+)/(?P<split>train|dev|test)/(?P<index>\d+)$")
+
+
+def fact_id(relation: str, split: str, index: int) -> str:
+    """The one spelling of a fact id: `relation/split/index` (e.g. P17/test/00042)."""
+    return f"{relation}/{split}/{index:05d}"
+
+
+def parse_fact_id(text: str) -> tuple[str, str, int]:
+    """(relation, split, index) of a fact id; anything else is an error naming it."""
+    match = _FACT_ID.match(text)
+    if match is None:
+        raise SftlensError(f"{text!r}: not a relation/split/index fact id")
+    return match["relation"], match["split"], int(match["index"])

@@ -19,6 +19,7 @@ from pathlib import Path
 from sftlens.evaluate import MIN_N
 from sftlens.io import atomic_write_bytes, atomic_write_text
 from sftlens.markdown import markdown_table
+from sftlens.study.commands import code_version
 from sftlens.study.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, findings
 from sftlens.study.results import StudyResults, eval_records, load_results, restore_records
 from sftlens.study.sections import (
@@ -85,8 +86,8 @@ def run_header(results: StudyResults, study_dir: Path, page: Path) -> list[str]:
         + ", ".join(f"{n} {state}" for state, n in sorted(units.items())),
         f"- Machine: {sessions[-1]['machine']}",
         f"- Code: sftlens at git commit `{codes}`",
-        f"- This page: `sftlens report {study_dir} --page {page}` (every number below comes from the study database; "
-        "re-running the command regenerates the page)",
+        f"- This page: `sftlens report {study_dir} --page {page}`, by sftlens `{code_version()}` (every number below "
+        "comes from the study database; re-running the command regenerates the page)",
     ]
     return lines
 
