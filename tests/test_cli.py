@@ -3,18 +3,31 @@ import sys
 
 import pytest
 
-from sftlens.cli import COMMAND_MODULES, build_parser, main
+from sftlens.cli import COMMANDS, build_parser, main
 
 
-def test_help_lists_every_registered_subcommand(capsys):
+def test_help_lists_every_command_with_its_summary(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    names = build_parser()._subparsers._group_actions[0].choices
-    for name in names:
-        assert name in out
-    assert {"models", "data"} <= set(names)
-    assert len(names) >= len(COMMAND_MODULES)
+    for name, (_, summary) in COMMANDS.items():
+        assert name in out and summary.split()[0] in out
+    assert set(build_parser()._subparsers._group_actions[0].choices) == set(COMMANDS)
+
+
+def test_help_imports_no_stage_module():
+    code = ("import sys\nfrom sftlens.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('sftlens.probe', 'sftlens.train'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_each_command_loads_its_own_parser(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: sftlens {command}" in capsys.readouterr().out
 
 
 def test_data_stats_prints_counts(tiny_data_dir, capsys):

@@ -8,7 +8,7 @@ from sftlens.cli import main
 from sftlens.data import encode_prompt, sft_completion, sft_prompt
 from sftlens.errors import SftlensError
 from sftlens.evaluate import (
-    PREDICTIONS_FILE, SUMMARY_FILE, EvalConfig, acc_of, evaluate, evaluate_model, format_level_table, micro_of,
+    PREDICTIONS_FILE, SUMMARY_FILE, EvalConfig, acc_levels, acc_of, evaluate, evaluate_model, format_level_table, micro_of,
     summarize,
 )
 from sftlens.io import atomic_write_jsonl, read_jsonl
@@ -55,6 +55,16 @@ def test_acc_is_the_mean_of_level_accuracies_not_of_facts():
         (0, 10, 0.0), (1, 1, 1.0), (2, 1, 1.0), (3, 1, 1.0), (4, 1, 1.0)]
     assert acc_of(records, "in") == pytest.approx(0.8)
     assert micro_of(records, "in") == pytest.approx(4 / 14)
+
+
+def test_acc_averages_only_levels_with_enough_facts():
+    records = [{"domain": "in", "test_level": lv, "n": n, "correct": c, "accuracy": c / n}
+               for lv, n, c in ((0, 80, 8), (1, 58, 29), (2, 19, 19), (3, 1, 1))]
+    assert acc_levels(records, "in") == [0, 1]
+    assert acc_of(records, "in") == pytest.approx((0.1 + 0.5) / 2)
+    assert acc_of(records, "in", levels=[0, 1, 2, 3]) == pytest.approx((0.1 + 0.5 + 1 + 1) / 4)
+    small = [{**r, "n": 5} for r in records]
+    assert acc_levels(small, "in") == [0, 1, 2, 3], "a toy run with no large level averages all it has"
 
 
 def test_records_are_per_domain_and_level():

@@ -144,6 +144,7 @@ def test_a_truncated_safetensors_shard_names_the_file(tmp_path):
 
     for name in ("base", "ft"):
         (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
         save_file({"model.layers.0.mlp.up_proj.weight": torch.ones(64, 64)}, tmp_path / name / "model.safetensors")
     shard = tmp_path / "ft" / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:5000])
