@@ -211,3 +211,13 @@ def test_claims_of_an_empty_study_are_all_not_tested():
     found = Claims(StudyResults({"study": {}}, "empty", [])).all()
     assert {f.claim for f in found} == {"C1", "C2", "C3", "C4", "C5", "C6"}
     assert all(f.verdict.startswith("not tested") for f in found)
+
+
+def test_kl_over_too_few_facts_is_not_tested():
+    builder = StudyBuilder()
+    for size, kl in ((60, 0.1), (240, 0.9)):
+        for seed in (0, 1, 2):
+            train = builder.model(0, size, seed, {0: 0.5, 1: 0.5})
+            builder.unit("kl", {}, {"model": train}, {"kl": {"mean": kl, "n": 12}})
+    (finding,) = [f for f in findings(builder.results(), samples=100) if f.claim == "C4"]
+    assert finding.verdict == "not tested: the KL's test set has 12 facts (< 30)"

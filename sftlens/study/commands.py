@@ -18,26 +18,25 @@ from sftlens.study.units import build_units
 from sftlens.markdown import markdown_table
 
 # Seconds per unit of work (one sampled continuation, training example, greedy answer, KL prompt) and
-# per unit, for SmolLM2-135M in fp32 on a 2-core CPU, measured on an idle machine (2026-11-25: probe
-# 28 samples/s at <= 16 tokens, SFT 0.22 s per example at batch 8, greedy eval 17 facts/s);
-# `plan` prefers the rates this study measured itself once units of a kind have finished.
-DEFAULT_RATES = {"probe": 0.036, "split": 0.0, "train": 0.22, "eval": 0.06, "kl": 0.05, "deltas": 25.0,
-                 "restore": 0.06, "control": 0.06}
-FIXED_SECONDS = {"probe": 5, "split": 2, "train": 8, "eval": 4, "kl": 6, "deltas": 0, "restore": 6, "control": 6}
+# per unit, for SmolLM2-135M in fp32 on a 2-core CPU: the rates of the `repro` run (2026-11-25, 102
+# units in 50 min; units' work as `study plan` counts it). `plan` prefers the rates of the study
+# folder's own finished units.
+DEFAULT_RATES = {"probe": 0.040, "split": 0.0, "train": 0.14, "eval": 0.037, "kl": 0.02, "deltas": 16.0,
+                 "restore": 0.047, "control": 0.045}
+FIXED_SECONDS = {"probe": 5, "split": 2, "train": 8, "eval": 4, "kl": 3, "deltas": 0, "restore": 6, "control": 6}
 WORK_UNITS = {"probe": "samples", "split": "-", "train": "examples", "eval": "generations", "kl": "prompts",
               "deltas": "models", "restore": "generations", "control": "generations"}
 
 
-def measured_rates(db: StudyDB, units: list[Unit]) -> dict[str, float]:
-    """Seconds per work item per kind, from this study's finished units."""
-    states = db.states()
+def measured_rates(db: StudyDB) -> dict[str, float]:
+    """Seconds per work item per kind, from every unit this study folder has finished, including
+    units an edited config (or a newer sftlens) has since re-keyed: they ran on this machine."""
     spent: Counter = Counter()
     work: Counter = Counter()
-    for unit in units:
-        state = states.get(unit.key)
-        if state and state["state"] == "done" and state["seconds"] and unit.work:
-            spent[unit.kind] += max(0.0, state["seconds"] - FIXED_SECONDS.get(unit.kind, 0))
-            work[unit.kind] += unit.work
+    for kind, seconds, unit_work in db.finished_work():
+        if seconds and unit_work:
+            spent[kind] += max(0.0, seconds - FIXED_SECONDS.get(kind, 0))
+            work[kind] += unit_work
     return {kind: spent[kind] / work[kind] for kind in work}
 
 
@@ -75,7 +74,7 @@ def plan(config: StudyConfig, out: Path, data_dir: str | None = None, listing: b
     if (out / "study.db").is_file():
         with StudyDB(out) as db:
             states = db.states()
-            rates = measured_rates(db, units)
+            rates = measured_rates(db)
     todo = units_to_run(units, states)
     text = [f"study {config.source} -> {out}: {len(units)} units, {len(todo)} to run", "",
             plan_table(units, todo, {**DEFAULT_RATES, **rates}, set(rates))]

@@ -102,6 +102,11 @@ class StudyDB:
         row = self.conn.execute("SELECT result FROM units WHERE key = ? AND state = 'done'", (key,)).fetchone()
         return json.loads(row[0]) if row and row[0] else None
 
+    def finished_work(self) -> list[tuple[str, float, float]]:
+        """(kind, seconds, work) of every finished unit, planned now or not."""
+        rows = self.conn.execute("SELECT kind, seconds, spec FROM units WHERE state = 'done'").fetchall()
+        return [(kind, seconds, json.loads(spec).get("work", 0.0)) for kind, seconds, spec in rows]
+
     def planned_units(self) -> list[dict]:
         """The current plan's units in order, with their spec, state and result."""
         rows = self.conn.execute(

@@ -203,10 +203,14 @@ class Claims:
     def c4_kl(self) -> list[Finding]:
         """C4: KL(largest) - KL(240 or nearest) per level (the paper: > 0 past 240), bootstrap over
         seeds; and the correlation across models of KL with accuracy on the KL's facts (the paper: < 0)."""
-        points = [{**self.results.model_tags(u), "kl": u["result"]["kl"]["mean"]} for u in self.results.done("kl")]
+        points = [{**self.results.model_tags(u), "kl": u["result"]["kl"]["mean"], "n": u["result"]["kl"].get("n", 0)}
+                  for u in self.results.done("kl")]
         points = [p for p in points if p["train_level"] != "base"]
         if not points:
             return [not_tested("C4", "KL vs size; corr(KL, accuracy)", "no KL in this study", "KL")]
+        if min(p["n"] for p in points) < MIN_N:
+            return [not_tested("C4", "KL vs size; corr(KL, accuracy)",
+                               f"the KL's test set has {min(p['n'] for p in points)} facts (< {MIN_N})", "KL")]
         out = []
         for level in train_levels(points):
             sizes = sorted({p["size"] for p in points if p["train_level"] == level}, key=size_sort_key)
@@ -219,7 +223,8 @@ class Claims:
             small = np.array([p["kl"] for p in _group(points, level, ref)])
             draws = (big[self.seeds.pick(len(big))].mean(axis=1) - small[self.seeds.pick(len(small))].mean(axis=1))
             effect = estimate(big.mean() - small.mean(), draws)
-            out.append(Finding("C4", label, effect, f"seeds {len(big)} vs {len(small)} (mean KL per model)",
+            out.append(Finding("C4", label, effect, f"{points[0]['n']} test facts; seeds {len(big)} vs {len(small)} "
+                               "(mean KL per model)",
                                verdict(effect.low, effect.high, +1), "KL"))
         out.append(self.kl_accuracy_correlation(points))
         return out
