@@ -75,7 +75,7 @@ def test_study_run_refuses_a_folder_another_run_holds(tmp_path):
     holder = hold_lock(tmp_path / "study")
     try:
         with pytest.raises(SftlensError, match="another sftlens run is writing this study folder"):
-            run_study(load_study_config("demo"), tmp_path / "study", data_dir=os.environ.get("SFTLENS_DATA_DIR", tmp_path))
+            run_study(load_study_config("demo"), tmp_path / "study", data_dir=tmp_path / "no-data")
     finally:
         holder.kill()
         holder.wait()

@@ -126,10 +126,10 @@ def run_study(config: StudyConfig, out: Path, data_dir: str | None = None, execu
               address: str | None = None, workers: int | None = None, progress: bool = True):
     import sys
 
-    units = build_units(config, data_dir)
     session = {"started": time.time(), "command": " ".join(["sftlens", *sys.argv[1:]]), "code": code_version(),
                "machine": machine(), "executor": executor, "load_average_at_start": os.getloadavg()}
-    with exclusive_writer(out, "study folder"):
+    with exclusive_writer(out, "study folder"):  # before anything else: a second writer stops at once
+        units = build_units(config, data_dir)
         with StudyDB(out) as db:
             db.set_meta("config", config.to_dict())
             db.set_meta("source", config.source)

@@ -68,7 +68,9 @@ def verdict_summary(found: list[Finding]) -> list[str]:
         mine = [f.verdict.split(":")[0] for f in found if f.claim == claim]
         counts = Counter(mine)
         parts = [f"{word} in {counts[word]}" for word in ("holds", "reversed", "inconclusive", NOT_TESTED) if counts[word]]
-        lines.append(f"- **{claim}** {statement} — {', '.join(parts)} of {len(mine)} comparison(s).")
+        zero = sum(1 for f in found if f.claim == claim and f.effect and f.effect.low == f.effect.high == 0)
+        note = f" In {zero} of them the effect is exactly 0: not one prediction changed." if zero else ""
+        lines.append(f"- **{claim}** {statement} — {', '.join(parts)} of {len(mine)} comparison(s).{note}")
     return lines
 
 
