@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from sftlens.data import in_domain_relations, load_facts, sft_completion, sft_prompt  # noqa: E402
-from sftlens.evaluate import EvalConfig, acc_of, evaluate_model, summarize  # noqa: E402
-from sftlens.models import load_model  # noqa: E402
+from sftlens.data import in_domain_relations, load_facts, sft_completion, sft_prompt
+from sftlens.evaluate import EvalConfig, acc_of, evaluate_model, summarize
+from sftlens.models import load_model
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "entityquestions"
 

@@ -26,16 +26,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from sftlens.data import in_domain_relations, load_facts, sft_completion, sft_prompt  # noqa: E402
-from sftlens.io import read_jsonl  # noqa: E402
-from sftlens.models import load_model, resolve_model  # noqa: E402
-from sftlens.train import (  # noqa: E402
+from sftlens.data import in_domain_relations, load_facts, sft_completion, sft_prompt
+from sftlens.io import read_jsonl
+from sftlens.models import load_model, resolve_model
+from sftlens.train import (
     LOSS_FILE, TrainConfig, _build_trainer, _training_arguments, encode_sft_set, train,
-)  # noqa: E402
+)
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "entityquestions"
 

@@ -257,15 +257,28 @@ def _eval_sets(test_files, train_file) -> dict[str, tuple[list[dict], list[dict]
     return sets
 
 
+def evaluate_splits(model, tokenizer, rows_by_split: dict[str, list[dict]], eval_config, tag: dict,
+                    progress: bool = True) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Evaluation records of `model` on each split's rows, tagged with `split` and `tag`, and each
+    split's predictions: the one evaluation of a restoration sweep (`restore --eval` and studies)."""
+    from sftlens.evaluate import evaluate_model, summarize
+
+    records, predictions = [], {}
+    for split, rows in rows_by_split.items():
+        predictions[split] = evaluate_model(model, tokenizer, rows, eval_config, progress)
+        records += [{**rec, "split": split, **tag} for rec in summarize(predictions[split])]
+    return records, predictions
+
+
 def evaluate_restored(base, finetuned, ratios=DEFAULT_RATIOS, config: RestoreConfig = RestoreConfig(),
                       test_files=(), out_dir: str | Path = "restored", eval_config=None, train_file=None,
                       progress: bool = True) -> list[dict]:
     """Accuracy of the fine-tuned model unrestored (ratio 0) and restored at every ratio, restoring
     in memory (no checkpoint written): the paper's Table 4 on `test_files`, Table 5 on `train_file`.
 
-    Returns long-format evaluation records with `set` (test/train), `restore_ratio` and `strategy`;
+    Returns long-format evaluation records with `split` (test/train), `restore_ratio` and `strategy`;
     each ratio's records are cached in out_dir/eval/ by inputs, so a re-run skips finished ratios."""
-    from sftlens.evaluate import RESULT_NEUTRAL, EvalConfig, evaluate_model, summarize
+    from sftlens.evaluate import RESULT_NEUTRAL, EvalConfig
     from sftlens.models import load_model
 
     eval_config = eval_config or EvalConfig()
@@ -274,7 +287,8 @@ def evaluate_restored(base, finetuned, ratios=DEFAULT_RATIOS, config: RestoreCon
     levels = (0.0, *parse_ratios(ratios))
     settings = {k: v for k, v in config_to_dict(eval_config).items() if k not in RESULT_NEUTRAL}
     manifests = {name: manifest for name, (_, manifest) in sets.items()}
-    keys = {r: stable_hash({"restore": _key(pair, config, r), "sets": manifests, "eval": settings}) for r in levels}
+    keys = {r: stable_hash({"format": 2, "restore": _key(pair, config, r), "sets": manifests, "eval": settings})
+            for r in levels}
     paths = {r: Path(out_dir) / "eval" / f"{config.strategy}-{r:g}.json" for r in levels}
     done = {}
     for r in levels:
@@ -287,11 +301,8 @@ def evaluate_restored(base, finetuned, ratios=DEFAULT_RATIOS, config: RestoreCon
         model, tokenizer = load_model(str(finetuned), dtype=eval_config.dtype, device=eval_config.device)
 
         def run(ratio: float) -> None:
-            records = []
-            for name, (rows, _) in sets.items():
-                predictions = evaluate_model(model, tokenizer, rows, eval_config, progress)
-                records += [{**rec, "set": name, "restore_ratio": ratio, "strategy": config.strategy}
-                            for rec in summarize(predictions)]
+            records, _ = evaluate_splits(model, tokenizer, {name: rows for name, (rows, _) in sets.items()}, eval_config,
+                                         {"restore_ratio": ratio, "strategy": config.strategy}, progress)
             atomic_write_json(paths[ratio], {"key": keys[ratio], "records": records})
             done[ratio] = records
 
@@ -308,11 +319,11 @@ def restore_table(records: list[dict]) -> str:
     with the change against the unrestored model."""
     from sftlens.evaluate import acc_of
 
-    columns = sorted({(r["set"], r["domain"]) for r in records}, key=lambda c: (c[0] != "test", c[1]))
+    columns = sorted({(r["split"], r["domain"]) for r in records}, key=lambda c: (c[0] != "test", c[1]))
     ratios = sorted({r["restore_ratio"] for r in records})
 
     def acc(ratio: float, column: tuple[str, str]) -> float:
-        part = [r for r in records if r["restore_ratio"] == ratio and r["set"] == column[0]]
+        part = [r for r in records if r["restore_ratio"] == ratio and r["split"] == column[0]]
         return 100 * acc_of(part, column[1])
 
     rows = [[f"{ratio:g}", *(f"{acc(ratio, c):.2f}" + (f" ({acc(ratio, c) - acc(0.0, c):+.2f})" if ratio and 0.0 in ratios else "")

@@ -3,16 +3,15 @@ and the embedded SmolLM2 (integration tests only)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
+from tiny import write_tiny_data
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "entityquestions"
-
-TINY_ANSWERS = ["France", "Germany", "Italy", "Spain", "United States of America", "Japan"]
 
 
 @pytest.fixture
@@ -34,7 +33,7 @@ def chunking(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from sftlens.models import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -42,7 +41,7 @@ def tiny_tokenizer():
 @pytest.fixture
 def tiny(tiny_tokenizer):
     """(model, tokenizer): a random-init 2-layer Llama, fresh per test."""
-    from sftlens.models import tiny_model
+    from tiny import tiny_model
 
     return tiny_model(seed=0, tokenizer=tiny_tokenizer)
 
@@ -50,28 +49,10 @@ def tiny(tiny_tokenizer):
 @pytest.fixture
 def tiny_model_dir(tiny, tmp_path) -> Path:
     """The tiny model saved as a standard HF folder."""
-    from sftlens.models import save_model
+    from tiny import save_model
 
     model, tokenizer = tiny
     return save_model(model, tokenizer, tmp_path / "tiny-model")
-
-
-def write_tiny_data(root: Path, per_file: int = 12) -> Path:
-    """An EntityQuestions-shaped folder: every relation, every split, `per_file` records."""
-    from sftlens.data import load_templates
-
-    for split in ("train", "dev", "test"):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for r, (relation, tpl) in enumerate(load_templates().items()):
-            records = []
-            for i in range(per_file):
-                subject = f"Entity {relation} {split} {i}"
-                answers = [TINY_ANSWERS[(i + r) % len(TINY_ANSWERS)]]
-                if i % 5 == 4:
-                    answers.append(TINY_ANSWERS[(i + r + 1) % len(TINY_ANSWERS)])
-                records.append({"question": tpl.question.format(subject=subject), "answers": answers})
-            (root / split / f"{relation}.{split}.json").write_text(json.dumps(records))
-    return root
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ from sftlens.evaluate import (
 )
 from sftlens.io import atomic_write_jsonl, read_jsonl
 
-from conftest import TINY_ANSWERS
+from tiny import TINY_ANSWERS
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
-def test_rows(domain: str, level: int, n: int) -> list[dict]:
+def eval_rows(domain: str, level: int, n: int) -> list[dict]:
     rows = []
     for i in range(n):
         # prompts of different lengths, so batches need padding
@@ -30,8 +30,6 @@ def test_rows(domain: str, level: int, n: int) -> list[dict]:
     return rows
 
 
-test_rows.__test__ = False  # a helper, not a test
-
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     atomic_write_jsonl(path, rows)
@@ -40,8 +38,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def test_files(tmp_path) -> list[Path]:
-    return [write_jsonl(tmp_path / "in-level0.jsonl", test_rows("in", 0, 7)),
-            write_jsonl(tmp_path / "out-level3.jsonl", test_rows("out", 3, 5))]
+    return [write_jsonl(tmp_path / "in-level0.jsonl", eval_rows("in", 0, 7)),
+            write_jsonl(tmp_path / "out-level3.jsonl", eval_rows("out", 3, 5))]
 
 
 def prediction(domain, level, correct):
@@ -86,7 +84,7 @@ def test_level_table_shows_levels_acc_and_micro():
 
 def test_predictions_do_not_depend_on_batch_size(tiny):
     model, tokenizer = tiny
-    rows = test_rows("in", 1, 9) + test_rows("out", 2, 4)
+    rows = eval_rows("in", 1, 9) + eval_rows("out", 2, 4)
     results = [evaluate_model(model, tokenizer, rows, EvalConfig(batch_size=b), progress=False) for b in (1, 4, 64)]
     assert results[0] == results[1] == results[2]
     assert [p["fact_id"] for p in results[0]] == [r["fact_id"] for r in rows]
@@ -109,7 +107,7 @@ def greedy_by_hand(model, tokenizer, prompt: str, steps: int) -> str:
 
 def test_generation_is_greedy_and_bounded(tiny):
     model, tokenizer = tiny
-    rows = test_rows("in", 0, 5)
+    rows = eval_rows("in", 0, 5)
     predictions = evaluate_model(model, tokenizer, rows, EvalConfig(max_new_tokens=4, batch_size=5), progress=False)
     assert [p["prediction"] for p in predictions] == [greedy_by_hand(model, tokenizer, r["prompt"], 4) for r in rows]
 
@@ -118,8 +116,8 @@ def test_correct_when_the_matcher_finds_an_answer(tiny, monkeypatch):
     model, tokenizer = tiny
     outputs = iter([["It is in France.", "no idea"]])
     monkeypatch.setattr(evaluate_module, "generate_answers", lambda *a: next(outputs))
-    rows = [{**test_rows("in", 0, 1)[0], "answers": ["France"]},
-            {**test_rows("in", 0, 1)[0], "answers": ["Italy"]}]
+    rows = [{**eval_rows("in", 0, 1)[0], "answers": ["France"]},
+            {**eval_rows("in", 0, 1)[0], "answers": ["Italy"]}]
     predictions = evaluate_model(model, tokenizer, rows, EvalConfig(batch_size=2), progress=False)
     assert [p["correct"] for p in predictions] == [True, False]
 
@@ -192,7 +190,7 @@ def test_out_dir_holding_another_evaluation_is_an_error(tiny_model_dir, test_fil
 
 
 def test_bad_test_files_name_file_and_key(tiny_model_dir, tmp_path):
-    rows = test_rows("in", 0, 2)
+    rows = eval_rows("in", 0, 2)
     del rows[1]["level"]
     bad = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(SftlensError, match=r"bad.jsonl:2: missing key 'level'"):
@@ -207,7 +205,7 @@ def test_cli_prints_the_level_table(tiny_model_dir, tmp_path, capsys):
     (split / "test").mkdir(parents=True)
     for domain in ("in", "out"):
         for level in range(5):  # a split leaves a level empty when the base model has no facts there
-            write_jsonl(split / "test" / f"{domain}-level{level}.jsonl", test_rows(domain, level, 2 if level < 4 else 0))
+            write_jsonl(split / "test" / f"{domain}-level{level}.jsonl", eval_rows(domain, level, 2 if level < 4 else 0))
     code = main(["eval", "--model", str(tiny_model_dir), "--split-dir", str(split), "--out", str(tmp_path / "e"),
                  "--batch-size", "8", "--max-new-tokens", "4"])
     assert code == 0
@@ -227,7 +225,7 @@ def test_trained_smollm2_answers_in_the_trained_format(smollm2_dir, tmp_path, mo
     from sftlens.train import TrainConfig, train
 
     monkeypatch.setenv("SFTLENS_CACHE", str(smollm2_dir.parents[1]))  # reuse the weight fingerprint
-    rows = [{**row, "answers": ["France"], "completion": sft_completion("France")} for row in test_rows("in", 2, 16)]
+    rows = [{**row, "answers": ["France"], "completion": sft_completion("France")} for row in eval_rows("in", 2, 16)]
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
     base = evaluate(str(smollm2_dir), [data], tmp_path / "base-eval", progress=False)
     tuned = train(str(smollm2_dir), data, tmp_path / "tuned", TrainConfig(learning_rate=1e-4), progress=False)

@@ -21,7 +21,7 @@ from sftlens.analysis.kl import (
 from sftlens.data import encode_prompt, load_templates, sft_prompt
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_jsonl
-from sftlens.models import save_model, tiny_model
+from tiny import save_model, tiny_model
 
 
 def test_top_k_kl_matches_the_formula():

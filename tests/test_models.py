@@ -3,7 +3,8 @@ import torch
 
 from sftlens import models
 from sftlens.errors import SftlensError
-from sftlens.models import load_model, model_fingerprint, resolve_model, save_model
+from sftlens.models import load_model, model_fingerprint, resolve_model
+from tiny import save_model
 
 
 def test_unknown_model_name_is_a_one_line_error():

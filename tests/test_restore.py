@@ -12,7 +12,7 @@ from test_deltas import RATIOS, brute_force, random_pair, write_checkpoint
 from sftlens.analysis.deltas import open_pair, select
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_jsonl
-from sftlens.models import save_model
+from tiny import save_model
 from sftlens.restore import MANIFEST, RestoreConfig, restore_in_memory, restore_sweep, restored_models
 
 
@@ -77,7 +77,7 @@ def _perturbed(model, seed: int = 1):
 def test_output_loads_with_from_pretrained_and_matches_in_memory_restore(tmp_path, tiny_tokenizer, chunking):
     from transformers import AutoModelForCausalLM
 
-    from sftlens.models import tiny_model
+    from tiny import tiny_model
 
     base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
     base_dir = save_model(base_model, tok, tmp_path / "base")
@@ -105,7 +105,7 @@ def test_output_loads_with_from_pretrained_and_matches_in_memory_restore(tmp_pat
 
 
 def test_in_memory_restore_of_one_ratio_from_a_sweep_selection(tmp_path, tiny_tokenizer):
-    from sftlens.models import tiny_model
+    from tiny import tiny_model
 
     base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
     base_dir = save_model(base_model, tok, tmp_path / "base")
@@ -152,7 +152,7 @@ def test_bad_input_writes_nothing(tmp_path, chunking):
 
 def test_eval_sweep_restores_in_memory_and_caches(tmp_path, tiny_tokenizer, monkeypatch):
     from sftlens.evaluate import EvalConfig, summarize
-    from sftlens.models import tiny_model
+    from tiny import tiny_model
     from sftlens.restore import evaluate_restored, restore_table
 
     base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
@@ -180,15 +180,15 @@ def test_eval_sweep_restores_in_memory_and_caches(tmp_path, tiny_tokenizer, monk
     records = evaluate_restored(base_dir, ft_dir, (50, 100), config, [test], tmp_path / "out", eval_config,
                                 train_file=test, progress=False)
     assert sorted({r["restore_ratio"] for r in records}) == [0.0, 50.0, 100.0]
-    assert {r["set"] for r in records} == {"test", "train"}
+    assert {r["split"] for r in records} == {"test", "train"}
     runs = outputs["runs"]
     assert len(runs) == 6
     base_preds = [p["prediction"] for p in real(base_model, tok, rows, eval_config, progress=False)]
     ft_preds = [p["prediction"] for p in real(ft_model, tok, rows, eval_config, progress=False)]
     assert runs[0] == ft_preds and runs[4] == base_preds, "ratio 0 = fine-tuned, 100 % of all = base"
     assert summarize(real(base_model, tok, rows, eval_config, progress=False)) == [
-        {k: v for k, v in r.items() if k not in ("set", "restore_ratio", "strategy")}
-        for r in records if r["restore_ratio"] == 100 and r["set"] == "test"]
+        {k: v for k, v in r.items() if k not in ("split", "restore_ratio", "strategy")}
+        for r in records if r["restore_ratio"] == 100 and r["split"] == "test"]
     table = restore_table(records)
     assert table.splitlines()[0] == "| restore (%) | test in Acc | test out Acc | train in Acc | train out Acc |"
     assert len(table.splitlines()) == 5

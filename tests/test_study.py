@@ -199,8 +199,8 @@ def tiny_study_file(folder: Path, model_dir: Path, data_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     """A finished tiny study (run once for the module): its config file and directory."""
-    from conftest import write_tiny_data
-    from sftlens.models import save_model, tiny_model
+    from tiny import write_tiny_data
+    from tiny import save_model, tiny_model
 
     root = tmp_path_factory.mktemp("tiny-study")
     model, tokenizer = tiny_model(seed=0)

@@ -14,7 +14,7 @@ from sftlens.train import (
     IGNORE_INDEX, LOSS_FILE, RUN_FILE, TrainConfig, encode_example, steps_per_epoch, train,
 )
 
-from conftest import TINY_ANSWERS
+from tiny import TINY_ANSWERS
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

@@ -9,11 +9,22 @@ stores in the study database, so the report needs nothing else.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration, zero_base_mass
+from sftlens.analysis.kl import KLConfig, compute_kl
 from sftlens.config import config_from_dict
 from sftlens.data import Fact, first_per_relation, load_facts
+from sftlens.evaluate import EvalConfig
 from sftlens.io import atomic_write_jsonl, read_jsonl
+from sftlens.models import load_model
+from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe, run_probe
+from sftlens.restore import RestoreConfig, evaluate_splits, restore_in_memory, restored_models
+from sftlens.split import SplitConfig, build_splits
+from sftlens.split import train_set as split_train_set
+from sftlens.study.results import chosen_ratio
+from sftlens.train import RUN_FILE, TrainConfig, train
 
 DATA = "data"  # the split unit's output folder
 
@@ -42,8 +53,6 @@ def facts_limit(params, split: str) -> int | None:
 
 
 def probe_unit(params, out: Path, deps) -> dict:
-    from sftlens.probe import ProbeConfig, level_counts, run_probe
-
     config = config_from_dict(ProbeConfig, params["probe"], "probe")
     records = run_probe(params["model"], study_facts(params), config, out / "store", progress=True,
                         device=_device(params))
@@ -51,14 +60,10 @@ def probe_unit(params, out: Path, deps) -> dict:
 
 
 def _probe_records(probe_dir: str | Path):
-    from sftlens.probe import load_probe
-
     return load_probe(Path(probe_dir) / "store")
 
 
 def split_unit(params, out: Path, deps) -> dict:
-    from sftlens.split import SplitConfig, build_splits
-
     config = config_from_dict(SplitConfig, params["grid"], "split")
     manifest = build_splits(study_facts(params), _probe_records(deps["probe"]["dir"]), config, out / DATA)
     # the manifest's fact-id lists stay in the file; the database keeps the sizes and compositions
@@ -70,11 +75,6 @@ def split_unit(params, out: Path, deps) -> dict:
 
 
 def train_unit(params, out: Path, deps) -> dict:
-    import json
-
-    from sftlens.split import train_set as split_train_set
-    from sftlens.train import RUN_FILE, TrainConfig, train
-
     config = config_from_dict(TrainConfig, params["train"], "train")
     train_set = f"{split_train_set(params['set'], params['size'], params['seed'])}.jsonl"
     sft = Path(deps["split"]["dir"]) / DATA / train_set
@@ -98,29 +98,14 @@ def load_rows(files: list[Path]) -> list[dict]:
     return [row for path in files for row in read_jsonl(path)]
 
 
-def _evaluate_rows(model, tokenizer, rows: list[dict], config, tag: dict) -> tuple[list[dict], list[dict]]:
-    from sftlens.evaluate import evaluate_model, summarize
-
-    predictions = evaluate_model(model, tokenizer, rows, config)
-    records = [{**r, **tag} for r in summarize(predictions)]
-    return records, predictions
-
-
 def eval_unit(params, out: Path, deps) -> dict:
-    from sftlens.evaluate import EvalConfig
-    from sftlens.models import load_model
-
     config = config_from_dict(EvalConfig, params["eval"], "eval")
     model, tokenizer = load_model(model_path(params, deps), dtype=config.dtype, device=config.device or _device(params))
-    records, bits = [], {}
-    for split in params["splits"]:
-        rows = load_rows(eval_files(deps["split"]["dir"], split))
-        split_records, predictions = _evaluate_rows(model, tokenizer, rows, config, {"split": split})
-        atomic_write_jsonl(out / f"predictions-{split}.jsonl", predictions)
-        records += split_records
-        if split == "test":
-            bits = _bits_by_level(predictions)
-    return {"records": records, "test_bits": bits}
+    rows = {split: load_rows(eval_files(deps["split"]["dir"], split)) for split in params["splits"]}
+    records, predictions = evaluate_splits(model, tokenizer, rows, config, {})
+    for split, split_predictions in predictions.items():
+        atomic_write_jsonl(out / f"predictions-{split}.jsonl", split_predictions)
+    return {"records": records, "test_bits": _bits_by_level(predictions["test"]) if "test" in predictions else {}}
 
 
 # --- analyses ----------------------------------------------------------------------------------
@@ -138,9 +123,6 @@ def _kl_test_file(split_dir: str, test_set: str, out: Path) -> Path:
 def kl_unit(params, out: Path, deps) -> dict:
     """First-token KL against the base model on one test file, prompted with each relation's best
     mapping template from the probe (the paper's Section 4.1)."""
-    from sftlens.analysis.kl import KLConfig, compute_kl
-    from sftlens.probe import best_templates
-
     config = config_from_dict(KLConfig, params["kl"], "kl")
     if config.device is None and _device(params):
         config = dataclasses.replace(config, device=_device(params))
@@ -156,8 +138,6 @@ CONCENTRATION_METRICS = ("relative", "absolute", "relative_nonzero")
 
 
 def deltas_unit(params, out: Path, deps) -> dict:
-    from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration, zero_base_mass
-
     config = config_from_dict(DeltasConfig, params["deltas"], "deltas")
     finetuned = model_path(params, deps)
     result = concentration(params["model"], finetuned, config, tuple(params["ratios"]), progress=True)
@@ -194,24 +174,14 @@ def _sweep_rows(params, deps) -> dict[str, list[dict]]:
 
 
 def _evaluate_splits(model, tokenizer, rows_by_split: dict, config, ratio: float) -> tuple[list[dict], dict]:
-    """Records of every split, and per split its correctness strings ({split: {domain: {level: bits}}})."""
-    records, bits = [], {}
-    for split, rows in rows_by_split.items():
-        split_records, predictions = _evaluate_rows(model, tokenizer, rows, config,
-                                                    {"split": split, "restore_ratio": ratio})
-        records += split_records
-        if split != "dev":
-            bits[split] = _bits_by_level(predictions)
-    return records, bits
+    """Records of every split, and per split but dev its correctness strings ({split: {domain: {level: bits}}})."""
+    records, predictions = evaluate_splits(model, tokenizer, rows_by_split, config, {"restore_ratio": ratio})
+    return records, {split: _bits_by_level(p) for split, p in predictions.items() if split != "dev"}
 
 
 def restore_unit(params, out: Path, deps) -> dict:
     """Evaluate the fine-tuned model restored at every ratio (0 = as fine-tuned) on test, dev and
     its own training set; restoration happens in memory, one selection for the whole sweep."""
-    from sftlens.evaluate import EvalConfig
-    from sftlens.models import load_model
-    from sftlens.restore import RestoreConfig, restored_models
-
     eval_cfg = config_from_dict(EvalConfig, params["eval"], "eval")
     restore_cfg = config_from_dict(RestoreConfig, params["restore"], "restore")
     finetuned = model_path(params, deps)
@@ -233,11 +203,6 @@ def restore_unit(params, out: Path, deps) -> dict:
 def control_unit(params, out: Path, deps) -> dict:
     """Random restoration at the ratio the dev split chose for this (level, size) over all its
     seeds: does restoring the *most changed* elements matter, or would any elements do?"""
-    from sftlens.evaluate import EvalConfig
-    from sftlens.models import load_model
-    from sftlens.restore import RestoreConfig, restore_in_memory
-    from sftlens.study.results import chosen_ratio
-
     ratio = chosen_ratio([d["result"] for role, d in sorted(deps.items()) if role.startswith("sweep")])
     if ratio == 0:
         return {"ratio": 0.0, "records": [], "test_bits": {}}
