@@ -28,6 +28,7 @@ from sftlens.data import default_matcher, encode_prompt
 from sftlens.errors import SftlensError
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
 from sftlens.markdown import markdown_table
+from sftlens.models import load_model, model_fingerprint
 from sftlens.split import data_manifest, read_split_rows
 
 EVAL_KEYS = ("fact_id", "domain", "level", "answers", "prompt")
@@ -177,8 +178,6 @@ def load_test_rows(test_files: list[Path]) -> tuple[list[dict], list[dict]]:
 
 
 def _evaluation_key(model: str, manifests: list[dict], config: EvalConfig) -> str:
-    from sftlens.models import model_fingerprint
-
     settings = {k: v for k, v in config_to_dict(config).items() if k not in RESULT_NEUTRAL}
     return stable_hash({"model_fingerprint": model_fingerprint(model),
                         "tests": [(m["sha256"], m["count"]) for m in manifests], "config": settings})
@@ -218,8 +217,6 @@ def evaluate(model: str, test_files: list[Path], out_dir: Path, config: EvalConf
 
     Writes predictions.jsonl (one row per fact, in file order) and summary.json into `out_dir`.
     """
-    from sftlens.models import load_model
-
     test_files, out_dir = [Path(p) for p in test_files], Path(out_dir)
     if not test_files:
         raise SftlensError("no test files given")

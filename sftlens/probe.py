@@ -40,6 +40,7 @@ from sftlens.data import (
 from sftlens.errors import SftlensError
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_text, exclusive_writer, read_jsonl, stable_hash
 from sftlens.markdown import markdown_table
+from sftlens.models import load_model, model_fingerprint, parse_dtype
 
 STORE_FORMAT = 1
 META_FILE = "probe.json"
@@ -89,8 +90,6 @@ class ProbeConfig:
     def keyed_settings(self, device: str = "cpu") -> dict:
         """The settings a result depends on: the store key. `auto` dtype is resolved for `device`
         (fp32 on CPU, bf16 on GPU), as the two give different samples."""
-        from sftlens.models import parse_dtype
-
         settings = config_to_dict(self)
         for name in UNKEYED_SETTINGS:
             settings.pop(name)
@@ -383,8 +382,6 @@ def load_probe(store: str | os.PathLike, model: str | None = None, config: Probe
     if store.is_dir():
         meta = _read_meta(store)
         if model is not None and config is not None:
-            from sftlens.models import model_fingerprint
-
             wanted = store_meta(model, model_fingerprint(model), config, _device())
             if meta["key"] != wanted["key"]:
                 raise SftlensError(f"{store / META_FILE}: store was written {_difference(meta, wanted)}")
@@ -429,8 +426,6 @@ def run_probe(
     (rank, world) explicitly instead (ranks run one after another then see only finished shards).
     `device` overrides the process's accelerate device (e.g. "cpu" on a GPU machine).
     """
-    from sftlens.models import load_model, model_fingerprint
-
     if not facts:
         raise SftlensError("empty fact selection: nothing to probe")
     template_indices(facts, config)
@@ -545,8 +540,6 @@ def write_level_tables(records: Iterable[ProbeRecord], store_dir: Path) -> str:
 
 
 def default_store(model: str, config: ProbeConfig) -> Path:
-    from sftlens.models import model_fingerprint
-
     meta = store_meta(model, model_fingerprint(model), config, _device())
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model).name or model).strip("-")
     return Path("sftlens-probes") / f"{slug}-{meta['key'][:12]}"

@@ -39,8 +39,11 @@ from sftlens.analysis.deltas import (
 )
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.errors import SftlensError
+from sftlens.evaluate import RESULT_NEUTRAL, EvalConfig, acc_of, evaluate_model, load_test_rows, summarize
 from sftlens.io import atomic_directory, atomic_write_json, atomic_write_text, stable_hash
 from sftlens.markdown import markdown_table
+from sftlens.models import load_model
+from sftlens.train import LOSS_FILE, RUN_FILE
 
 MANIFEST = "restore.json"
 TABLE = "restored.tsv"
@@ -90,8 +93,6 @@ def _check_outputs(pair: CheckpointPair, targets: list[Path]) -> None:
 def _copy_side_files(source: Path, dest: Path) -> None:
     """Config, tokenizer, generation config and the shard index: everything but the weights and
     the source's own records (they describe the fine-tuning run, not the restored model)."""
-    from sftlens.train import LOSS_FILE, RUN_FILE
-
     records = (MANIFEST, TABLE, RUN_FILE, LOSS_FILE)
     for path in sorted(source.iterdir()):
         if path.is_file() and path.suffix not in (".safetensors", ".bin") and path.name not in records:
@@ -247,8 +248,6 @@ def restored_models(model, base, finetuned, ratios=DEFAULT_RATIOS, config: Resto
 
 
 def _eval_sets(test_files, train_file) -> dict[str, tuple[list[dict], list[dict]]]:
-    from sftlens.evaluate import load_test_rows
-
     if not test_files:
         raise SftlensError("--eval needs --test FILE [FILE ...]")
     sets = {"test": load_test_rows(list(test_files))}
@@ -261,8 +260,6 @@ def evaluate_splits(model, tokenizer, rows_by_split: dict[str, list[dict]], eval
                     progress: bool = True) -> tuple[list[dict], dict[str, list[dict]]]:
     """Evaluation records of `model` on each split's rows, tagged with `split` and `tag`, and each
     split's predictions: the one evaluation of a restoration sweep (`restore --eval` and studies)."""
-    from sftlens.evaluate import evaluate_model, summarize
-
     records, predictions = [], {}
     for split, rows in rows_by_split.items():
         predictions[split] = evaluate_model(model, tokenizer, rows, eval_config, progress)
@@ -278,9 +275,6 @@ def evaluate_restored(base, finetuned, ratios=DEFAULT_RATIOS, config: RestoreCon
 
     Returns long-format evaluation records with `split` (test/train), `restore_ratio` and `strategy`;
     each ratio's records are cached in out_dir/eval/ by inputs, so a re-run skips finished ratios."""
-    from sftlens.evaluate import RESULT_NEUTRAL, EvalConfig
-    from sftlens.models import load_model
-
     eval_config = eval_config or EvalConfig()
     sets = _eval_sets(test_files, train_file)
     pair = open_pair(base, finetuned)
@@ -317,8 +311,6 @@ def evaluate_restored(base, finetuned, ratios=DEFAULT_RATIOS, config: RestoreCon
 def restore_table(records: list[dict]) -> str:
     """Markdown, Table 4/5 layout: one row per restore ratio, the paper's Acc (%) per set and domain,
     with the change against the unrestored model."""
-    from sftlens.evaluate import acc_of
-
     columns = sorted({(r["split"], r["domain"]) for r in records}, key=lambda c: (c[0] != "test", c[1]))
     ratios = sorted({r["restore_ratio"] for r in records})
 
@@ -335,8 +327,6 @@ def _run_restore(args: argparse.Namespace) -> None:
     config = config_from_args(RestoreConfig, args)
     start = time.perf_counter()
     if args.eval:
-        from sftlens.evaluate import EvalConfig
-
         records = evaluate_restored(args.base, args.finetuned, args.ratios, config, args.test or (), args.out,
                                     config_from_args(EvalConfig, args), args.train)
         table = restore_table(records)
@@ -355,8 +345,6 @@ def _run_restore(args: argparse.Namespace) -> None:
 
 
 def add_cli(subparsers) -> None:
-    from sftlens.evaluate import EvalConfig
-
     parser = subparsers.add_parser("restore", help="restore the most changed parameters to their base values")
     parser.add_argument("--base", required=True, help="base model (built-in name or folder)")
     parser.add_argument("--finetuned", required=True, help="fine-tuned model (built-in name or folder)")

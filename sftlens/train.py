@@ -28,6 +28,7 @@ from sftlens.config import add_config_arguments, config_from_args, config_to_dic
 from sftlens.data import encode_prompt
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
+from sftlens.models import load_model, model_fingerprint
 from sftlens.split import data_manifest, read_split_rows
 
 IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
@@ -183,8 +184,6 @@ def loss_log(log_history: list[dict]) -> list[dict]:
 
 
 def _run_identity(model: str, manifest: dict, config: TrainConfig) -> dict:
-    from sftlens.models import model_fingerprint
-
     settings = {k: v for k, v in config_to_dict(config).items() if k not in RESULT_NEUTRAL}
     identity = {"model_fingerprint": model_fingerprint(model),
                 "data": {"sha256": manifest["sha256"], "count": manifest["count"]},
@@ -247,8 +246,6 @@ def train(model: str, sft_path: Path, out_dir: Path, config: TrainConfig = Train
     `callbacks` are extra transformers TrainerCallbacks (logging, early stopping, ...).
     """
     from transformers import set_seed
-
-    from sftlens.models import load_model
 
     sft_path, out_dir = Path(sft_path), Path(out_dir)
     rows = read_split_rows(sft_path, SFT_KEYS)

@@ -91,12 +91,12 @@ def test_prompt_styles_fill_the_chosen_template():
 
 
 def test_answer_filter_keeps_facts_whose_base_completion_has_the_answer(tiny, monkeypatch):
-    import sftlens.evaluate
+    import sftlens.analysis.kl
 
     model, tok = tiny
     rows = _rows(4)
     outputs = iter([["France is", "Spain"], ["no", "france!"]])
-    monkeypatch.setattr(sftlens.evaluate, "generate_answers", lambda *a, **k: next(outputs))
+    monkeypatch.setattr(sftlens.analysis.kl, "generate_answers", lambda *a, **k: next(outputs))
     result = kl_for_models(model, model, tok, rows, KLConfig(answer_within=4, batch_size=2), {})
     assert [f["fact_id"] for f in result["facts"]] == [rows[0]["fact_id"], rows[3]["fact_id"]]
 
@@ -113,9 +113,9 @@ def test_compute_kl_writes_and_reuses_results(tmp_path, tiny_tokenizer, monkeypa
     want = first_token_kl(ft, base, tok, prompts)
     assert [f["kl"] for f in result["facts"]] == pytest.approx(want, rel=1e-4)
 
-    import sftlens.models
+    import sftlens.analysis.kl
 
-    monkeypatch.setattr(sftlens.models, "load_model", lambda *a, **k: pytest.fail("should reuse kl.json"))
+    monkeypatch.setattr(sftlens.analysis.kl, "load_model", lambda *a, **k: pytest.fail("should reuse kl.json"))
     again = compute_kl(str(base_dir), str(ft_dir), test, KLConfig(batch_size=3), {"P17": 1}, tmp_path / "out")
     assert again == json.loads((tmp_path / "out" / "kl.json").read_text())
 

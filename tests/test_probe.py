@@ -141,16 +141,14 @@ def test_two_shards_equal_one_process(tiny_model_dir, tmp_path):
 
 def test_explicit_device_overrides_the_accelerate_device(tiny_model_dir, tmp_path, monkeypatch):
     """A study set to device "cpu" on a GPU machine probes on the CPU."""
-    import sftlens.models
-
-    real_load, loaded_on = sftlens.models.load_model, []
+    real_load, loaded_on = probe_module.load_model, []
 
     def spy(model, dtype=None, device=None):
         loaded_on.append(device)
         return real_load(model, dtype=dtype, device=device)
 
     monkeypatch.setattr(probe_module, "_device", lambda: "cuda:0")  # what accelerate says on a GPU machine
-    monkeypatch.setattr(sftlens.models, "load_model", spy)
+    monkeypatch.setattr(probe_module, "load_model", spy)
     records = run_probe(str(tiny_model_dir), common_facts(3), QUICK, tmp_path / "store", progress=False,
                         shard=(0, 1), device="cpu")
     assert loaded_on == ["cpu"] and len(records) == 3

@@ -49,6 +49,7 @@ from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, atomic_write_text, stable_hash
 from sftlens.models import resolve_model
 from sftlens.markdown import markdown_table
+from sftlens.report import figure_panels, save_figure
 
 DEFAULT_RATIOS = (1.0, 3.0, 5.0, 10.0, 20.0, 40.0, 60.0)
 RELATIVE_EPS = 1e-8
@@ -653,8 +654,6 @@ def tensors_csv(result: dict) -> str:
 
 def plot_concentration(result: dict, path: str | Path) -> Path:
     """Cumulative share curve, and the share of the top-k elements each layer holds."""
-    from sftlens.report import figure_panels, save_figure
-
     figure, (curve, layers) = figure_panels(2, width=5.5)
     xs = [0.0, *result["ratios"]]
     ys = [0.0, *(100 * s for s in result["shares"])]

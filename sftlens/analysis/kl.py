@@ -23,9 +23,13 @@ from typing import Literal, Sequence
 import torch
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
-from sftlens.data import encode_prompt, load_templates, sft_prompt
+from sftlens.data import Fact, default_matcher, encode_prompt, load_templates, sft_prompt
 from sftlens.errors import SftlensError
+from sftlens.evaluate import generate_answers
 from sftlens.io import atomic_write_json, stable_hash
+from sftlens.models import load_model, model_fingerprint
+from sftlens.probe import best_templates, load_probe
+from sftlens.split import data_manifest, read_split_rows
 
 KL_FILE = "kl.json"
 KL_ROW_KEYS = ("fact_id", "relation", "question", "answers")
@@ -125,9 +129,6 @@ def kl_prompts(rows: list[dict], style: str, templates: dict[str, int]) -> list[
 def answer_near_start(base_model, tokenizer, rows: list[dict], prompts: list[str], max_new_tokens: int,
                       batch_size: int) -> list[bool]:
     """Whether the base model's greedy completion of `max_new_tokens` tokens contains the answer."""
-    from sftlens.data import default_matcher
-    from sftlens.evaluate import generate_answers
-
     matcher = default_matcher()
     keep = []
     for start in range(0, len(rows), batch_size):
@@ -165,9 +166,6 @@ def compute_kl(base: str, finetuned: str, test_file: str | Path, config: KLConfi
 
     `templates` (relation -> mapping-template index, e.g. `sftlens.probe.best_templates`) defaults
     to the first template of every relation."""
-    from sftlens.models import load_model, model_fingerprint
-    from sftlens.split import data_manifest, read_split_rows
-
     rows = read_split_rows(Path(test_file), KL_ROW_KEYS)
     templates = dict(templates or {})
     key = stable_hash({"base": model_fingerprint(base), "finetuned": model_fingerprint(finetuned),
@@ -190,10 +188,6 @@ def compute_kl(base: str, finetuned: str, test_file: str | Path, config: KLConfi
 
 
 def _templates_from_probe(store: str, test_file: str) -> dict[str, int]:
-    from sftlens.data import Fact
-    from sftlens.probe import best_templates, load_probe
-    from sftlens.split import read_split_rows
-
     rows = read_split_rows(Path(test_file), KL_ROW_KEYS)
     facts = [Fact(r["fact_id"], r["relation"], subject_of(r), tuple(r["answers"]), "test", r.get("domain", ""),
                   r["question"]) for r in rows]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sftlens.config import config_to_dict
 from sftlens.data import data_dir_from, first_per_relation, load_facts, parse_relations
+from sftlens.models import model_fingerprint
 from sftlens.study.config import StudyConfig
 from sftlens.study.engine import Unit
 
@@ -165,8 +166,6 @@ class GraphBuilder:
 
 
 def _model_identity(spec: str) -> dict:
-    from sftlens.models import model_fingerprint
-
     return {"model_fingerprint": model_fingerprint(spec)}
 
 
