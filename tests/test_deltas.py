@@ -272,7 +272,19 @@ def test_cli_prints_table(tmp_path, capsys):
                  "--ratios", "1,5", "--metric", "absolute"]) == 0
     out = capsys.readouterr().out
     assert "absolute change" in out and "| 5 |" in out
+    assert "Elements whose base value is exactly 0: 0 of" in out and "dominated" not in out
     assert (tmp_path / "o" / "concentration.png").is_file()
+    assert json.loads((tmp_path / "o" / "concentration.json").read_text())["zero_base"]["zero_base_elements"] == 0
+
+
+def test_cli_warns_when_zero_base_elements_dominate(tmp_path, capsys):
+    from sftlens.cli import main
+
+    base_dir, ft_dir, _, _, _ = planted_zeros(tmp_path)
+    assert main(["deltas", "--base", str(base_dir), "--finetuned", str(ft_dir), "--out", str(tmp_path / "o"),
+                 "--ratios", "1,5"]) == 0
+    out = capsys.readouterr().out
+    assert "9 of" in out and "The relative metric is dominated by them" in out
 
 
 def _error(base_dir, ft_dir, ratios=(1,)) -> str:

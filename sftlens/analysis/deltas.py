@@ -692,11 +692,24 @@ def write_concentration(result: dict, out_dir: str | Path) -> dict[str, Path]:
     return files
 
 
+def zero_base_note(zero: dict) -> str:
+    """One paragraph on the zero-base artefact, with a warning when it dominates the relative change."""
+    text = (f"Elements whose base value is exactly 0: {zero['zero_base_elements']:,} of {zero['elements']:,} "
+            f"({100 * zero['zero_base_share_of_elements']:.4f} %); they hold "
+            f"{100 * zero['zero_base_share_of_relative_change']:.2f} % of the relative change.")
+    if zero["zero_base_share_of_relative_change"] > 0.5:
+        text += (" The relative metric is dominated by them (|d| / 1e-8): read --metric absolute or "
+                 "--metric relative_nonzero.")
+    return text
+
+
 def _run_deltas(args: argparse.Namespace) -> None:
     config = config_from_args(DeltasConfig, args)
     result = concentration(args.base, args.finetuned, config, parse_ratios(args.ratios))
+    result["zero_base"] = zero_base_mass(args.base, args.finetuned, config.region)
     files = write_concentration(result, args.out)
     print(concentration_markdown(result))
+    print("\n" + zero_base_note(result["zero_base"]))
     print(f"\n{result['passes']} passes over {len(result['tensors'])} tensors in {result['seconds']:.1f}s; "
           f"wrote {', '.join(str(p) for p in files.values())}")
 
