@@ -45,7 +45,7 @@ class StudyBuilder:
     def model(self, level, size: int, seed: int, accuracy: dict[int, float], examples: int | None = None,
               kl: float | None = None) -> str:
         train = self.unit("train", {"set": f"level{level}" if level != "mixed" else "mixed", "size": str(size),
-                                    "seed": seed}, {}, {"examples": examples or size})
+                                    "seed": seed, "train": {}}, {}, {"examples": examples or size})
         self.unit("eval", {}, {"model": train}, self.test_result(accuracy))
         if kl is not None:
             self.unit("kl", {}, {"model": train}, {"kl": {"mean": kl, "n": 80}})

@@ -325,3 +325,20 @@ def test_a_study_killed_at_random_points_ends_as_an_uninterrupted_run(tiny_study
     assert all(states[k]["runs"] == runs for k, runs in done_before.items()), "a finished unit was redone"
     assert_same_results(comparable(out), comparable(reference))
     assert write_report(out)["markdown"].read_text() == write_report(reference)["markdown"].read_text()
+
+
+def test_unit_params_round_trip_and_leave_unset_optional_settings_out_of_the_key():
+    from sftlens.study.params import FactSelection, KLParams, Runtime, TrainParams
+
+    selection = FactSelection(data="abc", relations={"test": ["P17"]}, train_facts_per_relation=None,
+                              eval_facts_per_relation=5)
+    assert "dev_facts_per_relation" not in selection.to_params()
+    assert FactSelection(**{**selection.to_params(), "dev_facts_per_relation": 2}).limit("dev") == 2
+    assert selection.limit("dev") == 5 and selection.limit("train") is None
+    kl = KLParams(kl={"top_k": 10}, test_set="in", **selection.to_params())
+    runtime = Runtime(model="m", data_dir="d", device="auto")
+    received = {**kl.to_params(), **runtime.to_params()}  # what a unit function gets
+    assert KLParams.of(received) == kl and Runtime.of(received) == runtime
+    assert runtime.device_or_none is None
+    with pytest.raises(TypeError):
+        TrainParams.of({"set": "level0", "size": "8", "seed": 0})  # a missing setting is never guessed

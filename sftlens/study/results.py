@@ -15,6 +15,7 @@ from pathlib import Path
 from sftlens.evaluate import acc_of
 from sftlens.report import mean_spread
 from sftlens.study.db import StudyDB
+from sftlens.study.params import TrainParams
 
 
 @dataclass
@@ -35,11 +36,10 @@ class StudyResults:
         model_key = unit["spec"]["deps"].get("model")
         if model_key is None:
             return {"train_level": "base", "size": None, "seed": None}
-        params = self.by_key()[model_key]["spec"]["params"]
-        level = params["set"].removeprefix("level")
-        size = params["size"]
+        train = TrainParams.of(self.by_key()[model_key]["spec"]["params"])
+        level = train.set.removeprefix("level")
         return {"train_level": "mixed" if level == "mixed" else int(level),
-                "size": size if size == "all" else int(size), "seed": params["seed"]}
+                "size": train.size if train.size == "all" else int(train.size), "seed": train.seed}
 
     def counts(self) -> list[dict]:
         probe = self.done("probe")

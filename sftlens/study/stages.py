@@ -1,7 +1,7 @@
 """The study's unit functions: each calls one stage with the settings of its unit.
 
-Signature `fn(params, out, deps) -> result`: `params` are the unit's settings plus runtime values
-(model, data_dir, device), `out` its artefact folder, `deps` maps a role to the dependency's
+Signature `fn(params, out, deps) -> result`: `params` are the unit's settings (read as the unit
+kind's record of `sftlens.study.params`) plus the runtime values (`Runtime`: model, data_dir, device), `out` its artefact folder, `deps` maps a role to the dependency's
 folder and result. A result is small JSON (records, counts, per-fact correctness) that the driver
 stores in the study database, so the report needs nothing else.
 """
@@ -23,39 +23,42 @@ from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe,
 from sftlens.restore import RestoreConfig, evaluate_splits, restore_in_memory, restored_models
 from sftlens.split import SplitConfig, build_splits
 from sftlens.split import train_set as split_train_set
+from sftlens.study.params import (
+    ControlParams,
+    DeltasParams,
+    EvalParams,
+    FactSelection,
+    KLParams,
+    ProbeParams,
+    RestoreParams,
+    Runtime,
+    SplitParams,
+    TrainParams,
+)
 from sftlens.study.results import chosen_ratio
 from sftlens.train import RUN_FILE, TrainConfig, train
 
 DATA = "data"  # the split unit's output folder
 
 
-def _device(params) -> str | None:
-    return None if params["device"] == "auto" else params["device"]
-
-
 def study_facts(params) -> list[Fact]:
     """The facts a study probes: per split its relations, the first N per relation if limited."""
+    selection, runtime = FactSelection.of(params), Runtime.of(params)
     facts: list[Fact] = []
-    for split, relations in params["relations"].items():
-        loaded = load_facts(params["data_dir"], splits=(split,), relations=tuple(relations)).facts
-        facts += first_per_relation(loaded, facts_limit(params, split))
+    for split, relations in selection.relations.items():
+        loaded = load_facts(runtime.data_dir, splits=(split,), relations=tuple(relations)).facts
+        facts += first_per_relation(loaded, selection.limit(split))
     return facts
-
-
-def facts_limit(params, split: str) -> int | None:
-    """A unit's limit on probed facts per relation of one split (from StudySettings.facts_per_relation)."""
-    if split == "train":
-        return params["train_facts_per_relation"]
-    return params.get(f"{split}_facts_per_relation", params["eval_facts_per_relation"])
 
 
 # --- probe and split ----------------------------------------------------------------------------
 
 
 def probe_unit(params, out: Path, deps) -> dict:
-    config = config_from_dict(ProbeConfig, params["probe"], "probe")
-    records = run_probe(params["model"], study_facts(params), config, out / "store", progress=True,
-                        device=_device(params))
+    p, runtime = ProbeParams.of(params), Runtime.of(params)
+    config = config_from_dict(ProbeConfig, p.probe, "probe")
+    records = run_probe(runtime.model, study_facts(params), config, out / "store", progress=True,
+                        device=runtime.device_or_none)
     return {"facts": len(records), "level_counts": level_counts(records.values())}
 
 
@@ -64,7 +67,7 @@ def _probe_records(probe_dir: str | Path):
 
 
 def split_unit(params, out: Path, deps) -> dict:
-    config = config_from_dict(SplitConfig, params["grid"], "split")
+    config = config_from_dict(SplitConfig, SplitParams.of(params).grid, "split")
     manifest = build_splits(study_facts(params), _probe_records(deps["probe"]["dir"]), config, out / DATA)
     # the manifest's fact-id lists stay in the file; the database keeps the sizes and compositions
     sets = {name: {k: v for k, v in entry.items() if k != "fact_ids"} for name, entry in manifest["sets"].items()}
@@ -75,10 +78,11 @@ def split_unit(params, out: Path, deps) -> dict:
 
 
 def train_unit(params, out: Path, deps) -> dict:
-    config = config_from_dict(TrainConfig, params["train"], "train")
-    train_set = f"{split_train_set(params['set'], params['size'], params['seed'])}.jsonl"
+    p = TrainParams.of(params)
+    config = config_from_dict(TrainConfig, p.train, "train")
+    train_set = f"{split_train_set(p.set, p.size, p.seed)}.jsonl"
     sft = Path(deps["split"]["dir"]) / DATA / train_set
-    model_dir = train(params["model"], sft, out / "model", config, progress=True)
+    model_dir = train(Runtime.of(params).model, sft, out / "model", config, progress=True)
     run = json.loads((model_dir / RUN_FILE).read_text())
     return {"train_set": train_set, "examples": run["data"]["count"], "steps": run["steps"],
             "train_loss": run["train_loss"]}
@@ -86,7 +90,7 @@ def train_unit(params, out: Path, deps) -> dict:
 
 def model_path(params, deps) -> str:
     """The fine-tuned model a unit reads, or the base model for units without one."""
-    return str(Path(deps["model"]["dir"]) / "model") if "model" in deps else params["model"]
+    return str(Path(deps["model"]["dir"]) / "model") if "model" in deps else Runtime.of(params).model
 
 
 def eval_files(split_dir: str | Path, split: str) -> list[Path]:
@@ -99,9 +103,11 @@ def load_rows(files: list[Path]) -> list[dict]:
 
 
 def eval_unit(params, out: Path, deps) -> dict:
-    config = config_from_dict(EvalConfig, params["eval"], "eval")
-    model, tokenizer = load_model(model_path(params, deps), dtype=config.dtype, device=config.device or _device(params))
-    rows = {split: load_rows(eval_files(deps["split"]["dir"], split)) for split in params["splits"]}
+    p = EvalParams.of(params)
+    config = config_from_dict(EvalConfig, p.eval, "eval")
+    model, tokenizer = load_model(model_path(params, deps), dtype=config.dtype,
+                                  device=config.device or Runtime.of(params).device_or_none)
+    rows = {split: load_rows(eval_files(deps["split"]["dir"], split)) for split in p.splits}
     records, predictions = evaluate_splits(model, tokenizer, rows, config, {})
     for split, split_predictions in predictions.items():
         atomic_write_jsonl(out / f"predictions-{split}.jsonl", split_predictions)
@@ -123,13 +129,14 @@ def _kl_test_file(split_dir: str, test_set: str, out: Path) -> Path:
 def kl_unit(params, out: Path, deps) -> dict:
     """First-token KL against the base model on one test file, prompted with each relation's best
     mapping template from the probe (the paper's Section 4.1)."""
-    config = config_from_dict(KLConfig, params["kl"], "kl")
-    if config.device is None and _device(params):
-        config = dataclasses.replace(config, device=_device(params))
+    p, runtime = KLParams.of(params), Runtime.of(params)
+    config = config_from_dict(KLConfig, p.kl, "kl")
+    if config.device is None and runtime.device_or_none:
+        config = dataclasses.replace(config, device=runtime.device_or_none)
     templates = best_templates(_probe_records(deps["probe"]["dir"]), study_facts(params))
-    test_file = _kl_test_file(deps["split"]["dir"], params["test_set"], out)
-    result = compute_kl(params["model"], model_path(params, deps), test_file, config, templates, out)
-    return {"kl": result["summary"], "test_set": params["test_set"]}
+    test_file = _kl_test_file(deps["split"]["dir"], p.test_set, out)
+    result = compute_kl(runtime.model, model_path(params, deps), test_file, config, templates, out)
+    return {"kl": result["summary"], "test_set": p.test_set}
 
 
 # Table 3 under the configured metric, and the two views a reader needs to judge it: the absolute
@@ -138,19 +145,20 @@ CONCENTRATION_METRICS = ("relative", "absolute", "relative_nonzero")
 
 
 def deltas_unit(params, out: Path, deps) -> dict:
-    config = config_from_dict(DeltasConfig, params["deltas"], "deltas")
+    p, base = DeltasParams.of(params), Runtime.of(params).model
+    config = config_from_dict(DeltasConfig, p.deltas, "deltas")
     finetuned = model_path(params, deps)
-    result = concentration(params["model"], finetuned, config, tuple(params["ratios"]), progress=True)
+    result = concentration(base, finetuned, config, tuple(p.ratios), progress=True)
     write_concentration(result, out)
     by_metric = {config.metric: result["shares"]}
     for metric in CONCENTRATION_METRICS:
         if metric not in by_metric:
-            other = concentration(params["model"], finetuned, dataclasses.replace(config, metric=metric),
-                                  tuple(params["ratios"]), progress=True)
+            other = concentration(base, finetuned, dataclasses.replace(config, metric=metric), tuple(p.ratios),
+                                  progress=True)
             by_metric[metric] = other["shares"]
     return {"ratios": result["ratios"], "shares": result["shares"], "elements": result["elements"],
             "metric": config.metric, "shares_by_metric": by_metric,
-            "zero_base": zero_base_mass(params["model"], finetuned, config.region)}
+            "zero_base": zero_base_mass(base, finetuned, config.region)}
 
 
 # --- restoration -------------------------------------------------------------------------------
@@ -164,11 +172,11 @@ def _bits_by_level(predictions: list[dict]) -> dict[str, dict[str, str]]:
     return {d: {lv: "".join(bits) for lv, bits in levels.items()} for d, levels in out.items()}
 
 
-def _sweep_rows(params, deps) -> dict[str, list[dict]]:
-    """Test (both domains), in-domain dev (what the ratio is chosen on) and the model's training set."""
+def _sweep_rows(dev_domain: str, deps) -> dict[str, list[dict]]:
+    """Test (both domains), dev of the domain the ratio is chosen on, and the model's training set."""
     split_dir = deps["split"]["dir"]
     rows = {"test": load_rows(eval_files(split_dir, "test")),
-            "dev": load_rows([f for f in eval_files(split_dir, "dev") if f.name.startswith("in-")])}
+            "dev": load_rows([f for f in eval_files(split_dir, "dev") if f.name.startswith(f"{dev_domain}-")])}
     rows["train"] = read_jsonl(Path(split_dir) / DATA / deps["model"]["result"]["train_set"])
     return rows
 
@@ -182,17 +190,18 @@ def _evaluate_splits(model, tokenizer, rows_by_split: dict, config, ratio: float
 def restore_unit(params, out: Path, deps) -> dict:
     """Evaluate the fine-tuned model restored at every ratio (0 = as fine-tuned) on test, dev and
     its own training set; restoration happens in memory, one selection for the whole sweep."""
-    eval_cfg = config_from_dict(EvalConfig, params["eval"], "eval")
-    restore_cfg = config_from_dict(RestoreConfig, params["restore"], "restore")
+    p, runtime = RestoreParams.of(params), Runtime.of(params)
+    eval_cfg = config_from_dict(EvalConfig, p.eval, "eval")
+    restore_cfg = config_from_dict(RestoreConfig, p.restore, "restore")
     finetuned = model_path(params, deps)
-    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or _device(params))
-    rows = _sweep_rows(params, deps)
+    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
+    rows = _sweep_rows(p.dev, deps)
     # ratio 0 is the fine-tuned model itself, already scored on test by its eval unit
     unrestored = deps["eval"]["result"]
     records, bits0 = _evaluate_splits(model, tokenizer, {k: v for k, v in rows.items() if k != "test"}, eval_cfg, 0.0)
     records += [{**r, "restore_ratio": 0.0} for r in unrestored["records"] if r["split"] == "test"]
     bits = {"0": {**bits0, "test": unrestored["test_bits"]}}
-    for ratio, restored in restored_models(model, params["model"], finetuned, params["ratios"], restore_cfg):
+    for ratio, restored in restored_models(model, runtime.model, finetuned, p.ratios, restore_cfg):
         ratio_records, ratio_bits = _evaluate_splits(restored, tokenizer, rows, eval_cfg, float(ratio))
         records += ratio_records
         bits[f"{float(ratio):g}"] = ratio_bits
@@ -206,12 +215,12 @@ def control_unit(params, out: Path, deps) -> dict:
     ratio = chosen_ratio([d["result"] for role, d in sorted(deps.items()) if role.startswith("sweep")])
     if ratio == 0:
         return {"ratio": 0.0, "records": [], "test_bits": {}}
-    eval_cfg = config_from_dict(EvalConfig, params["eval"], "eval")
-    restore_cfg = config_from_dict(RestoreConfig, params["restore"], "restore")
-    restore_cfg = dataclasses.replace(restore_cfg, strategy="random", seed=params["seed"])
+    p, runtime = ControlParams.of(params), Runtime.of(params)
+    eval_cfg = config_from_dict(EvalConfig, p.eval, "eval")
+    restore_cfg = dataclasses.replace(config_from_dict(RestoreConfig, p.restore, "restore"), strategy="random", seed=p.seed)
     finetuned = model_path(params, deps)
-    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or _device(params))
-    restore_in_memory(model, params["model"], finetuned, ratio, restore_cfg)
+    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
+    restore_in_memory(model, runtime.model, finetuned, ratio, restore_cfg)
     rows = {"test": load_rows(eval_files(deps["split"]["dir"], "test")),
             "train": read_jsonl(Path(deps["split"]["dir"]) / DATA / deps["model"]["result"]["train_set"])}
     records, bits = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)

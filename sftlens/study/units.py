@@ -15,6 +15,19 @@ from sftlens.data import data_dir_from, first_per_relation, load_facts, parse_re
 from sftlens.models import model_fingerprint
 from sftlens.study.config import StudyConfig
 from sftlens.study.engine import Unit
+from sftlens.study.params import (
+    ControlParams,
+    DeltasParams,
+    EvalParams,
+    FactSelection,
+    KLParams,
+    ProbeParams,
+    RestoreParams,
+    Runtime,
+    SplitParams,
+    TrainParams,
+    UnitParams,
+)
 
 STAGES = "sftlens.study.stages"
 SPLITS = ("train", "dev", "test")
@@ -40,7 +53,7 @@ def size_name(size: int | None) -> str:
 
 
 class GraphBuilder:
-    def __init__(self, config: StudyConfig, data_dir: str | Path | None, fingerprint: bool = True):
+    def __init__(self, config: StudyConfig, data_dir: str | Path | None):
         self.config = config
         self.s = config.study
         self.data_dir = data_dir_from(data_dir or self.s.data_dir).resolve()
@@ -49,13 +62,12 @@ class GraphBuilder:
         self.units: list[Unit] = []
         device = self.s.device
         self.res = {"cpus": self.s.cpus_per_unit, "gpus": self.s.gpus_per_unit}
-        self.runtime = {"model": self.s.model, "data_dir": str(self.data_dir), "device": device}
-        self.base_id = _model_identity(self.s.model) if fingerprint else {"model": self.s.model}
+        self.runtime = Runtime(model=self.s.model, data_dir=str(self.data_dir), device=device)
 
-    def add(self, kind: str, label: str, fn: str, params: dict, deps: dict | None = None, work: float = 0.0,
+    def add(self, kind: str, label: str, fn: str, params: UnitParams, deps: dict | None = None, work: float = 0.0,
             prune: tuple[str, ...] = ()) -> Unit:
-        unit = Unit(kind, label, f"{STAGES}:{fn}", params, deps or {}, dict(self.runtime), work=work, prune=prune,
-                    **self.res)
+        unit = Unit(kind, label, f"{STAGES}:{fn}", params.to_params(), deps or {}, self.runtime.to_params(), work=work,
+                    prune=prune, **self.res)
         self.units.append(unit)
         return unit
 
@@ -68,26 +80,26 @@ class GraphBuilder:
         limits = {split: self.s.facts_per_relation(split) for split in rel}
         counts = _fact_counts(self.data_dir, rel, limits)
         probe_cfg = self.config.stages["probe"]
-        self.selection = {
-            "data": data_fingerprint(self.data_dir, rel), "relations": {k: list(v) for k, v in rel.items()},
-            "train_facts_per_relation": self.s.train_facts_per_relation,
-            "eval_facts_per_relation": self.s.eval_facts_per_relation,
-        }
-        if self.s.dev_facts_per_relation is not None:  # only when set, so older studies keep their keys
-            self.selection["dev_facts_per_relation"] = self.s.dev_facts_per_relation
-        params = {**self.base_id, **self.selection, "probe": config_to_dict(probe_cfg)}
+        self.selection = FactSelection(
+            data=data_fingerprint(self.data_dir, rel), relations={k: list(v) for k, v in rel.items()},
+            train_facts_per_relation=self.s.train_facts_per_relation,
+            eval_facts_per_relation=self.s.eval_facts_per_relation,
+            dev_facts_per_relation=self.s.dev_facts_per_relation,
+        ).to_params()
+        params = ProbeParams(**self.selection, model_fingerprint=model_fingerprint(self.s.model),
+                             probe=config_to_dict(probe_cfg))
         self.n_facts = counts
         return self.add("probe", "probe", "probe_unit", params, work=sum(counts.values()) * _probe_samples(probe_cfg))
 
     def build(self) -> list[Unit]:
         s = self.s
         probe = self.probe()
-        split = self.add("split", "split", "split_unit", {"grid": self.grid_params(), **self.selection},
+        split = self.add("split", "split", "split_unit", SplitParams(grid=self.grid_params(), **self.selection),
                          {"probe": probe.key})
         eval_rows = self.evaluated_rows("test")
         dev_rows = self.evaluated_rows("dev")
-        self.add("eval", "eval base", "eval_unit", {"eval": config_to_dict(self.config.stages["eval"]),
-                                                                "splits": ["test", "dev"]},
+        eval_cfg = config_to_dict(self.config.stages["eval"])
+        self.add("eval", "eval base", "eval_unit", EvalParams(eval=eval_cfg, splits=["test", "dev"]),
                  {"split": split.key}, work=eval_rows + dev_rows)
         sweeps: dict[tuple, list[Unit]] = {}
         models: list[tuple[int | None, int | None, int, Unit]] = []
@@ -99,7 +111,7 @@ class GraphBuilder:
                     train_cfg = config_to_dict(self.config.stages["train"]) | {"seed": seed}
                     train = self.add(
                         "train", f"train {name}", "train_unit",
-                        {"set": train_set_name(level), "size": size_name(size), "seed": seed, "train": train_cfg},
+                        TrainParams(set=train_set_name(level), size=size_name(size), seed=seed, train=train_cfg),
                         {"split": split.key}, work=(size or train_rows) * self.config.stages["train"].epochs,
                         prune=("model",),
                     )
@@ -107,22 +119,22 @@ class GraphBuilder:
         for level, size, seed, train in models:
             name = train.label.removeprefix("train ")
             deps = {"model": train.key, "split": split.key}
-            evaluation = self.add("eval", f"eval {name}", "eval_unit",
-                                  {"eval": config_to_dict(self.config.stages["eval"]), "splits": ["test"]}, deps,
-                                  work=eval_rows)
+            evaluation = self.add("eval", f"eval {name}", "eval_unit", EvalParams(eval=eval_cfg, splits=["test"]),
+                                  deps, work=eval_rows)
             if s.kl:
-                self.add("kl", f"kl {name}", "kl_unit", {"kl": config_to_dict(self.config.stages["kl"]), "test_set": s.kl_test_set, **self.selection},
+                self.add("kl", f"kl {name}", "kl_unit",
+                         KLParams(kl=config_to_dict(self.config.stages["kl"]), test_set=s.kl_test_set, **self.selection),
                          {**deps, "probe": probe.key}, work=self.kl_rows())
             if level is None or size not in s.analysis_sizes:
                 continue
             self.add("deltas", f"deltas {name}", "deltas_unit",
-                     {"deltas": config_to_dict(self.config.stages["deltas"]), "ratios": list(s.concentration_ratios)},
+                     DeltasParams(deltas=config_to_dict(self.config.stages["deltas"]), ratios=list(s.concentration_ratios)),
                      {"model": train.key}, work=1)
             ratios = list(s.restore_ratios)
             own_rows = size or train_rows
             sweep = self.add("restore", f"restore {name}", "restore_unit",
-                             {"restore": config_to_dict(self.config.stages["restore"]), "ratios": ratios,
-                              "eval": config_to_dict(self.config.stages["eval"]), "dev": "in"},
+                             RestoreParams(restore=config_to_dict(self.config.stages["restore"]), ratios=ratios,
+                                           eval=eval_cfg, dev="in"),
                              {**deps, "eval": evaluation.key},
                              work=len(ratios) * (eval_rows + dev_rows / 2 + own_rows) + dev_rows / 2 + own_rows)
             sweeps.setdefault((level, size), []).append(sweep)
@@ -134,9 +146,8 @@ class GraphBuilder:
                 name = train.label.removeprefix("train ")
                 deps = {"model": train.key, "split": split.key, **{f"sweep{i}": u.key for i, u in enumerate(group)}}
                 self.add("control", f"control {name}", "control_unit",
-                         {"restore": config_to_dict(self.config.stages["restore"]),
-                          "eval": config_to_dict(self.config.stages["eval"]), "seed": seed,
-                          "ratio_choice": "best mean dev Acc (in-domain) over seeds, ratio > 0"},
+                         ControlParams(restore=config_to_dict(self.config.stages["restore"]), eval=eval_cfg, seed=seed,
+                                       ratio_choice="best mean dev Acc (in-domain) over seeds, ratio > 0"),
                          deps, work=eval_rows + (size or train_rows))
         return self.units
 
@@ -163,10 +174,6 @@ class GraphBuilder:
         if s.eval_facts_per_level is not None:  # only when set, so older studies keep their keys
             grid["eval_facts_per_level"] = s.eval_facts_per_level
         return grid
-
-
-def _model_identity(spec: str) -> dict:
-    return {"model_fingerprint": model_fingerprint(spec)}
 
 
 def _probe_samples(probe_cfg) -> int:

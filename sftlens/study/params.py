@@ -1,0 +1,111 @@
+"""Typed parameters of each unit kind: `units.py` builds them, `stages.py` reads them.
+
+A record's `to_params()` is the dict that enters the unit's key (field name -> value; a field listed in
+`OMIT_IF_NONE` is left out while unset, so adding an optional setting does not re-key older studies);
+`of(params)` reads the record back from what a unit function receives (its params plus the runtime
+values of `Runtime`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnitParams:
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ()
+
+    def to_params(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not (f.name in self.OMIT_IF_NONE and getattr(self, f.name) is None)}
+
+    @classmethod
+    def of(cls, params: dict):
+        return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runtime(UnitParams):
+    """Where things are: passed to every unit, never part of a key."""
+
+    model: str
+    data_dir: str
+    device: str  # auto, cpu or cuda
+
+    @property
+    def device_or_none(self) -> str | None:
+        return None if self.device == "auto" else self.device
+
+
+@dataclass(frozen=True, kw_only=True)
+class FactSelection(UnitParams):
+    """Which EntityQuestions facts a study probes (and so splits and scores)."""
+
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("dev_facts_per_relation",)
+    data: str  # fingerprint of the data files' bytes
+    relations: dict[str, list[str]]  # split -> relations
+    train_facts_per_relation: int | None
+    eval_facts_per_relation: int | None
+    dev_facts_per_relation: int | None = None
+
+    def limit(self, split: str) -> int | None:
+        """At most this many facts per relation of `split` (None: all)."""
+        if split == "train":
+            return self.train_facts_per_relation
+        if split == "dev" and self.dev_facts_per_relation is not None:
+            return self.dev_facts_per_relation
+        return self.eval_facts_per_relation
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeParams(FactSelection):
+    model_fingerprint: str
+    probe: dict  # ProbeConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitParams(FactSelection):
+    grid: dict  # SplitConfig: the study's levels, sizes, include_all, seeds, mixed (, eval_facts_per_level)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainParams(UnitParams):
+    set: str  # level{L} or mixed
+    size: str  # a number or all
+    seed: int
+    train: dict  # TrainConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalParams(UnitParams):
+    eval: dict  # EvalConfig
+    splits: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class KLParams(FactSelection):
+    kl: dict  # KLConfig
+    test_set: str  # {in,out}-level{L}, or in / out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeltasParams(UnitParams):
+    deltas: dict  # DeltasConfig
+    ratios: list[float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestoreParams(UnitParams):
+    restore: dict  # RestoreConfig
+    ratios: list[float]
+    eval: dict  # EvalConfig
+    dev: str  # the dev domain the ratio is chosen on
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlParams(UnitParams):
+    restore: dict  # RestoreConfig (its strategy becomes random)
+    eval: dict
+    seed: int
+    ratio_choice: str  # how the ratio is chosen, in words (part of the key)
