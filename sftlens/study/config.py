@@ -99,15 +99,6 @@ class StudySettings:
             raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
 
 
-    def facts_per_relation(self, split: str) -> int | None:
-        """The probe's limit on facts per relation of one split (None: all)."""
-        if split == "train":
-            return self.train_facts_per_relation
-        if split == "dev" and self.dev_facts_per_relation is not None:
-            return self.dev_facts_per_relation
-        return self.eval_facts_per_relation
-
-
 @dataclass(frozen=True)
 class StudyConfig:
     study: StudySettings

@@ -77,15 +77,15 @@ class GraphBuilder:
 
     def probe(self) -> Unit:
         rel = self.relations_by_split()
-        limits = {split: self.s.facts_per_relation(split) for split in rel}
-        counts = _fact_counts(self.data_dir, rel, limits)
-        probe_cfg = self.config.stages["probe"]
-        self.selection = FactSelection(
+        selection = FactSelection(
             data=data_fingerprint(self.data_dir, rel), relations={k: list(v) for k, v in rel.items()},
             train_facts_per_relation=self.s.train_facts_per_relation,
             eval_facts_per_relation=self.s.eval_facts_per_relation,
             dev_facts_per_relation=self.s.dev_facts_per_relation,
-        ).to_params()
+        )
+        counts = _fact_counts(self.data_dir, rel, {split: selection.limit(split) for split in rel})
+        probe_cfg = self.config.stages["probe"]
+        self.selection = selection.to_params()
         params = ProbeParams(**self.selection, model_fingerprint=model_fingerprint(self.s.model),
                              probe=config_to_dict(probe_cfg))
         self.n_facts = counts
