@@ -70,7 +70,8 @@ def _quiet_libraries() -> None:
 def _one_writer(args):
     """A subcommand that writes a folder in place (`writes` names its argument) holds that folder's
     lock; under `accelerate launch` / `torchrun` only rank 0 takes it, as the ranks share the folder."""
-    target = getattr(args, getattr(args, "writes", ""), None) if getattr(args, "writes", None) else None
+    writes = getattr(args, "writes", None)
+    target = getattr(args, writes) if writes else None
     if target is None or int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext()
     return exclusive_writer(target, f"{args.command} output")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -124,8 +125,6 @@ def _record_session(db: StudyDB, session: dict) -> None:
 
 def run_study(config: StudyConfig, out: Path, data_dir: str | None = None, executor: str = "local",
               address: str | None = None, workers: int | None = None, progress: bool = True):
-    import sys
-
     session = {"started": time.time(), "command": " ".join(["sftlens", *sys.argv[1:]]), "code": code_version(),
                "machine": machine(), "executor": executor, "load_average_at_start": os.getloadavg()}
     with exclusive_writer(out, "study folder"):  # before anything else: a second writer stops at once

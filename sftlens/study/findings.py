@@ -21,7 +21,15 @@ import numpy as np
 from sftlens.evaluate import MIN_N
 from sftlens.report import size_sort_key
 from sftlens.study.bootstrap import Estimate, FactDraws, SeedDraws, arm_difference, estimate
-from sftlens.study.results import StudyResults, chosen_ratio, level_name, train_levels
+from sftlens.study.results import (
+    StudyResults,
+    chosen_ratio,
+    controls_of,
+    level_n,
+    level_name,
+    sweep_groups,
+    train_levels,
+)
 
 # C5: the update counts as concentrated when the top 1 % of elements holds at least this share of
 # the total change (ten times the 1 % a uniform change would give).
@@ -54,17 +62,13 @@ def not_tested(claim: str, comparison: str, why: str, unit: str = "pts") -> Find
 # --- the study's models ------------------------------------------------------------------------
 
 
-def level_sizes(records: list[dict], domain: str) -> dict[int, int]:
-    return {r["test_level"]: r["n"] for r in records if r["domain"] == domain and r["n"] > 0}
-
-
 def decisive_levels(records: list[dict], domain: str) -> list[int]:
     """Test levels with at least MIN_N facts: the only ones a verdict may use."""
-    return sorted(level for level, n in level_sizes(records, domain).items() if n >= MIN_N)
+    return sorted(level for level, n in level_n(records, domain).items() if n >= MIN_N)
 
 
 def describe_levels(records: list[dict], domain: str, levels: list[int]) -> str:
-    sizes = level_sizes(records, domain)
+    sizes = level_n(records, domain)
     return ", ".join(f"level {lv}: {sizes[lv]}" for lv in levels) + " test facts"
 
 
@@ -86,14 +90,15 @@ def _group(models: list[dict], level, size) -> list[dict]:
     return sorted((m for m in models if m["train_level"] == level and m["size"] == size), key=lambda m: m["seed"])
 
 
+def _short_examples(group: list[dict], size) -> list[int]:
+    """The training-set sizes of `group` that fall short of the requested `size` (a level with fewer facts)."""
+    return sorted({m["examples"] for m in group if isinstance(size, int) and m["examples"] is not None
+                   and m["examples"] < size})
+
+
 def _size_text(group: list[dict], size) -> str:
-    short = sorted({m["examples"] for m in group if isinstance(size, int) and m["examples"] is not None
-                    and m["examples"] < size})
+    short = _short_examples(group, size)
     return f"n={size} (short: {'/'.join(map(str, short))} facts)" if short else f"n={size}"
-
-
-def _is_short(group: list[dict], size) -> bool:
-    return isinstance(size, int) and any(m["examples"] is not None and m["examples"] < size for m in group)
 
 
 def reference_size(sizes: list, largest) -> object | None:
@@ -163,9 +168,9 @@ class Claims:
         levels = [lv for lv in train_levels(self.models) if isinstance(lv, int)]
         for size in sorted({m["size"] for m in self.models}, key=size_sort_key):
             groups = {lv: _group(self.models, lv, size) for lv in levels}
-            full = {lv: g for lv, g in groups.items() if g and not _is_short(g, size)}
+            full = {lv: g for lv, g in groups.items() if g and not bool(_short_examples(g, size))}
             if len(full) < 2:
-                short = [lv for lv, g in groups.items() if g and _is_short(g, size)]
+                short = [lv for lv, g in groups.items() if g and bool(_short_examples(g, size))]
                 reason = f"sets short of {size} facts: levels {short}" if short else "fewer than 2 training levels"
                 out.append(not_tested("C2", f"n={size}: best - worst training level", reason))
                 continue
@@ -240,7 +245,7 @@ class Claims:
             if model is None:
                 continue
             levels = [int(level)] if level else decisive_levels(model["records"], domain)
-            if not levels or any(level_sizes(model["records"], domain).get(lv, 0) < MIN_N for lv in levels):
+            if not levels or any(level_n(model["records"], domain).get(lv, 0) < MIN_N for lv in levels):
                 return not_tested("C4", label, f"fewer than {MIN_N} facts in {test_set}", "r")
             pairs.append((p["kl"], self.facts.acc(model["bits"], domain, levels)[0]))
         if len(pairs) < 4:
@@ -276,19 +281,11 @@ class Claims:
     def c6_restoration(self) -> list[Finding]:
         """C6: at the dev-chosen ratio, restored minus unrestored and restored minus the random control,
         on test and on each model's own training set, paired over seeds and facts; the paper: > 0."""
-        sweeps: dict[tuple, list[dict]] = {}
-        for unit in self.results.done("restore"):
-            tags = self.results.model_tags(unit)
-            sweeps.setdefault((tags["train_level"], tags["size"]), []).append({**unit["result"], **tags})
-        controls = {}
-        for unit in self.results.done("control"):
-            tags = self.results.model_tags(unit)
-            controls[tags["train_level"], tags["size"], tags["seed"]] = unit["result"]
+        sweeps, controls = sweep_groups(self.results), controls_of(self.results)
         if not sweeps:
             return [not_tested("C6", "restoration gain", "no restoration sweep in this study")]
         out = []
-        for (level, size), group in sorted(sweeps.items(), key=lambda kv: (str(kv[0][0]), size_sort_key(kv[0][1]))):
-            group.sort(key=lambda s: s["seed"])
+        for (level, size), group in sweeps.items():
             ratio = chosen_ratio(group)
             name = f"{level_name(level)}, n={size}, restore {ratio:g} % (dev-chosen)"
             for split in ("test", "train"):
@@ -313,8 +310,8 @@ class Claims:
         gain = arm_difference(self.facts, self.seeds, after, before, "in", levels, paired_seeds=True)
         rows = [Finding("C6", f"{name}, {split}: restored - fine-tuned", gain, f"{n}; {len(group)} seeds",
                         verdict(gain.low, gain.high, +1))]
-        paired = [(a, controls[level, size, s["seed"]]) for a, s in zip(after, group)
-                  if field in controls.get((level, size, s["seed"]), {})]
+        mine = controls.get((level, size), {})
+        paired = [(a, mine[s["seed"]]) for a, s in zip(after, group) if field in mine.get(s["seed"], {})]
         if not paired:
             return rows + [not_tested("C6", f"{name}, {split}: restored - random control", "no random control")]
         randoms = [{"bits": c[field], "scope": a["scope"]} for a, c in paired]

@@ -11,6 +11,7 @@ of the verdicts, with its PNGs beside it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import time
 from collections import Counter
@@ -94,14 +95,14 @@ def run_header(results: StudyResults, study_dir: Path, page: Path) -> list[str]:
     return lines
 
 
-def sections(results: StudyResults, out: Path, prefix: str = "") -> tuple[list[Section], list[Finding]]:
+def sections(results: StudyResults, out: Path) -> tuple[list[Section], list[Finding]]:
     study = results.config.get("study", {})
     samples = study.get("bootstrap", 1000)
     records = eval_records(results)
     sweeps = restore_records(results)
 
     def png(name: str) -> Path:
-        return out / f"{prefix}{name}.png"
+        return out / f"{name}.png"
 
     found_section, found = findings_section(results, samples)
     selection, chosen = restoration(results, records, png("restoration"), samples)
@@ -149,20 +150,32 @@ def write_report(study_dir: str | Path, page: str | Path | None = None) -> dict[
     study_dir = Path(study_dir)
     results = load_results(study_dir)
     out = study_dir / "report"
-    parts, _ = sections(results, out)
+    parts, found = sections(results, out)
     title = f"sftlens study report: {results.source} ({results.config.get('study', {}).get('model', '?')})"
     atomic_write_text(out / "report.md", _markdown(title, parts))
     atomic_write_bytes(out / "report.html", _html(title, parts).encode("utf-8"))
     paths = {"html": out / "report.html", "markdown": out / "report.md"}
     if page is not None:
         page = Path(page)
-        page_parts, found = sections(results, page.parent, f"{page.stem}-")
         preamble = [*run_header(results, study_dir, page), "", "**Summary of the verdicts at this scale** "
                     "(generated from the Findings table below):", "", *verdict_summary(found)]
         atomic_write_text(page, _markdown(f"Results: {results.source} study of "
-                                          f"{results.config.get('study', {}).get('model', '?')}", page_parts, preamble))
+                                          f"{results.config.get('study', {}).get('model', '?')}",
+                                          _beside(parts, page), preamble))
         paths["page"] = page
     return paths
+
+
+def _beside(parts: list[Section], page: Path) -> list[Section]:
+    """The report's sections with their PNGs copied beside `page` as `<page stem>-<figure>.png`."""
+    out = []
+    for part in parts:
+        if part.figure:
+            copy = page.parent / f"{page.stem}-{part.figure.name}"
+            atomic_write_bytes(copy, part.figure.read_bytes())
+            part = dataclasses.replace(part, figure=copy)
+        out.append(part)
+    return out
 
 
 def _run_report(args) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftlens.evaluate import acc_of
-from sftlens.report import mean_spread
+from sftlens.report import mean_spread, size_sort_key
 from sftlens.study.db import StudyDB
 from sftlens.study.params import TrainParams
 
@@ -59,6 +59,30 @@ def train_levels(items: list[dict]) -> list:
 
 def level_name(level) -> str:
     return f"D_train-{level}" if isinstance(level, int) else str(level)
+
+
+def level_n(records: list[dict], domain: str) -> dict[int, int]:
+    """Facts per test level of one domain (every model of a study shares its test sets)."""
+    return {r["test_level"]: r["n"] for r in records if r["domain"] == domain}
+
+
+def sweep_groups(results: StudyResults) -> dict[tuple, list[dict]]:
+    """(train level, size) -> the restoration sweeps of its seeds, in seed order."""
+    groups: dict[tuple, list[dict]] = {}
+    for unit in results.done("restore"):
+        tags = results.model_tags(unit)
+        groups.setdefault((tags["train_level"], tags["size"]), []).append({**unit["result"], "seed": tags["seed"]})
+    return {k: sorted(v, key=lambda s: s["seed"]) for k, v in
+            sorted(groups.items(), key=lambda kv: (size_sort_key(kv[0][1]), str(kv[0][0])))}
+
+
+def controls_of(results: StudyResults) -> dict[tuple, dict]:
+    """(train level, size) -> {seed: random-control result}."""
+    controls: dict[tuple, dict] = {}
+    for unit in results.done("control"):
+        tags = results.model_tags(unit)
+        controls.setdefault((tags["train_level"], tags["size"]), {})[tags["seed"]] = unit["result"]
+    return controls
 
 
 def eval_records(results: StudyResults) -> list[dict]:

@@ -20,8 +20,11 @@ from sftlens.study.results import (
     acc,
     acc_over_seeds,
     chosen_ratio,
+    controls_of,
     level_acc_over_seeds,
+    level_n,
     level_name,
+    sweep_groups,
     train_levels,
 )
 
@@ -51,11 +54,6 @@ def ci(estimate, scale: float = 100.0, digits: int = 1, sign: str = "+") -> str:
 
 def sizes_of(records) -> list:
     return sorted({r["size"] for r in records if r["size"] is not None}, key=size_sort_key)
-
-
-def level_n(records: list[dict], domain: str) -> dict[int, int]:
-    """Facts per test level of one domain (every model of a study shares its test sets)."""
-    return {r["test_level"]: r["n"] for r in records if r["domain"] == domain}
 
 
 def acc_caption(records: list[dict], domain: str) -> str:
@@ -263,25 +261,6 @@ def table5(sweeps: list[dict]) -> Section:
         tables.append((f"{size} training examples", header, rows))
     return Section("Table 5: training-set accuracy after restoration",
                    "Accuracy (%) of each model on its own training set (n = its facts), mean ± sd over seeds.", tables)
-
-
-def sweep_groups(results: StudyResults) -> dict[tuple, list[dict]]:
-    """(train level, size) -> the restoration sweeps of its seeds, in seed order."""
-    groups: dict[tuple, list[dict]] = {}
-    for unit in results.done("restore"):
-        tags = results.model_tags(unit)
-        groups.setdefault((tags["train_level"], tags["size"]), []).append({**unit["result"], "seed": tags["seed"]})
-    return {k: sorted(v, key=lambda s: s["seed"]) for k, v in
-            sorted(groups.items(), key=lambda kv: (size_sort_key(kv[0][1]), str(kv[0][0])))}
-
-
-def controls_of(results: StudyResults) -> dict[tuple, dict]:
-    """(train level, size) -> {seed: random-control result}."""
-    controls: dict[tuple, dict] = {}
-    for unit in results.done("control"):
-        tags = results.model_tags(unit)
-        controls.setdefault((tags["train_level"], tags["size"]), {})[tags["seed"]] = unit["result"]
-    return controls
 
 
 def restoration(results: StudyResults, records: list[dict], path: Path, samples: int) -> tuple[Section, dict]:
