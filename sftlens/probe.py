@@ -7,9 +7,12 @@ answer (or a synonym) in it. R_k = correct / (templates x samples) and the maste
 Sampling is Gumbel-max: each sequence carries its own `torch.Generator`, seeded from (seed, fact,
 template, sample index), whose noise is added to logits / T and the argmax taken. That is exact
 sampling from softmax(logits / T), and a sequence's draws never depend on which other sequences
-share its batch, its batch size or its shard. The only remaining cross-batch effect is floating
-point: batched matmuls may round differently, which can flip a draw only when two noisy logits tie
-to ~1e-6 (see `tests/test_probe.py` and `bench/probe_throughput.py` for the measured agreement).
+share its batch, its batch size or its shard. Decoding (`sftlens.decoding.decode`) drops a sample
+from the running batch as soon as it is over: at EOS, at its first newline with `stop_at_newline`,
+or when its text already contains a gold answer (decided: R only asks whether an answer appears).
+The only remaining cross-batch effect is floating point: batched matmuls may round differently,
+which can flip a draw only when two noisy logits tie to ~1e-6 (see `tests/test_probe.py`, which
+checks every count against sampling each continuation alone, and `bench/probe_throughput.py`).
 
 Results go to a store directory: `probe.json` (model fingerprint and settings; a store written with
 other settings is an error) and one append-only `records-rank{R}.jsonl` per process, one line per
@@ -22,7 +25,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import re
 from collections import Counter
@@ -37,6 +39,8 @@ from sftlens.config import add_config_arguments, config_from_args, config_to_dic
 from sftlens.data import (
     Fact, default_matcher, encode_prompt, first_per_relation, load_facts, load_templates, parse_fact_id,
 )
+from sftlens.data.matching import normalize
+from sftlens.decoding import decode
 from sftlens.errors import SftlensError
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_text, exclusive_writer, read_jsonl, stable_hash
 from sftlens.markdown import markdown_table
@@ -161,78 +165,62 @@ def sample_seed(seed: int, fact_id: str, template: int, sample: int) -> int:
 
 
 class GumbelMaxSampler:
-    """A logits processor that samples from softmax(scores / T) with per-sequence generators.
+    """Samples from softmax(scores / T) with one `torch.Generator` per sequence (Gumbel-max).
 
-    It returns scores that are 0 at the sampled token and -inf elsewhere, so `generate`'s greedy
-    step picks exactly that token.
+    Every running sequence draws a full row of uniform noise from its own generator at each of its
+    steps, whichever other sequences are still running, so its draws follow from its seed alone.
     """
 
     def __init__(self, seeds: list[int], temperature: float, device: torch.device):
         self.temperature = temperature
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         noise = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
-        for row, generator in zip(noise, self.generators):
-            row.uniform_(generator=generator)
+        for values, row in zip(noise, rows.tolist()):
+            values.uniform_(generator=self.generators[row])
         # Gumbel noise -log(-log u); u == 0 gives -inf, which simply never wins.
         noise.log_().neg_().log_().neg_().add_(scores, alpha=1.0 / self.temperature)
-        chosen = noise.argmax(dim=-1, keepdim=True)
-        return torch.full_like(scores, -math.inf).scatter_(1, chosen, 0.0)
+        return noise.argmax(dim=-1)
 
 
-def _generation_config(tokenizer, config: ProbeConfig):
-    from transformers import GenerationConfig
+class _SampleEnds:
+    """Ends a sample at its first newline (with `stop_at_newline`) or as soon as its text contains a
+    gold answer: R only asks whether an answer appears within the budget, and containment in the
+    normalised text is not undone by text that follows, so the sample is decided."""
 
-    # Greedy over the sampler's one-hot scores: `do_sample` would re-draw from that one-hot
-    # distribution with an exponential variate per vocabulary entry, 15% of the CPU time for nothing.
-    # Everything that would reshape the scores before our sampler is pinned to neutral, so the
-    # model's own generation_config.json cannot change the paper's plain temperature sampling.
-    return GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=config.max_new_tokens, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, min_new_tokens=0, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, stop_strings=["\n"] if config.stop_at_newline else None,
-    )
+    def __init__(self, tokenizer, accepted: list[frozenset[str]], samples: int, stop_at_newline: bool):
+        self.tokenizer, self.accepted, self.samples = tokenizer, accepted, samples
+        self.stop_at_newline = stop_at_newline
 
-
-def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[i, width - len(seq):] = 1
-    return ids.to(device), mask.to(device)
+    def __call__(self, rows: list[int], tokens: list[list[int]]) -> list[bool]:
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [(self.stop_at_newline and "\n" in text) or _contains(text, self.accepted[row // self.samples])
+                for row, text in zip(rows, texts)]
 
 
-@torch.inference_mode()
-def generate_samples(lm, tokenizer, prompts: list[list[int]], seeds: list[list[int]], config: ProbeConfig) -> list[list[str]]:
+def _contains(text: str, accepted: frozenset[str]) -> bool:
+    normal = normalize(text)
+    return any(a in normal for a in accepted)
+
+
+def generate_samples(lm, tokenizer, prompts: list[list[int]], seeds: list[list[int]], config: ProbeConfig,
+                     answers: list[tuple[str, ...]] | None = None) -> list[list[str]]:
     """Continuations of each prompt (token ids, BOS included), one per seed, as text.
 
-    The prompt minus its last token is run once and its KV cache repeated for the samples (what
-    `num_return_sequences` would do, but without re-encoding the prompt per sample): the rows of a
-    prompt are consecutive, and `generate` continues every row from the shared cache.
+    With `answers` (one tuple per prompt), a continuation stops as soon as it contains one of them
+    (its text is then that prefix, still correct); without, every continuation runs to its end.
     """
     if any(len(row) != config.samples for row in seeds):
         raise ValueError(f"each prompt needs exactly {config.samples} seeds")
-    device = lm.device
-    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
-    kwargs = {}
-    if ids.shape[1] > 1:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        prefix = lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                    use_cache=True, logits_to_keep=1)
-        cache = prefix.past_key_values
-        cache.batch_repeat_interleave(config.samples)
-        kwargs["past_key_values"] = cache
-    sampler = GumbelMaxSampler([s for row in seeds for s in row], config.temperature, device)
-    out = lm.generate(
-        input_ids=ids.repeat_interleave(config.samples, dim=0),
-        attention_mask=mask.repeat_interleave(config.samples, dim=0),
-        generation_config=_generation_config(tokenizer, config), logits_processor=[sampler],
-        tokenizer=tokenizer if config.stop_at_newline else None, **kwargs,
-    )
-    texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    matcher = default_matcher()
+    accepted = [matcher.accepted(a) for a in answers] if answers is not None else [frozenset()] * len(prompts)
+    ends = _SampleEnds(tokenizer, accepted, config.samples, config.stop_at_newline)
+    sampler = GumbelMaxSampler([s for row in seeds for s in row], config.temperature, lm.device)
+    tokens = decode(lm, prompts, max_new_tokens=config.max_new_tokens, eos_id=tokenizer.eos_token_id,
+                    pad_id=tokenizer.pad_token_id, choose=sampler, repeats=config.samples,
+                    ended=ends if answers is not None or config.stop_at_newline else None)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return [texts[i * config.samples:(i + 1) * config.samples] for i in range(len(prompts))]
 
 
@@ -308,7 +296,8 @@ def probe_facts(
         jobs = sorted(((f, t) for f in chunk for t in template_ids), key=lambda job: len(encoded[job[0].id, job[1]]))
         for batch in _chunks(jobs, batch_size):
             seeds = [[sample_seed(config.seed, f.id, t, j) for j in range(config.samples)] for f, t in batch]
-            texts = generate_samples(lm, tokenizer, [encoded[f.id, t] for f, t in batch], seeds, config)
+            texts = generate_samples(lm, tokenizer, [encoded[f.id, t] for f, t in batch], seeds, config,
+                                     answers=[f.answers for f, _ in batch])
             for (fact, template), outputs in zip(batch, texts):
                 correct[fact.id, template] = sum(matcher.is_correct(o, fact.answers) for o in outputs)
             bar.update(len(batch) * config.samples)

@@ -278,3 +278,60 @@ def test_cli_bad_input_is_one_line_error(tiny_model_dir, tiny_data_dir, tmp_path
     assert "--limit must be positive" in capsys.readouterr().err
     assert main(["probe", "stats", "--store", str(tmp_path / "nothing")]) == 2
     assert "no such probe store" in capsys.readouterr().err
+
+
+def reference_correct(lm, tokenizer, fact: Fact, template: int, config: ProbeConfig) -> int:
+    """The probe's definition, brute force: each sample decoded alone, without a KV cache, its full
+    budget (to EOS or max_new_tokens, or its first newline), then matched once."""
+    from sftlens.data import default_matcher, encode_prompt
+
+    prompt = encode_prompt(tokenizer, load_templates()[fact.relation].mapping_templates[template].format(subject=fact.subject))
+    correct = 0
+    for j in range(config.samples):
+        generator = torch.Generator().manual_seed(probe_module.sample_seed(config.seed, fact.id, template, j))
+        new: list[int] = []
+        with torch.inference_mode():
+            while len(new) < config.max_new_tokens:
+                scores = lm(input_ids=torch.tensor([prompt + new])).logits[0, -1].float()
+                noise = torch.empty_like(scores).uniform_(generator=generator)
+                new.append(int((-(-noise.log()).log() + scores / config.temperature).argmax()))
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                if new[-1] == tokenizer.eos_token_id or (config.stop_at_newline and "\n" in text):
+                    break
+        correct += default_matcher().is_correct(tokenizer.decode(new, skip_special_tokens=True), fact.answers)
+    return correct
+
+
+@pytest.mark.parametrize("stop_at_newline", [False, True])
+def test_rows_leaving_the_batch_early_give_the_brute_force_counts(tiny, tiny_model_dir, tmp_path, stop_at_newline):
+    """Decided samples (their text names an answer) and finished ones (EOS, newline) leave the running
+    batch; every count still equals sampling each continuation alone to its end, at batch sizes
+    1, 5 and 64 and over two shards."""
+    lm, tokenizer = tiny
+    config = ProbeConfig(samples=4, max_new_tokens=8, temperature=1.5, templates=(0, 3), stop_at_newline=stop_at_newline)
+    facts = common_facts(9)
+    expected = {f.id: tuple(reference_correct(lm, tokenizer, f, t, config) for t in config.templates) for f in facts}
+    assert len({sum(c) for c in expected.values()}) >= 3  # decided samples happen, and not everywhere
+    for batch_size in (1, 5, 64):
+        records = probe_facts(lm, tokenizer, facts, config, batch_size=batch_size, progress=False)
+        assert {f: r.template_correct for f, r in records.items()} == expected, batch_size
+    sharded = {}
+    for rank in (0, 1):
+        sharded |= run_probe(str(tiny_model_dir), facts, config, tmp_path / "shards", progress=False, shard=(rank, 2))
+    assert {f: r.template_correct for f, r in sharded.items()} == expected
+
+
+def test_a_decided_sample_stops_at_its_answer(tiny):
+    lm, tokenizer = tiny
+    config = ProbeConfig(samples=8, max_new_tokens=12, temperature=1.5, templates=(0,))
+    prompt = tokenizer("Paris is located in")["input_ids"]
+    seeds = [list(range(11, 19))]
+    full = generate_samples(lm, tokenizer, [prompt], seeds, config)[0]
+    answer = next(a for a in COMMON_ANSWERS if any(a in t for t in full) and any(a not in t for t in full))
+    early = generate_samples(lm, tokenizer, [prompt], seeds, config, answers=[(answer,)])[0]
+    for whole, cut in zip(full, early):
+        assert whole.startswith(cut)
+        assert (answer in cut) == (answer in whole)
+        if answer not in whole:
+            assert cut == whole
+    assert sum(len(c) for c in early) < sum(len(w) for w in full)  # some samples stopped early
