@@ -1,7 +1,7 @@
 """Stage: closed-book QA accuracy per mastery level (paper Sections 3.3-3.4).
 
 Greedy decoding of at most 16 new tokens from the training prompt (BOS + "<question> q <answer>"),
-batched with left padding; an output is correct when the matcher finds a gold answer in it.
+batched with left padding, each prompt leaving the batch at its EOS (`sftlens.decoding`); an output is correct when the matcher finds a gold answer in it.
 Accuracy is reported per (domain, test level); the paper's Acc is the mean of the level
 accuracies, `micro` the mean over facts. The same function scores a base model, a fine-tuned
 model, or a model on its own training set (the paper's Table 5): any split JSONL works.
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 from tqdm.auto import tqdm
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.data import default_matcher, encode_prompt
+from sftlens.decoding import decode
 from sftlens.errors import SftlensError
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
 from sftlens.markdown import markdown_table
@@ -51,23 +51,12 @@ class EvalConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-def _generation_config(tokenizer, max_new_tokens: int):
-    from transformers import GenerationConfig
-
-    # An explicit config, so a model's own sampling defaults (temperature, top_p) never apply.
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            bos_token_id=tokenizer.bos_token_id)
-
-
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of one batch of prompts, left-padded so every answer starts together."""
-    encoded = [{"input_ids": encode_prompt(tokenizer, p)} for p in prompts]
-    batch = tokenizer.pad(encoded, padding=True, padding_side="left", return_tensors="pt").to(model.device)
-    with torch.inference_mode():
-        output = model.generate(**batch, generation_config=_generation_config(tokenizer, max_new_tokens))
-    new_tokens = output[:, batch["input_ids"].shape[1]:]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    """Greedy continuations of one batch of prompts; a prompt leaves the batch at its EOS."""
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    tokens = decode(model, encoded, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+                    pad_id=tokenizer.pad_token_id)
+    return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 def _batches_by_length(tokenizer, rows: list[dict], batch_size: int) -> list[list[int]]:

@@ -112,6 +112,42 @@ def test_generation_is_greedy_and_bounded(tiny):
     assert [p["prediction"] for p in predictions] == [greedy_by_hand(model, tokenizer, r["prompt"], 4) for r in rows]
 
 
+def hf_generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The unoptimised path: transformers' batched greedy `generate`, finished rows padded along."""
+    import torch
+    from transformers import GenerationConfig
+
+    batch = tokenizer.pad([{"input_ids": encode_prompt(tokenizer, p)} for p in prompts], padding=True,
+                          padding_side="left", return_tensors="pt")
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.inference_mode():
+        out = model.generate(**batch, generation_config=config)
+    return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def test_rows_ending_early_leave_the_batch_without_changing_a_prediction(tiny):
+    """With EOS made likely, some answers end after a token or two and leave the running batch; the
+    predictions equal transformers' batched generate and greedy decoding by hand, at every batch size."""
+    import copy
+
+    import torch
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] *= 6
+    rows = eval_rows("in", 0, 12) + eval_rows("out", 1, 12)
+    prompts = [r["prompt"] for r in rows]
+    by_hand = [greedy_by_hand(model, tokenizer, p, 8) for p in prompts]
+    assert by_hand == hf_generate_answers(model, tokenizer, prompts, 8)
+    lengths = {len(tokenizer(t)["input_ids"]) for t in by_hand}
+    assert min(lengths) < 4 and max(lengths) >= 6  # some rows end early, others run to the budget
+    for batch_size in (1, 5, 64):
+        predictions = evaluate_model(model, tokenizer, rows, EvalConfig(max_new_tokens=8, batch_size=batch_size), progress=False)
+        assert [p["prediction"] for p in predictions] == by_hand, batch_size
+
+
 def test_correct_when_the_matcher_finds_an_answer(tiny, monkeypatch):
     model, tokenizer = tiny
     outputs = iter([["It is in France.", "no idea"]])
