@@ -19,6 +19,7 @@ import inspect
 from typing import Callable
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 Choose = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Ended = Callable[[list[int], list[list[int]]], list[bool]]
@@ -47,6 +48,54 @@ def _returned_cache(output):
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
+class _ReservedLayer(DynamicLayer):
+    """A layer cache whose keys and values live in buffers sized for the whole decode: each step writes
+    its position in place. The stock layer concatenates, copying the whole cache at every step (40 %
+    of a step's time for SmolLM2-135M at 250 sequences on CPU)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        self.is_initialized, self.device, self.length = True, keys.device, keys.shape[-2]
+        self.key_buffer = self._reserve(keys, capacity)
+        self.value_buffer = self._reserve(values, capacity)
+        self._expose()
+
+    def _reserve(self, states: torch.Tensor, capacity: int) -> torch.Tensor:
+        buffer = states.new_empty((*states.shape[:2], capacity, states.shape[3]))
+        buffer[:, :, :states.shape[2]] = states
+        return buffer
+
+    def _expose(self) -> None:
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        capacity = self.key_buffer.shape[2]
+        self.key_buffer = self._reserve(self.keys[indices], capacity)
+        self.value_buffer = self._reserve(self.values[indices], capacity)
+        self._expose()
+
+
+def _reserve_cache(cache, capacity: int) -> None:
+    """Swap every plain dynamic layer of `cache` for a reserved one; other layer kinds (sliding
+    windows, recurrent states) and caches without layers stay as they are: correct, only slower."""
+    layers = getattr(cache, "layers", None)
+    for i, layer in enumerate(layers or ()):
+        if type(layer) is DynamicLayer and layer.keys is not None and layer.keys.numel():
+            layers[i] = _ReservedLayer(layer.keys, layer.values, capacity)
+
+
 @torch.inference_mode()
 def decode(lm, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None, pad_id: int,
            choose: Choose = greedy, repeats: int = 1, ended: Ended | None = None) -> list[list[int]]:
@@ -63,25 +112,54 @@ def decode(lm, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | N
         cache.batch_repeat_interleave(repeats)
         scores = scores.repeat_interleave(repeats, dim=0)
         mask = mask.repeat_interleave(repeats, dim=0)
-    position = positions[:, -1].repeat_interleave(repeats)
-    rows = torch.arange(len(prompts) * repeats, device=device)
-    tokens: list[list[int]] = [[] for _ in range(len(rows))]
+    _reserve_cache(cache, ids.shape[1] + max_new_tokens)
+    batch = _Batch(torch.arange(len(prompts) * repeats, device=device), mask,
+                   positions[:, -1].repeat_interleave(repeats))
+    tokens: list[list[int]] = [[] for _ in range(len(batch.rows))]
     for step in range(max_new_tokens):
-        chosen = choose(scores, rows)
-        running = _append(tokens, rows.tolist(), chosen.tolist(), eos_id, ended)
+        live = batch.live_index()
+        chosen = choose(scores if live is None else scores[live], batch.live_rows())
+        running = _append(tokens, batch.live_rows().tolist(), chosen.tolist(), eos_id, ended)
         if step + 1 == max_new_tokens or not any(running):
             break
-        if not all(running):
-            keep = torch.tensor(running, device=device)
-            index = keep.nonzero().squeeze(1)
-            rows, chosen, mask, position = rows[keep], chosen[keep], mask[keep], position[keep]
-            cache.batch_select_indices(index)
-        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-        position = position + 1
-        out = lm(input_ids=chosen[:, None], attention_mask=mask, position_ids=position[:, None],
+        next_tokens = batch.advance(chosen, running, pad_id, max_new_tokens - step - 1, cache)
+        out = lm(input_ids=next_tokens[:, None], attention_mask=batch.mask, position_ids=batch.position[:, None],
                  use_cache=True, logits_to_keep=1, **{cache_arg: cache})
         scores = out.logits[:, -1].float()
     return tokens
+
+
+class _Batch:
+    """The rows in the running batch: some may be over, kept until dropping them pays for the copy
+    of the cache that dropping costs."""
+
+    def __init__(self, rows: torch.Tensor, mask: torch.Tensor, position: torch.Tensor):
+        self.rows, self.mask, self.position = rows, mask, position
+        self.alive = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
+
+    def live_index(self) -> torch.Tensor | None:
+        return None if bool(self.alive.all()) else self.alive.nonzero().squeeze(1)
+
+    def live_rows(self) -> torch.Tensor:
+        index = self.live_index()
+        return self.rows if index is None else self.rows[index]
+
+    def advance(self, chosen: torch.Tensor, running: list[bool], pad_id: int, steps_left: int, cache) -> torch.Tensor:
+        """Record which rows ended, drop the ended rows when worth it; the next input tokens."""
+        next_tokens = torch.full((len(self.rows),), pad_id, dtype=chosen.dtype, device=chosen.device)
+        live = self.alive.nonzero().squeeze(1)
+        next_tokens[live] = chosen
+        self.alive[live[~torch.tensor(running, device=live.device)]] = False
+        dead = len(self.rows) - int(self.alive.sum())
+        # Dropping copies the cache once (about half a step); keeping costs the dead rows every step left.
+        if dead and dead * steps_left >= len(self.rows) // 2:
+            keep = self.alive.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            self.rows, self.mask, self.position, next_tokens = self.rows[keep], self.mask[keep], self.position[keep], next_tokens[keep]
+            self.alive = self.alive[keep]
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        self.position = self.position + 1
+        return next_tokens
 
 
 def _append(tokens: list[list[int]], rows: list[int], chosen: list[int], eos_id: int | None,
