@@ -335,3 +335,15 @@ def test_a_decided_sample_stops_at_its_answer(tiny):
         if answer not in whole:
             assert cut == whole
     assert sum(len(c) for c in early) < sum(len(w) for w in full)  # some samples stopped early
+
+
+def test_noise_drawn_on_threads_is_the_same_draw():
+    scores = torch.randn(70, 300)
+    draws = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        sampler = probe_module.GumbelMaxSampler(list(range(100, 170)), 0.7, torch.device("cpu"))
+        with torch.inference_mode():
+            draws.append(torch.stack([sampler(scores, torch.arange(70)) for _ in range(3)]))
+    assert torch.equal(draws[0], draws[1])
+    assert len(set(draws[0][0].tolist())) > 10  # rows draw differently
