@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
+from sftlens import decoding
 from sftlens import probe as probe_module
 from sftlens.cli import main
 from sftlens.data import Fact, load_templates
@@ -303,7 +305,7 @@ def reference_correct(lm, tokenizer, fact: Fact, template: int, config: ProbeCon
 
 
 @pytest.mark.parametrize("stop_at_newline", [False, True])
-def test_rows_leaving_the_batch_early_give_the_brute_force_counts(tiny, tiny_model_dir, tmp_path, stop_at_newline):
+def test_rows_leaving_the_batch_early_give_the_brute_force_counts(tiny, tiny_model_dir, tmp_path, monkeypatch, stop_at_newline):
     """Decided samples (their text names an answer) and finished ones (EOS, newline) leave the running
     batch; every count still equals sampling each continuation alone to its end, at batch sizes
     1, 5 and 64 and over two shards."""
@@ -312,9 +314,14 @@ def test_rows_leaving_the_batch_early_give_the_brute_force_counts(tiny, tiny_mod
     facts = common_facts(9)
     expected = {f.id: tuple(reference_correct(lm, tokenizer, f, t, config) for t in config.templates) for f in facts}
     assert len({sum(c) for c in expected.values()}) >= 3  # decided samples happen, and not everywhere
+    seen = Counter()
+    live_index, select = decoding._Batch.live_index, decoding._ReservedLayer.batch_select_indices
+    monkeypatch.setattr(decoding._Batch, "live_index", lambda self: seen.update(kept=live_index(self) is not None) or live_index(self))
+    monkeypatch.setattr(decoding._ReservedLayer, "batch_select_indices", lambda self, i: seen.update(dropped=1) or select(self, i))
     for batch_size in (1, 5, 64):
         records = probe_facts(lm, tokenizer, facts, config, batch_size=batch_size, progress=False)
         assert {f: r.template_correct for f, r in records.items()} == expected, batch_size
+    assert seen["kept"] and seen["dropped"]  # both ways of handling an ended row ran
     sharded = {}
     for rank in (0, 1):
         sharded |= run_probe(str(tiny_model_dir), facts, config, tmp_path / "shards", progress=False, shard=(rank, 2))
