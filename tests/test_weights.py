@@ -255,3 +255,54 @@ def test_parse_values_sorts_and_deduplicates():
     assert parse_values("dare", (0, 0.9)) == (0.0, 0.9)
     with pytest.raises(SftlensError, match="no trim d values"):
         parse_values("trim", [])
+
+
+def test_cli_writes_one_folder_per_value_and_refuses_settings_the_method_ignores(tmp_path, capsys):
+    from sftlens.cli import main
+
+    base_dir, ft_dir, _, ft = random_pair(tmp_path)
+    common = ["repair", "--base", str(base_dir), "--finetuned", str(ft_dir), "--out", str(tmp_path / "o")]
+    assert main([*common, "--method", "dare", "--values", "0.5,0.1", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "dare-0.1" in out and "dare-0.5" in out and "2 dare models" in out
+    assert json.loads((tmp_path / "o" / "dare-0.5" / "repair.json").read_text())["config"] == {"region": "body", "seed": 3}
+    assert main([*common, "--method", "trim", "--values", "100", "--region", "mlp"]) == 0
+    got = _load_folder(tmp_path / "o" / "trim-100")
+    assert all(torch.equal(got[n], ft[n]) for n in ft)
+    capsys.readouterr()
+    for bad, message in ((["--method", "wise", "--values", "0.5", "--scope", "tensor"], "--scope does not apply to --method wise"),
+                         (["--method", "wise", "--values", "0.5,2"], "wise alpha '2' is outside [0, 1]"),
+                         (["--method", "dare", "--values", "1"], "dare p '1' is outside [0, 1)")):
+        assert main([*common[:-1], str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+        assert not (tmp_path / "bad").exists() or not [p for p in (tmp_path / "bad").iterdir() if not p.name.startswith(".")]
+
+
+def test_cli_eval_sweeps_in_memory_with_the_finetuned_model_as_reference(tmp_path, tiny_tokenizer, capsys):
+    from sftlens.cli import main
+    from sftlens.evaluate import EvalConfig, evaluate_model, summarize
+    from tiny import save_model, tiny_model
+
+    base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
+    base_dir = save_model(base_model, tok, tmp_path / "base")
+    ft_model = tiny_model(seed=5, tokenizer=tiny_tokenizer)[0]
+    ft_dir = save_model(ft_model, tok, tmp_path / "ft")
+    rows = [{"fact_id": f"P17/test/{i:05d}", "relation": "P17", "domain": domain, "level": i % 5,
+             "question": f"Which country is X{i} located in?", "answers": ["France"],
+             "prompt": f"<question> Which country is X{i} located in? <answer>", "completion": " France "}
+            for i, domain in enumerate(["in", "out"] * 5)]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["repair", "--method", "wise", "--values", "0", "--region", "all", "--base", str(base_dir),
+                 "--finetuned", str(ft_dir), "--out", str(tmp_path / "o"), "--eval", "--test", str(test),
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| wise alpha | test in Acc | test out Acc |" in out and "evaluated 2 models in memory" in out
+    cached = {p.name: json.loads(p.read_text())["records"] for p in (tmp_path / "o" / "eval").glob("wise-*.json")}
+    assert sorted(cached) == ["wise-0.json", "wise-1.json"]
+    config = EvalConfig(max_new_tokens=3)
+    for name, model in (("wise-0.json", base_model), ("wise-1.json", ft_model)):
+        want = summarize(evaluate_model(model, tok, rows, config, progress=False))
+        assert [{k: v for k, v in r.items() if k not in ("split", "method", "value")} for r in cached[name]] == want
+    assert (tmp_path / "o" / "eval" / "wise-table.md").is_file()
