@@ -25,9 +25,9 @@ def chunking(request, monkeypatch):
     """'chunked' makes the weight passes read every tensor in blocks of a row or a few elements,
     so tie groups, random keys and restored values all span blocks."""
     if request.param == "chunked":
-        import sftlens.analysis.deltas
+        import sftlens.weights.checkpoints
 
-        monkeypatch.setattr(sftlens.analysis.deltas, "CHUNK_ELEMENTS", 5)
+        monkeypatch.setattr(sftlens.weights.checkpoints, "CHUNK_ELEMENTS", 5)
     return request.param
 
 

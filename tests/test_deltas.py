@@ -11,20 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sftlens.analysis.deltas import (
-    DeltasConfig,
+from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration, zero_base_mass
+from sftlens.weights.checkpoints import in_region, open_pair
+from sftlens.weights.selection import (
     SelectionConfig,
     change,
-    concentration,
-    in_region,
-    open_pair,
     parse_ratios,
     random_keys,
     select,
     selection_keys,
     target_count,
-    write_concentration,
-    zero_base_mass,
 )
 from sftlens.errors import SftlensError
 

@@ -140,7 +140,7 @@ def test_a_truncated_safetensors_shard_names_the_file(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from sftlens.analysis.deltas import open_pair
+    from sftlens.weights.checkpoints import open_pair
 
     for name in ("base", "ft"):
         (tmp_path / name).mkdir()
@@ -153,12 +153,12 @@ def test_a_truncated_safetensors_shard_names_the_file(tmp_path):
 
 
 def test_enospc_while_writing_restored_folders_leaves_no_folder(tmp_path, monkeypatch):
-    import sftlens.restore
+    import sftlens.weights.apply
     from sftlens.restore import RestoreConfig, restore_sweep
     from test_deltas import random_pair
 
     base_dir, ft_dir, _, _ = random_pair(tmp_path, shards=2)
-    real, calls = sftlens.restore._as_bytes, []
+    real, calls = sftlens.weights.apply._as_bytes, []
 
     def fails_on_the_third_block(tensor):
         calls.append(1)
@@ -166,11 +166,11 @@ def test_enospc_while_writing_restored_folders_leaves_no_folder(tmp_path, monkey
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensor)
 
-    monkeypatch.setattr(sftlens.restore, "_as_bytes", fails_on_the_third_block)
+    monkeypatch.setattr(sftlens.weights.apply, "_as_bytes", fails_on_the_third_block)
     with pytest.raises(OSError):
         restore_sweep(base_dir, ft_dir, (1, 10), RestoreConfig(region="all"), tmp_path / "out", progress=False)
     assert list((tmp_path / "out").iterdir()) == [], "no partial restored folder"
-    monkeypatch.setattr(sftlens.restore, "_as_bytes", real)
+    monkeypatch.setattr(sftlens.weights.apply, "_as_bytes", real)
     folders = restore_sweep(base_dir, ft_dir, (1, 10), RestoreConfig(region="all"), tmp_path / "out", progress=False)
     assert all((folder / "restore.json").is_file() for folder in folders.values())
 

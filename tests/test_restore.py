@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import load_file
 from test_deltas import RATIOS, brute_force, random_pair, write_checkpoint
 
-from sftlens.analysis.deltas import open_pair, select
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_jsonl
 from tiny import save_model
 from sftlens.restore import MANIFEST, RestoreConfig, restore_in_memory, restore_sweep, restored_models
+from sftlens.weights.checkpoints import open_pair
+from sftlens.weights.selection import select
 
 
 def _load_folder(folder) -> dict[str, torch.Tensor]:

@@ -1,0 +1,12 @@
+"""Weight editing between a base and a fine-tuned checkpoint with the same tensor names.
+
+- `checkpoints`: a checkpoint pair streamed in blocks of rows (bounded memory), regions.
+- `selection`: the exact streamed selection of "the k % most changed elements" (restore, trim, deltas).
+- `methods`: the repairs (restore, wise, dare, trim), one function each, and `RepairConfig`.
+- `apply`: an edit written as HF folders sharded like the input, or applied to a loaded model.
+"""
+
+from sftlens.weights.apply import repair_sweep, repaired_models
+from sftlens.weights.methods import METHODS, RepairConfig, parse_values
+
+__all__ = ["METHODS", "RepairConfig", "parse_values", "repair_sweep", "repaired_models"]
