@@ -189,6 +189,11 @@ max_new_tokens = 4
 learning_rate = 1e-3
 [eval]
 max_new_tokens = 4
+[repairs.wise]
+values = [0.5, 0.9]
+[repairs.dare]
+values = [0.3, 0.6]
+seed = 1
 """
 
 
@@ -239,7 +244,7 @@ def test_a_tiny_study_runs_every_unit_once(tiny_study):
     assert {u["state"] for u in units} == {"done"}
     assert {u["runs"] for u in units} == {1}
     kinds = sorted({u["kind"] for u in units})
-    assert kinds == ["control", "deltas", "eval", "kl", "probe", "restore", "split", "train"]
+    assert kinds == ["control", "deltas", "eval", "kl", "probe", "repair", "repaired", "restore", "split", "train"]
     assert not list(study.glob("units/train/*/model")), "prune_checkpoints drops fine-tuned weights"
     controls = [u["result"] for u in units if u["kind"] == "control"]
     assert controls and all(c["ratio"] in (10.0, 50.0) and c["records"] for c in controls), "random control ran"
@@ -275,7 +280,11 @@ def test_the_report_regenerates_from_the_database_alone(tiny_study, tmp_path):
         assert f"| {claim} |" in markdown
     assert "| n (test facts) |" in markdown and "artefact check" in markdown
     html = paths["html"].read_text()
-    assert html.count("data:image/png;base64,") == 4  # figures 2, 4, 5 and the restoration curve
+    assert html.count("data:image/png;base64,") == 5  # figures 2, 4, 5, the restoration curve, the repairs
+    repairs = markdown[markdown.index("## Repair methods"):]
+    assert "2 per model" in repairs  # the tuning budget is stated
+    for row in ("| plain SFT |", "| wise | alpha = ", "| dare | p = "):
+        assert row in repairs
     assert " ± " in markdown
     assert "D_train-0" in markdown and "mixed" in markdown
 

@@ -2,7 +2,9 @@
 
 Sections: `[study]` (StudySettings below: model, data, grid, analysis choices) and one section per
 stage, each checked against that stage's config dataclass: `[probe]`, `[train]`, `[eval]`, `[kl]`,
-`[deltas]`, `[restore]`. The split has no section: every setting of `SplitConfig` is the study's grid
+`[deltas]`, `[restore]`, and `[repairs]`: the repair methods to compare, one table per method with its
+values and settings (`wise = { values = [0.25, 0.5, 0.75] }`; `sftlens.weights.RepairConfig` fields),
+every method with as many values as the others (the same tuning budget on dev). The split has no section: every setting of `SplitConfig` is the study's grid
 (`[study]` levels, sizes, include_all, seeds, mixed, eval_facts_per_level), so a `[split]` key would
 have no effect and is an error naming it. A file may start from a shipped preset with
 `extends = "demo"` (or "paper", or a path) and override single keys; unknown keys and wrong types
@@ -100,13 +102,29 @@ class StudySettings:
 
 
 @dataclass(frozen=True)
+class RepairGrid:
+    """One repair method of the comparison: its settings and the values tried on dev."""
+
+    config: object  # sftlens.weights.RepairConfig
+    values: tuple[float, ...]
+
+    def params(self) -> dict:
+        """What enters a repair unit's key: the method and the settings it reads."""
+        return {"method": self.config.method, **self.config.settings()}
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     study: StudySettings
     stages: dict  # section -> that stage's config dataclass
     source: str  # where it came from (preset name or file), for messages
+    repairs: dict = field(default_factory=dict)  # method -> RepairGrid, in the file's order
 
     def to_dict(self) -> dict:
-        return {"study": config_to_dict(self.study), **{k: config_to_dict(v) for k, v in self.stages.items()}}
+        out = {"study": config_to_dict(self.study), **{k: config_to_dict(v) for k, v in self.stages.items()}}
+        if self.repairs:
+            out["repairs"] = {m: {"values": list(g.values), **g.params()} for m, g in self.repairs.items()}
+        return out
 
 
 def stage_class(section: str):
@@ -167,10 +185,42 @@ def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
         raise SftlensError(f"{spec}: split.{key} has no effect in a study: the split follows [study] "
                            "(levels, sizes, include_all, seeds, mixed, eval_facts_per_level); set it there")
     raw.pop("split", None)
-    known = ("study", *STAGE_SECTIONS)
+    known = ("study", *STAGE_SECTIONS, "repairs")
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise SftlensError(f"{spec}: unknown section or key {unknown[0]!r} (known: extends, {', '.join(known)})")
     study = config_from_dict(StudySettings, raw.get("study", {}), "study")
     stages = {s: config_from_dict(stage_class(s), raw.get(s, {}), s) for s in STAGE_SECTIONS}
-    return StudyConfig(study, stages, spec)
+    return StudyConfig(study, stages, spec, repair_grids(raw.get("repairs", {}), spec))
+
+
+def repair_grids(raw: dict, spec: str) -> dict[str, RepairGrid]:
+    """The `[repairs]` tables: method -> its settings and values; every method gets as many values
+    as the others, so each has the same number of dev evaluations to choose with."""
+    from sftlens.weights import RepairConfig, parse_values
+
+    if not isinstance(raw, dict):
+        raise SftlensError(f"{spec}: repairs: expected tables like wise = {{ values = [0.5, 0.75] }}, got {raw!r}")
+    grids = {}
+    for method, table in raw.items():
+        where = f"repairs.{method}"
+        if not isinstance(table, dict) or "values" not in table:
+            raise SftlensError(f"{spec}: {where}: expected a table with values = [...], got {table!r}")
+        settings = {k: v for k, v in table.items() if k != "values"}
+        if "method" in settings:
+            raise SftlensError(f"{spec}: {where}.method: the table's name is the method; remove the key")
+        config = config_from_dict(RepairConfig, {"method": method, **settings}, where)
+        if not isinstance(table["values"], list):
+            raise SftlensError(f"{spec}: {where}.values: expected a list of numbers, got {table['values']!r}")
+        try:
+            values = parse_values(method, table["values"])
+        except SftlensError as err:
+            raise SftlensError(f"{spec}: {where}.values: {err}") from None
+        grids[method] = RepairGrid(config, values)
+    budgets = {m: len(g.values) for m, g in grids.items()}
+    if len(set(budgets.values())) > 1:
+        first, *others = budgets.items()
+        odd = next((m, n) for m, n in others if n != first[1])
+        raise SftlensError(f"{spec}: repairs.{odd[0]}.values: {odd[1]} values, but {first[0]} has {first[1]}: every "
+                           "method gets the same number of values (the same tuning budget on dev)")
+    return grids

@@ -109,3 +109,18 @@ class ControlParams(UnitParams):
     eval: dict
     seed: int
     ratio_choice: str  # how the ratio is chosen, in words (part of the key)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RepairParams(UnitParams):
+    repair: dict  # the method and the RepairConfig settings it reads
+    values: list[float]
+    eval: dict  # EvalConfig
+    dev: str  # the dev domain the value is chosen on
+
+
+@dataclass(frozen=True, kw_only=True)
+class RepairedParams(UnitParams):
+    repair: dict
+    eval: dict
+    value_choice: str  # how the value is chosen, in words (part of the key)

@@ -144,3 +144,41 @@ def chosen_ratio(sweep_results: list[dict], domain: str = "in") -> float:
     if not by_ratio:
         return 0.0
     return max(sorted(by_ratio), key=lambda ratio: statistics.fmean(by_ratio[ratio]))
+
+
+def chosen_value(sweep_results: list[dict], neutral: float, domain: str = "in") -> float:
+    """The repair value with the best mean dev Acc over the seeds of one (level, size); ties: the one
+    closest to the method's neutral value (the least edit)."""
+    by_value: dict[float, list[float]] = {}
+    for result in sweep_results:
+        for value in {r["repair_value"] for r in result["records"]}:
+            score = acc([r for r in result["records"] if r["repair_value"] == value], domain)
+            if score is not None:
+                by_value.setdefault(value, []).append(score)
+    if not by_value:
+        raise ValueError("no dev evaluation to choose a repair value from")
+    return max(sorted(by_value, key=lambda v: abs(v - neutral)), key=lambda v: statistics.fmean(by_value[v]))
+
+
+def repair_groups(results: StudyResults) -> dict[tuple, list[dict]]:
+    """(method, train level, size) -> the dev-chosen repairs of its seeds ("repaired" results), in seed order."""
+    groups: dict[tuple, list[dict]] = {}
+    for unit in results.done("repaired"):
+        tags = results.model_tags(unit)
+        key = (unit["result"]["method"], tags["train_level"], tags["size"])
+        groups.setdefault(key, []).append({**unit["result"], "seed": tags["seed"]})
+    return {k: sorted(v, key=lambda s: s["seed"]) for k, v in groups.items()}
+
+
+def repair_dev_curves(results: StudyResults) -> dict[tuple, dict[float, list[float]]]:
+    """(method, train level, size) -> {value: dev Acc of each seed}: what each method's choice saw."""
+    curves: dict[tuple, dict[float, list[float]]] = {}
+    for unit in results.done("repair"):
+        tags = results.model_tags(unit)
+        curve = curves.setdefault((unit["result"]["method"], tags["train_level"], tags["size"]), {})
+        records = unit["result"]["records"]
+        for value in sorted({r["repair_value"] for r in records}):
+            score = acc([r for r in records if r["repair_value"] == value], "in")
+            if score is not None:
+                curve.setdefault(value, []).append(score)
+    return curves

@@ -30,13 +30,16 @@ from sftlens.study.params import (
     FactSelection,
     KLParams,
     ProbeParams,
+    RepairedParams,
+    RepairParams,
     RestoreParams,
     Runtime,
     SplitParams,
     TrainParams,
 )
-from sftlens.study.results import chosen_ratio
+from sftlens.study.results import chosen_ratio, chosen_value
 from sftlens.train import RUN_FILE, TrainConfig, train
+from sftlens.weights import METHODS, RepairConfig, repaired_models
 
 DATA = "data"  # the split unit's output folder
 
@@ -225,3 +228,41 @@ def control_unit(params, out: Path, deps) -> dict:
             "train": read_jsonl(Path(deps["split"]["dir"]) / DATA / deps["model"]["result"]["train_set"])}
     records, bits = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
     return {"ratio": ratio, "records": records, "test_bits": bits["test"], "train_bits": bits["train"]}
+
+
+# --- repair methods ------------------------------------------------------------------------------
+
+
+def _repair_config(repair: dict) -> RepairConfig:
+    return config_from_dict(RepairConfig, repair, "repair")
+
+
+def repair_unit(params, out: Path, deps) -> dict:
+    """Every value of one repair method on the in-domain dev facts: what the method's choice sees."""
+    p, runtime = RepairParams.of(params), Runtime.of(params)
+    eval_cfg = config_from_dict(EvalConfig, p.eval, "eval")
+    config = _repair_config(p.repair)
+    finetuned = model_path(params, deps)
+    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
+    dev = {"dev": _sweep_rows(p.dev, deps)["dev"]}
+    records = []
+    for value, repaired in repaired_models(model, runtime.model, finetuned, p.values, config):
+        records += evaluate_splits(repaired, tokenizer, dev, eval_cfg, {"repair_value": value})[0]
+    return {"method": config.method, "records": records}
+
+
+def repaired_unit(params, out: Path, deps) -> dict:
+    """The method at the value its dev sweeps chose for this (level, size) over all seeds, on test
+    and on the model's own training set, with per-fact correctness for the paired bootstraps."""
+    p, runtime = RepairedParams.of(params), Runtime.of(params)
+    eval_cfg = config_from_dict(EvalConfig, p.eval, "eval")
+    config = _repair_config(p.repair)
+    value = chosen_value([d["result"] for role, d in sorted(deps.items()) if role.startswith("sweep")],
+                         METHODS[config.method].neutral)
+    finetuned = model_path(params, deps)
+    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
+    rows = {k: v for k, v in _sweep_rows("in", deps).items() if k != "dev"}
+    (_, repaired), = repaired_models(model, runtime.model, finetuned, [value], config)
+    records, predictions = evaluate_splits(repaired, tokenizer, rows, eval_cfg, {"repair_value": value})
+    return {"method": config.method, "value": value, "records": records,
+            "test_bits": _bits_by_level(predictions["test"]), "train_bits": _bits_by_level(predictions["train"])}

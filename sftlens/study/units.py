@@ -1,4 +1,5 @@
-"""The study's unit graph: probe -> split -> train -> eval, kl, deltas, restore sweep -> control.
+"""The study's unit graph: probe -> split -> train -> eval, kl, deltas, restore sweep -> control, and
+per repair method: repair (its values on dev) -> repaired (the dev-chosen value on test and train).
 
 `build_units` expands a StudyConfig into units in dependency order. Keys hash the settings a
 unit's result depends on (the model's weight fingerprint, the data files' bytes, the stage
@@ -22,6 +23,8 @@ from sftlens.study.params import (
     FactSelection,
     KLParams,
     ProbeParams,
+    RepairedParams,
+    RepairParams,
     RestoreParams,
     Runtime,
     SplitParams,
@@ -30,6 +33,7 @@ from sftlens.study.params import (
 )
 
 STAGES = "sftlens.study.stages"
+VALUE_CHOICE = "best mean dev Acc (in-domain) over seeds; ties: the least edit"
 SPLITS = ("train", "dev", "test")
 
 
@@ -102,6 +106,7 @@ class GraphBuilder:
         self.add("eval", "eval base", "eval_unit", EvalParams(eval=eval_cfg, splits=["test", "dev"]),
                  {"split": split.key}, work=eval_rows + dev_rows)
         sweeps: dict[tuple, list[Unit]] = {}
+        repairs: dict[tuple, list[Unit]] = {}
         models: list[tuple[int | None, int | None, int, Unit]] = []
         train_rows = self.n_facts["train"] // max(1, len(s.levels))
         for level in (*s.levels, *((None,) if s.mixed else ())):
@@ -138,6 +143,11 @@ class GraphBuilder:
                              {**deps, "eval": evaluation.key},
                              work=len(ratios) * (eval_rows + dev_rows / 2 + own_rows) + dev_rows / 2 + own_rows)
             sweeps.setdefault((level, size), []).append(sweep)
+            for method, grid in self.config.repairs.items():
+                unit = self.add("repair", f"repair {method} {name}", "repair_unit",
+                                RepairParams(repair=grid.params(), values=list(grid.values), eval=eval_cfg, dev="in"),
+                                deps, work=len(grid.values) * dev_rows / 2)
+                repairs.setdefault((level, size, method), []).append(unit)
         if s.random_control:
             for level, size, seed, train in models:
                 group = sweeps.get((level, size))
@@ -148,6 +158,16 @@ class GraphBuilder:
                 self.add("control", f"control {name}", "control_unit",
                          ControlParams(restore=config_to_dict(self.config.stages["restore"]), eval=eval_cfg, seed=seed,
                                        ratio_choice="best mean dev Acc (in-domain) over seeds, ratio > 0"),
+                         deps, work=eval_rows + (size or train_rows))
+        for level, size, seed, train in models:
+            for method, grid in self.config.repairs.items():
+                group = repairs.get((level, size, method))
+                if not group:
+                    continue
+                name = train.label.removeprefix("train ")
+                deps = {"model": train.key, "split": split.key, **{f"sweep{i}": u.key for i, u in enumerate(group)}}
+                self.add("repaired", f"repaired {method} {name}", "repaired_unit",
+                         RepairedParams(repair=grid.params(), eval=eval_cfg, value_choice=VALUE_CHOICE),
                          deps, work=eval_rows + (size or train_rows))
         return self.units
 

@@ -1,0 +1,144 @@
+"""The report's "Repair methods" section: every repair of the study's `[repairs]` at the value its
+dev sweeps chose, against plain SFT, on test (both domains) and on each model's own training set.
+
+Kept apart from the paper's sections (`sftlens.study.sections`): it reads the `repair` and
+`repaired` units, and plain SFT from the restoration sweep's ratio 0 (the fine-tuned model as it is,
+scored on test, dev and its training set), so it adds no evaluation of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sftlens.evaluate import acc_levels
+from sftlens.report import mean_spread, plot_bands
+from sftlens.study.bootstrap import FactDraws, SeedDraws, arm_difference
+from sftlens.study.results import StudyResults, acc, level_name, repair_dev_curves, repair_groups, sweep_groups
+from sftlens.study.sections import DOMAINS, Section, acc_caption, ci, fmt
+from sftlens.weights import METHODS
+
+SPLITS = ("test", "train")
+
+
+def _scope(split: str, level, size, seed) -> str:
+    # test facts are shared by every model; a training set is each model's own
+    return "test" if split == "test" else f"train-{level}-{size}-{seed}"
+
+
+class _Group:
+    """Plain SFT of one (train level, size): its seeds' bits and records, from the restore sweeps."""
+
+    def __init__(self, level, size, sweeps: list[dict]):
+        self.level, self.size = level, size
+        self.by_seed = {s["seed"]: s for s in sweeps}
+
+    def records(self, seed, split: str) -> list[dict]:
+        return [r for r in self.by_seed[seed]["records"] if r["split"] == split and r["restore_ratio"] == 0.0]
+
+    def bits(self, seed, split: str) -> dict:
+        return self.by_seed[seed][f"{split}_bits"]["0"]
+
+    def arm(self, seeds: list, split: str, bits_of) -> list[dict]:
+        return [{"bits": bits_of(seed), "scope": _scope(split, self.level, self.size, seed)} for seed in seeds]
+
+
+def _cells(per_seed_records: list[list[dict]]) -> list[str]:
+    """Acc in-domain, Acc out-of-domain (test), training-set accuracy: mean ± sd over seeds."""
+    test = [[r for r in rs if r["split"] == "test"] for rs in per_seed_records]
+    train = [[r for r in rs if r["split"] == "train"] for rs in per_seed_records]
+    return [*(fmt(*mean_spread([acc(rs, d) for rs in test if acc(rs, d) is not None])) for d, _ in DOMAINS),
+            fmt(*mean_spread([acc(rs, "in") for rs in train if acc(rs, "in") is not None]))]
+
+
+def _gains(group: _Group, repaired: list[dict], facts: FactDraws, seeds: SeedDraws) -> list[str]:
+    """Repaired minus plain SFT, paired over facts and seeds: in-domain, out-of-domain, training set."""
+    mine = [r for r in repaired if r["seed"] in group.by_seed]
+    if not mine:
+        return ["–"] * 3
+    cells = []
+    for split, domain in (("test", "in"), ("test", "out"), ("train", "in")):
+        levels = acc_levels(group.records(mine[0]["seed"], split), domain)
+        if not levels:
+            cells.append("–")
+            continue
+        by_seed = {r["seed"]: r for r in mine}
+        after = group.arm(list(by_seed), split, lambda seed: by_seed[seed][f"{split}_bits"])
+        before = group.arm(list(by_seed), split, lambda seed: group.bits(seed, split))
+        cells.append(ci(arm_difference(facts, seeds, after, before, domain, levels, paired_seeds=True)))
+    return cells
+
+
+def _value_text(method: str, values: list[float]) -> str:
+    knob = METHODS[method].knob
+    chosen = sorted(set(values))
+    unit = " %" if method in ("restore", "trim") else ""
+    return f"{knob} = " + " / ".join(f"{v:g}{unit}" for v in chosen)
+
+
+def _figure(results: StudyResults, groups: dict, path: Path) -> Path | None:
+    """Dev Acc against each method's knob (mean ± sd over seeds), one panel per method; the point at
+    the neutral value is plain SFT (the restoration sweep's ratio 0), shown, not a candidate."""
+    curves = repair_dev_curves(results)
+    panels = []
+    for method in dict.fromkeys(m for m, _, _ in curves):
+        neutral = METHODS[method].neutral
+        lines = {}
+        for (m, level, size), by_value in curves.items():
+            if m != method:
+                continue
+            plain = groups.get((level, size))
+            points = dict(by_value)
+            if plain is not None:
+                points.setdefault(neutral, [acc(plain.records(seed, "dev"), "in") for seed in plain.by_seed])
+            lines[f"{level_name(level)}, n={size}"] = [
+                (value, mean, mean - sd, mean + sd) for value, scores in sorted(points.items())
+                for mean, sd, _ in [mean_spread([s for s in scores if s is not None])]]
+        panels.append((f"{method} ({METHODS[method].knob}; neutral {neutral:g})", lines))
+    if not panels:
+        return None
+    return plot_bands(path, panels, "in-domain dev Acc (%)", "the method's value", None)
+
+
+def repair_methods(results: StudyResults, path: Path, samples: int) -> Section | None:
+    """The comparison table and figure; None when the study compares no repair methods."""
+    repaired = repair_groups(results)
+    if not repaired:
+        return None
+    groups = {key: _Group(*key, sweeps) for key, sweeps in sweep_groups(results).items()}
+    facts, seeds = FactDraws(max(samples, 1), 2), SeedDraws(max(samples, 1), 3)
+    budgets = {len(values) for values in _budget(results).values()}
+    rows, captions = [], []
+    for (level, size), group in groups.items():
+        methods = [(m, rs) for (m, lv, sz), rs in repaired.items() if (lv, sz) == (level, size)]
+        if not methods:
+            continue
+        name = f"{level_name(level)}, n={size}"
+        seeds_present = sorted(group.by_seed)
+        rows.append([name, "plain SFT", "–", str(len(seeds_present)),
+                     *_cells([group.records(s, "test") + group.records(s, "train") for s in seeds_present]),
+                     "–", "–", "–"])
+        for method, reps in methods:
+            rows.append([name, method, _value_text(method, [r["value"] for r in reps]), str(len(reps)),
+                         *_cells([r["records"] for r in reps]), *_gains(group, reps, facts, seeds)])
+        first = seeds_present[0]
+        captions.append(f"{name}: in-domain test {acc_caption(group.records(first, 'test'), 'in')}; out-of-domain "
+                        f"{acc_caption(group.records(first, 'test'), 'out')}; training set "
+                        f"{acc_caption(group.records(first, 'train'), 'in').replace('levels', 'level')}")
+    budget = " / ".join(str(b) for b in sorted(budgets)) or "?"
+    text = (f"Each method chose its value among the same number of candidates ({budget} per model, each scored on the "
+            "in-domain dev facts: the same tuning budget), by the best mean dev Acc over seeds (ties: the least edit), "
+            "and is reported on test and on each model's own training set. Cells: mean ± sd over seeds; gains: "
+            "repaired minus plain SFT in Acc points with a 95 % bootstrap interval, paired over facts and seeds. "
+            "wise: WiSE-FT, base + alpha (ft - base); dare: drop each update element with probability p, rescale "
+            "the rest by 1/(1-p); trim: TIES' trim, keep the top d % of |ft - base| per tensor (TIES' sign election "
+            "is a no-op for one model); restore: the paper's, the top ratio % of relative change set back to base. "
+            "Figure: dev Acc against each method's value (band: ± sd over seeds); the point at the neutral value is "
+            "plain SFT, not a candidate. " + " ".join(captions))
+    header = ["train set", "method", "chosen on dev", "seeds", "Acc in-domain", "Acc out-of-domain", "train-set Acc",
+              "gain in-domain [95 % CI]", "gain out-of-domain [95 % CI]", "gain train set [95 % CI]"]
+    return Section("Repair methods", text, [("", header, rows)], _figure(results, groups, path))
+
+
+def _budget(results: StudyResults) -> dict[str, list[float]]:
+    """Each method's candidate values, from the study's configuration."""
+    return {m: table["values"] for m, table in results.config.get("repairs", {}).items()}
