@@ -191,14 +191,14 @@ def worker_naive(base: str, ft: str, out: str, ratio: float) -> dict:
     return {"seconds": time.perf_counter() - start, **_usage()}
 
 
-def run_worker(args: list[str], limit_gb: float) -> dict:
-    """Run this script as a worker under RLIMIT_AS; return its JSON or where it failed."""
+def run_worker(args: list[str], limit_gb: float, script: str = __file__, python: str = sys.executable) -> dict:
+    """Run `script` (this one by default) as a worker under RLIMIT_AS; return its JSON or where it failed."""
     def limit():
         cap = int(limit_gb * 1024 ** 3)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True,
+    proc = subprocess.run([python, script, "--worker", *args], capture_output=True, text=True,
                           preexec_fn=limit)
     wall = time.perf_counter() - start
     if proc.returncode == 0:
