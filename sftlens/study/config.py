@@ -24,7 +24,7 @@ from typing import Literal
 from sftlens.config import config_from_dict, config_to_dict
 from sftlens.errors import SftlensError
 
-PRESETS = ("paper", "demo", "repro")
+PRESETS = ("paper", "demo", "repro", "repairs")
 
 # section -> (module, config class); imported when a study is loaded, so `sftlens --help` stays fast
 STAGE_SECTIONS = {

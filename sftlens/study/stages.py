@@ -204,7 +204,8 @@ def restore_unit(params, out: Path, deps) -> dict:
     records, bits0 = _evaluate_splits(model, tokenizer, {k: v for k, v in rows.items() if k != "test"}, eval_cfg, 0.0)
     records += [{**r, "restore_ratio": 0.0} for r in unrestored["records"] if r["split"] == "test"]
     bits = {"0": {**bits0, "test": unrestored["test_bits"]}}
-    for ratio, restored in restored_models(model, runtime.model, finetuned, p.ratios, restore_cfg):
+    # no ratios: the sweep only scores the fine-tuned model on dev and its training set (plain SFT for repairs)
+    for ratio, restored in restored_models(model, runtime.model, finetuned, p.ratios, restore_cfg) if p.ratios else ():
         ratio_records, ratio_bits = _evaluate_splits(restored, tokenizer, rows, eval_cfg, float(ratio))
         records += ratio_records
         bits[f"{float(ratio):g}"] = ratio_bits
