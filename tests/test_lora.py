@@ -125,3 +125,25 @@ def test_cli_flags(tiny_model_dir, sft20, tmp_path, capsys):
     assert main(["train", "--model", str(tiny_model_dir), "--data", str(sft20), "--out", str(tmp_path / "x"),
                  "--method", "lora", "--lora-rank", "0"]) == 2
     assert "lora_rank must be positive" in capsys.readouterr().err
+
+
+def test_resume_after_interruption_gives_the_same_merged_weights(tiny_model_dir, sft20, tmp_path):
+    from transformers import TrainerCallback
+
+    from test_train import Interrupt
+
+    class DieAfterSecondCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise Interrupt
+
+    config = TrainConfig(**{**config_to_dict(LORA), "save_steps": 1})
+    out = tmp_path / "resumed"
+    with pytest.raises(Interrupt):
+        train(str(tiny_model_dir), sft20, out, config, progress=False, callbacks=[DieAfterSecondCheckpoint()])
+    assert not out.exists()
+    train(str(tiny_model_dir), sft20, out, config, progress=False)
+    straight = weights(train(str(tiny_model_dir), sft20, tmp_path / "straight", LORA, progress=False))
+    resumed = weights(out)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert json.loads((out / RUN_FILE).read_text())["resumed_from"] == "checkpoint-2"
