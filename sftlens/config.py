@@ -1,7 +1,10 @@
 """Stage configs are small frozen dataclasses; this module turns them into CLI flags and
 validates them from study files (unknown keys and wrong types are errors naming the key).
 
-Field metadata: ``help`` (flag help text). Supported field types: bool, int, float, str,
+Field metadata: ``help`` (flag help text); ``omit_unless`` = (other field, value): the field is a
+setting only while the other field has that value, and `config_to_dict` (hence every key and record
+built from it) leaves it out otherwise, so adding an option keeps the keys of runs that do not use it.
+Supported field types: bool, int, float, str,
 ``X | None``, ``Literal[...]`` and ``tuple[X, ...]``.
 """
 
@@ -86,8 +89,13 @@ def config_from_dict(cls: type[C], data: dict, where: str = "") -> C:
         raise SftlensError(f"{where or cls.__name__}: {err}") from None
 
 
+def _applies(config, f: dataclasses.Field) -> bool:
+    condition = f.metadata.get("omit_unless")
+    return condition is None or getattr(config, condition[0]) == condition[1]
+
+
 def config_to_dict(config) -> dict:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init and _applies(config, f)}
 
 
 def _parse_list(elem_type):

@@ -1,4 +1,6 @@
-"""Stage: full-parameter SFT of a causal LM on an SFT set (paper Section 3.3, Appendix A).
+"""Stage: SFT of a causal LM on an SFT set (paper Section 3.3, Appendix A): full-parameter (the
+paper's) or LoRA (`method = "lora"`, PEFT), whose adapter is merged into the weights at the end so
+that the output is the same plain HF folder either way.
 
 Built on the transformers Trainer, so `accelerate launch -m sftlens train ...` gives multi-GPU,
 FSDP or DeepSpeed with no code change; one process by default.
@@ -35,6 +37,10 @@ IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
 RUN_FILE = "sftlens_train.json"
 LOSS_FILE = "loss_log.jsonl"
 SFT_KEYS = ("prompt", "completion")
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# LoRA settings exist only for LoRA runs: a full-SFT config's dict (and so its run key) is what it
+# was before LoRA was added.
+LORA_ONLY = {"omit_unless": ("method", "lora")}
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,19 @@ class TrainConfig:
         default=None, metadata={"help": "longest example in tokens (default: the model's context)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (mixed precision; weights stay fp32)"})
     save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps (for resuming)"})
+    method: Literal["full", "lora"] = field(
+        default="full", metadata={"help": "full-parameter SFT, or LoRA merged into the weights", **LORA_ONLY})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r", **LORA_ONLY})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)",
+                                                  **LORA_ONLY})
+    lora_targets: tuple[str, ...] = field(
+        default=LLAMA_PROJECTIONS, metadata={"help": "module names that get LoRA adapters", **LORA_ONLY})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input", **LORA_ONLY})
 
     def __post_init__(self):
         positive = {"batch_size": self.batch_size, "epochs": self.epochs,
-                    "learning_rate": self.learning_rate, "save_steps": self.save_steps}
+                    "learning_rate": self.learning_rate, "save_steps": self.save_steps,
+                    "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -65,6 +80,10 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_targets:
+            raise ValueError("lora_targets must name at least one module")
 
 
 # Settings that change how a run is carried out but not its result; they stay out of the run key
@@ -104,6 +123,26 @@ def encode_sft_set(tokenizer, rows: list[dict], path: Path, max_length: int) -> 
 def steps_per_epoch(n_examples: int, batch_size: int) -> int:
     """Optimizer steps for one pass; the last, partial batch is kept."""
     return math.ceil(n_examples / batch_size)
+
+
+def _require_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise SftlensError("method = 'lora' needs PEFT: pip install 'sftlens[lora]'") from None
+
+
+def _with_lora(net, model: str, config: TrainConfig):
+    """`net` with LoRA adapters on `config.lora_targets`, every other weight frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules()}
+    missing = [target for target in config.lora_targets if target not in names]
+    if missing:
+        raise SftlensError(f"lora_targets: {', '.join(missing)} not found in the modules of {model}")
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_targets), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(net, lora)
 
 
 def _training_arguments(config: TrainConfig, checkpoint_dir: Path, progress: bool):
@@ -225,10 +264,24 @@ def _prepare_work_dir(work_dir: Path, key: str, progress: bool) -> Path | None:
     return None
 
 
+def _save_merged(trainer, staged: Path) -> None:
+    """The LoRA update folded into the base weights, saved under the base model's tensor names.
+
+    Merging needs the whole model in one process, so a LoRA run's adapters must not be sharded
+    (one process or DDP; not FSDP/ZeRO-3)."""
+    if trainer.is_world_process_zero():
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(str(staged))
+        trainer.processing_class.save_pretrained(str(staged))
+
+
 def _finish(trainer, work_dir: Path, out_dir: Path, record: dict) -> None:
     staged = work_dir / "model"
-    # Every process takes part (FSDP/DeepSpeed gather the weights); it saves the tokenizer too.
-    trainer.save_model(str(staged))
+    if record["method"] == "lora":
+        _save_merged(trainer, staged)
+    else:
+        # Every process takes part (FSDP/DeepSpeed gather the weights); it saves the tokenizer too.
+        trainer.save_model(str(staged))
     if trainer.is_world_process_zero():
         atomic_write_jsonl(staged / LOSS_FILE, loss_log(trainer.state.log_history))
         atomic_write_json(staged / RUN_FILE, record)
@@ -247,6 +300,8 @@ def train(model: str, sft_path: Path, out_dir: Path, config: TrainConfig = Train
     """
     from transformers import set_seed
 
+    if config.method == "lora":
+        _require_peft()
     sft_path, out_dir = Path(sft_path), Path(out_dir)
     rows = read_split_rows(sft_path, SFT_KEYS)
     manifest = data_manifest(sft_path, rows)
@@ -263,6 +318,8 @@ def train(model: str, sft_path: Path, out_dir: Path, config: TrainConfig = Train
     net, tokenizer = load_model(model, dtype="float32", device="cpu")
     context = config.max_length or getattr(net.config, "max_position_embeddings", None) or 2048
     examples = encode_sft_set(tokenizer, rows, sft_path, context)
+    if config.method == "lora":
+        net = _with_lora(net, model, config)
 
     work_dir = out_dir.with_name(f".{out_dir.name}.partial")
     args = _training_arguments(config, work_dir / "checkpoints", progress)
@@ -273,7 +330,7 @@ def train(model: str, sft_path: Path, out_dir: Path, config: TrainConfig = Train
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     record = {
-        **identity, "model": model, "data": manifest, "config": config_to_dict(config),
+        **identity, "model": model, "data": manifest, "method": config.method, "config": config_to_dict(config),
         "steps": trainer.state.global_step, "train_seconds": round(time.perf_counter() - started, 3),
         "train_loss": result.training_loss, "resumed_from": last_checkpoint and last_checkpoint.name,
     }

@@ -1,12 +1,12 @@
 import argparse
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 
-from sftlens.config import add_config_arguments, config_from_args, config_from_dict
+from sftlens.config import add_config_arguments, config_from_args, config_from_dict, config_to_dict
 from sftlens.errors import SftlensError
 from sftlens.io import JsonlAppender, atomic_directory, atomic_write_json, read_jsonl, stable_hash
 
@@ -19,6 +19,21 @@ class Demo:
     sizes: tuple[int, ...] = (1, 2)
     name: str | None = None
     flag: bool = False
+
+
+@dataclass(frozen=True)
+class WithOption:
+    lr: float = 1e-5
+    mode: Literal["plain", "extra"] = field(default="plain", metadata={"omit_unless": ("mode", "extra")})
+    extra_size: int = field(default=4, metadata={"omit_unless": ("mode", "extra")})
+
+
+def test_settings_of_an_unused_option_are_left_out_and_round_trip():
+    assert config_to_dict(WithOption(extra_size=9)) == {"lr": 1e-5}
+    used = WithOption(mode="extra", extra_size=9)
+    assert config_to_dict(used) == {"lr": 1e-5, "mode": "extra", "extra_size": 9}
+    assert config_from_dict(WithOption, config_to_dict(used)) == used
+    assert config_from_dict(WithOption, config_to_dict(WithOption())) == WithOption()
 
 
 def test_config_from_dict_checks_keys_and_types():
