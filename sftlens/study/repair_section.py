@@ -13,6 +13,7 @@ from pathlib import Path
 from sftlens.evaluate import acc_levels
 from sftlens.report import mean_spread, plot_bands
 from sftlens.study.bootstrap import FactDraws, SeedDraws, arm_difference
+from sftlens.study.findings import verdict
 from sftlens.study.results import StudyResults, acc, level_name, repair_dev_curves, repair_groups, sweep_groups
 from sftlens.study.sections import DOMAINS, Section, acc_caption, ci, fmt
 from sftlens.weights import METHODS
@@ -64,7 +65,8 @@ def _gains(group: _Group, repaired: list[dict], facts: FactDraws, seeds: SeedDra
         by_seed = {r["seed"]: r for r in mine}
         after = group.arm(list(by_seed), split, lambda seed: by_seed[seed][f"{split}_bits"])
         before = group.arm(list(by_seed), split, lambda seed: group.bits(seed, split))
-        cells.append(ci(arm_difference(facts, seeds, after, before, domain, levels, paired_seeds=True)))
+        gain = arm_difference(facts, seeds, after, before, domain, levels, paired_seeds=True)
+        cells.append(ci(gain) + (f" {verdict(gain.low, gain.high, +1)}" if (split, domain) == ("test", "in") else ""))
     return cells
 
 
@@ -128,7 +130,8 @@ def repair_methods(results: StudyResults, path: Path, samples: int) -> Section |
     text = (f"Each method chose its value among the same number of candidates ({budget} per model, each scored on the "
             "in-domain dev facts: the same tuning budget), by the best mean dev Acc over seeds (ties: the least edit), "
             "and is reported on test and on each model's own training set. Cells: mean ± sd over seeds; gains: "
-            "repaired minus plain SFT in Acc points with a 95 % bootstrap interval, paired over facts and seeds. "
+            "repaired minus plain SFT in Acc points with a 95 % bootstrap interval, paired over facts and seeds; the "
+            "in-domain gain carries the Findings' verdict rule (holds: the whole interval above 0). "
             "wise: WiSE-FT, base + alpha (ft - base); dare: drop each update element with probability p, rescale "
             "the rest by 1/(1-p); trim: TIES' trim, keep the top d % of |ft - base| per tensor (TIES' sign election "
             "is a no-op for one model); restore: the paper's, the top ratio % of relative change set back to base. "
