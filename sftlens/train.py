@@ -15,6 +15,7 @@ an `out` that holds anything else is an error and is never touched.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -127,7 +128,7 @@ def steps_per_epoch(n_examples: int, batch_size: int) -> int:
 
 def _require_peft() -> None:
     try:
-        import peft  # noqa: F401
+        importlib.import_module("peft")
     except ImportError:
         raise SftlensError("method = 'lora' needs PEFT: pip install 'sftlens[lora]'") from None
 
