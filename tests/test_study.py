@@ -130,6 +130,10 @@ def write_config(path: Path, text: str) -> Path:
     ('[study]\nsizes = [16]\nanalysis_sizes = [32]\n', "analysis_sizes [32] are not among sizes [16]"),
     ('[study]\nkl_test_set = "level4"\n', "kl_test_set must be in, out or"),
     ('[split]\nsizes = [8]\n', "split.sizes has no effect in a study"),
+    ('[study]\nlora_learning_rates = [1e-4, 0]\n', "lora_learning_rates must be positive, got [0.0001, 0.0]"),
+    ('[study]\nlora_learning_rates = [1e-4]\n[train]\nmethod = "lora"\n', "train.method is already 'lora'"),
+    ('[study]\nlora_learning_rates = [1e-4]\n[repairs]\nwise = { values = [0.5, 0.7] }\n',
+     "study.lora_learning_rates: 1 rates, but each repair method has 2 values"),
 ])
 def test_bad_study_files_name_the_key(tmp_path, text, message):
     with pytest.raises(SftlensError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -178,6 +182,7 @@ seeds = [0, 1]
 analysis_sizes = [8]
 table_size = 8
 restore_ratios = [10, 50]
+lora_learning_rates = [1e-3, 1e-2]
 bootstrap = 50
 kl_test_set = "in-level0"
 prune_checkpoints = true
@@ -244,10 +249,19 @@ def test_a_tiny_study_runs_every_unit_once(tiny_study):
     assert {u["state"] for u in units} == {"done"}
     assert {u["runs"] for u in units} == {1}
     kinds = sorted({u["kind"] for u in units})
-    assert kinds == ["control", "deltas", "eval", "kl", "probe", "repair", "repaired", "restore", "split", "train"]
+    assert kinds == ["control", "deltas", "eval", "kl", "lora", "lora-eval", "probe", "repair", "repaired", "restore",
+                     "split", "train"]
     assert not list(study.glob("units/train/*/model")), "prune_checkpoints drops fine-tuned weights"
+    assert not list(study.glob("units/lora/*/model")), "and the LoRA models once scored"
     controls = [u["result"] for u in units if u["kind"] == "control"]
     assert controls and all(c["ratio"] in (10.0, 50.0) and c["records"] for c in controls), "random control ran"
+
+
+def test_the_eval_batch_size_is_a_runtime_value_outside_every_key(tiny_study, tmp_path):
+    config_file, study = tiny_study
+    edited = write_config(tmp_path / "batch.toml", config_file.read_text().replace(
+        "[eval]\nmax_new_tokens = 4", "[eval]\nmax_new_tokens = 4\nbatch_size = 3"))
+    assert "0 to run" in plan(load_study_config(str(edited)), study)
 
 
 def test_an_edited_config_recomputes_only_what_changed(tiny_study, tmp_path):
@@ -287,6 +301,35 @@ def test_the_report_regenerates_from_the_database_alone(tiny_study, tmp_path):
         assert row in repairs
     assert " ± " in markdown
     assert "D_train-0" in markdown and "mixed" in markdown
+
+
+def test_the_lora_arm_trains_on_the_same_sets_and_its_rate_is_chosen_on_dev(tiny_study):
+    from sftlens.evaluate import acc_of
+    from sftlens.study.report import write_report
+
+    _, study = tiny_study
+    results = load_results(study)
+    keys = results.by_key()
+    loras = [u for u in results.units if u["kind"] == "lora"]
+    full = {(u["spec"]["params"]["set"], u["spec"]["params"]["seed"]): u for u in results.units if u["kind"] == "train"}
+    assert len(loras) == 4  # 2 seeds x 2 rates
+    for unit in loras:
+        recipe = unit["spec"]["params"]["train"]
+        twin = full[unit["spec"]["params"]["set"], unit["spec"]["params"]["seed"]]
+        assert recipe["method"] == "lora" and recipe["lora_rank"] == 16
+        assert "method" not in twin["spec"]["params"]["train"]  # full-SFT keys are those from before LoRA
+        assert unit["result"]["train_set"] == twin["result"]["train_set"]
+    dev_acc: dict[float, list[float]] = {}
+    for unit in results.done("lora-eval"):
+        rate = keys[unit["spec"]["deps"]["model"]]["spec"]["params"]["train"]["learning_rate"]
+        dev = [r for r in unit["result"]["records"] if r["split"] == "dev" and r["domain"] == "in"]
+        dev_acc.setdefault(rate, []).append(acc_of(dev, "in"))
+    assert sorted(dev_acc) == [1e-3, 1e-2] and all(len(v) == 2 for v in dev_acc.values())
+    best = max(sorted(dev_acc), key=lambda rate: sum(dev_acc[rate]) / 2)
+    markdown = write_report(study)["markdown"].read_text()
+    rows = [line for line in markdown.splitlines() if "| LoRA SFT (r=16, alpha=32) |" in line]
+    assert len(rows) == 1 and f"| lr = {best:g} | 2 |" in rows[0]
+    assert rows[0].count(" [") == 3, "gains over plain SFT with intervals, in- and out-of-domain and training set"
 
 
 def _run_until(config_file: Path, out: Path, stop_after: int) -> dict[str, int]:
@@ -345,7 +388,7 @@ def test_unit_params_round_trip_and_leave_unset_optional_settings_out_of_the_key
     assert FactSelection(**{**selection.to_params(), "dev_facts_per_relation": 2}).limit("dev") == 2
     assert selection.limit("dev") == 5 and selection.limit("train") is None
     kl = KLParams(kl={"top_k": 10}, test_set="in", **selection.to_params())
-    runtime = Runtime(model="m", data_dir="d", device="auto")
+    runtime = Runtime(model="m", data_dir="d", device="auto", eval_batch_size=64)
     received = {**kl.to_params(), **runtime.to_params()}  # what a unit function gets
     assert KLParams.of(received) == kl and Runtime.of(received) == runtime
     assert runtime.device_or_none is None

@@ -23,12 +23,13 @@ from sftlens.markdown import markdown_table
 # units in 50 min; units' work as `study plan` counts it). `plan` prefers the rates of the study
 # folder's own finished units.
 DEFAULT_RATES = {"probe": 0.040, "split": 0.0, "train": 0.14, "eval": 0.037, "kl": 0.02, "deltas": 16.0,
-                 "restore": 0.047, "control": 0.045, "repair": 0.047, "repaired": 0.045}
+                 "restore": 0.047, "control": 0.045, "repair": 0.047, "repaired": 0.045, "lora": 0.14,
+                 "lora-eval": 0.045}
 FIXED_SECONDS = {"probe": 5, "split": 2, "train": 8, "eval": 4, "kl": 3, "deltas": 0, "restore": 6, "control": 6,
-                 "repair": 6, "repaired": 6}
+                 "repair": 6, "repaired": 6, "lora": 8, "lora-eval": 6}
 WORK_UNITS = {"probe": "samples", "split": "-", "train": "examples", "eval": "generations", "kl": "prompts",
               "deltas": "models", "restore": "generations", "control": "generations", "repair": "generations",
-              "repaired": "generations"}
+              "repaired": "generations", "lora": "examples", "lora-eval": "generations"}
 
 
 def measured_rates(db: StudyDB) -> dict[str, float]:

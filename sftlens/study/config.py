@@ -70,6 +70,10 @@ class StudySettings:
     kl: bool = field(default=True, metadata={"help": "first-token KL of every fine-tuned model (Figure 5)"})
     kl_test_set: str = field(
         default="in-level4", metadata={"help": "test facts of the KL (Figure 5): {in,out}-level{L}, or in / out (all levels)"})
+    lora_learning_rates: tuple[float, ...] = field(
+        default=(), metadata={"help": "LoRA SFT beside full SFT in the repair comparison: one LoRA model ([train]'s "
+                                      "lora_* settings) per analysed training set, seed and learning rate, the rate "
+                                      "chosen on dev (as many rates as each repair method has values)"})
     random_control: bool = field(
         default=True, metadata={"help": "random restoration at the dev-chosen ratio, as a control"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for restoration-gain intervals"})
@@ -97,6 +101,8 @@ class StudySettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kl_test_set not in ("in", "out") and not re.fullmatch(r"(in|out)-level[0-4]", self.kl_test_set):
             raise ValueError(f"kl_test_set must be in, out or {{in,out}}-level{{0..4}}, got {self.kl_test_set!r}")
+        if any(not rate > 0 for rate in self.lora_learning_rates):
+            raise ValueError(f"lora_learning_rates must be positive, got {list(self.lora_learning_rates)}")
         if self.bootstrap < 0:
             raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
 
@@ -191,7 +197,21 @@ def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
         raise SftlensError(f"{spec}: unknown section or key {unknown[0]!r} (known: extends, {', '.join(known)})")
     study = config_from_dict(StudySettings, raw.get("study", {}), "study")
     stages = {s: config_from_dict(stage_class(s), raw.get(s, {}), s) for s in STAGE_SECTIONS}
-    return StudyConfig(study, stages, spec, repair_grids(raw.get("repairs", {}), spec))
+    repairs = repair_grids(raw.get("repairs", {}), spec)
+    _check_lora_arm(study, stages["train"], repairs, spec)
+    return StudyConfig(study, stages, spec, repairs)
+
+
+def _check_lora_arm(study: StudySettings, train, repairs: dict, spec: str) -> None:
+    """LoRA is compared with full SFT, and with the same tuning budget as every repair method."""
+    rates = study.lora_learning_rates
+    if rates and train.method == "lora":
+        raise SftlensError(f"{spec}: study.lora_learning_rates compares LoRA with full SFT, but train.method is "
+                           "already 'lora'; set train.method = 'full'")
+    budget = next((len(g.values) for g in repairs.values()), None)
+    if rates and budget is not None and len(rates) != budget:
+        raise SftlensError(f"{spec}: study.lora_learning_rates: {len(rates)} rates, but each repair method has "
+                           f"{budget} values: LoRA gets the same tuning budget on dev")
 
 
 def repair_grids(raw: dict, spec: str) -> dict[str, RepairGrid]:

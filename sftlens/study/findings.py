@@ -149,9 +149,9 @@ class Claims:
             sizes = self.sizes(level)
             largest = sizes[-1]
             ref = reference_size(sizes, largest)
-            label = f"{level_name(level)}: Acc({largest}) - Acc({ref})"
             if ref is None:
-                out.append(not_tested("C1", label, "one training size only"))
+                out.append(not_tested("C1", f"{level_name(level)}: Acc(n={largest}) - Acc(a smaller n)",
+                                      "one training size only"))
                 continue
             big, small = _group(self.models, level, largest), _group(self.models, level, ref)
             effect = self.acc_gap(big, small)
@@ -286,6 +286,10 @@ class Claims:
             return [not_tested("C6", "restoration gain", "no restoration sweep in this study")]
         out = []
         for (level, size), group in sweeps.items():
+            if not any(r["restore_ratio"] for sweep in group for r in sweep["records"]):
+                out.append(not_tested("C6", f"{level_name(level)}, n={size}: restored - fine-tuned",
+                                      "the sweep has no restore ratios (restoration may take part in Repair methods)"))
+                continue
             ratio = chosen_ratio(group)
             name = f"{level_name(level)}, n={size}, restore {ratio:g} % (dev-chosen)"
             for split in ("test", "train"):

@@ -32,6 +32,7 @@ class Runtime(UnitParams):
     model: str
     data_dir: str
     device: str  # auto, cpu or cuda
+    eval_batch_size: int  # prompts decoded together (no prediction depends on it)
 
     @property
     def device_or_none(self) -> str | None:

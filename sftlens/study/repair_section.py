@@ -14,11 +14,16 @@ from sftlens.evaluate import acc_levels
 from sftlens.report import mean_spread, plot_bands
 from sftlens.study.bootstrap import FactDraws, SeedDraws, arm_difference
 from sftlens.study.findings import verdict
-from sftlens.study.results import StudyResults, acc, level_name, repair_dev_curves, repair_groups, sweep_groups
+from sftlens.study.results import (
+    StudyResults, acc, chosen_lora, level_name, lora_candidates, lora_dev_curve, repair_dev_curves, repair_groups,
+    sweep_groups,
+)
 from sftlens.study.sections import DOMAINS, Section, acc_caption, ci, fmt
 from sftlens.weights import METHODS
 
-SPLITS = ("test", "train")
+LORA_TEXT = ("LoRA SFT: not a repair of the fully fine-tuned model but the other recipe, [train]'s LoRA adapters "
+             "trained on the same training set and seed and merged, its learning rate chosen on dev among as many "
+             "candidates (ties: the smaller rate). ")
 
 
 def _scope(split: str, level, size, seed) -> str:
@@ -92,27 +97,41 @@ def _figure(results: StudyResults, groups: dict, path: Path) -> Path | None:
             points = dict(by_value)
             if plain is not None:
                 points.setdefault(neutral, [acc(plain.records(seed, "dev"), "in") for seed in plain.by_seed])
-            lines[f"{level_name(level)}, n={size}"] = [
-                (value, mean, mean - sd, mean + sd) for value, scores in sorted(points.items())
-                for mean, sd, _ in [mean_spread([s for s in scores if s is not None])]]
+            lines[f"{level_name(level)}, n={size}"] = _band(points)
         panels.append((f"{method} ({METHODS[method].knob}; neutral {neutral:g})", lines))
+    lora = {f"{level_name(level)}, n={size}": _band(lora_dev_curve(candidates))
+            for (level, size), candidates in lora_candidates(results).items()}
+    if lora:
+        panels.append(("LoRA SFT (learning rate)", lora))
     if not panels:
         return None
     return plot_bands(path, panels, "in-domain dev Acc (%)", "the method's value", None)
 
 
+def _band(points: dict[float, list]) -> list[tuple]:
+    """(value, mean, mean - sd, mean + sd) over seeds at each value."""
+    return [(value, mean, mean - sd, mean + sd) for value, scores in sorted(points.items())
+            for mean, sd, _ in [mean_spread([s for s in scores if s is not None])]]
+
+
+def _lora_name(models: list[dict]) -> str:
+    recipe = models[0]["recipe"]
+    return f"LoRA SFT (r={recipe['lora_rank']}, alpha={recipe['lora_alpha']})"
+
+
 def repair_methods(results: StudyResults, path: Path, samples: int) -> Section | None:
     """The comparison table and figure; None when the study compares no repair methods."""
-    repaired = repair_groups(results)
-    if not repaired:
+    repaired, lora = repair_groups(results), lora_candidates(results)
+    if not repaired and not lora:
         return None
     groups = {key: _Group(*key, sweeps) for key, sweeps in sweep_groups(results).items()}
     facts, seeds = FactDraws(max(samples, 1), 2), SeedDraws(max(samples, 1), 3)
-    budgets = {len(values) for values in _budget(results).values()}
+    budgets = {len(values) for values in _budget(results).values()} | {len(rates) for rates in lora.values()}
     rows, captions = [], []
     for (level, size), group in groups.items():
         methods = [(m, rs) for (m, lv, sz), rs in repaired.items() if (lv, sz) == (level, size)]
-        if not methods:
+        lora_models = chosen_lora(lora.get((level, size), {}))
+        if not methods and not lora_models:
             continue
         name = f"{level_name(level)}, n={size}"
         seeds_present = sorted(group.by_seed)
@@ -122,6 +141,9 @@ def repair_methods(results: StudyResults, path: Path, samples: int) -> Section |
         for method, reps in methods:
             rows.append([name, method, _value_text(method, [r["value"] for r in reps]), str(len(reps)),
                          *_cells([r["records"] for r in reps]), *_gains(group, reps, facts, seeds)])
+        if lora_models:
+            rows.append([name, _lora_name(lora_models), f"lr = {lora_models[0]['value']:g}", str(len(lora_models)),
+                         *_cells([m["records"] for m in lora_models]), *_gains(group, lora_models, facts, seeds)])
         first = seeds_present[0]
         captions.append(f"{name}: in-domain test {acc_caption(group.records(first, 'test'), 'in')}; out-of-domain "
                         f"{acc_caption(group.records(first, 'test'), 'out')}; training set "
@@ -135,6 +157,7 @@ def repair_methods(results: StudyResults, path: Path, samples: int) -> Section |
             "wise: WiSE-FT, base + alpha (ft - base); dare: drop each update element with probability p, rescale "
             "the rest by 1/(1-p); trim: TIES' trim, keep the top d % of |ft - base| per tensor (TIES' sign election "
             "is a no-op for one model); restore: the paper's, the top ratio % of relative change set back to base. "
+            + (LORA_TEXT if lora else "") +
             "Figure: dev Acc against each method's value (band: ± sd over seeds); the point at the neutral value is "
             "plain SFT, not a candidate. " + " ".join(captions))
     header = ["train set", "method", "chosen on dev", "seeds", "Acc in-domain", "Acc out-of-domain", "train-set Acc",

@@ -143,7 +143,12 @@ def chosen_ratio(sweep_results: list[dict], domain: str = "in") -> float:
                 by_ratio.setdefault(ratio, []).append(value)
     if not by_ratio:
         return 0.0
-    return max(sorted(by_ratio), key=lambda ratio: statistics.fmean(by_ratio[ratio]))
+    return best_mean(by_ratio, lambda ratio: ratio)
+
+
+def best_mean(scores: dict[float, list[float]], tie_order) -> float:
+    """The candidate with the best mean score; among equals, the first in `tie_order`."""
+    return max(sorted(scores, key=tie_order), key=lambda value: statistics.fmean(scores[value]))
 
 
 def chosen_value(sweep_results: list[dict], neutral: float, domain: str = "in") -> float:
@@ -157,7 +162,7 @@ def chosen_value(sweep_results: list[dict], neutral: float, domain: str = "in") 
                 by_value.setdefault(value, []).append(score)
     if not by_value:
         raise ValueError("no dev evaluation to choose a repair value from")
-    return max(sorted(by_value, key=lambda v: abs(v - neutral)), key=lambda v: statistics.fmean(by_value[v]))
+    return best_mean(by_value, lambda v: abs(v - neutral))
 
 
 def repair_groups(results: StudyResults) -> dict[tuple, list[dict]]:
@@ -182,3 +187,29 @@ def repair_dev_curves(results: StudyResults) -> dict[tuple, dict[float, list[flo
             if score is not None:
                 curve.setdefault(value, []).append(score)
     return curves
+
+
+def lora_candidates(results: StudyResults) -> dict[tuple, dict[float, list[dict]]]:
+    """(train level, size) -> {learning rate: the LoRA models of its seeds, scored (seed order)}."""
+    groups: dict[tuple, dict[float, list[dict]]] = {}
+    keys = results.by_key()
+    for unit in results.done("lora-eval"):
+        tags = results.model_tags(unit)
+        recipe = TrainParams.of(keys[unit["spec"]["deps"]["model"]]["spec"]["params"]).train
+        rate = recipe["learning_rate"]
+        groups.setdefault((tags["train_level"], tags["size"]), {}).setdefault(rate, []).append(
+            {**unit["result"], "seed": tags["seed"], "value": rate, "recipe": recipe})
+    return {k: {rate: sorted(models, key=lambda m: m["seed"]) for rate, models in v.items()} for k, v in groups.items()}
+
+
+def lora_dev_curve(candidates: dict[float, list[dict]]) -> dict[float, list[float]]:
+    """{learning rate: in-domain dev Acc of each seed}: what the rate's choice sees."""
+    return {rate: [score for m in models
+                   if (score := acc([r for r in m["records"] if r["split"] == "dev"], "in")) is not None]
+            for rate, models in sorted(candidates.items())}
+
+
+def chosen_lora(candidates: dict[float, list[dict]]) -> list[dict]:
+    """The LoRA models at the rate with the best mean dev Acc over seeds (ties: the smaller rate)."""
+    curve = {rate: scores for rate, scores in lora_dev_curve(candidates).items() if scores}
+    return candidates[best_mean(curve, lambda rate: rate)] if curve else []

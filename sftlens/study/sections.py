@@ -164,6 +164,9 @@ def kl_points(results: StudyResults) -> list[dict]:
 
 def figure5(results: StudyResults, out: Path) -> Section:
     points = kl_points(results)
+    if not points:
+        return Section("Figure 5: KL divergence vs size",
+                       "Not measured: no KL unit of this study is done (`[study] kl = false` plans none).")
     sizes = sizes_of(points)
     lines = {}
     for lv in train_levels(points):
@@ -294,7 +297,8 @@ def restoration(results: StudyResults, records: list[dict], path: Path, samples:
             gain_cell = ci(arm_difference(facts, seeds, after, before, "in", levels, paired_seeds=True))
         before_acc = fmt(*mean_spread([acc(test_at(s, 0.0), "in") for s in sweeps]))
         after_acc = fmt(*mean_spread([acc(test_at(s, ratio), "in") for s in sweeps]))
-        rows.append([level_name(level), str(size), str(len(sweeps)), f"{ratio:g} %", before_acc, after_acc, gain_cell,
+        chosen_cell = f"{ratio:g} %" if ratio else "none: no restore ratios"
+        rows.append([level_name(level), str(size), str(len(sweeps)), chosen_cell, before_acc, after_acc, gain_cell,
                      random_cell, acc_caption(test0, "in")])
     figure = plot_bands(path, panels, "in-domain test Acc (%)", "restore ratio (%)", references) if panels else None
     section = Section(

@@ -91,6 +91,11 @@ def train_unit(params, out: Path, deps) -> dict:
             "train_loss": run["train_loss"]}
 
 
+def eval_config(params) -> EvalConfig:
+    """A unit's evaluation settings; the batch size comes from the runtime, as it changes no prediction."""
+    return config_from_dict(EvalConfig, {**params["eval"], "batch_size": Runtime.of(params).eval_batch_size}, "eval")
+
+
 def model_path(params, deps) -> str:
     """The fine-tuned model a unit reads, or the base model for units without one."""
     return str(Path(deps["model"]["dir"]) / "model") if "model" in deps else Runtime.of(params).model
@@ -107,7 +112,7 @@ def load_rows(files: list[Path]) -> list[dict]:
 
 def eval_unit(params, out: Path, deps) -> dict:
     p = EvalParams.of(params)
-    config = config_from_dict(EvalConfig, p.eval, "eval")
+    config = eval_config(params)
     model, tokenizer = load_model(model_path(params, deps), dtype=config.dtype,
                                   device=config.device or Runtime.of(params).device_or_none)
     rows = {split: load_rows(eval_files(deps["split"]["dir"], split)) for split in p.splits}
@@ -194,7 +199,7 @@ def restore_unit(params, out: Path, deps) -> dict:
     """Evaluate the fine-tuned model restored at every ratio (0 = as fine-tuned) on test, dev and
     its own training set; restoration happens in memory, one selection for the whole sweep."""
     p, runtime = RestoreParams.of(params), Runtime.of(params)
-    eval_cfg = config_from_dict(EvalConfig, p.eval, "eval")
+    eval_cfg = eval_config(params)
     restore_cfg = config_from_dict(RestoreConfig, p.restore, "restore")
     finetuned = model_path(params, deps)
     model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
@@ -220,7 +225,7 @@ def control_unit(params, out: Path, deps) -> dict:
     if ratio == 0:
         return {"ratio": 0.0, "records": [], "test_bits": {}}
     p, runtime = ControlParams.of(params), Runtime.of(params)
-    eval_cfg = config_from_dict(EvalConfig, p.eval, "eval")
+    eval_cfg = eval_config(params)
     restore_cfg = dataclasses.replace(config_from_dict(RestoreConfig, p.restore, "restore"), strategy="random", seed=p.seed)
     finetuned = model_path(params, deps)
     model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
@@ -229,6 +234,18 @@ def control_unit(params, out: Path, deps) -> dict:
             "train": read_jsonl(Path(deps["split"]["dir"]) / DATA / deps["model"]["result"]["train_set"])}
     records, bits = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
     return {"ratio": ratio, "records": records, "test_bits": bits["test"], "train_bits": bits["train"]}
+
+
+def scored_unit(params, out: Path, deps) -> dict:
+    """A model on test, in-domain dev and its own training set, with per-fact correctness on test and
+    training set: a LoRA candidate of the repair comparison (the report picks its rate on dev)."""
+    p, runtime = EvalParams.of(params), Runtime.of(params)
+    eval_cfg = eval_config(params)
+    model, tokenizer = load_model(model_path(params, deps), dtype=eval_cfg.dtype,
+                                  device=eval_cfg.device or runtime.device_or_none)
+    records, predictions = evaluate_splits(model, tokenizer, _sweep_rows("in", deps), eval_cfg, {})
+    return {"records": records, "test_bits": _bits_by_level(predictions["test"]),
+            "train_bits": _bits_by_level(predictions["train"])}
 
 
 # --- repair methods ------------------------------------------------------------------------------
@@ -241,7 +258,7 @@ def _repair_config(repair: dict) -> RepairConfig:
 def repair_unit(params, out: Path, deps) -> dict:
     """Every value of one repair method on the in-domain dev facts: what the method's choice sees."""
     p, runtime = RepairParams.of(params), Runtime.of(params)
-    eval_cfg = config_from_dict(EvalConfig, p.eval, "eval")
+    eval_cfg = eval_config(params)
     config = _repair_config(p.repair)
     finetuned = model_path(params, deps)
     model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
@@ -256,7 +273,7 @@ def repaired_unit(params, out: Path, deps) -> dict:
     """The method at the value its dev sweeps chose for this (level, size) over all seeds, on test
     and on the model's own training set, with per-fact correctness for the paired bootstraps."""
     p, runtime = RepairedParams.of(params), Runtime.of(params)
-    eval_cfg = config_from_dict(EvalConfig, p.eval, "eval")
+    eval_cfg = eval_config(params)
     config = _repair_config(p.repair)
     value = chosen_value([d["result"] for role, d in sorted(deps.items()) if role.startswith("sweep")],
                          METHODS[config.method].neutral)

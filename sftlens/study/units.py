@@ -1,5 +1,6 @@
 """The study's unit graph: probe -> split -> train -> eval, kl, deltas, restore sweep -> control, and
-per repair method: repair (its values on dev) -> repaired (the dev-chosen value on test and train).
+per repair method: repair (its values on dev) -> repaired (the dev-chosen value on test and train);
+with `lora_learning_rates`, per analysed training set and rate: lora (LoRA SFT) -> lora-eval.
 
 `build_units` expands a StudyConfig into units in dependency order. Keys hash the settings a
 unit's result depends on (the model's weight fingerprint, the data files' bytes, the stage
@@ -8,11 +9,13 @@ config) and its dependencies' keys; paths and the device are runtime values outs
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
 from sftlens.config import config_to_dict
 from sftlens.data import data_dir_from, first_per_relation, load_facts, parse_relations
+from sftlens.evaluate import RESULT_NEUTRAL
 from sftlens.models import model_fingerprint
 from sftlens.study.config import StudyConfig
 from sftlens.study.engine import Unit
@@ -66,7 +69,8 @@ class GraphBuilder:
         self.units: list[Unit] = []
         device = self.s.device
         self.res = {"cpus": self.s.cpus_per_unit, "gpus": self.s.gpus_per_unit}
-        self.runtime = Runtime(model=self.s.model, data_dir=str(self.data_dir), device=device)
+        self.runtime = Runtime(model=self.s.model, data_dir=str(self.data_dir), device=device,
+                               eval_batch_size=config.stages["eval"].batch_size)
 
     def add(self, kind: str, label: str, fn: str, params: UnitParams, deps: dict | None = None, work: float = 0.0,
             prune: tuple[str, ...] = ()) -> Unit:
@@ -102,7 +106,7 @@ class GraphBuilder:
                          {"probe": probe.key})
         eval_rows = self.evaluated_rows("test")
         dev_rows = self.evaluated_rows("dev")
-        eval_cfg = config_to_dict(self.config.stages["eval"])
+        eval_cfg = {k: v for k, v in config_to_dict(self.config.stages["eval"]).items() if k not in RESULT_NEUTRAL}
         self.add("eval", "eval base", "eval_unit", EvalParams(eval=eval_cfg, splits=["test", "dev"]),
                  {"split": split.key}, work=eval_rows + dev_rows)
         sweeps: dict[tuple, list[Unit]] = {}
@@ -148,6 +152,7 @@ class GraphBuilder:
                                 RepairParams(repair=grid.params(), values=list(grid.values), eval=eval_cfg, dev="in"),
                                 deps, work=len(grid.values) * dev_rows / 2)
                 repairs.setdefault((level, size, method), []).append(unit)
+            self.lora_arm(level, size, seed, name, split, eval_cfg, own_rows, eval_rows + dev_rows / 2 + own_rows)
         if s.random_control:
             for level, size, seed, train in models:
                 group = sweeps.get((level, size))
@@ -170,6 +175,21 @@ class GraphBuilder:
                          RepairedParams(repair=grid.params(), eval=eval_cfg, value_choice=VALUE_CHOICE),
                          deps, work=eval_rows + (size or train_rows))
         return self.units
+
+    def lora_arm(self, level, size, seed: int, name: str, split: Unit, eval_cfg: dict, examples: int,
+                 scored: float) -> None:
+        """LoRA SFT on the same training set and seed at each candidate learning rate, every candidate
+        scored on test, in-domain dev and its training set (the report picks the rate on dev)."""
+        full = self.config.stages["train"]
+        for rate in self.s.lora_learning_rates:
+            lora_cfg = config_to_dict(dataclasses.replace(full, method="lora", learning_rate=rate, seed=seed))
+            label = f"{name} lr{rate:g}"
+            train = self.add("lora", f"lora {label}", "train_unit",
+                             TrainParams(set=train_set_name(level), size=size_name(size), seed=seed, train=lora_cfg),
+                             {"split": split.key}, work=examples * full.epochs, prune=("model",))
+            self.add("lora-eval", f"lora-eval {label}", "scored_unit",
+                     EvalParams(eval=eval_cfg, splits=["test", "dev-in", "train"]),
+                     {"model": train.key, "split": split.key}, work=scored)
 
     def evaluated_rows(self, split: str) -> float:
         """Test or dev facts a model is evaluated on; under `eval_facts_per_level` roughly the cap
