@@ -23,7 +23,8 @@ from sftlens.weights import METHODS
 
 LORA_TEXT = ("LoRA SFT: not a repair of the fully fine-tuned model but the other recipe, [train]'s LoRA adapters "
              "trained on the same training set and seed and merged, its learning rate chosen on dev among as many "
-             "candidates (ties: the smaller rate). ")
+             "candidates (ties: the smaller rate), while full SFT keeps [train]'s one rate: part of a gap between the "
+             "two can be that tuning. ")
 
 
 def _scope(split: str, level, size, seed) -> str:
