@@ -11,7 +11,7 @@ identical (greedy decoding: results do not depend on the batch or on who decodes
 Printed: facts/s, generated tokens/s (up to and including EOS), their FLOP rate (2 x parameters per
 token) as a share of this machine's measured matmul rate, and the ratio to the baseline.
 
-    python bench/eval_throughput.py                  # ~3 min on 2 idle cores
+    python bench/eval_throughput.py                  # ~10 min on 2 idle cores (2026-12-01)
     python bench/eval_throughput.py --facts 128 --sft 0
 """
 
@@ -30,7 +30,7 @@ import torch
 
 from sftlens import evaluate as evaluate_module
 from sftlens.data import encode_prompt, in_domain_relations, load_facts, sft_completion, sft_prompt
-from sftlens.decoding import keep_freed_memory, left_pad
+from sftlens.decoding import left_pad
 from sftlens.evaluate import EvalConfig, evaluate_model
 from sftlens.models import load_model
 
@@ -133,7 +133,6 @@ def main() -> int:
         label = args.model or (f"SmolLM2-135M fine-tuned on {args.sft} facts" if args.sft else "SmolLM2-135M base")
         print(f"{label}; {len(rows)} test facts, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads, "
               f"load average {os.getloadavg()[0]:.2f}", flush=True)
-        keep_freed_memory()  # sftlens' allocator setting for both sides: the ratio compares decoding work
         hf_answers(model, tokenizer, rows[:2], 2, 2)  # warm-up: pages in the memory-mapped weights
         hf_batch = best_batch("HF generate", hf_answers, model, tokenizer, rows, args.max_new_tokens)
         ours_batch = best_batch("sftlens", sftlens_answers, model, tokenizer, rows, args.max_new_tokens)

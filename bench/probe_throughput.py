@@ -12,7 +12,7 @@ Printed: samples/s, generated tokens/s (tokens up to and including EOS), the FLO
 added, and the ratios. The two samplers draw differently (sftlens: per-sample seeded Gumbel-max), so
 results are compared as distributions: mean R, facts per mastery level, correct samples.
 
-    python bench/probe_throughput.py                       # ~4 min on 2 idle cores
+    python bench/probe_throughput.py                       # ~15 min on 2 idle cores (2026-12-01)
     python bench/probe_throughput.py --facts 2 --templates 0,1
 """
 
@@ -30,7 +30,7 @@ import torch
 
 from sftlens import probe as probe_module
 from sftlens.data import default_matcher, encode_prompt, load_facts, load_templates
-from sftlens.decoding import keep_freed_memory, left_pad
+from sftlens.decoding import left_pad
 from sftlens.probe import ProbeConfig, cpu_batch_size, mastery_level, probe_facts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,8 +153,6 @@ def main(argv=None) -> int:
     parser.add_argument("--relations", default="P17,P19,P36,P495")
     parser.add_argument("--facts", type=int, default=6, help="facts per relation")
     parser.add_argument("--templates", default="0,1,2,3", help="mapping-template indices per fact")
-    parser.add_argument("--glibc-default", action="store_true",
-                        help="leave glibc's allocator as it is (sftlens then sets it at its first decode)")
     args = parser.parse_args(argv)
 
     from sftlens.models import load_model
@@ -172,10 +170,6 @@ def main(argv=None) -> int:
           f"x {config.samples} samples = {samples} samples, T={config.temperature}, max {config.max_new_tokens} new tokens; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    # sftlens' allocator setting for both sides (and the matmul rate), so the ratio compares decoding
-    # work; `--glibc-default` measures everyone with glibc's default instead
-    allocator = "glibc default" if args.glibc_default else f"heap kept ({keep_freed_memory()})"
-    print(f"allocator: {allocator}", flush=True)
     hf_sample(lm, tokenizer, prompts[:1], config, 1)  # warm-up: pages in the memory-mapped weights
     batch = best_hf_batch(lm, tokenizer, prompts, config)
     with PeakRss() as hf_mem:

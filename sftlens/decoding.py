@@ -11,16 +11,10 @@ A row ends at its end-of-sequence token (kept, as `generate` keeps it), at `max_
 the caller's `ended(row, token_ids)` says so (a newline for the probe's stop-at-newline, a decided
 sample). The prompt is run once and its cache repeated for the `repeats` continuations of each
 prompt (what `num_return_sequences` does, without re-encoding the prompt per continuation).
-
-Decoding also tells glibc to keep freed memory (`keep_freed_memory`): a step's vocabulary-wide buffers
-(logits, sampling noise) exceed glibc's 32 MB mmap threshold at probe batch sizes, so each one was a
-fresh mmap, page-faulted in and unmapped every step.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import inspect
 from typing import Callable
 
@@ -28,9 +22,6 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 Choose = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# glibc's mallopt parameters, and the free memory at the top of the heap it may keep
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-KEPT_FREE_BYTES = 1 << 30
 Ended = Callable[[list[int], list[list[int]]], list[bool]]
 
 
@@ -105,27 +96,11 @@ def _reserve_cache(cache, capacity: int) -> None:
             layers[i] = _ReservedLayer(layer.keys, layer.values, capacity)
 
 
-@functools.lru_cache(maxsize=None)
-def keep_freed_memory() -> bool:
-    """Serve large allocations from the heap and keep up to 1 GiB of what is freed, process-wide.
-
-    glibc gives every allocation above 32 MB its own mmap and unmaps it on free; a probe step at 250
-    sequences allocates several 49 MB tensors (logits, noise), so each step page-faulted ~200 MB of
-    fresh zeroed pages: 19 % of the step's time on 2 cores (bench/probe_throughput.py). From the heap,
-    the next step reuses the same pages. False where the C library has no mallopt (not glibc)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
-
-
 @torch.inference_mode()
 def decode(lm, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None, pad_id: int,
            choose: Choose = greedy, repeats: int = 1, ended: Ended | None = None) -> list[list[int]]:
     """New token ids of `repeats` continuations of each prompt (token ids, BOS included), prompt-major:
     row i * repeats + j is continuation j of prompt i."""
-    keep_freed_memory()
     device = lm.device
     ids, mask = left_pad(prompts, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
