@@ -41,7 +41,7 @@ RESULT_NEUTRAL = ("batch_size",)
 @dataclass(frozen=True)
 class EvalConfig:
     max_new_tokens: int = field(default=16, metadata={"help": "longest generated answer, in tokens"})
-    batch_size: int = field(default=64, metadata={"help": "prompts decoded together"})
+    batch_size: int = field(default=256, metadata={"help": "prompts decoded together"})
     dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
 
