@@ -239,8 +239,7 @@ def control_unit(params, out: Path, deps) -> dict:
 def scored_unit(params, out: Path, deps) -> dict:
     """A model on test, in-domain dev and its own training set, with per-fact correctness on test and
     training set: a LoRA candidate of the repair comparison (the report picks its rate on dev)."""
-    p, runtime = EvalParams.of(params), Runtime.of(params)
-    eval_cfg = eval_config(params)
+    runtime, eval_cfg = Runtime.of(params), eval_config(params)
     model, tokenizer = load_model(model_path(params, deps), dtype=eval_cfg.dtype,
                                   device=eval_cfg.device or runtime.device_or_none)
     records, predictions = evaluate_splits(model, tokenizer, _sweep_rows("in", deps), eval_cfg, {})
