@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from sftlens import probe as probe_module
+from sftlens.probe import sampling as probe_sampling
 from sftlens.data import default_matcher, encode_prompt, load_facts, load_templates
 from sftlens.decoding import left_pad
 from sftlens.probe import ProbeConfig, cpu_batch_size, mastery_level, probe_facts
@@ -119,7 +119,7 @@ def best_hf_batch(lm, tokenizer, prompts, config: ProbeConfig) -> int:
 def sftlens_run(lm, tokenizer, facts, config: ProbeConfig, decided_stop: bool):
     """probe_facts' records and the tokens it generated (decoding wrapped to count them)."""
     counted = {"tokens": 0}
-    decode, sampler = probe_module.decode, probe_module.generate_samples
+    decode, sampler = probe_sampling.decode, probe_sampling.generate_samples
 
     def counting_decode(*args, **kwargs):
         out = decode(*args, **kwargs)
@@ -129,13 +129,13 @@ def sftlens_run(lm, tokenizer, facts, config: ProbeConfig, decided_stop: bool):
     def without_decision(*args, answers=None, **kwargs):
         return sampler(*args, **kwargs)
 
-    probe_module.decode = counting_decode
+    probe_sampling.decode = counting_decode
     if not decided_stop:
-        probe_module.generate_samples = without_decision
+        probe_sampling.generate_samples = without_decision
     try:
         records = probe_facts(lm, tokenizer, facts, config, progress=False)
     finally:
-        probe_module.decode, probe_module.generate_samples = decode, sampler
+        probe_sampling.decode, probe_sampling.generate_samples = decode, sampler
     return records, counted["tokens"]
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sftlens import decoding
-from sftlens import probe as probe_module
+from sftlens.probe import batching, sampling, store
 from sftlens.cli import main
 from sftlens.data import Fact, load_templates
 from sftlens.errors import SftlensError
@@ -124,11 +124,11 @@ def test_seed_changes_samples(tiny):
 def test_cpu_batch_size_fits_the_memory_share(tiny, monkeypatch):
     lm, _ = tiny
     config = ProbeConfig(samples=10, max_new_tokens=32)
-    per_sequence = probe_module._bytes_per_sequence(lm, 20, config)
-    monkeypatch.setattr(probe_module, "_available_memory", lambda: 40 * per_sequence)
-    assert probe_module.cpu_batch_size(lm, 20, config) == 1  # 10 sequences fit in a quarter, 20 do not
-    monkeypatch.setattr(probe_module, "_available_memory", lambda: 1 << 40)
-    assert probe_module.cpu_batch_size(lm, 20, config) == probe_module.CPU_MAX_SEQUENCES // 10
+    per_sequence = batching._bytes_per_sequence(lm, 20, config)
+    monkeypatch.setattr(batching, "_available_memory", lambda: 40 * per_sequence)
+    assert batching.cpu_batch_size(lm, 20, config) == 1  # 10 sequences fit in a quarter, 20 do not
+    monkeypatch.setattr(batching, "_available_memory", lambda: 1 << 40)
+    assert batching.cpu_batch_size(lm, 20, config) == batching.CPU_MAX_SEQUENCES // 10
 
 
 def test_two_shards_equal_one_process(tiny_model_dir, tmp_path):
@@ -143,14 +143,14 @@ def test_two_shards_equal_one_process(tiny_model_dir, tmp_path):
 
 def test_explicit_device_overrides_the_accelerate_device(tiny_model_dir, tmp_path, monkeypatch):
     """A study set to device "cpu" on a GPU machine probes on the CPU."""
-    real_load, loaded_on = probe_module.load_model, []
+    real_load, loaded_on = store.load_model, []
 
     def spy(model, dtype=None, device=None):
         loaded_on.append(device)
         return real_load(model, dtype=dtype, device=device)
 
-    monkeypatch.setattr(probe_module, "_device", lambda: "cuda:0")  # what accelerate says on a GPU machine
-    monkeypatch.setattr(probe_module, "load_model", spy)
+    monkeypatch.setattr(store, "_device", lambda: "cuda:0")  # what accelerate says on a GPU machine
+    monkeypatch.setattr(store, "load_model", spy)
     records = run_probe(str(tiny_model_dir), common_facts(3), QUICK, tmp_path / "store", progress=False,
                         shard=(0, 1), device="cpu")
     assert loaded_on == ["cpu"] and len(records) == 3
@@ -162,8 +162,8 @@ def test_resume_skips_finished_facts(tiny_model_dir, tmp_path, monkeypatch):
     expected = run_probe(str(tiny_model_dir), facts, config, tmp_path / "full", progress=False, shard=(0, 1))
     run_probe(str(tiny_model_dir), facts[:4], config, tmp_path / "resumed", progress=False, shard=(0, 1))
     probed = []
-    original = probe_module.probe_facts
-    monkeypatch.setattr(probe_module, "probe_facts", lambda lm, tok, todo, *a, **k: probed.extend(f.id for f in todo) or original(lm, tok, todo, *a, **k))
+    original = store.probe_facts
+    monkeypatch.setattr(store, "probe_facts", lambda lm, tok, todo, *a, **k: probed.extend(f.id for f in todo) or original(lm, tok, todo, *a, **k))
     assert run_probe(str(tiny_model_dir), facts, config, tmp_path / "resumed", progress=False, shard=(0, 1)) == expected
     assert probed == sorted(f.id for f in facts[4:])
     probed.clear()
@@ -290,7 +290,7 @@ def reference_correct(lm, tokenizer, fact: Fact, template: int, config: ProbeCon
     prompt = encode_prompt(tokenizer, load_templates()[fact.relation].mapping_templates[template].format(subject=fact.subject))
     correct = 0
     for j in range(config.samples):
-        generator = torch.Generator().manual_seed(probe_module.sample_seed(config.seed, fact.id, template, j))
+        generator = torch.Generator().manual_seed(sampling.sample_seed(config.seed, fact.id, template, j))
         new: list[int] = []
         with torch.inference_mode():
             while len(new) < config.max_new_tokens:
@@ -349,7 +349,7 @@ def test_noise_drawn_on_threads_is_the_same_draw():
     draws = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        sampler = probe_module.GumbelMaxSampler(list(range(100, 170)), 0.7, torch.device("cpu"))
+        sampler = sampling.GumbelMaxSampler(list(range(100, 170)), 0.7, torch.device("cpu"))
         with torch.inference_mode():
             draws.append(torch.stack([sampler(scores, torch.arange(70)) for _ in range(3)]))
     assert torch.equal(draws[0], draws[1])

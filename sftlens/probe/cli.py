@@ -1,0 +1,75 @@
+"""`sftlens probe` (probe facts into a store) and `sftlens probe stats` (a store's level table)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from sftlens.config import add_config_arguments, config_from_args
+from sftlens.data import first_per_relation, load_facts
+from sftlens.errors import SftlensError
+from sftlens.models import model_fingerprint
+from sftlens.probe.records import ProbeConfig
+from sftlens.probe.store import _device, load_probe, process_shard, run_probe, store_meta
+from sftlens.probe.tables import write_level_tables
+
+
+def default_store(model: str, config: ProbeConfig) -> Path:
+    meta = store_meta(model, model_fingerprint(model), config, _device())
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model).name or model).strip("-")
+    return Path("sftlens-probes") / f"{slug}-{meta['key'][:12]}"
+
+
+def _store_from_args(args, config: ProbeConfig) -> Path:
+    if args.store:
+        return Path(args.store)
+    if not args.model:
+        raise SftlensError("give --store, or --model (and the probe settings) to find the default store")
+    return default_store(args.model, config)
+
+
+def _run(args: argparse.Namespace) -> None:
+    config = config_from_args(ProbeConfig, args)
+    if args.action == "stats":
+        store = _store_from_args(args, config)
+        records = load_probe(store)
+        if not records:
+            raise SftlensError(f"{store}: no probe records yet")
+        print(write_level_tables(records.values(), store if store.is_dir() else store.parent), end="")
+        return
+    if not args.model:
+        raise SftlensError("--model is required to probe")
+    facts = load_facts(args.data_dir, splits=args.split, relations=args.relations, progress=False).facts
+    if args.limit is not None:
+        if args.limit < 1:
+            raise SftlensError(f"--limit must be positive, got {args.limit}")
+        facts = first_per_relation(facts, args.limit)
+    if not facts:
+        raise SftlensError(f"no facts for relations {args.relations} in split {args.split}")
+    store = _store_from_args(args, config)
+    records = run_probe(args.model, facts, config, store)
+    if process_shard()[0] != 0:  # under accelerate launch, the main process reports
+        return
+    print(f"store: {store} ({len(records)} facts of this selection)")
+    print(write_level_tables(load_probe(store).values(), store), end="")
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "probe", help="measure the base model's mastery of facts (R_k, levels)",
+        description="Probe facts (default action) or print the level table of a store (`probe stats`).",
+        epilog="Defaults are the paper's (21 templates x 10 samples, 32 tokens). A quick CPU demo: "
+               "--templates 0,1,2,3,4 --samples 4 --max-new-tokens 12 --stop-at-newline (= probe.FAST_PROBE). "
+               "Several GPUs: accelerate launch -m sftlens probe ...; several CPU processes: "
+               "torchrun --nproc_per_node N -m sftlens probe ...",
+    )
+    parser.add_argument("action", nargs="?", choices=("run", "stats"), default="run", help="run (default) or stats")
+    parser.add_argument("--model", help="built-in name, local folder or hub id")
+    parser.add_argument("--data-dir", help="EntityQuestions folder (default: $SFTLENS_DATA_DIR)")
+    parser.add_argument("--relations", default="all", help="comma list of relation ids, or in/out/all")
+    parser.add_argument("--split", default="test", help="comma list of train,dev,test")
+    parser.add_argument("--limit", type=int, default=None, help="first N facts per relation and split")
+    parser.add_argument("--store", default=None, help="probe store folder (default: sftlens-probes/<model>-<settings key>)")
+    add_config_arguments(parser, ProbeConfig)
+    parser.set_defaults(func=_run)

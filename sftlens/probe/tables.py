@@ -1,0 +1,83 @@
+"""Summaries of probe records: the paper's Table 1 (facts per mastery level and set) and the best
+mapping template per relation (KL's prompts)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+from sftlens.data import Fact, load_templates, parse_fact_id
+from sftlens.errors import SftlensError
+from sftlens.io import atomic_write_text
+from sftlens.markdown import markdown_table
+from sftlens.probe.records import LEVELS, ProbeRecord
+
+
+def best_templates(records: dict[str, ProbeRecord], facts: Iterable[Fact]) -> dict[str, int]:
+    """Per relation, the mapping-template index with the highest success rate (ties: lowest index)."""
+    hits: dict[str, Counter] = {}
+    for fact in facts:
+        record = records.get(fact.id)
+        if record is None:
+            continue
+        counts = hits.setdefault(fact.relation, Counter())
+        for template, correct in record.per_template().items():
+            counts[template] += correct
+    return {rel: min(c, key=lambda t: (-c[t], t)) for rel, c in hits.items() if c}
+
+
+def _group_of(fact_id: str) -> tuple[str, str]:
+    relation, split, _ = parse_fact_id(fact_id)
+    templates = load_templates()
+    if relation not in templates:
+        raise SftlensError(f"probe record {fact_id!r}: unknown relation {relation}")
+    return split, templates[relation].domain
+
+
+def _group_name(split: str, domain: str) -> str:
+    paper = {("train", "in"): "D_train", ("test", "in"): "D_test", ("test", "out"): "D_testood"}
+    return paper.get((split, domain), f"D_{split}{'ood' if domain == 'out' else ''}")
+
+
+_GROUP_ORDER = [("train", "in"), ("dev", "in"), ("test", "in"), ("train", "out"), ("dev", "out"), ("test", "out")]
+
+
+def level_counts(records: Iterable[ProbeRecord]) -> list[dict]:
+    """Rows of the paper's Table 1: per set (train, test in-domain, test out-of-domain, and any
+    other probed split) the number of facts at each mastery level."""
+    counts: dict[tuple[str, str], Counter] = {}
+    for record in records:
+        counts.setdefault(_group_of(record.fact_id), Counter())[record.level] += 1
+    order = [g for g in _GROUP_ORDER if g in counts] + sorted(set(counts) - set(_GROUP_ORDER))
+    return [
+        {"set": _group_name(*g), "split": g[0], "domain": g[1], **{f"level{i}": counts[g][i] for i in LEVELS},
+         "total": sum(counts[g].values())}
+        for g in order
+    ]
+
+
+def level_counts_table(records: Iterable[ProbeRecord], fmt: str = "markdown") -> str:
+    """The level distribution as a Markdown table or CSV text."""
+    rows = level_counts(records)
+    columns = ["set", *(f"level{i}" for i in LEVELS), "total"]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    if fmt != "markdown":
+        raise SftlensError(f"unknown table format {fmt!r} (markdown or csv)")
+    header = ["set", *(f"level {i}" for i in LEVELS), "total"]
+    return markdown_table(header, [[r[c] for c in columns] for r in rows], "l" + "r" * (len(header) - 1)) + "\n"
+
+
+def write_level_tables(records: Iterable[ProbeRecord], store_dir: Path) -> str:
+    records = list(records)
+    markdown = level_counts_table(records)
+    atomic_write_text(store_dir / "level_counts.md", markdown)
+    atomic_write_text(store_dir / "level_counts.csv", level_counts_table(records, "csv"))
+    return markdown
