@@ -140,6 +140,18 @@ def micro_of(records: list[dict], domain: str) -> float:
     return sum(r["correct"] for r in selected) / sum(r["n"] for r in selected)
 
 
+def evaluate_splits(model, tokenizer, rows_by_split: dict[str, list[dict]], config: EvalConfig, tag: dict,
+                    progress: bool = True) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Evaluation records of a loaded `model` (edited or not) on each split's rows, tagged with
+    `split` and `tag`, and each split's predictions: how repairs, restoration and studies score
+    models in memory."""
+    records, predictions = [], {}
+    for split, rows in rows_by_split.items():
+        predictions[split] = evaluate_model(model, tokenizer, rows, config, progress)
+        records += [{**rec, "split": split, **tag} for rec in summarize(predictions[split])]
+    return records, predictions
+
+
 def format_level_table(records: list[dict]) -> str:
     """Markdown: one row per domain, accuracy (%) per test level, then Acc, micro and n."""
     levels = sorted({r["test_level"] for r in records})

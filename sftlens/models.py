@@ -21,6 +21,10 @@ from sftlens.errors import SftlensError
 from sftlens.io import atomic_directory, atomic_write_json, stable_hash
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Files a fine-tuning run adds to its HF folder: its record and its loss log (`sftlens.train` writes
+# them; an edited copy of the folder leaves them out).
+RUN_FILE = "sftlens_train.json"
+LOSS_FILE = "loss_log.jsonl"
 
 
 @dataclass(frozen=True)

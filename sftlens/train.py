@@ -31,12 +31,10 @@ from sftlens.config import add_config_arguments, config_from_args, config_to_dic
 from sftlens.data import encode_prompt
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
-from sftlens.models import load_model, model_fingerprint
+from sftlens.models import LOSS_FILE, RUN_FILE, load_model, model_fingerprint
 from sftlens.split import data_manifest, read_split_rows
 
 IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
-RUN_FILE = "sftlens_train.json"
-LOSS_FILE = "loss_log.jsonl"
 SFT_KEYS = ("prompt", "completion")
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # LoRA settings exist only for LoRA runs: a full-SFT config's dict (and so its run key) is what it

@@ -167,16 +167,16 @@ def test_eval_sweep_restores_in_memory_and_caches(tmp_path, tiny_tokenizer, monk
     test = tmp_path / "test.jsonl"
     atomic_write_jsonl(test, rows)
     outputs = {}
-    import sftlens.restore
+    import sftlens.evaluate
 
-    real = sftlens.restore.evaluate_model
+    real = sftlens.evaluate.evaluate_model
 
     def recording(model, tokenizer, eval_rows, config, progress=True):
         predictions = real(model, tokenizer, eval_rows, config, progress=False)
         outputs.setdefault("runs", []).append([p["prediction"] for p in predictions])
         return predictions
 
-    monkeypatch.setattr(sftlens.restore, "evaluate_model", recording)
+    monkeypatch.setattr(sftlens.evaluate, "evaluate_model", recording)
     config, eval_config = RestoreConfig(region="all"), EvalConfig(max_new_tokens=3)
     records = evaluate_restored(base_dir, ft_dir, (50, 100), config, [test], tmp_path / "out", eval_config,
                                 train_file=test, progress=False)

@@ -16,11 +16,11 @@ from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentra
 from sftlens.analysis.kl import KLConfig, compute_kl
 from sftlens.config import config_from_dict
 from sftlens.data import Fact, first_per_relation, load_facts
-from sftlens.evaluate import EvalConfig
+from sftlens.evaluate import EvalConfig, evaluate_splits
 from sftlens.io import atomic_write_jsonl, read_jsonl
 from sftlens.models import load_model
 from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe, run_probe
-from sftlens.restore import RestoreConfig, evaluate_splits, restore_in_memory, restored_models
+from sftlens.restore import RestoreConfig, restore_in_memory, restored_models
 from sftlens.split import SplitConfig, build_splits
 from sftlens.split import train_set as split_train_set
 from sftlens.study.params import (

@@ -26,7 +26,7 @@ import torch
 
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_directory, atomic_write_json, atomic_write_text, stable_hash
-from sftlens.train import LOSS_FILE, RUN_FILE
+from sftlens.models import LOSS_FILE, RUN_FILE
 from sftlens.weights.checkpoints import Checkpoint, CheckpointPair, assert_finite, open_pair
 from sftlens.weights.methods import Edit, RepairConfig, method_of, parse_values
 
