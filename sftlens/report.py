@@ -1,40 +1,19 @@
-"""Tables and figures from stored evaluation records (paper Table 2 and Figure 2).
+"""The reporting layer under the study report: the statistic over seeds and every figure.
 
-Input everywhere: the long-format evaluation records of ARCHITECTURE.md (one per model x domain
-x test level: `domain`, `test_level`, `n`, `correct`, `accuracy`) plus the run's `train_level`,
-`size` and `seed`. A run's Acc is the mean of its level accuracies (the paper's metric); tables
-and figures then show the mean over seeds with the sample standard deviation as the spread.
-
-A `Table` holds plain cells and `Stat` cells; `to_markdown` writes a Stat as "mean ± std", while
-`to_csv` splits it into `<column> mean` and `<column> std` columns for further processing.
+`mean_spread` is the one statistic over seeds (mean, sample sd, n); the figure layer draws on Agg
+`Figure` objects (no pyplot state) and writes PNGs atomically: `plot_series` (lines over training
+sizes: Figures 2 and 4), `plot_bands` (curves with 95 % bands: the restoration and repair curves),
+and `figure_panels`/`save_figure` for any other figure (the concentration plot of `deltas`).
+The tables themselves are built by `sftlens.study.sections` and `sftlens.study.repair_section`.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
-from sftlens.errors import SftlensError
-from sftlens.evaluate import acc_of
-from sftlens.io import atomic_write_bytes, atomic_write_text
-from sftlens.markdown import markdown_table
-
-DOMAINS = ("in", "out")
-DOMAIN_TITLES = {"in": "in-domain", "out": "out-of-domain"}
-RUN_KEYS = ("train_level", "size", "seed")
-RECORD_KEYS = (*RUN_KEYS, "domain", "test_level", "accuracy")
-
-
-@dataclass(frozen=True)
-class Stat:
-    """A value over seeds: mean, sample standard deviation (0 for a single seed) and count."""
-
-    mean: float
-    std: float
-    n: int
+from sftlens.io import atomic_write_bytes
 
 
 def mean_spread(values: list[float | None]) -> tuple[float, float, int]:
@@ -46,152 +25,9 @@ def mean_spread(values: list[float | None]) -> tuple[float, float, int]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
-def seed_stat(values: list[float], scale: float = 100.0) -> Stat:
-    return Stat(*mean_spread([scale * v for v in values]))
-
-
-@dataclass(frozen=True)
-class Table:
-    columns: tuple[str, ...]
-    rows: tuple[tuple, ...]
-    digits: int = 2
-
-
-def _level_sort_key(level) -> tuple:
-    """Numeric training levels first (0..4), then named mixtures such as 'mixed'."""
-    return (0, level, "") if isinstance(level, (int, float)) else (1, 0, str(level))
-
-
-def _check_records(records: list[dict]) -> None:
-    if not records:
-        raise SftlensError("no evaluation records to report")
-    seen = set()
-    for number, record in enumerate(records, 1):
-        missing = [k for k in RECORD_KEYS if k not in record]
-        if missing:
-            raise SftlensError(f"evaluation record {number}: missing key {missing[0]!r}")
-        key = tuple(record[k] for k in (*RUN_KEYS, "domain", "test_level"))
-        if key in seen:
-            raise SftlensError(
-                "two evaluation records for train_level={}, size={}, seed={}, domain={}, test_level={}; "
-                "select one kind of run (e.g. no restored models) first".format(*key))
-        seen.add(key)
-
-
-def select(records: list[dict], **criteria) -> list[dict]:
-    """The records whose fields equal every given value, e.g. select(records, size=1920)."""
-    return [r for r in records if all(r.get(k) == v for k, v in criteria.items())]
-
-
-def runs(records: list[dict]) -> dict[tuple, list[dict]]:
-    """Records grouped by run: (train_level, size, seed) -> that run's records."""
-    _check_records(records)
-    grouped: dict[tuple, list[dict]] = {}
-    for record in records:
-        grouped.setdefault(tuple(record[k] for k in RUN_KEYS), []).append(record)
-    return grouped
-
-
-def _single_size(records: list[dict], size) -> list[dict]:
-    if size is not None:
-        chosen = select(records, size=size)
-        if not chosen:
-            raise SftlensError(f"no evaluation records for size {size}")
-        return chosen
-    sizes = sorted({r.get("size") for r in records}, key=_level_sort_key)
-    if len(sizes) > 1:
-        raise SftlensError(f"records span training sizes {', '.join(map(str, sizes))}; pick one with size=")
-    return records
-
-
-def level_table(records: list[dict], size=None, domains: tuple[str, ...] = DOMAINS, digits: int = 2) -> Table:
-    """Table 2: one row per training level; per domain, accuracy (%) on each test level, then Acc.
-
-    Each cell is the mean over seeds with its spread; Acc is taken per run before averaging.
-    """
-    grouped = runs(_single_size(records, size))
-    levels = sorted({r["test_level"] for r in records if r["domain"] in domains}, key=_level_sort_key)
-    columns = ["train level"]
-    for domain in domains:
-        columns += [f"{domain} {level}" for level in levels] + [f"{domain} Acc"]
-    rows = []
-    for train_level in sorted({key[0] for key in grouped}, key=_level_sort_key):
-        seeds = [recs for key, recs in grouped.items() if key[0] == train_level]
-        row: list = [train_level]
-        for domain in domains:
-            for level in levels:
-                values = [r["accuracy"] for recs in seeds for r in recs
-                          if r["domain"] == domain and r["test_level"] == level]
-                row.append(seed_stat(values) if values else None)
-            accs = [acc_of(recs, domain) for recs in seeds if any(r["domain"] == domain for r in recs)]
-            row.append(seed_stat(accs) if accs else None)
-        rows.append(tuple(row))
-    return Table(tuple(columns), tuple(rows), digits)
-
-
-def _cell_text(cell, digits: int) -> str:
-    if cell is None:
-        return "–"
-    if isinstance(cell, Stat):
-        return f"{cell.mean:.{digits}f} ± {cell.std:.{digits}f}"
-    return str(cell)
-
-
-def to_markdown(table: Table) -> str:
-    return markdown_table(list(table.columns), [[_cell_text(c, table.digits) for c in row] for row in table.rows]) + "\n"
-
-
-def _stat_columns(table: Table) -> set[int]:
-    return {i for row in table.rows for i, cell in enumerate(row) if isinstance(cell, Stat)}
-
-
-def to_csv(table: Table) -> str:
-    """One header row; a Stat column becomes `<name> mean`, `<name> std` (full precision)."""
-    stats = _stat_columns(table)
-    header = []
-    for i, name in enumerate(table.columns):
-        header += [f"{name} mean", f"{name} std"] if i in stats else [name]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for row in table.rows:
-        out = []
-        for i, cell in enumerate(row):
-            if i in stats:
-                out += [cell.mean, cell.std] if isinstance(cell, Stat) else ["", ""]
-            else:
-                out.append("" if cell is None else cell)
-        writer.writerow(out)
-    return buffer.getvalue()
-
-
-def write_table(table: Table, stem: str | Path) -> tuple[Path, Path]:
-    """Write `<stem>.md` and `<stem>.csv` atomically."""
-    stem = Path(stem)
-    md, csv_path = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".csv")
-    atomic_write_text(md, to_markdown(table))
-    atomic_write_text(csv_path, to_csv(table))
-    return md, csv_path
-
-
 def size_sort_key(size) -> tuple:
     """Training sizes ascending, then "all" (a level's every fact)."""
     return (1, 0) if size == "all" else (0, size)
-
-
-def acc_vs_size(records: list[dict], domains: tuple[str, ...] = DOMAINS) -> dict[str, dict]:
-    """Figure 2 data: domain -> training level -> [(size, Stat of Acc over seeds)], sizes ascending."""
-    grouped = runs(records)
-    series: dict[str, dict] = {}
-    for domain in domains:
-        lines: dict = {}
-        for (train_level, size, _seed), recs in grouped.items():
-            if any(r["domain"] == domain for r in recs):
-                lines.setdefault(train_level, {}).setdefault(size, []).append(acc_of(recs, domain))
-        series[domain] = {
-            level: [(size, seed_stat(by_size[size])) for size in sorted(by_size, key=size_sort_key)]
-            for level, by_size in sorted(lines.items(), key=lambda kv: _level_sort_key(kv[0]))}
-    return series
 
 
 def figure_panels(panels: int, width: float = 5.0):
