@@ -15,6 +15,8 @@ from sftlens.study.config import PRESETS, StudyConfig, load_study_config
 from sftlens.study.db import StudyDB
 from sftlens.study.engine import Unit, run_units, units_to_run
 from sftlens.study.executors import make_executor
+from sftlens.study.provenance import code_version, machine
+from sftlens.study.report import write_report
 from sftlens.study.units import build_units
 from sftlens.markdown import markdown_table
 
@@ -88,39 +90,6 @@ def plan(config: StudyConfig, out: Path, data_dir: str | None = None, listing: b
     return "\n".join(text)
 
 
-def code_version() -> str:
-    """The git commit of the sftlens source that runs (`+dirty` with uncommitted changes), or its
-    package version outside a checkout: a results page names the code that produced it."""
-    import subprocess
-
-    import sftlens
-
-    source = Path(sftlens.__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"sftlens {sftlens.__version__}"
-    return commit + ("+dirty" if dirty else "")
-
-
-def machine() -> str:
-    import os
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{os.cpu_count()} CPUs ({cpu}){gpu}, torch {torch.__version__}, {platform.system()}"
-
-
 def _record_session(db: StudyDB, session: dict) -> None:
     """Each `study run` is one session; a study's wall time is the sum over sessions (a resumed run)."""
     sessions = [s for s in db.meta("sessions", []) if s["started"] != session["started"]]
@@ -175,8 +144,6 @@ def _plan(args) -> None:
 
 
 def run_demo(out: Path, data_dir: str | None, executor: str = "local", address: str | None = None) -> Path:
-    from sftlens.study.report import write_report
-
     start = time.perf_counter()
     run_study(load_study_config("demo"), out, data_dir, executor, address)
     paths = write_report(out)

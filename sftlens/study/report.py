@@ -20,8 +20,8 @@ from pathlib import Path
 from sftlens.evaluate import MIN_N
 from sftlens.io import atomic_write_bytes, atomic_write_text
 from sftlens.markdown import markdown_table
-from sftlens.study.commands import code_version
 from sftlens.study.repair_section import repair_methods
+from sftlens.study.provenance import code_version
 from sftlens.study.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, findings
 from sftlens.study.results import StudyResults, eval_records, load_results, restore_records
 from sftlens.study.sections import (
