@@ -5,7 +5,7 @@ Builds a Llama-shaped bf16 base checkpoint of about `--gb` GB in shards of `--sh
 per cent of the elements holding most of the change), then runs, each in its own subprocess under
 RLIMIT_AS = `--limit-gb`:
 
-  ours   `sftlens.restore.restore_sweep` over all ratios in one run (streamed, exact threshold);
+  ours   `sftlens.weights.repair_sweep` (method restore) over all ratios in one run (streamed, exact threshold);
   naive  the published step, one process per ratio: load both models whole, one flat fp32
          relative-change vector over the layers but not norms, `torch.topk`, restore, save.
 
@@ -139,10 +139,11 @@ def _stage(text: str) -> None:
 
 
 def worker_ours(base: str, ft: str, out: str, ratios: list[float]) -> dict:
-    from sftlens.restore import RestoreConfig, restore_sweep
+    from sftlens.restore import RestoreConfig, as_repair
+    from sftlens.weights import repair_sweep
 
     start = time.perf_counter()
-    folders = restore_sweep(base, ft, ratios, RestoreConfig(), out, progress=False)
+    folders = repair_sweep(base, ft, ratios, as_repair(RestoreConfig()), out, progress=False)
     passes = json.loads((folders[ratios[0]] / "restore.json").read_text())["passes"]
     return {"seconds": time.perf_counter() - start, "passes": passes, **_usage()}
 

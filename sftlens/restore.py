@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.errors import SftlensError
-from sftlens.repair import _add_eval_arguments, _add_models, _run_sweep, _values, evaluate_repaired, repair_table
+from sftlens.repair import _add_eval_arguments, _add_models, _run_sweep, _values
 from sftlens.weights import (
     DEFAULT_RATIOS, RepairConfig, Selection, SelectionConfig, apply_in_memory, open_pair, parse_ratios, record_names,
-    repair_sweep, repaired_models, select, selection_edit,
+    repaired_models, select, selection_edit,
 )
 
 MANIFEST = record_names("restore")[0]
@@ -34,14 +33,6 @@ class RestoreConfig(SelectionConfig):
 
 def as_repair(config: RestoreConfig) -> RepairConfig:
     return RepairConfig(method="restore", **config_to_dict(config))
-
-
-def restore_sweep(base, finetuned, ratios=DEFAULT_RATIOS, config: RestoreConfig = RestoreConfig(),
-                  out_root: str | Path = "restored", progress: bool = True) -> dict[float, Path]:
-    """Write one restored HF folder per ratio under `out_root` (named `{strategy}-{ratio}`), each
-    sharded like the fine-tuned input, with its config/tokenizer and a record of what was restored
-    per tensor (restore.json, restored.tsv). Finished ratios are skipped."""
-    return repair_sweep(base, finetuned, ratios, as_repair(config), out_root, progress)
 
 
 def restore_in_memory(model, base, finetuned, ratio: float, config: RestoreConfig = RestoreConfig(),
@@ -66,18 +57,6 @@ def restored_models(model, base, finetuned, ratios=DEFAULT_RATIOS, config: Resto
     """Yield (ratio, model restored in place at that ratio) for a whole sweep, sharing one selection;
     the model is left restored at the last ratio."""
     return repaired_models(model, base, finetuned, ratios, as_repair(config), progress)
-
-
-def evaluate_restored(base, finetuned, ratios=DEFAULT_RATIOS, config: RestoreConfig = RestoreConfig(),
-                      test_files=(), out_dir: str | Path = "restored", eval_config=None, train_file=None,
-                      progress: bool = True) -> list[dict]:
-    """`evaluate_repaired` of restoration: records with `restore_ratio` (0 = unrestored) and `strategy`."""
-    return evaluate_repaired(base, finetuned, ratios, as_repair(config), test_files, out_dir, eval_config,
-                             train_file, progress)
-
-
-def restore_table(records: list[dict]) -> str:
-    return repair_table(records, "restore")
 
 
 def _run_restore(args: argparse.Namespace) -> None:

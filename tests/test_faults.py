@@ -154,7 +154,8 @@ def test_a_truncated_safetensors_shard_names_the_file(tmp_path):
 
 def test_enospc_while_writing_restored_folders_leaves_no_folder(tmp_path, monkeypatch):
     import sftlens.weights.apply
-    from sftlens.restore import RestoreConfig, restore_sweep
+    from sftlens.restore import RestoreConfig, as_repair
+    from sftlens.weights import repair_sweep
     from test_deltas import random_pair
 
     base_dir, ft_dir, _, _ = random_pair(tmp_path, shards=2)
@@ -168,10 +169,10 @@ def test_enospc_while_writing_restored_folders_leaves_no_folder(tmp_path, monkey
 
     monkeypatch.setattr(sftlens.weights.apply, "_as_bytes", fails_on_the_third_block)
     with pytest.raises(OSError):
-        restore_sweep(base_dir, ft_dir, (1, 10), RestoreConfig(region="all"), tmp_path / "out", progress=False)
+        repair_sweep(base_dir, ft_dir, (1, 10), as_repair(RestoreConfig(region="all")), tmp_path / "out", progress=False)
     assert list((tmp_path / "out").iterdir()) == [], "no partial restored folder"
     monkeypatch.setattr(sftlens.weights.apply, "_as_bytes", real)
-    folders = restore_sweep(base_dir, ft_dir, (1, 10), RestoreConfig(region="all"), tmp_path / "out", progress=False)
+    folders = repair_sweep(base_dir, ft_dir, (1, 10), as_repair(RestoreConfig(region="all")), tmp_path / "out", progress=False)
     assert all((folder / "restore.json").is_file() for folder in folders.values())
 
 

@@ -12,7 +12,8 @@ from test_deltas import RATIOS, brute_force, random_pair, write_checkpoint
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_jsonl
 from tiny import save_model
-from sftlens.restore import MANIFEST, RestoreConfig, restore_in_memory, restore_sweep, restored_models
+from sftlens.restore import MANIFEST, RestoreConfig, as_repair, restore_in_memory, restored_models
+from sftlens.weights import repair_sweep
 from sftlens.weights.checkpoints import open_pair
 from sftlens.weights.selection import select
 
@@ -38,7 +39,7 @@ def _expected(base, ft, chosen: set[tuple[str, int]]) -> dict[str, torch.Tensor]
 ], ids=["paper", "tensor-bottom", "random-mlp"])
 def test_restored_elements_equal_base_and_rest_equal_finetuned(tmp_path, config, chunking):
     base_dir, ft_dir, base, ft = random_pair(tmp_path, shards=3, dtype=torch.bfloat16)
-    folders = restore_sweep(base_dir, ft_dir, RATIOS, config, tmp_path / "out", progress=False)
+    folders = repair_sweep(base_dir, ft_dir, RATIOS, as_repair(config), tmp_path / "out", progress=False)
     assert list(folders) == [float(r) for r in RATIOS]
     for (ratio, folder), chosen in zip(folders.items(), brute_force(base, ft, RATIOS, config)):
         got = _load_folder(folder)
@@ -56,12 +57,12 @@ def test_restored_elements_equal_base_and_rest_equal_finetuned(tmp_path, config,
 
 def test_sweep_is_resumable_and_keyed_by_settings(tmp_path):
     base_dir, ft_dir, _, _ = random_pair(tmp_path)
-    first = restore_sweep(base_dir, ft_dir, (1, 10), RestoreConfig(), tmp_path / "out", progress=False)
+    first = repair_sweep(base_dir, ft_dir, (1, 10), as_repair(RestoreConfig()), tmp_path / "out", progress=False)
     stamps = {r: (f / MANIFEST).stat().st_mtime_ns for r, f in first.items()}
-    again = restore_sweep(base_dir, ft_dir, (1, 10, 20), RestoreConfig(), tmp_path / "out", progress=False)
+    again = repair_sweep(base_dir, ft_dir, (1, 10, 20), as_repair(RestoreConfig()), tmp_path / "out", progress=False)
     assert {r: (again[r] / MANIFEST).stat().st_mtime_ns for r in first} == stamps
     assert (again[20.0] / "config.json").is_file()
-    absolute = restore_sweep(base_dir, ft_dir, (1,), RestoreConfig(metric="absolute"), tmp_path / "out", progress=False)
+    absolute = repair_sweep(base_dir, ft_dir, (1,), as_repair(RestoreConfig(metric="absolute")), tmp_path / "out", progress=False)
     assert (absolute[1.0] / MANIFEST).stat().st_mtime_ns != stamps[1.0]
     assert json.loads((absolute[1.0] / MANIFEST).read_text())["config"]["metric"] == "absolute"
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
@@ -87,7 +88,7 @@ def test_output_loads_with_from_pretrained_and_matches_in_memory_restore(tmp_pat
     for record in ("sftlens_train.json", "loss_log.jsonl"):  # what `sftlens train` leaves beside weights
         (ft_dir / record).write_text("{}\n")
     config = RestoreConfig()
-    folders = restore_sweep(base_dir, ft_dir, (5, 40), config, tmp_path / "out", progress=False)
+    folders = repair_sweep(base_dir, ft_dir, (5, 40), as_repair(config), tmp_path / "out", progress=False)
 
     base_sd, ft_sd = base_model.state_dict(), ft_model.state_dict()
     chosen = brute_force(base_sd, ft_sd, (5, 40), config)
@@ -138,23 +139,23 @@ def test_bad_input_writes_nothing(tmp_path, chunking):
     for out, ft_at in ((ft_dir, ft_dir), (base_dir / "inside", ft_dir), (tmp_path, tmp_path / "top-1")):
         ft_dir.rename(ft_at)
         with pytest.raises(SftlensError, match="overlaps the input"):
-            restore_sweep(base_dir, ft_at, (1,), RestoreConfig(), out, progress=False)
+            repair_sweep(base_dir, ft_at, (1,), as_repair(RestoreConfig()), out, progress=False)
         ft_at.rename(ft_dir)
     for ratio in (0, 101):
         with pytest.raises(SftlensError, match="outside"):
-            restore_sweep(base_dir, ft_dir, (1, ratio), RestoreConfig(), tmp_path / "out", progress=False)
+            repair_sweep(base_dir, ft_dir, (1, ratio), as_repair(RestoreConfig()), tmp_path / "out", progress=False)
     embed = ft["model.embed_tokens.weight"].clone()
     embed[0, 0] = float("inf")
     broken = write_checkpoint(tmp_path / "broken", {**ft, "model.embed_tokens.weight": embed}, shards=3)
     with pytest.raises(SftlensError, match="model.embed_tokens.weight contains NaN or Inf"):
-        restore_sweep(base_dir, broken, (1, 5), RestoreConfig(), tmp_path / "out", progress=False)
+        repair_sweep(base_dir, broken, (1, 5), as_repair(RestoreConfig()), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 def test_eval_sweep_restores_in_memory_and_caches(tmp_path, tiny_tokenizer, monkeypatch):
     from sftlens.evaluate import EvalConfig, summarize
     from tiny import tiny_model
-    from sftlens.restore import evaluate_restored, restore_table
+    from sftlens.repair import evaluate_repaired, repair_table
 
     base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
     base_dir = save_model(base_model, tok, tmp_path / "base")
@@ -178,7 +179,7 @@ def test_eval_sweep_restores_in_memory_and_caches(tmp_path, tiny_tokenizer, monk
 
     monkeypatch.setattr(sftlens.evaluate, "evaluate_model", recording)
     config, eval_config = RestoreConfig(region="all"), EvalConfig(max_new_tokens=3)
-    records = evaluate_restored(base_dir, ft_dir, (50, 100), config, [test], tmp_path / "out", eval_config,
+    records = evaluate_repaired(base_dir, ft_dir, (50, 100), as_repair(config), [test], tmp_path / "out", eval_config,
                                 train_file=test, progress=False)
     assert sorted({r["restore_ratio"] for r in records}) == [0.0, 50.0, 100.0]
     assert {r["split"] for r in records} == {"test", "train"}
@@ -190,11 +191,11 @@ def test_eval_sweep_restores_in_memory_and_caches(tmp_path, tiny_tokenizer, monk
     assert summarize(real(base_model, tok, rows, eval_config, progress=False)) == [
         {k: v for k, v in r.items() if k not in ("split", "restore_ratio", "strategy")}
         for r in records if r["restore_ratio"] == 100 and r["split"] == "test"]
-    table = restore_table(records)
+    table = repair_table(records, "restore")
     assert table.splitlines()[0] == "| restore (%) | test in Acc | test out Acc | train in Acc | train out Acc |"
     assert len(table.splitlines()) == 5
-    again = evaluate_restored(base_dir, ft_dir, (50, 100), config, [test], tmp_path / "out", eval_config,
+    again = evaluate_repaired(base_dir, ft_dir, (50, 100), as_repair(config), [test], tmp_path / "out", eval_config,
                               train_file=test, progress=False)
     assert again == records and len(outputs["runs"]) == 6, "cached ratios are not re-evaluated"
     with pytest.raises(SftlensError, match="needs --test"):
-        evaluate_restored(base_dir, ft_dir, (50,), config, [], tmp_path / "out", eval_config, progress=False)
+        evaluate_repaired(base_dir, ft_dir, (50,), as_repair(config), [], tmp_path / "out", eval_config, progress=False)

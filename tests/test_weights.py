@@ -216,10 +216,10 @@ def test_sweep_skips_finished_values_and_is_keyed_by_the_settings_the_method_rea
 
 
 def test_restore_through_repair_is_the_restore_stage(tmp_path):
-    from sftlens.restore import RestoreConfig, restore_sweep
+    from sftlens.restore import RestoreConfig, as_repair
 
     base_dir, ft_dir, _, _ = random_pair(tmp_path)
-    restored = restore_sweep(base_dir, ft_dir, (3,), RestoreConfig(strategy="random"), tmp_path / "out", progress=False)
+    restored = repair_sweep(base_dir, ft_dir, (3,), as_repair(RestoreConfig(strategy="random")), tmp_path / "out", progress=False)
     stamp = (restored[3.0] / "restore.json").stat().st_mtime_ns
     repaired = repair_sweep(base_dir, ft_dir, (3,), RepairConfig(strategy="random"), tmp_path / "out", progress=False)
     assert repaired == restored and (repaired[3.0] / "restore.json").stat().st_mtime_ns == stamp
