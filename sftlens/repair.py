@@ -35,11 +35,22 @@ def _eval_sets(test_files, train_file) -> dict[str, tuple[list[dict], list[dict]
     return sets
 
 
+def value_field(method: str) -> str:
+    """The record field that holds a knob's value: restore's is the paper's `restore_ratio` (as in
+    studies), every other method's `repair_value` (as in studies' repair units)."""
+    return "restore_ratio" if method == "restore" else "repair_value"
+
+
 def _tag(config: RepairConfig, value: float) -> dict:
-    """What marks a value's evaluation records (restore: the paper's `restore_ratio` and `strategy`)."""
+    """What marks a value's evaluation records: its field, and restore's strategy or the method."""
     if config.method == "restore":
-        return {"restore_ratio": value, "strategy": config.strategy}
-    return {"method": config.method, "value": value}
+        return {value_field("restore"): value, "strategy": config.strategy}
+    return {"method": config.method, value_field(config.method): value}
+
+
+def _retagged(records: list[dict], config: RepairConfig, value: float) -> list[dict]:
+    """Cached records with today's tag: caches written before the field was `repair_value` hold `value`."""
+    return [{**{k: x for k, x in rec.items() if k != "value"}, **_tag(config, value)} for rec in records]
 
 
 def evaluate_repaired(base, finetuned, values, config: RepairConfig, test_files=(), out_dir: str | Path = "repaired",
@@ -49,26 +60,26 @@ def evaluate_repaired(base, finetuned, values, config: RepairConfig, test_files=
     written): the paper's Table 4 on `test_files`, Table 5 on `train_file`.
 
     Returns long-format evaluation records with `split` (test/train) and the value's tag (restore:
-    `restore_ratio`, `strategy`; the others: `method`, `value`); each value's records are cached in
+    `restore_ratio`, `strategy`; the others: `method`, `repair_value`); each value's records are cached in
     out_dir/eval/ by inputs, so a re-run skips finished values."""
     eval_config = eval_config or EvalConfig()
     sets = _eval_sets(test_files, train_file)
     pair = open_pair(base, finetuned)
     neutral = METHODS[config.method].neutral
-    levels = tuple(sorted({neutral, *parse_values(config.method, values)}))
+    sweep = tuple(sorted({neutral, *parse_values(config.method, values)}))
     settings = {k: v for k, v in config_to_dict(eval_config).items() if k not in RESULT_NEUTRAL}
     manifests = {name: manifest for name, (_, manifest) in sets.items()}
     # "restore" labels the edit's key for every method: restore's cached evaluations keep their keys
     keys = {v: stable_hash({"format": 2, "restore": sweep_key(pair, config, v), "sets": manifests, "eval": settings})
-            for v in levels}
-    paths = {v: Path(out_dir) / "eval" / f"{value_folder(out_dir, config, v).name}.json" for v in levels}
+            for v in sweep}
+    paths = {v: Path(out_dir) / "eval" / f"{value_folder(out_dir, config, v).name}.json" for v in sweep}
     done = {}
-    for v in levels:
+    for v in sweep:
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError):
             cached = json.loads(paths[v].read_text())
             if cached["key"] == keys[v]:
-                done[v] = cached["records"]
-    todo = [v for v in levels if v not in done]
+                done[v] = _retagged(cached["records"], config, v)
+    todo = [v for v in sweep if v not in done]
     if todo:
         model, tokenizer = load_model(str(finetuned), dtype=eval_config.dtype, device=eval_config.device)
 
@@ -84,13 +95,13 @@ def evaluate_repaired(base, finetuned, values, config: RepairConfig, test_files=
         if todo:
             for value, _ in repaired_models(model, base, finetuned, todo, config, progress):
                 run(value)
-    return [rec for v in levels for rec in done[v]]
+    return [rec for v in sweep for rec in done[v]]
 
 
 def repair_table(records: list[dict], method: str = "restore") -> str:
     """Markdown, Table 4/5 layout: one row per value of the method's knob, the paper's Acc (%) per
     set and domain, with the change against the unedited model (the neutral value)."""
-    column = "restore_ratio" if method == "restore" else "value"
+    column = value_field(method)
     neutral = METHODS[method].neutral
     columns = sorted({(r["split"], r["domain"]) for r in records}, key=lambda c: (c[0] != "test", c[1]))
     values = sorted({r[column] for r in records})
@@ -105,7 +116,7 @@ def repair_table(records: list[dict], method: str = "restore") -> str:
     return markdown_table([knob, *(f"{s} {d} Acc" for s, d in columns)], rows, "r" * (len(columns) + 1))
 
 
-def _run_sweep(args: argparse.Namespace, config: RepairConfig) -> None:
+def run_sweep(args: argparse.Namespace, config: RepairConfig) -> None:
     """Both verbs: evaluate the sweep in memory (--eval), or write one folder per value."""
     start = time.perf_counter()
     restore = config.method == "restore"
@@ -116,8 +127,7 @@ def _run_sweep(args: argparse.Namespace, config: RepairConfig) -> None:
         prefix = config.strategy if restore else config.method
         atomic_write_text(Path(args.out) / "eval" / f"{prefix}-table.md", table + "\n")
         print(table)
-        column = "restore_ratio" if restore else "value"
-        print(f"evaluated {len({r[column] for r in records})} models in memory "
+        print(f"evaluated {len({r[value_field(config.method)] for r in records})} models in memory "
               f"in {time.perf_counter() - start:.1f}s")
         return
     folders = repair_sweep(args.base, args.finetuned, args.values, config, args.out)
@@ -138,14 +148,14 @@ def _run_repair(args: argparse.Namespace) -> None:
     if unused:
         raise SftlensError(f"--{unused[0]} does not apply to --method {config.method} "
                            f"(it reads {', '.join('--' + n for n in read)})")
-    _run_sweep(args, config)
+    run_sweep(args, config)
 
 
-def _values(text: str) -> tuple[str, ...]:
+def parse_value_list(text: str) -> tuple[str, ...]:
     return tuple(x for x in text.split(",") if x.strip())
 
 
-def _add_eval_arguments(parser, what: str) -> None:
+def add_eval_arguments(parser, what: str) -> None:
     parser.add_argument("--eval", action="store_true",
                         help=f"evaluate the fine-tuned model and every {what} model in memory instead of writing "
                              "checkpoints (Table 4 on --test, Table 5 on --train)")
@@ -154,7 +164,7 @@ def _add_eval_arguments(parser, what: str) -> None:
     add_config_arguments(parser, EvalConfig)
 
 
-def _add_models(parser, what: str) -> None:
+def add_model_arguments(parser, what: str) -> None:
     parser.add_argument("--base", required=True, help="base model (built-in name or folder)")
     parser.add_argument("--finetuned", required=True, help="fine-tuned model (built-in name or folder)")
     parser.add_argument("--out", required=True, help=f"folder receiving one {what} model per value "
@@ -164,11 +174,11 @@ def _add_models(parser, what: str) -> None:
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "repair", help="undo SFT's harm in weight space: restore, wise (WiSE-FT), dare (DARE), trim (TIES' trim)")
-    _add_models(parser, "repaired")
+    add_model_arguments(parser, "repaired")
     parser.add_argument("--method", required=True, choices=tuple(METHODS),
                         help="; ".join(f"{name}: {m.knob} in {m.interval}" for name, m in METHODS.items()))
-    parser.add_argument("--values", required=True, type=_values,
+    parser.add_argument("--values", required=True, type=parse_value_list,
                         help="comma list of the method's knob (restore: ratios in %%, wise: alpha, dare: p, trim: d in %%)")
     add_config_arguments(parser, RepairConfig, exclude=("method",))
-    _add_eval_arguments(parser, "repaired")
+    add_eval_arguments(parser, "repaired")
     parser.set_defaults(func=_run_repair, writes="out")

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.errors import SftlensError
-from sftlens.repair import _add_eval_arguments, _add_models, _run_sweep, _values
+from sftlens.repair import add_eval_arguments, add_model_arguments, run_sweep, parse_value_list
 from sftlens.weights import (
     DEFAULT_RATIOS, RepairConfig, Selection, SelectionConfig, apply_in_memory, open_pair, parse_ratios, record_names,
     repaired_models, select, selection_edit,
@@ -61,15 +61,15 @@ def restored_models(model, base, finetuned, ratios=DEFAULT_RATIOS, config: Resto
 
 def _run_restore(args: argparse.Namespace) -> None:
     args.values = args.ratios
-    _run_sweep(args, as_repair(config_from_args(RestoreConfig, args)))
+    run_sweep(args, as_repair(config_from_args(RestoreConfig, args)))
 
 
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("restore", help="restore the most changed parameters to their base values")
-    _add_models(parser, "restored")
-    parser.add_argument("--ratios", default=DEFAULT_RATIOS, type=_values,
+    add_model_arguments(parser, "restored")
+    parser.add_argument("--ratios", default=DEFAULT_RATIOS, type=parse_value_list,
                         help="comma list of percentages (default: 1,3,5,10,20,40,60)")
     add_config_arguments(parser, RestoreConfig)
-    _add_eval_arguments(parser, "restored")
+    add_eval_arguments(parser, "restored")
     parser.set_defaults(func=_run_restore, writes="out")
 

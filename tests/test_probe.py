@@ -149,7 +149,7 @@ def test_explicit_device_overrides_the_accelerate_device(tiny_model_dir, tmp_pat
         loaded_on.append(device)
         return real_load(model, dtype=dtype, device=device)
 
-    monkeypatch.setattr(store, "_device", lambda: "cuda:0")  # what accelerate says on a GPU machine
+    monkeypatch.setattr(store, "probe_device", lambda: "cuda:0")  # what accelerate says on a GPU machine
     monkeypatch.setattr(store, "load_model", spy)
     records = run_probe(str(tiny_model_dir), common_facts(3), QUICK, tmp_path / "store", progress=False,
                         shard=(0, 1), device="cpu")

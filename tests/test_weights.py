@@ -294,9 +294,10 @@ def test_cli_eval_sweeps_in_memory_with_the_finetuned_model_as_reference(tmp_pat
             for i, domain in enumerate(["in", "out"] * 5)]
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["repair", "--method", "wise", "--values", "0", "--region", "all", "--base", str(base_dir),
-                 "--finetuned", str(ft_dir), "--out", str(tmp_path / "o"), "--eval", "--test", str(test),
-                 "--max-new-tokens", "3"]) == 0
+    command = ["repair", "--method", "wise", "--values", "0", "--region", "all", "--base", str(base_dir),
+               "--finetuned", str(ft_dir), "--out", str(tmp_path / "o"), "--eval", "--test", str(test),
+               "--max-new-tokens", "3"]
+    assert main(command) == 0
     out = capsys.readouterr().out
     assert "| wise alpha | test in Acc | test out Acc |" in out and "evaluated 2 models in memory" in out
     cached = {p.name: json.loads(p.read_text())["records"] for p in (tmp_path / "o" / "eval").glob("wise-*.json")}
@@ -304,5 +305,12 @@ def test_cli_eval_sweeps_in_memory_with_the_finetuned_model_as_reference(tmp_pat
     config = EvalConfig(max_new_tokens=3)
     for name, model in (("wise-0.json", base_model), ("wise-1.json", ft_model)):
         want = summarize(evaluate_model(model, tok, rows, config, progress=False))
-        assert [{k: v for k, v in r.items() if k not in ("split", "method", "value")} for r in cached[name]] == want
+        assert [{k: v for k, v in r.items() if k not in ("split", "method", "repair_value")} for r in cached[name]] == want
     assert (tmp_path / "o" / "eval" / "wise-table.md").is_file()
+    # a cache written when the field was `value` reads back as `repair_value`
+    legacy = tmp_path / "o" / "eval" / "wise-0.json"
+    written = json.loads(legacy.read_text())
+    written["records"] = [{("value" if k == "repair_value" else k): v for k, v in r.items()} for r in written["records"]]
+    legacy.write_text(json.dumps(written))
+    assert main(command) == 0
+    assert capsys.readouterr().out.split("evaluated")[0] == out.split("evaluated")[0]  # the same table

@@ -11,12 +11,12 @@ from sftlens.data import first_per_relation, load_facts
 from sftlens.errors import SftlensError
 from sftlens.models import model_fingerprint
 from sftlens.probe.records import ProbeConfig
-from sftlens.probe.store import _device, load_probe, process_shard, run_probe, store_meta
+from sftlens.probe.store import probe_device, load_probe, process_shard, run_probe, store_meta
 from sftlens.probe.tables import write_level_tables
 
 
 def default_store(model: str, config: ProbeConfig) -> Path:
-    meta = store_meta(model, model_fingerprint(model), config, _device())
+    meta = store_meta(model, model_fingerprint(model), config, probe_device())
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model).name or model).strip("-")
     return Path("sftlens-probes") / f"{slug}-{meta['key'][:12]}"
 

@@ -73,7 +73,7 @@ def load_probe(store: str | os.PathLike, model: str | None = None, config: Probe
     if store.is_dir():
         meta = _read_meta(store)
         if model is not None and config is not None:
-            wanted = store_meta(model, model_fingerprint(model), config, _device())
+            wanted = store_meta(model, model_fingerprint(model), config, probe_device())
             if meta["key"] != wanted["key"]:
                 raise SftlensError(f"{store / META_FILE}: store was written {_difference(meta, wanted)}")
     records: dict[str, ProbeRecord] = {}
@@ -102,7 +102,7 @@ def process_shard() -> tuple[int, int]:
     return state.process_index, state.num_processes
 
 
-def _device() -> str:
+def probe_device() -> str:
     return str(_state().device)
 
 
@@ -121,7 +121,7 @@ def run_probe(
         raise SftlensError("empty fact selection: nothing to probe")
     template_indices(facts, config)
     store_dir = Path(store_dir)
-    device = device or _device()
+    device = device or probe_device()
     _open_store(store_dir, store_meta(model, model_fingerprint(model), config, device))
     launched = shard is None
     rank, world = process_shard() if launched else shard

@@ -18,7 +18,7 @@ from sftlens.study.results import (
     StudyResults, acc, chosen_lora, level_name, lora_candidates, lora_dev_curve, repair_dev_curves, repair_groups,
     sweep_groups,
 )
-from sftlens.study.sections import DOMAINS, Section, acc_caption, ci, fmt
+from sftlens.study.sections import DOMAINS, Section, acc_caption, interval_text, mean_sd_text
 from sftlens.weights import METHODS
 
 LORA_TEXT = ("LoRA SFT: not a repair of the fully fine-tuned model but the other recipe, [train]'s LoRA adapters "
@@ -53,8 +53,8 @@ def _cells(per_seed_records: list[list[dict]]) -> list[str]:
     """Acc in-domain, Acc out-of-domain (test), training-set accuracy: mean ± sd over seeds."""
     test = [[r for r in rs if r["split"] == "test"] for rs in per_seed_records]
     train = [[r for r in rs if r["split"] == "train"] for rs in per_seed_records]
-    return [*(fmt(*mean_spread([acc(rs, d) for rs in test if acc(rs, d) is not None])) for d, _ in DOMAINS),
-            fmt(*mean_spread([acc(rs, "in") for rs in train if acc(rs, "in") is not None]))]
+    return [*(mean_sd_text(*mean_spread([acc(rs, d) for rs in test if acc(rs, d) is not None])) for d, _ in DOMAINS),
+            mean_sd_text(*mean_spread([acc(rs, "in") for rs in train if acc(rs, "in") is not None]))]
 
 
 def _gains(group: _Group, repaired: list[dict], facts: FactDraws, seeds: SeedDraws) -> list[str]:
@@ -72,7 +72,7 @@ def _gains(group: _Group, repaired: list[dict], facts: FactDraws, seeds: SeedDra
         after = group.arm(list(by_seed), split, lambda seed: by_seed[seed][f"{split}_bits"])
         before = group.arm(list(by_seed), split, lambda seed: group.bits(seed, split))
         gain = arm_difference(facts, seeds, after, before, domain, levels, paired_seeds=True)
-        cells.append(ci(gain) + (f" {verdict(gain.low, gain.high, +1)}" if (split, domain) == ("test", "in") else ""))
+        cells.append(interval_text(gain) + (f" {verdict(gain.low, gain.high, +1)}" if (split, domain) == ("test", "in") else ""))
     return cells
 
 

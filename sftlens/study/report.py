@@ -26,7 +26,7 @@ from sftlens.study.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, findin
 from sftlens.study.results import StudyResults, eval_records, load_results, restore_records
 from sftlens.study.sections import (
     Section,
-    ci,
+    interval_text,
     figure2,
     figure4,
     figure5,
@@ -46,7 +46,7 @@ def effect_text(finding: Finding) -> str:
     if finding.effect is None:
         return "–"
     scale, digits, sign, suffix = EFFECT_FORMAT[finding.unit]
-    return ci(finding.effect, scale, digits, sign) + suffix
+    return interval_text(finding.effect, scale, digits, sign) + suffix
 
 
 def findings_section(results: StudyResults, samples: int) -> tuple[Section, list[Finding]]:
@@ -163,12 +163,12 @@ def write_report(study_dir: str | Path, page: str | Path | None = None) -> dict[
                     "(generated from the Findings table below):", "", *verdict_summary(found)]
         atomic_write_text(page, _markdown(f"Results: {results.source} study of "
                                           f"{results.config.get('study', {}).get('model', '?')}",
-                                          _beside(parts, page), preamble))
+                                          _with_figures_beside(parts, page), preamble))
         paths["page"] = page
     return paths
 
 
-def _beside(parts: list[Section], page: Path) -> list[Section]:
+def _with_figures_beside(parts: list[Section], page: Path) -> list[Section]:
     """The report's sections with their PNGs copied beside `page` as `<page stem>-<figure>.png`."""
     out = []
     for part in parts:

@@ -41,13 +41,15 @@ class Section:
     figure: Path | None = None
 
 
-def fmt(mean: float, spread: float, n: int, scale: float = 100.0, digits: int = 1) -> str:
+def mean_sd_text(mean: float, spread: float, n: int, scale: float = 100.0, digits: int = 1) -> str:
+    """A cell of a statistic over seeds (`mean_spread`): "mean ± sd" in % by default, "–" without data."""
     if n == 0 or math.isnan(mean):
         return "–"
     return f"{mean * scale:.{digits}f} ± {spread * scale:.{digits}f}"
 
 
-def ci(estimate, scale: float = 100.0, digits: int = 1, sign: str = "+") -> str:
+def interval_text(estimate, scale: float = 100.0, digits: int = 1, sign: str = "+") -> str:
+    """A bootstrap estimate as "value [low, high]" (signed by default: a gain)."""
     return (f"{estimate.value * scale:{sign}.{digits}f} "
             f"[{estimate.low * scale:{sign}.{digits}f}, {estimate.high * scale:{sign}.{digits}f}]")
 
@@ -107,7 +109,7 @@ def figure2(records: list[dict], out: Path) -> Section:
         panels.append((f"Acc ({name})", lines))
         references.append(base_acc(records, domain))
         caption = acc_caption(test, domain)
-        rows += [[name, label, *(fmt(*lines[label][s]) for s in sizes), caption] for label in lines]
+        rows += [[name, label, *(mean_sd_text(*lines[label][s]) for s in sizes), caption] for label in lines]
     path = plot_series(out, panels, "Acc (%)", sizes, references=references)
     return Section("Figure 2: Acc vs training size",
                    "Acc (%), mean ± sd over seeds; the dashed line is the base model. Acc averages the test levels "
@@ -130,9 +132,9 @@ def table2(records: list[dict], size) -> Section:
         row = [level_name(lv)]
         for domain, _ in DOMAINS:
             n = level_n(test, domain)
-            row += [fmt(*level_acc_over_seeds(test, domain, t, train_level=lv, size=size)) + (SMALL if n[t] < MIN_N else "")
+            row += [mean_sd_text(*level_acc_over_seeds(test, domain, t, train_level=lv, size=size)) + (SMALL if n[t] < MIN_N else "")
                      for t in sorted(n)]
-            row.append(fmt(*acc_over_seeds(test, domain, train_level=lv, size=size)))
+            row.append(mean_sd_text(*acc_over_seeds(test, domain, train_level=lv, size=size)))
         rows.append(row)
     return Section(title, f"Accuracy (%) per domain and test level, then Acc; mean ± sd over seeds. {SMALL}: fewer "
                    f"than {MIN_N} test facts (shown, never used for a verdict).", [("", header, rows)])
@@ -150,7 +152,7 @@ def figure4(records: list[dict], out: Path) -> Section:
     reference = base_acc(records, "in", [level])
     path = plot_series(out, [(f"Acc on in-domain test level {level} (n={n.get(level, 0)})", lines)],
                        "accuracy (%)", sizes, references=[reference])
-    rows = [[label, *(fmt(*lines[label][s]) for s in sizes)] for label in lines]
+    rows = [[label, *(mean_sd_text(*lines[label][s]) for s in sizes)] for label in lines]
     note = "" if level == 4 else f" Level 4 has {n.get(4, 0)} in-domain test facts; level {level} is the best-mastered level with {MIN_N}+."
     return Section(f"Figure 4: accuracy on test level {level} vs size",
                    f"In-domain test facts the base model mastered best (n={n.get(level, 0)}); dashed: base model." + note,
@@ -173,7 +175,7 @@ def figure5(results: StudyResults, out: Path) -> Section:
         lines[level_name(lv)] = {
             s: mean_spread([p["kl"] for p in points if p["train_level"] == lv and p["size"] == s]) for s in sizes}
     path = plot_series(out, [("first-token KL(ft || base)", lines)], "KL", sizes, scale=1.0)
-    rows = [[label, *(fmt(*lines[label][s], scale=1.0, digits=4) for s in sizes)] for label in lines]
+    rows = [[label, *(mean_sd_text(*lines[label][s], scale=1.0, digits=4) for s in sizes)] for label in lines]
     n = sorted({p["n"] for p in points if p["n"]})
     test_set = results.config.get("study", {}).get("kl_test_set", "?")
     return Section("Figure 5: KL divergence vs size",
@@ -200,13 +202,13 @@ def table3(results: StudyResults) -> Section:
                     continue
                 shares = [r.get("shares_by_metric", {metric: r["shares"]})[metric] for r in group]
                 rows.append([level_name(lv), str(len(group)),
-                             *(fmt(*mean_spread([s[i] for s in shares]), digits=2) for i in range(len(ratios)))])
+                             *(mean_sd_text(*mean_spread([s[i] for s in shares]), digits=2) for i in range(len(ratios)))])
                 zeros = [r["zero_base"] for r in group if "zero_base" in r]
                 if zeros and metric == metrics[0]:
                     zero_shares += [z["zero_base_share_of_relative_change"] for z in zeros]
                     zero_rows.append([level_name(lv), str(size), f"{zeros[0]['zero_base_elements']:,} of {zeros[0]['elements']:,} "
                                       f"({100 * zeros[0]['zero_base_share_of_elements']:.4f} %)",
-                                      fmt(*mean_spread([z["zero_base_share_of_relative_change"] for z in zeros]), digits=2)])
+                                      mean_sd_text(*mean_spread([z["zero_base_share_of_relative_change"] for z in zeros]), digits=2)])
             tables.append((f"{size} training examples, {METRIC_NAMES.get(metric, metric)}",
                            ["train set", "models", *(f"top {r:g} %" for r in ratios)], rows))
     text = "Share (%) of the total parameter change held by the k % most changed elements, mean ± sd over models."
@@ -233,7 +235,7 @@ def _ratio_table(part: list[dict], domain: str) -> tuple[list[str], list[list[st
     header = ["restore", *(f"{level_name(lv)} (n={_facts(part, domain, lv)})" for lv in levels)]
     rows = []
     for ratio in sorted({r["restore_ratio"] for r in part}):
-        rows.append([f"{ratio:g} %", *(fmt(*acc_over_seeds(part, domain, train_level=lv, restore_ratio=ratio))
+        rows.append([f"{ratio:g} %", *(mean_sd_text(*acc_over_seeds(part, domain, train_level=lv, restore_ratio=ratio))
                                         for lv in levels)])
     return header, rows
 
@@ -278,25 +280,25 @@ def restoration(results: StudyResults, records: list[dict], path: Path, samples:
         test0 = [r for r in sweeps[0]["records"] if r["split"] == "test" and r["restore_ratio"] == 0]
         levels = acc_levels(test0, "in")
         arm = {f"{k}": [{"bits": s["test_bits"][k]} for s in sweeps] for k in sweeps[0]["test_bits"]}
-        curve = [(float(k), *_triple(arm_acc(facts, seeds, models, "in", levels))) for k, models in arm.items()]
+        curve = [(float(k), *_value_low_high(arm_acc(facts, seeds, models, "in", levels))) for k, models in arm.items()]
         panel = {"top (most changed)": curve}
         ctrl = controls.get((level, size), {})
         paired = [s for s in sweeps if ctrl.get(s["seed"], {}).get("test_bits")]
         random_cell = "–"
         if ratio and paired:
             randoms = [{"bits": ctrl[s["seed"]]["test_bits"]} for s in paired]
-            panel[f"random control ({len(paired)} seeds)"] = [(ratio, *_triple(arm_acc(facts, seeds, randoms, "in", levels)))]
+            panel[f"random control ({len(paired)} seeds)"] = [(ratio, *_value_low_high(arm_acc(facts, seeds, randoms, "in", levels)))]
             before = [{"bits": s["test_bits"]["0"]} for s in paired]
-            random_cell = ci(arm_difference(facts, seeds, randoms, before, "in", levels, paired_seeds=True))
+            random_cell = interval_text(arm_difference(facts, seeds, randoms, before, "in", levels, paired_seeds=True))
         panels.append((f"{level_name(level)}, n={size}", panel))
         references.append(base_acc(records, "in", levels))
         gain_cell = "–"
         if ratio:
             before = [{"bits": s["test_bits"]["0"]} for s in sweeps]
             after = [{"bits": s["test_bits"][f"{ratio:g}"]} for s in sweeps]
-            gain_cell = ci(arm_difference(facts, seeds, after, before, "in", levels, paired_seeds=True))
-        before_acc = fmt(*mean_spread([acc(test_at(s, 0.0), "in") for s in sweeps]))
-        after_acc = fmt(*mean_spread([acc(test_at(s, ratio), "in") for s in sweeps]))
+            gain_cell = interval_text(arm_difference(facts, seeds, after, before, "in", levels, paired_seeds=True))
+        before_acc = mean_sd_text(*mean_spread([acc(test_at(s, 0.0), "in") for s in sweeps]))
+        after_acc = mean_sd_text(*mean_spread([acc(test_at(s, ratio), "in") for s in sweeps]))
         chosen_cell = f"{ratio:g} %" if ratio else "none: no restore ratios"
         rows.append([level_name(level), str(size), str(len(sweeps)), chosen_cell, before_acc, after_acc, gain_cell,
                      random_cell, acc_caption(test0, "in")])
@@ -311,7 +313,7 @@ def restoration(results: StudyResults, records: list[dict], path: Path, samples:
     return section, chosen
 
 
-def _triple(estimate) -> tuple[float, float, float]:
+def _value_low_high(estimate) -> tuple[float, float, float]:
     return estimate.value, estimate.low, estimate.high
 
 
@@ -330,7 +332,7 @@ def table6(records: list[dict], sweeps: list[dict], chosen: dict, size) -> Secti
         if not scored:
             return None
         (m, _, _), label, rs = max(scored, key=lambda t: t[0][0])
-        return [label, *(fmt(*acc_over_seeds(rs, d)) for d, _ in DOMAINS)]
+        return [label, *(mean_sd_text(*acc_over_seeds(rs, d)) for d, _ in DOMAINS)]
 
     sft = [r for r in test if r["strategy"] == "sft"]
     mixed = best([(f"n={s}", [r for r in sft if r["train_level"] == "mixed" and r["size"] == s]) for s in sizes_of(sft)])
