@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,12 +61,49 @@ def tiny_data_dir(tmp_path) -> Path:
     return write_tiny_data(tmp_path / "eq")
 
 
+@pytest.fixture
+def eval_pair(tmp_path, tiny_tokenizer) -> SimpleNamespace:
+    """Two different tiny Llamas saved as base and fine-tuned folders, and a split test file of 10
+    facts over both domains and every level: the set-up of every in-memory sweep evaluation."""
+    from sftlens.io import atomic_write_jsonl
+    from tiny import save_model, tiny_model
+
+    base_model, tokenizer = tiny_model(seed=0, tokenizer=tiny_tokenizer)
+    ft_model = tiny_model(seed=5, tokenizer=tiny_tokenizer)[0]
+    rows = [{"fact_id": f"P17/test/{i:05d}", "relation": "P17", "domain": domain, "level": i % 5,
+             "question": f"Which country is X{i} located in?", "answers": ["France"],
+             "prompt": f"<question> Which country is X{i} located in? <answer>", "completion": " France "}
+            for i, domain in enumerate(["in", "out"] * 5)]
+    test_file = tmp_path / "test.jsonl"
+    atomic_write_jsonl(test_file, rows)
+    return SimpleNamespace(base_model=base_model, ft_model=ft_model, tokenizer=tokenizer, rows=rows, test_file=test_file,
+                           base_dir=save_model(base_model, tokenizer, tmp_path / "base"),
+                           ft_dir=save_model(ft_model, tokenizer, tmp_path / "ft"))
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     path = Path(os.environ.get("SFTLENS_DATA_DIR", SHARED_DATA))
     if not path.is_dir():
         pytest.skip(f"EntityQuestions not found at {path} (set SFTLENS_DATA_DIR)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """A finished tiny study, run once for the session (test_study and test_study_ray read it; none
+    writes to it): its config file and directory."""
+    from assets import tiny_study_file
+    from sftlens.study.commands import run_study
+    from sftlens.study.config import load_study_config
+    from tiny import save_model, tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-study")
+    model, tokenizer = tiny_model(seed=0)
+    model_dir = save_model(model, tokenizer, root / "model")
+    config_file = tiny_study_file(root, model_dir, write_tiny_data(root / "eq"))
+    run_study(load_study_config(str(config_file)), root / "study", progress=False)
+    return config_file, root / "study"
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration, zero_base_mass
 from sftlens.weights.checkpoints import in_region, open_pair
@@ -23,74 +22,7 @@ from sftlens.weights.selection import (
     target_count,
 )
 from sftlens.errors import SftlensError
-
-RATIOS = (1, 3, 5, 10, 20, 40, 60, 100)
-
-
-def write_checkpoint(root: Path, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
-    """A safetensors folder; with shards > 1, an index.json and tensors dealt round-robin."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text("{}")
-    if shards == 1:
-        save_file(tensors, root / "model.safetensors")
-        return root
-    names = list(tensors)
-    weight_map = {}
-    for s in range(shards):
-        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[s::shards]}
-        save_file(part, root / fname)
-        weight_map.update({n: fname for n in part})
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return root
-
-
-def random_pair(tmp_path: Path, seed: int = 0, shards: int = 3, ties: bool = False, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    shapes = {
-        "model.embed_tokens.weight": (17, 8), "lm_head.weight": (17, 8), "model.norm.weight": (8,),
-        **{f"model.layers.{i}.self_attn.q_proj.weight": (8, 8) for i in range(3)},
-        **{f"model.layers.{i}.mlp.up_proj.weight": (12, 8) for i in range(3)},
-        **{f"model.layers.{i}.input_layernorm.weight": (8,) for i in range(3)},
-    }
-    base, ft = {}, {}
-    for name, shape in shapes.items():
-        if ties:  # few distinct values: huge tie groups at every threshold
-            b = torch.randint(1, 3, shape, generator=gen).float()
-            f = b + torch.randint(0, 3, shape, generator=gen).float()
-        else:
-            b = torch.randn(shape, generator=gen)
-            f = b + torch.randn(shape, generator=gen) ** 3 * 0.1
-        base[name], ft[name] = b.to(dtype), f.to(dtype)
-    return (write_checkpoint(tmp_path / "base", base, shards), write_checkpoint(tmp_path / "ft", ft, shards),
-            base, ft)
-
-
-def brute_force(base, ft, ratios, config: SelectionConfig) -> list[set[tuple[str, int]]]:
-    """Global sort of every region element by (key descending, tensor name, flat index)."""
-    names = sorted(n for n in base if in_region(n, config.region))
-    rows = []
-    for name in names:
-        delta = change(base[name], ft[name], config.metric)
-        if config.strategy == "top":
-            order = -delta.view(-1).double().numpy()
-        elif config.strategy == "bottom":
-            order = delta.view(-1).double().numpy()
-        else:  # random keys are defined by the implementation's seeded generator
-            order = -selection_keys(delta, name, "random", config.seed).view(-1).double().numpy()
-        rows += [(order[i], names.index(name), i, name) for i in range(delta.numel())]
-    chosen = []
-    for r in ratios:
-        if config.scope == "global":
-            ranked = sorted(rows)[: target_count(len(rows), r)]
-        else:
-            ranked = []
-            for name in names:
-                own = sorted(x for x in rows if x[3] == name)
-                ranked += own[: target_count(len(own), r)]
-        chosen.append({(x[3], x[2]) for x in ranked})
-    return chosen
-
+from assets import RATIOS, brute_force, random_pair, write_checkpoint
 
 def streamed(base_dir, ft_dir, ratios, config) -> list[set[tuple[str, int]]]:
     pair = open_pair(base_dir, ft_dir)

@@ -14,7 +14,7 @@ from sftlens.evaluate import EvalConfig, evaluate
 from sftlens.io import read_jsonl
 from sftlens.train import LLAMA_PROJECTIONS, LOSS_FILE, RUN_FILE, TrainConfig, _run_identity, train
 
-from test_train import sft_rows, weights, write_sft
+from assets import sft_rows, weights, write_sft
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

@@ -13,8 +13,7 @@ import torch
 
 from sftlens.probe import probe_facts
 from sftlens.train import LOSS_FILE, train
-from test_probe import QUICK, common_facts
-from test_train import FAST, sft_rows, write_sft
+from assets import FAST, QUICK, common_facts, sft_rows, write_sft
 
 # three AdamW steps (batch 8, lr 1e-3, seed 0) of the tiny random-init Llama on 24 SFT rows
 PINNED_LOSSES = [6.204559803009033, 6.1316938400268555, 6.079470157623291]

@@ -20,6 +20,7 @@ from sftlens.probe import batching, sampling, store
 from sftlens.cli import main
 from sftlens.data import Fact, load_templates
 from sftlens.errors import SftlensError
+from assets import COMMON_ANSWERS, QUICK, common_facts
 from sftlens.probe import (
     ProbeConfig,
     ProbeRecord,
@@ -34,10 +35,6 @@ from sftlens.probe import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-# A random tiny model rarely says "France", but its samples often contain short strings: answers
-# like these give facts spread over all mastery levels, so the invariance tests compare real counts.
-COMMON_ANSWERS = ["e", "in", "x", "the", "a", "on", "er", "q"]
-QUICK = ProbeConfig(samples=4, max_new_tokens=6, temperature=1.5, templates=(0, 3, 7))
 
 
 @pytest.fixture(autouse=True)
@@ -47,20 +44,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def common_facts(n: int, relations=("P17", "P19", "P106")) -> list[Fact]:
-    templates = load_templates()
-    facts = []
-    for i in range(n):
-        relation = relations[i % len(relations)]
-        subject = f"Entity {i} " + "of the north " * (i % 3)
-        facts.append(Fact(
-            id=f"{relation}/test/{i:05d}", relation=relation, subject=subject.strip(),
-            answers=(COMMON_ANSWERS[i % len(COMMON_ANSWERS)],), split="test",
-            domain=templates[relation].domain, question=templates[relation].question.format(subject=subject.strip()),
-        ))
-    return facts
 
 
 @pytest.mark.parametrize(
@@ -176,7 +159,7 @@ import sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
-from test_probe import common_facts
+from assets import common_facts
 from sftlens.probe import ProbeConfig, run_probe
 config = ProbeConfig(samples=2, max_new_tokens=4, templates=(0, 1), batch_size=1)
 run_probe({model!r}, common_facts(24), config, {store!r}, progress=False)

@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_deltas import RATIOS, brute_force, random_pair, write_checkpoint
+from assets import RATIOS, brute_force, perturbed, random_pair, write_checkpoint
 
 from sftlens.errors import SftlensError
-from sftlens.io import atomic_write_jsonl
 from tiny import save_model
 from sftlens.restore import MANIFEST, RestoreConfig, as_repair, restore_in_memory, restored_models
 from sftlens.weights import repair_sweep
@@ -68,14 +67,6 @@ def test_sweep_is_resumable_and_keyed_by_settings(tmp_path):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
 
-def _perturbed(model, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
-
-
 def test_output_loads_with_from_pretrained_and_matches_in_memory_restore(tmp_path, tiny_tokenizer, chunking):
     from transformers import AutoModelForCausalLM
 
@@ -83,7 +74,7 @@ def test_output_loads_with_from_pretrained_and_matches_in_memory_restore(tmp_pat
 
     base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
     base_dir = save_model(base_model, tok, tmp_path / "base")
-    ft_model = _perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0])
+    ft_model = perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0])
     ft_dir = save_model(ft_model, tok, tmp_path / "ft")
     for record in ("sftlens_train.json", "loss_log.jsonl"):  # what `sftlens train` leaves beside weights
         (ft_dir / record).write_text("{}\n")
@@ -111,7 +102,7 @@ def test_in_memory_restore_of_one_ratio_from_a_sweep_selection(tmp_path, tiny_to
 
     base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
     base_dir = save_model(base_model, tok, tmp_path / "base")
-    ft_dir = save_model(_perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0]), tok, tmp_path / "ft")
+    ft_dir = save_model(perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0]), tok, tmp_path / "ft")
     selection = select(open_pair(base_dir, ft_dir), (1, 100), RestoreConfig(region="all"), progress=False)
     model = tiny_model(seed=0, tokenizer=tiny_tokenizer)[0]
     restore_in_memory(model, base_dir, ft_dir, 100, RestoreConfig(region="all"), selection)
@@ -152,21 +143,13 @@ def test_bad_input_writes_nothing(tmp_path, chunking):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def test_eval_sweep_restores_in_memory_and_caches(tmp_path, tiny_tokenizer, monkeypatch):
+def test_eval_sweep_restores_in_memory_and_caches(tmp_path, eval_pair, monkeypatch):
     from sftlens.evaluate import EvalConfig, summarize
-    from tiny import tiny_model
     from sftlens.repair import evaluate_repaired, repair_table
 
-    base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
-    base_dir = save_model(base_model, tok, tmp_path / "base")
-    ft_model = tiny_model(seed=5, tokenizer=tiny_tokenizer)[0]
-    ft_dir = save_model(ft_model, tok, tmp_path / "ft")
-    rows = [{"fact_id": f"P17/test/{i:05d}", "relation": "P17", "domain": domain, "level": i % 5,
-             "question": f"Which country is X{i} located in?", "answers": ["France"],
-             "prompt": f"<question> Which country is X{i} located in? <answer>", "completion": " France "}
-            for i, domain in enumerate(["in", "out"] * 5)]
-    test = tmp_path / "test.jsonl"
-    atomic_write_jsonl(test, rows)
+    base_model, ft_model, tok, rows, test = (eval_pair.base_model, eval_pair.ft_model, eval_pair.tokenizer,
+                                             eval_pair.rows, eval_pair.test_file)
+    base_dir, ft_dir = eval_pair.base_dir, eval_pair.ft_dir
     outputs = {}
     import sftlens.evaluate
 

@@ -14,6 +14,7 @@ from sftlens.study.engine import Unit, run_units, unit_dir
 from sftlens.study.executors import LocalExecutor
 from sftlens.study.results import load_results
 from sftlens.study.units import build_units
+from assets import assert_same_results, comparable, write_config
 
 
 # --- the engine on a small graph of arithmetic units ------------------------------------------
@@ -117,11 +118,6 @@ def test_a_process_pool_gives_the_same_results(tmp_path):
 
 # --- config and plan ----------------------------------------------------------------------------
 
-def write_config(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
 @pytest.mark.parametrize("text, message", [
     ('[study]\nmodle = "x"\n', "unknown setting study.modle"),
     ('[train]\nlearning_rate = "fast"\n', "train.learning_rate: expected a number, got 'fast'"),
@@ -168,80 +164,6 @@ def test_the_paper_plan_lists_the_full_grid_without_running_anything(shared_data
 
 
 # --- a tiny-model study, end to end ----------------------------------------------------------
-
-TINY_STUDY = """
-extends = "demo"
-[study]
-model = "{model}"
-data_dir = "{data}"
-train_facts_per_relation = 12
-eval_facts_per_relation = 2
-levels = [0]
-sizes = [8]
-seeds = [0, 1]
-analysis_sizes = [8]
-table_size = 8
-restore_ratios = [10, 50]
-lora_learning_rates = [1e-3, 1e-2]
-bootstrap = 50
-kl_test_set = "in-level0"
-prune_checkpoints = true
-[probe]
-samples = 1
-templates = [0]
-max_new_tokens = 4
-[train]
-learning_rate = 1e-3
-[eval]
-max_new_tokens = 4
-[repairs.wise]
-values = [0.5, 0.9]
-[repairs.dare]
-values = [0.3, 0.6]
-seed = 1
-"""
-
-
-def tiny_study_file(folder: Path, model_dir: Path, data_dir: Path) -> Path:
-    return write_config(folder / "study.toml", TINY_STUDY.format(model=model_dir, data=data_dir))
-
-
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
-    """A finished tiny study (run once for the module): its config file and directory."""
-    from tiny import write_tiny_data
-    from tiny import save_model, tiny_model
-
-    root = tmp_path_factory.mktemp("tiny-study")
-    model, tokenizer = tiny_model(seed=0)
-    model_dir = save_model(model, tokenizer, root / "model")
-    config_file = tiny_study_file(root, model_dir, write_tiny_data(root / "eq"))
-    run_study(load_study_config(str(config_file)), root / "study", progress=False)
-    return config_file, root / "study"
-
-
-def comparable(study_dir: Path) -> dict:
-    """Every unit's result by label (what the report reads), for equality across runs."""
-    return {u["label"]: u["result"] for u in load_results(study_dir).units}
-
-
-def assert_same_results(left: dict, right: dict, where: str = "") -> None:
-    """Equal results: exactly for everything discrete (records, counts, per-fact correctness,
-    chosen ratios); floats to 1e-3 relative (1e-7 absolute for near-zero KLs), as the reduction
-    order of a matmul depends on the threads a worker runs with (a Ray task gets one per CPU it asked for)."""
-    if isinstance(left, dict) and isinstance(right, dict):
-        assert left.keys() == right.keys(), where
-        for key in left:
-            assert_same_results(left[key], right[key], f"{where}/{key}")
-    elif isinstance(left, list) and isinstance(right, list):
-        assert len(left) == len(right), where
-        for i, (a, b) in enumerate(zip(left, right)):
-            assert_same_results(a, b, f"{where}[{i}]")
-    elif isinstance(left, float) or isinstance(right, float):
-        assert left == pytest.approx(right, rel=1e-3, abs=1e-7), where
-    else:
-        assert left == right, where
-
 
 def test_a_tiny_study_runs_every_unit_once(tiny_study):
     _, study = tiny_study

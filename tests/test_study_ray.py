@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from test_study import assert_same_results, comparable, tiny_study  # noqa: F401  (module-scoped fixture: the local reference)
+from assets import assert_same_results, comparable
 
 ray = pytest.importorskip("ray")
 
 
-def test_ray_executor_runs_each_unit_once_with_the_local_results(tiny_study, tmp_path):  # noqa: F811
+def test_ray_executor_runs_each_unit_once_with_the_local_results(tiny_study, tmp_path):
     from sftlens.study.commands import run_study
     from sftlens.study.config import load_study_config
     from sftlens.study.db import StudyDB

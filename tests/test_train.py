@@ -4,49 +4,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sftlens.cli import main
-from sftlens.data import load_templates, sft_completion, sft_prompt
+from sftlens.data import sft_completion, sft_prompt
 from sftlens.errors import SftlensError
-from sftlens.io import atomic_write_jsonl, read_jsonl
+from sftlens.io import read_jsonl
 from sftlens.train import (
     IGNORE_INDEX, LOSS_FILE, RUN_FILE, TrainConfig, encode_example, steps_per_epoch, train,
 )
 
-from tiny import TINY_ANSWERS
+from assets import FAST, sft_rows, weights, write_sft
 
 pytestmark = pytest.mark.usefixtures("private_cache")
-
-FAST = TrainConfig(learning_rate=1e-3)  # visible weight changes on a random tiny model
-
-
-def sft_rows(n: int, offset: int = 0) -> list[dict]:
-    """SFT rows in the split's format, questions from the real templates."""
-    templates = list(load_templates().items())
-    rows = []
-    for i in range(offset, offset + n):
-        relation, tpl = templates[i % len(templates)]
-        question = tpl.question.format(subject=f"Entity {i}")
-        answers = [TINY_ANSWERS[i % len(TINY_ANSWERS)], TINY_ANSWERS[(i + 1) % len(TINY_ANSWERS)]]
-        rows.append({"fact_id": f"{relation}/train/{i:05d}", "relation": relation, "domain": "in",
-                     "level": i % 5, "question": question, "answers": answers,
-                     "prompt": sft_prompt(question), "completion": sft_completion(answers[0])})
-    return rows
-
-
-def write_sft(path: Path, rows: list[dict]) -> Path:
-    atomic_write_jsonl(path, rows)
-    return path
-
 
 @pytest.fixture
 def sft20(tmp_path) -> Path:
     return write_sft(tmp_path / "sft.jsonl", sft_rows(20))
-
-
-def weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(model_dir / "model.safetensors")
 
 
 def test_labels_mask_the_prompt_token_ids(tiny_tokenizer):

@@ -11,7 +11,7 @@ from fractions import Fraction
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_deltas import random_pair, write_checkpoint
+from assets import perturbed, random_pair, write_checkpoint
 
 from sftlens.config import config_from_dict
 from sftlens.errors import SftlensError
@@ -157,14 +157,6 @@ def test_neutral_values_give_back_the_finetuned_weights_bit_for_bit(tmp_path, me
     assert METHODS[method].neutral == NEUTRAL[method]
 
 
-def _perturbed(model, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
-
-
 @pytest.fixture
 def tiny_pair(tmp_path, tiny_tokenizer):
     """(base folder, fine-tuned folder, fine-tuned state): a tiny Llama and a perturbed copy."""
@@ -172,7 +164,7 @@ def tiny_pair(tmp_path, tiny_tokenizer):
 
     base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
     base_dir = save_model(base_model, tok, tmp_path / "base")
-    ft_model = _perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0])
+    ft_model = perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0])
     ft_dir = save_model(ft_model, tok, tmp_path / "ft")
     return base_dir, ft_dir, {n: t.clone() for n, t in ft_model.state_dict().items()}
 
@@ -279,21 +271,13 @@ def test_cli_writes_one_folder_per_value_and_refuses_settings_the_method_ignores
         assert not (tmp_path / "bad").exists() or not [p for p in (tmp_path / "bad").iterdir() if not p.name.startswith(".")]
 
 
-def test_cli_eval_sweeps_in_memory_with_the_finetuned_model_as_reference(tmp_path, tiny_tokenizer, capsys):
+def test_cli_eval_sweeps_in_memory_with_the_finetuned_model_as_reference(tmp_path, eval_pair, capsys):
     from sftlens.cli import main
     from sftlens.evaluate import EvalConfig, evaluate_model, summarize
-    from tiny import save_model, tiny_model
 
-    base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
-    base_dir = save_model(base_model, tok, tmp_path / "base")
-    ft_model = tiny_model(seed=5, tokenizer=tiny_tokenizer)[0]
-    ft_dir = save_model(ft_model, tok, tmp_path / "ft")
-    rows = [{"fact_id": f"P17/test/{i:05d}", "relation": "P17", "domain": domain, "level": i % 5,
-             "question": f"Which country is X{i} located in?", "answers": ["France"],
-             "prompt": f"<question> Which country is X{i} located in? <answer>", "completion": " France "}
-            for i, domain in enumerate(["in", "out"] * 5)]
-    test = tmp_path / "test.jsonl"
-    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base_model, ft_model, tok, rows, test = (eval_pair.base_model, eval_pair.ft_model, eval_pair.tokenizer,
+                                             eval_pair.rows, eval_pair.test_file)
+    base_dir, ft_dir = eval_pair.base_dir, eval_pair.ft_dir
     command = ["repair", "--method", "wise", "--values", "0", "--region", "all", "--base", str(base_dir),
                "--finetuned", str(ft_dir), "--out", str(tmp_path / "o"), "--eval", "--test", str(test),
                "--max-new-tokens", "3"]

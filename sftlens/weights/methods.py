@@ -18,7 +18,6 @@ f - (1 - w) (f - b) otherwise, so w = 1 is f and w = 0 is b exactly.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Sequence
 
@@ -26,7 +25,9 @@ import torch
 
 from sftlens.errors import SftlensError
 from sftlens.weights.checkpoints import CheckpointPair, Chunk, assert_finite, check_region
-from sftlens.weights.selection import Selection, SelectionConfig, parse_ratios, random_keys, select, tensor_keys
+from sftlens.weights.selection import (
+    Selection, SelectionConfig, parse_numbers, parse_ratios, random_keys, select, tensor_keys,
+)
 
 Blocks = Iterator[tuple[Chunk, list[torch.Tensor], list[int]]]
 
@@ -206,15 +207,4 @@ def parse_values(method: str, values) -> tuple[float, ...]:
     spec = method_of(method)
     if method == "restore":
         return parse_ratios(values)
-    parsed = []
-    for v in values:
-        try:
-            value = float(v)
-        except (TypeError, ValueError):
-            raise SftlensError(f"{method} {spec.knob} {v!r} is not a number") from None
-        if math.isnan(value) or not spec.admits(value):
-            raise SftlensError(f"{method} {spec.knob} {v!r} is outside {spec.interval}")
-        parsed.append(value)
-    if not parsed:
-        raise SftlensError(f"no {method} {spec.knob} values given")
-    return tuple(sorted(set(parsed)))
+    return parse_numbers(values, f"{method} {spec.knob}", spec.admits, spec.interval, f"{method} {spec.knob} values")

@@ -70,20 +70,26 @@ class SelectionConfig:
         check_region(self.region)
 
 
+def parse_numbers(values, name: str, admits, interval: str, plural: str) -> tuple[float, ...]:
+    """Sorted, de-duplicated numbers, each admitted by `admits`; one-line errors name the value as
+    `name` and its range as `interval` (a knob's sweep: ratios, or a repair method's values)."""
+    parsed = []
+    for v in values:
+        try:
+            value = float(v)
+        except (TypeError, ValueError):
+            raise SftlensError(f"{name} {v!r} is not a number") from None
+        if math.isnan(value) or not admits(value):
+            raise SftlensError(f"{name} {v!r} is outside {interval}")
+        parsed.append(value)
+    if not parsed:
+        raise SftlensError(f"no {plural} given")
+    return tuple(sorted(set(parsed)))
+
+
 def parse_ratios(ratios) -> tuple[float, ...]:
     """Sorted, de-duplicated percentages, each in (0, 100]."""
-    values = []
-    for r in ratios:
-        try:
-            value = float(r)
-        except (TypeError, ValueError):
-            raise SftlensError(f"ratio {r!r} is not a number") from None
-        if not (0 < value <= 100) or math.isnan(value):
-            raise SftlensError(f"ratio {r!r} is outside (0, 100]")
-        values.append(value)
-    if not values:
-        raise SftlensError("no ratios given")
-    return tuple(sorted(set(values)))
+    return parse_numbers(ratios, "ratio", lambda value: 0 < value <= 100, "(0, 100]", "ratios")
 
 
 def target_count(n: int, ratio: float) -> int:
