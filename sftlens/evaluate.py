@@ -3,8 +3,9 @@
 Greedy decoding of at most 16 new tokens from the training prompt (BOS + "<question> q <answer>"),
 batched with left padding, each prompt leaving the batch at its EOS (`sftlens.decoding`); an output is correct when the matcher finds a gold answer in it.
 Accuracy is reported per (domain, test level); the paper's Acc is the mean of the level
-accuracies, `micro` the mean over facts. The same function scores a base model, a fine-tuned
-model, or a model on its own training set (the paper's Table 5): any split JSONL works.
+accuracies, `micro` the mean over facts. The same functions score a base model, a fine-tuned
+model, an edited model in memory (`evaluate_splits`: restore, repair and studies call it), or a
+model on its own training set (the paper's Table 5): any split JSONL works.
 
 `evaluate` keeps one folder per (model, test files, settings): predictions are appended batch by
 batch to a partial log keyed by those inputs, so an interrupted evaluation resumes where it

@@ -1,6 +1,7 @@
-"""Parameter restoration (paper Section 5.1) and the other repairs, as pipeline stages: the
-`restore` CLI (the paper's name) and the `repair` CLI (any method of `sftlens.weights.methods`),
-writing one HF folder per value or evaluating every value of a sweep in memory.
+"""Stage: parameter restoration (paper Section 5.1), the `restore` CLI: the `repair` stage
+(`sftlens.repair`) for the paper's method under its own name, with `RestoreConfig` (the selection's
+settings), writing one HF folder per ratio or evaluating every ratio in memory; and restoring a
+loaded model in place (`restore_in_memory`, `restored_models`: studies use them).
 
 The editing itself lives in `sftlens.weights`: restoration sets the selected elements of a
 fine-tuned model back to their base values, with the exact streamed selection of

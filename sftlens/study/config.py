@@ -26,7 +26,8 @@ from sftlens.errors import SftlensError
 
 PRESETS = ("paper", "demo", "repro", "repairs")
 
-# section -> (module, config class); imported when a study is loaded, so `sftlens --help` stays fast
+# section -> (module, config class): the stage sections a study file may have, each checked against its
+# stage's config (`stage_class` imports the module by name).
 STAGE_SECTIONS = {
     "probe": ("sftlens.probe", "ProbeConfig"),
     "train": ("sftlens.train", "TrainConfig"),
