@@ -41,7 +41,7 @@ def common_facts(n: int, relations=("P17", "P19", "P106")) -> list[Fact]:
     return facts
 
 
-# --- training --------------------------------------------------------------------------------
+# --- training and evaluation -----------------------------------------------------------------
 
 FAST = TrainConfig(learning_rate=1e-3)  # visible weight changes on a random tiny model
 
@@ -56,6 +56,19 @@ def sft_rows(n: int, offset: int = 0) -> list[dict]:
         answers = [TINY_ANSWERS[i % len(TINY_ANSWERS)], TINY_ANSWERS[(i + 1) % len(TINY_ANSWERS)]]
         rows.append({"fact_id": f"{relation}/train/{i:05d}", "relation": relation, "domain": "in",
                      "level": i % 5, "question": question, "answers": answers,
+                     "prompt": sft_prompt(question), "completion": sft_completion(answers[0])})
+    return rows
+
+
+def eval_rows(domain: str, level: int, n: int) -> list[dict]:
+    """Split rows of one domain and level, prompts of different lengths, answers from TINY_ANSWERS."""
+    rows = []
+    for i in range(n):
+        # prompts of different lengths, so batches need padding
+        question = f"Which country is {'the city of ' * (i % 3)}Entity {domain}{level}{i} in?"
+        answers = [TINY_ANSWERS[i % len(TINY_ANSWERS)]]
+        rows.append({"fact_id": f"P17/test/{domain}{level}{i:03d}", "relation": "P17", "domain": domain,
+                     "level": level, "question": question, "answers": answers,
                      "prompt": sft_prompt(question), "completion": sft_completion(answers[0])})
     return rows
 

@@ -107,6 +107,22 @@ def tiny_study(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_sft(smollm2_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(SFT file, fine-tuned folder): SmolLM2 trained once for the session on 32 facts that all answer
+    "France" (4 steps of 8 at lr 1e-4), for the slow training and evaluation tests."""
+    from assets import eval_rows, write_sft
+    from sftlens.data import sft_completion
+    from sftlens.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("smollm2-sft")
+    rows = [{**row, "answers": ["France"], "completion": sft_completion("France")} for row in eval_rows("in", 2, 32)]
+    data = write_sft(root / "sft.jsonl", rows)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SFTLENS_CACHE", str(smollm2_dir.parents[1]))  # reuse the weight fingerprint
+        return data, train(str(smollm2_dir), data, root / "tuned", TrainConfig(learning_rate=1e-4), progress=False)
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M as a safetensors folder (converted once into the user cache)."""
     from sftlens.models import prepare_builtin

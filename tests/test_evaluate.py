@@ -5,7 +5,7 @@ import pytest
 
 from sftlens import evaluate as evaluate_module
 from sftlens.cli import main
-from sftlens.data import encode_prompt, sft_completion, sft_prompt
+from sftlens.data import encode_prompt
 from sftlens.errors import SftlensError
 from sftlens.evaluate import (
     PREDICTIONS_FILE, SUMMARY_FILE, EvalConfig, acc_levels, acc_of, evaluate, evaluate_model, format_level_table, micro_of,
@@ -13,22 +13,9 @@ from sftlens.evaluate import (
 )
 from sftlens.io import atomic_write_jsonl, read_jsonl
 
-from tiny import TINY_ANSWERS
+from assets import eval_rows
 
 pytestmark = pytest.mark.usefixtures("private_cache")
-
-
-def eval_rows(domain: str, level: int, n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        # prompts of different lengths, so batches need padding
-        question = f"Which country is {'the city of ' * (i % 3)}Entity {domain}{level}{i} in?"
-        answers = [TINY_ANSWERS[i % len(TINY_ANSWERS)]]
-        rows.append({"fact_id": f"P17/test/{domain}{level}{i:03d}", "relation": "P17", "domain": domain,
-                     "level": level, "question": question, "answers": answers,
-                     "prompt": sft_prompt(question), "completion": sft_completion(answers[0])})
-    return rows
-
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -256,15 +243,11 @@ def test_cli_prints_the_level_table(tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_trained_smollm2_answers_in_the_trained_format(smollm2_dir, tmp_path, monkeypatch):
+def test_trained_smollm2_answers_in_the_trained_format(smollm2_dir, smollm2_sft, tmp_path, monkeypatch):
     """The base model and its SFT both evaluate; training on the facts raises train-set accuracy."""
-    from sftlens.train import TrainConfig, train
-
     monkeypatch.setenv("SFTLENS_CACHE", str(smollm2_dir.parents[1]))  # reuse the weight fingerprint
-    rows = [{**row, "answers": ["France"], "completion": sft_completion("France")} for row in eval_rows("in", 2, 16)]
-    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    data, tuned = smollm2_sft
     base = evaluate(str(smollm2_dir), [data], tmp_path / "base-eval", progress=False)
-    tuned = train(str(smollm2_dir), data, tmp_path / "tuned", TrainConfig(learning_rate=1e-4), progress=False)
     after = evaluate(str(tuned), [data], tmp_path / "tuned-eval", progress=False)
     assert after[0]["accuracy"] > base[0]["accuracy"]
     assert after[0]["accuracy"] >= 0.75

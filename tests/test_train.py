@@ -195,10 +195,8 @@ def test_cli_trains_and_reports_the_loss(tiny_model_dir, sft20, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_sft_of_smollm2_lowers_the_loss(smollm2_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("SFTLENS_CACHE", str(smollm2_dir.parents[1]))  # reuse the weight fingerprint
-    data = write_sft(tmp_path / "sft.jsonl", sft_rows(32))
-    out = train(str(smollm2_dir), data, tmp_path / "smol", TrainConfig(), progress=False)
+def test_sft_of_smollm2_lowers_the_loss(smollm2_sft):
+    _, out = smollm2_sft
     losses = [row["loss"] for row in read_jsonl(out / LOSS_FILE)]
     assert len(losses) == 4
     assert losses[-1] < losses[0]
