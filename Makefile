@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/sftlens demo --data-dir $(DATA_DIR)
 
+# Two workers of one thread each (the suite is many small single-threaded tests), a test file per worker:
+# the tests that share an expensive session fixture (the tiny study, the fine-tuned SmolLM2) share a file.
 test: setup
-	SFTLENS_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/python -m pytest -q
+	SFTLENS_DATA_DIR=$(abspath $(DATA_DIR)) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -13,6 +13,13 @@ from tiny import write_tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "entityquestions"
+# The longest files (each builds an expensive session fixture its tests share) run first: under make
+# test's two workers, one file each, the other files fill in around them.
+LONG_FILES_FIRST = ("test_smollm2.py", "test_study.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    items.sort(key=lambda item: item.path.name not in LONG_FILES_FIRST)  # stable: the rest keep their order
 
 
 @pytest.fixture
@@ -91,8 +98,8 @@ def shared_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory):
-    """A finished tiny study, run once for the session (test_study and test_study_ray read it; none
-    writes to it): its config file and directory."""
+    """A finished tiny study, run once for the session (the study tests, the Ray executor's among
+    them, compare against it; none changes it): its config file and directory."""
     from assets import tiny_study_file
     from sftlens.study.commands import run_study
     from sftlens.study.config import load_study_config

@@ -240,14 +240,3 @@ def test_cli_prints_the_level_table(tiny_model_dir, tmp_path, capsys):
     assert "(all empty)" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_model_dir), "--out", str(tmp_path / "e2")]) == 2
     assert "give either --test" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_trained_smollm2_answers_in_the_trained_format(smollm2_dir, smollm2_sft, tmp_path, monkeypatch):
-    """The base model and its SFT both evaluate; training on the facts raises train-set accuracy."""
-    monkeypatch.setenv("SFTLENS_CACHE", str(smollm2_dir.parents[1]))  # reuse the weight fingerprint
-    data, tuned = smollm2_sft
-    base = evaluate(str(smollm2_dir), [data], tmp_path / "base-eval", progress=False)
-    after = evaluate(str(tuned), [data], tmp_path / "tuned-eval", progress=False)
-    assert after[0]["accuracy"] > base[0]["accuracy"]
-    assert after[0]["accuracy"] >= 0.75

@@ -147,15 +147,3 @@ def test_resume_after_interruption_gives_the_same_merged_weights(tiny_model_dir,
     resumed = weights(out)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert json.loads((out / RUN_FILE).read_text())["resumed_from"] == "checkpoint-2"
-
-
-@pytest.mark.slow
-def test_lora_on_smollm2_keeps_the_tied_embeddings(smollm2_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("SFTLENS_CACHE", str(smollm2_dir.parents[1]))  # reuse the weight fingerprint
-    data = write_sft(tmp_path / "sft.jsonl", sft_rows(16))
-    config = TrainConfig(method="lora", learning_rate=1e-3)
-    out = train(str(smollm2_dir), data, tmp_path / "smol-lora", config, progress=False)
-    base, merged = weights(smollm2_dir), weights(out)
-    assert set(merged) == set(base)
-    assert all(torch.equal(base[name], merged[name]) == (not is_lora_target(name)) for name in base)
-    assert all(math.isfinite(row["loss"]) for row in read_jsonl(out / LOSS_FILE))

@@ -316,3 +316,19 @@ def test_unit_params_round_trip_and_leave_unset_optional_settings_out_of_the_key
     assert runtime.device_or_none is None
     with pytest.raises(TypeError):
         TrainParams.of({"set": "level0", "size": "8", "seed": 0})  # a missing setting is never guessed
+
+
+def test_the_ray_executor_runs_each_unit_once_with_the_local_results(tiny_study, tmp_path):
+    """On a local Ray instance (CPU): every unit runs exactly once and the results equal the local executor's."""
+    ray = pytest.importorskip("ray")
+    config_file, reference = tiny_study
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_study(load_study_config(str(config_file)), tmp_path / "ray", executor="ray", progress=False)
+    finally:
+        ray.shutdown()
+    with StudyDB(tmp_path / "ray") as db:
+        units = db.planned_units()
+    assert len(summary.ran) == len(units) and not summary.failed
+    assert {u["runs"] for u in units} == {1}
+    assert_same_results(comparable(tmp_path / "ray"), comparable(reference))

@@ -192,11 +192,3 @@ def test_cli_trains_and_reports_the_loss(tiny_model_dir, sft20, tmp_path, capsys
     empty.write_text("\n")
     assert main(["train", "--model", str(tiny_model_dir), "--data", str(empty), "--out", str(out)]) == 2
     assert "no examples" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_sft_of_smollm2_lowers_the_loss(smollm2_sft):
-    _, out = smollm2_sft
-    losses = [row["loss"] for row in read_jsonl(out / LOSS_FILE)]
-    assert len(losses) == 4
-    assert losses[-1] < losses[0]
