@@ -73,6 +73,22 @@ def eval_rows(domain: str, level: int, n: int) -> list[dict]:
     return rows
 
 
+class Interrupt(Exception):
+    """A kill in the middle of training, raised by `dies_after_checkpoint`."""
+
+
+def dies_after_checkpoint(step: int):
+    """A Trainer callback that raises `Interrupt` once the checkpoint of `step` is saved."""
+    from transformers import TrainerCallback
+
+    class DieAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Interrupt
+
+    return DieAfterCheckpoint()
+
+
 def write_sft(path: Path, rows: list[dict]) -> Path:
     atomic_write_jsonl(path, rows)
     return path

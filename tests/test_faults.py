@@ -156,7 +156,7 @@ def test_enospc_while_writing_restored_folders_leaves_no_folder(tmp_path, monkey
     import sftlens.weights.apply
     from sftlens.restore import RestoreConfig, as_repair
     from sftlens.weights import repair_sweep
-    from test_deltas import random_pair
+    from assets import random_pair
 
     base_dir, ft_dir, _, _ = random_pair(tmp_path, shards=2)
     real, calls = sftlens.weights.apply._as_bytes, []

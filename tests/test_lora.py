@@ -14,7 +14,7 @@ from sftlens.evaluate import EvalConfig, evaluate
 from sftlens.io import read_jsonl
 from sftlens.train import LLAMA_PROJECTIONS, LOSS_FILE, RUN_FILE, TrainConfig, _run_identity, train
 
-from assets import sft_rows, weights, write_sft
+from assets import Interrupt, dies_after_checkpoint, sft_rows, weights, write_sft
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -128,19 +128,10 @@ def test_cli_flags(tiny_model_dir, sft20, tmp_path, capsys):
 
 
 def test_resume_after_interruption_gives_the_same_merged_weights(tiny_model_dir, sft20, tmp_path):
-    from transformers import TrainerCallback
-
-    from test_train import Interrupt
-
-    class DieAfterSecondCheckpoint(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                raise Interrupt
-
     config = TrainConfig(**{**config_to_dict(LORA), "save_steps": 1})
     out = tmp_path / "resumed"
     with pytest.raises(Interrupt):
-        train(str(tiny_model_dir), sft20, out, config, progress=False, callbacks=[DieAfterSecondCheckpoint()])
+        train(str(tiny_model_dir), sft20, out, config, progress=False, callbacks=[dies_after_checkpoint(2)])
     assert not out.exists()
     train(str(tiny_model_dir), sft20, out, config, progress=False)
     straight = weights(train(str(tiny_model_dir), sft20, tmp_path / "straight", LORA, progress=False))

@@ -13,7 +13,7 @@ from sftlens.train import (
     IGNORE_INDEX, LOSS_FILE, RUN_FILE, TrainConfig, encode_example, steps_per_epoch, train,
 )
 
-from assets import FAST, sft_rows, weights, write_sft
+from assets import FAST, Interrupt, dies_after_checkpoint, sft_rows, weights, write_sft
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -87,22 +87,11 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_model_dir, sft20, 
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_after_interruption_gives_the_same_weights(tiny_model_dir, sft20, tmp_path):
-    from transformers import TrainerCallback
-
-    class DieAfterSecondCheckpoint(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                raise Interrupt
-
     config = TrainConfig(learning_rate=1e-3, save_steps=1)
     out = tmp_path / "resumed"
     with pytest.raises(Interrupt):
-        train(str(tiny_model_dir), sft20, out, config, progress=False, callbacks=[DieAfterSecondCheckpoint()])
+        train(str(tiny_model_dir), sft20, out, config, progress=False, callbacks=[dies_after_checkpoint(2)])
     assert not out.exists()
     assert (tmp_path / ".resumed.partial" / "checkpoints" / "checkpoint-2").is_dir()
 
