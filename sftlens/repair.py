@@ -152,6 +152,7 @@ def _run_repair(args: argparse.Namespace) -> None:
 
 
 def parse_value_list(text: str) -> tuple[str, ...]:
+    """A comma list of values as given (each parsed, range-checked, by `parse_values`)."""
     return tuple(x for x in text.split(",") if x.strip())
 
 

@@ -17,6 +17,10 @@ checks every count against sampling each continuation alone, and `bench/probe_th
 Results go to a store directory: `probe.json` (model fingerprint and settings; a store written with
 other settings is an error) and one append-only `records-rank{R}.jsonl` per process, one line per
 finished fact, so a killed run resumes where it stopped and several ranks merge on load.
+
+Modules: `records` (`ProbeConfig`, `ProbeRecord`, mastery levels), `sampling` (the seeded sampler,
+probing facts in memory), `batching` (batch size from free memory), `store` (the resumable multi-rank
+store, `run_probe`, `load_probe`), `tables` (Table 1, best templates), `cli` (`sftlens probe`).
 """
 
 from sftlens.probe.records import FAST_PROBE, LEVELS, ProbeConfig, ProbeRecord, mastery_level
