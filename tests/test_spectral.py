@@ -81,7 +81,12 @@ def _brute_force(base: torch.Tensor, ft: torch.Tensor, c: float) -> torch.Tensor
 
 
 def test_sweep_equals_a_brute_force_svd_and_leaves_other_tensors_finetuned(tmp_path, chunking):
-    base_dir, ft_dir, base, ft = random_pair(tmp_path, shards=3)
+    _, _, base, ft = random_pair(tmp_path, shards=3)
+    gen = torch.Generator().manual_seed(7)
+    for name, shape in (("model.layers.0.mlp.down_proj.weight", (8, 13)), ("model.layers.0.mlp.up_proj.bias", (12,))):
+        base[name] = torch.randn(shape, generator=gen)  # a wide matrix (decomposed transposed) and a bias
+        ft[name] = base[name] + 0.1 * torch.randn(shape, generator=gen)
+    base_dir, ft_dir = write_checkpoint(tmp_path / "b", base, 3), write_checkpoint(tmp_path / "f", ft, 3)
     values = (0.5, 1.0, 2.0)
     folders = repair_sweep(base_dir, ft_dir, values, RepairConfig(method="spectral"), tmp_path / "out", progress=False)
     assert [f.name for f in folders.values()] == ["spectral-0.5", "spectral-1", "spectral-2"]
@@ -89,7 +94,7 @@ def test_sweep_equals_a_brute_force_svd_and_leaves_other_tensors_finetuned(tmp_p
     for c, folder in folders.items():
         got = _load_folder(folder)
         for name in ft:
-            if not in_region(name, "body"):
+            if not in_region(name, "body") or ft[name].dim() != 2:
                 assert torch.equal(got[name], ft[name]), name
                 continue
             want = _brute_force(base[name], ft[name], c)
@@ -126,9 +131,10 @@ def test_the_ends_are_exact_neutral_is_finetuned_zero_update_and_high_c_are_base
         assert all(torch.equal(got[n], base[n]) for n in base)
 
 
-def test_a_planted_low_rank_update_is_recovered_from_noise(tmp_path):
+@pytest.mark.parametrize("m,n", [(96, 64), (64, 96)])
+def test_a_planted_low_rank_update_is_recovered_from_noise(tmp_path, m, n):
     gen = torch.Generator().manual_seed(1)
-    m, n, rank = 96, 64, 4
+    rank = 4
     base = {"model.layers.0.mlp.down_proj.weight": torch.randn(m, n, generator=gen)}
     planted = (torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen)) * 0.05
     noise = 0.002 * torch.randn(m, n, generator=gen)

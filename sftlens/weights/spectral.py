@@ -81,6 +81,14 @@ def kept_rank(singular_values: torch.Tensor, shape: Sequence[int], c: float) -> 
     return int(torch.count_nonzero(singular_values.double() > c * gd_threshold(singular_values, shape)))
 
 
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD; a wide matrix is decomposed as its transpose (LAPACK's is ~1.5x faster on tall ones)."""
+    if matrix.shape[0] >= matrix.shape[1]:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
+    return uh.T, s, v.T
+
+
 def spectral_blocks(pair: CheckpointPair, name: str, values: Sequence[float]) -> Iterator[tuple[Chunk, list[torch.Tensor], list[int]]]:
     """(chunk, each value's edited block, each value's count of elements set to base) of tensor `name`:
     for a matrix, each value's B + its kept part of Delta, from one SVD; any other tensor stays F."""
@@ -94,7 +102,7 @@ def spectral_blocks(pair: CheckpointPair, name: str, values: Sequence[float]) ->
             yield Chunk(rows, offset, base if rows is None else base[rows[0]:rows[1]], f), [f] * len(values), [0] * len(values)
         return
     wide = torch.promote_types(finetuned.dtype, torch.float32)
-    u, s, vh = torch.linalg.svd(finetuned.to(wide) - base.to(wide), full_matrices=False)
+    u, s, vh = _svd(finetuned.to(wide) - base.to(wide))
     ranks = [kept_rank(s, shape, c) if c > 0 else None for c in values]
     us = u.mul_(s)  # scaled columns: each value's update is us[:, :k] @ vh[:k]
     for rows, offset in row_blocks(shape):
