@@ -195,7 +195,8 @@ def test_cli_defaults_to_the_threshold_itself_and_refuses_bad_values_in_one_line
         assert main([*common[:-1], str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
-        assert not (tmp_path / "bad").exists() or not [p for p in (tmp_path / "bad").iterdir() if not p.name.startswith(".")]
+        bad_out = tmp_path / "bad"
+        assert not bad_out.exists() or not [p for p in bad_out.iterdir() if not p.name.startswith(".")]
 
 
 def test_values_and_settings():

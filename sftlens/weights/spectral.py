@@ -89,7 +89,8 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return uh.T, s, v.T
 
 
-def spectral_blocks(pair: CheckpointPair, name: str, values: Sequence[float]) -> Iterator[tuple[Chunk, list[torch.Tensor], list[int]]]:
+def spectral_blocks(pair: CheckpointPair, name: str,
+                    values: Sequence[float]) -> Iterator[tuple[Chunk, list[torch.Tensor], list[int]]]:
     """(chunk, each value's edited block, each value's count of elements set to base) of tensor `name`:
     for a matrix, each value's B + its kept part of Delta, from one SVD; any other tensor stays F."""
     base, finetuned = pair.base.read(name, None), pair.finetuned.read(name, None)
@@ -98,8 +99,8 @@ def spectral_blocks(pair: CheckpointPair, name: str, values: Sequence[float]) ->
     shape = tuple(base.shape)
     if len(shape) != 2 or base.numel() == 0:
         for rows, offset in row_blocks(shape):
-            f = finetuned if rows is None else finetuned[rows[0]:rows[1]]
-            yield Chunk(rows, offset, base if rows is None else base[rows[0]:rows[1]], f), [f] * len(values), [0] * len(values)
+            b, f = (base, finetuned) if rows is None else (base[rows[0]:rows[1]], finetuned[rows[0]:rows[1]])
+            yield Chunk(rows, offset, b, f), [f] * len(values), [0] * len(values)
         return
     wide = torch.promote_types(finetuned.dtype, torch.float32)
     u, s, vh = _svd(finetuned.to(wide) - base.to(wide))
