@@ -28,7 +28,7 @@ COMMANDS = {
     "kl": ("sftlens.analysis.kl", "first-token KL between a fine-tuned model and its base (Figure 5)"),
     "deltas": ("sftlens.analysis.deltas", "how concentrated the fine-tuning update is (Table 3)"),
     "restore": ("sftlens.restore", "restore the most changed parameters to their base values"),
-    "repair": ("sftlens.restore", "undo SFT's harm in weight space: restore, wise, dare or trim, for a sweep of values"),
+    "repair": ("sftlens.restore", "undo SFT's harm in weight space: restore, wise, dare, trim or spectral, for a sweep of values"),
     "study": ("sftlens.study", "the whole grid as one resumable study"),
     "demo": ("sftlens.study", "the demo study on SmolLM2-135M (CPU), then its report"),
     "report": ("sftlens.study.report", "a study's report (HTML + Markdown), rebuilt from its database"),

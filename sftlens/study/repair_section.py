@@ -158,12 +158,16 @@ def repair_methods(results: StudyResults, path: Path, samples: int) -> Section |
             "wise: WiSE-FT, base + alpha (ft - base); dare: drop each update element with probability p, rescale "
             "the rest by 1/(1-p); trim: TIES' trim, keep the top d % of |ft - base| per tensor (TIES' sign election "
             "is a no-op for one model); restore: the paper's, the top ratio % of relative change set back to base. "
-            + (LORA_TEXT if lora else "") +
+            + (SPECTRAL_TEXT if "spectral" in _budget(results) else "") + (LORA_TEXT if lora else "") +
             "Figure: dev Acc against each method's value (band: ± sd over seeds); the point at the neutral value is "
             "plain SFT, not a candidate. " + " ".join(captions))
     header = ["train set", "method", "chosen on dev", "seeds", "Acc in-domain", "Acc out-of-domain", "train-set Acc",
               "gain in-domain [95 % CI]", "gain out-of-domain [95 % CI]", "gain train set [95 % CI]"]
     return Section("Repair methods", text, [("", header, rows)], _figure(results, groups, path))
+
+
+SPECTRAL_TEXT = ("spectral: per weight matrix, keep the singular directions of ft - base above c times the "
+                 "Gavish-Donoho threshold (c = 1: the threshold itself; c = 0: plain SFT). ")
 
 
 def _budget(results: StudyResults) -> dict[str, list[float]]:
