@@ -34,6 +34,7 @@ SHARES = (("train", 0.8), ("dev", 0.1), ("test", 0.1))
 DEFAULT_TOPIC = "facts"
 QUESTION_TEMPLATE = "{question}"  # the one probe template of a question-only topic
 DOMAINS = ("in", "out")
+SPLIT_NAMES = {s: s for s in SPLITS}  # one string object per split across a million facts
 
 
 @dataclass(frozen=True)
@@ -116,21 +117,25 @@ def read_relations(path: Path | None) -> dict[str, dict]:
     return out
 
 
-def _answers(value, where: str) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+class _Bad(Exception):
+    """A line's fault, without its location (added once, by `LineReader.fact`)."""
+
+
+def _answers(value) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
     if value is None:
-        raise SftlensError(f"{where}: missing `answers`")
+        raise _Bad("missing `answers`")
     if not isinstance(value, list) or not value:
-        raise SftlensError(f"{where}: `answers` must be a non-empty list, got {value!r}"[:200])
+        raise _Bad(f"`answers` must be a non-empty list, got {value!r}"[:200])
     answers, aliases = [], []
     for item in value:
         if isinstance(item, dict):
             answer, extra = item.get("answer"), item.get("aliases", [])
             if not isinstance(extra, list) or not all(isinstance(a, str) and a.strip() for a in extra):
-                raise SftlensError(f"{where}: aliases of {answer!r} must be a list of non-empty strings")
+                raise _Bad(f"aliases of {answer!r} must be a list of non-empty strings")
         else:
-            answer, extra = item, []
+            answer, extra = item, ()
         if not isinstance(answer, str) or not answer.strip():
-            raise SftlensError(f"{where}: empty answer {answer!r} (an answer is a non-empty string)")
+            raise _Bad(f"empty answer {answer!r} (an answer is a non-empty string)")
         answers.append(answer)
         aliases.append(tuple(extra))
     return tuple(answers), tuple(aliases) if any(aliases) else ()
@@ -143,55 +148,72 @@ class LineReader:
         self.path, self.relations, self.unit = path, relations, unit  # unit: what `number` counts
         self.declared: dict[str, str] = {}  # topic -> domain the lines or the side file declare
         self.first_line: dict[str, int] = {}  # fact id -> line
-        self.strings: dict[str, str] = {}  # one object per repeated short string (topics, splits)
+        self.topics: dict[str, str] = {}  # checked topic names, one object each
 
-    def _intern(self, text: str) -> str:
-        return self.strings.setdefault(text, text)
-
-    def fact(self, line: dict, number: int, where: str | None = None) -> tuple:
+    def fact(self, line: dict, number, where: str | None = None) -> tuple:
         """(id, topic, subject, answers, split, question, aliases): a Fact but for its domain.
         `where` names the line in errors (default `file:number`)."""
-        where = where or f"{self.path}:{number}"
-        answers, aliases = _answers(line.get("answers"), where)
+        try:
+            return self._fact(line, number)
+        except _Bad as bad:
+            raise SftlensError(f"{where or f'{self.path}:{number}'}: {bad}") from None
+
+    def _fact(self, line: dict, number) -> tuple:
+        answers, aliases = _answers(line.get("answers"))
         relation, topic = line.get("relation"), line.get("topic")
         if relation is not None and topic is not None and relation != topic:
-            raise SftlensError(f"{where}: relation {relation!r} and topic {topic!r} differ (give one)")
-        topic = self._intern(_name(relation or topic or DEFAULT_TOPIC, where, "relation/topic"))
+            raise _Bad(f"relation {relation!r} and topic {topic!r} differ (give one)")
+        topic = self._topic(relation or topic or DEFAULT_TOPIC)
         subject, question = line.get("subject", ""), line.get("question")
         entry = self.relations.get(topic)
         if entry is not None:
             if not isinstance(subject, str) or not subject.strip():
-                raise SftlensError(f"{where}: relation {topic} has mapping templates: give the fact's `subject`")
+                raise _Bad(f"relation {topic} has mapping templates: give the fact's `subject`")
             if question is None:
                 if entry["question"] is None:
-                    raise SftlensError(f"{where}: no `question`, and relation {topic} has no question template")
+                    raise _Bad(f"no `question`, and relation {topic} has no question template")
                 question = entry["question"].format(subject=subject)
         elif question is None:
-            raise SftlensError(f"{where}: no `question`, and relation {topic} has no templates "
-                               f"({'no side file' if not self.relations else 'not in the side file'})")
+            raise _Bad(f"no `question`, and relation {topic} has no templates "
+                       f"({'no side file' if not self.relations else 'not in the side file'})")
         if not isinstance(question, str) or not question.strip():
-            raise SftlensError(f"{where}: `question` must be a non-empty string")
+            raise _Bad("`question` must be a non-empty string")
         if not isinstance(subject, str):
-            raise SftlensError(f"{where}: `subject` must be a string")
+            raise _Bad("`subject` must be a string")
         key = line.get("id")
-        key = content_key(line) if key is None else _name(str(key) if isinstance(key, int) else key, where, "id")
+        key = content_key(line) if key is None else _key(key)
         split = line.get("split") or split_of(key)
         if split not in SPLITS:
-            raise SftlensError(f"{where}: unknown split {split!r} (one of {', '.join(SPLITS)})")
-        self._declare(topic, line.get("domain"), where)
+            raise _Bad(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
+        domain = line.get("domain")
+        if domain is not None:
+            self._declare(topic, domain)
         fact_id = f"{topic}/{split}/{key}"
         if fact_id in self.first_line:
-            raise SftlensError(f"{where}: duplicate id {fact_id} (first at {f'{self.unit} ' if self.unit else ''}{self.first_line[fact_id]})")
+            raise _Bad(f"duplicate id {fact_id} (first at {f'{self.unit} ' if self.unit else ''}{self.first_line[fact_id]})")
         self.first_line[fact_id] = number
-        return fact_id, topic, subject, answers, self._intern(split), question, aliases
+        return fact_id, topic, subject, answers, SPLIT_NAMES[split], question, aliases
 
-    def _declare(self, topic: str, domain, where: str) -> None:
-        if domain is None:
-            return
+    def _topic(self, name) -> str:
+        known = self.topics.get(name) if isinstance(name, str) else None
+        if known is None:
+            if not isinstance(name, str) or not name.strip() or "/" in name:
+                raise _Bad(f"relation/topic must be a non-empty string without '/', got {name!r}")
+            known = self.topics[name] = name
+        return known
+
+    def _declare(self, topic: str, domain) -> None:
         if domain not in DOMAINS:
-            raise SftlensError(f"{where}: domain must be in or out, got {domain!r}")
+            raise _Bad(f"domain must be in or out, got {domain!r}")
         if self.declared.setdefault(topic, domain) != domain:
-            raise SftlensError(f"{where}: domain {domain!r}, but topic {topic} was {self.declared[topic]!r} before")
+            raise _Bad(f"domain {domain!r}, but topic {topic} was {self.declared[topic]!r} before")
+
+
+def _key(value) -> str:
+    key = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(key, str) or not key.strip() or "/" in key:
+        raise _Bad(f"id must be a non-empty string (or an integer) without '/', got {value!r}")
+    return key
 
 
 def _lines(path: Path) -> Iterable[tuple[int, dict]]:
