@@ -105,3 +105,15 @@ def test_a_study_refuses_a_fact_set_it_cannot_use(tiny_model_dir, tmp_path, monk
     with pytest.raises(SftlensError, match="study.kl: .*topic capital does not have; set kl = false"):
         plan(load_study_config(str(study_file(tmp_path, tiny_model_dir, kl="true"))), tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_study_plan_takes_the_fact_set_on_the_command_line(tiny_model_dir, tmp_path, capsys):
+    from sftlens.cli import main
+
+    facts = write_fact_set(tmp_path)
+    other = tmp_path / "other.jsonl"
+    other.write_text(facts.read_text())  # the same facts under another name, without the side file
+    (tmp_path / "other.relations.json").write_text((tmp_path / "facts.relations.json").read_text())
+    config = study_file(tmp_path, tiny_model_dir, size=500)
+    assert main(["study", "plan", str(config), "--out", str(tmp_path / "s"), "--facts", str(other)]) == 2
+    assert "fact set other: " in capsys.readouterr().err, "--facts replaces the file's [data] facts"
