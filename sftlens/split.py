@@ -151,7 +151,9 @@ def _levels_of(facts: list[Fact], records: dict[str, ProbeRecord]) -> dict[str, 
 
 
 def _inputs_key(facts: list[Fact], levels: dict[str, int], config: SplitConfig) -> str:
-    facts_part = sorted((f.id, f.question, list(f.answers), levels[f.id]) for f in facts)
+    # A fact set's domains follow its in-domain choice, so they join the key; EntityQuestions' keys stay.
+    facts_part = sorted((f.id, f.question, list(f.accepted_answers), levels[f.id], *((f.domain,) if f.templates else ()))
+                        for f in facts)
     return stable_hash([SPLIT_FORMAT, config_to_dict(config), facts_part], length=32)
 
 
