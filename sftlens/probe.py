@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.data import (
-    Fact, default_matcher, encode_prompt, first_per_relation, load_facts, load_templates, parse_fact_id,
+    Fact, add_fact_arguments, default_matcher, encode_prompt, fact_set_from_args, load_templates, parse_fact_id,
+    select_from_args,
 )
 from sftlens.data.matching import normalize
 from sftlens.decoding import decode
@@ -277,17 +278,12 @@ def cpu_batch_size(lm, prompt_len: int, config: ProbeConfig) -> int:
 
 def template_indices(facts: Iterable[Fact], config: ProbeConfig) -> tuple[int, ...]:
     """The mapping templates to use, checked against every relation involved."""
-    templates = load_templates()
-    available = min(len(templates[f.relation].mapping_templates) for f in facts)
+    available = min(len(f.relation_templates().mapping_templates) for f in facts)
     chosen = config.templates or tuple(range(available))
     bad = [t for t in chosen if t >= available]
     if bad:
         raise SftlensError(f"template index {bad[0]} out of range: relations have {available} mapping templates (0..{available - 1})")
     return chosen
-
-
-def _prompt_text(fact: Fact, template: int) -> str:
-    return load_templates()[fact.relation].mapping_templates[template].format(subject=fact.subject)
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -304,7 +300,7 @@ def probe_facts(
         return {}
     template_ids = template_indices(facts, config)
     matcher = default_matcher()
-    encoded = {(f.id, t): encode_prompt(tokenizer, _prompt_text(f, t)) for f in facts for t in template_ids}
+    encoded = {(f.id, t): encode_prompt(tokenizer, f.probe_prompt(t)) for f in facts for t in template_ids}
     if batch_size is None:
         batch_size = config.batch_size or cpu_batch_size(lm, max(map(len, encoded.values())), config)
     facts_per_chunk = max(1, -(-CHUNK_BATCHES * batch_size // len(template_ids)))
@@ -318,9 +314,9 @@ def probe_facts(
         for batch in _chunks(jobs, batch_size):
             seeds = [[sample_seed(config.seed, f.id, t, j) for j in range(config.samples)] for f, t in batch]
             texts = generate_samples(lm, tokenizer, [encoded[f.id, t] for f, t in batch], seeds, config,
-                                     answers=[f.answers for f, _ in batch])
+                                     answers=[f.accepted_answers for f, _ in batch])
             for (fact, template), outputs in zip(batch, texts):
-                correct[fact.id, template] = sum(matcher.is_correct(o, fact.answers) for o in outputs)
+                correct[fact.id, template] = sum(matcher.is_correct(o, fact.answers, fact.alias_table()) for o in outputs)
             bar.update(len(batch) * config.samples)
         for fact in chunk:
             per_template = tuple(correct[fact.id, t] for t in template_ids)
@@ -492,12 +488,12 @@ def best_templates(records: dict[str, ProbeRecord], facts: Iterable[Fact]) -> di
     return {rel: min(c, key=lambda t: (-c[t], t)) for rel, c in hits.items() if c}
 
 
-def _group_of(fact_id: str) -> tuple[str, str]:
+def _group_of(fact_id: str, domains: dict[str, str] | None = None) -> tuple[str, str]:
     relation, split, _ = parse_fact_id(fact_id)
-    templates = load_templates()
-    if relation not in templates:
-        raise SftlensError(f"probe record {fact_id!r}: unknown relation {relation}")
-    return split, templates[relation].domain
+    domains = domains or {r: t.domain for r, t in load_templates().items()}
+    if relation not in domains:
+        raise SftlensError(f"probe record {fact_id!r}: unknown relation {relation} (a fact set's: give --facts)")
+    return split, domains[relation]
 
 
 def _group_name(split: str, domain: str) -> str:
@@ -508,12 +504,14 @@ def _group_name(split: str, domain: str) -> str:
 _GROUP_ORDER = [("train", "in"), ("dev", "in"), ("test", "in"), ("train", "out"), ("dev", "out"), ("test", "out")]
 
 
-def level_counts(records: Iterable[ProbeRecord]) -> list[dict]:
+def level_counts(records: Iterable[ProbeRecord], domains: dict[str, str] | None = None) -> list[dict]:
     """Rows of the paper's Table 1: per set (train, test in-domain, test out-of-domain, and any
-    other probed split) the number of facts at each mastery level."""
+    other probed split) the number of facts at each mastery level. `domains`: a fact set's
+    (`FactSet.domains()`); default the paper's relations."""
     counts: dict[tuple[str, str], Counter] = {}
+    domains = domains or {r: t.domain for r, t in load_templates().items()}
     for record in records:
-        counts.setdefault(_group_of(record.fact_id), Counter())[record.level] += 1
+        counts.setdefault(_group_of(record.fact_id, domains), Counter())[record.level] += 1
     order = [g for g in _GROUP_ORDER if g in counts] + sorted(set(counts) - set(_GROUP_ORDER))
     return [
         {"set": _group_name(*g), "split": g[0], "domain": g[1], **{f"level{i}": counts[g][i] for i in LEVELS},
@@ -522,9 +520,9 @@ def level_counts(records: Iterable[ProbeRecord]) -> list[dict]:
     ]
 
 
-def level_counts_table(records: Iterable[ProbeRecord], fmt: str = "markdown") -> str:
+def level_counts_table(records: Iterable[ProbeRecord], fmt: str = "markdown", domains: dict[str, str] | None = None) -> str:
     """The level distribution as a Markdown table or CSV text."""
-    rows = level_counts(records)
+    rows = level_counts(records, domains)
     columns = ["set", *(f"level{i}" for i in LEVELS), "total"]
     if fmt == "csv":
         buffer = io.StringIO()
@@ -538,11 +536,11 @@ def level_counts_table(records: Iterable[ProbeRecord], fmt: str = "markdown") ->
     return markdown_table(header, [[r[c] for c in columns] for r in rows], "l" + "r" * (len(header) - 1)) + "\n"
 
 
-def write_level_tables(records: Iterable[ProbeRecord], store_dir: Path) -> str:
+def write_level_tables(records: Iterable[ProbeRecord], store_dir: Path, domains: dict[str, str] | None = None) -> str:
     records = list(records)
-    markdown = level_counts_table(records)
+    markdown = level_counts_table(records, domains=domains)
     atomic_write_text(store_dir / "level_counts.md", markdown)
-    atomic_write_text(store_dir / "level_counts.csv", level_counts_table(records, "csv"))
+    atomic_write_text(store_dir / "level_counts.csv", level_counts_table(records, "csv", domains))
     return markdown
 
 
@@ -570,23 +568,19 @@ def _run(args: argparse.Namespace) -> None:
         records = load_probe(store)
         if not records:
             raise SftlensError(f"{store}: no probe records yet")
-        print(write_level_tables(records.values(), store if store.is_dir() else store.parent), end="")
+        domains = fact_set_from_args(args).domains() if args.facts else None
+        print(write_level_tables(records.values(), store if store.is_dir() else store.parent, domains), end="")
         return
     if not args.model:
         raise SftlensError("--model is required to probe")
-    facts = load_facts(args.data_dir, splits=args.split, relations=args.relations, progress=False).facts
-    if args.limit is not None:
-        if args.limit < 1:
-            raise SftlensError(f"--limit must be positive, got {args.limit}")
-        facts = first_per_relation(facts, args.limit)
-    if not facts:
-        raise SftlensError(f"no facts for relations {args.relations} in split {args.split}")
+    fact_set, facts = select_from_args(args)
+    domains = fact_set.domains() if args.facts else None
     store = _store_from_args(args, config)
     records = run_probe(args.model, facts, config, store)
     if process_shard()[0] != 0:  # under accelerate launch, the main process reports
         return
     print(f"store: {store} ({len(records)} facts of this selection)")
-    print(write_level_tables(load_probe(store).values(), store), end="")
+    print(write_level_tables(load_probe(store).values(), store, domains), end="")
 
 
 def add_cli(subparsers) -> None:
@@ -600,10 +594,7 @@ def add_cli(subparsers) -> None:
     )
     parser.add_argument("action", nargs="?", choices=("run", "stats"), default="run", help="run (default) or stats")
     parser.add_argument("--model", help="built-in name, local folder or hub id")
-    parser.add_argument("--data-dir", help="EntityQuestions folder (default: $SFTLENS_DATA_DIR)")
-    parser.add_argument("--relations", default="all", help="comma list of relation ids, or in/out/all")
-    parser.add_argument("--split", default="test", help="comma list of train,dev,test")
-    parser.add_argument("--limit", type=int, default=None, help="first N facts per relation and split")
+    add_fact_arguments(parser)
     parser.add_argument("--store", default=None, help="probe store folder (default: sftlens-probes/<model>-<settings key>)")
     add_config_arguments(parser, ProbeConfig)
     parser.set_defaults(func=_run)

@@ -154,6 +154,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help=f"study TOML, or a preset: {', '.join(PRESETS)}")
     parser.add_argument("--out", required=True, help="study directory (database + artefacts)")
     parser.add_argument("--data-dir", help="EntityQuestions folder (default: the study's data_dir or $SFTLENS_DATA_DIR)")
+    parser.add_argument("--facts", help="a fact set instead (folder from `sftlens data import`, or a native JSONL "
+                                        "file): the study's [data] facts")
+    parser.add_argument("--in-domain", help="with --facts: topics that count as in-domain (default: as the set declares)")
+
+
+def _study_config(args) -> StudyConfig:
+    """The study file, with --facts / --in-domain in place of its [data] keys."""
+    data = {k: v for k, v in (("facts", args.facts and str(Path(args.facts).resolve())),
+                              ("in_domain", args.in_domain)) if v}
+    return load_study_config(args.config, {"study": data} if data else None)
 
 
 def _add_executor(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +173,7 @@ def _add_executor(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> None:
-    config = load_study_config(args.config)
+    config = _study_config(args)
     start = time.perf_counter()
     summary = run_study(config, Path(args.out), args.data_dir, args.executor, args.address, args.workers)
     print(f"{args.out}: {len(summary.ran)} units run, {summary.skipped} already done, "
@@ -171,7 +181,7 @@ def _run(args) -> None:
 
 
 def _plan(args) -> None:
-    print(plan(load_study_config(args.config), Path(args.out), args.data_dir, args.list))
+    print(plan(_study_config(args), Path(args.out), args.data_dir, args.list))
 
 
 def run_demo(out: Path, data_dir: str | None, executor: str = "local", address: str | None = None) -> Path:

@@ -42,6 +42,12 @@ class StudySettings:
     model: str = field(default="smollm2-135m", metadata={"help": "base model: built-in name, local folder or hub id"})
     data_dir: str | None = field(
         default=None, metadata={"help": "EntityQuestions folder (default: --data-dir or $SFTLENS_DATA_DIR)"})
+    facts: str | None = field(
+        default=None, metadata={"help": "a fact set instead of EntityQuestions: a folder from `sftlens data import` "
+                                        "or a native JSONL file (also `[data] facts`)"})
+    in_domain: str | None = field(
+        default=None, metadata={"help": "with facts: the topics that count as in-domain (default: as the set "
+                                        "declares, else all)"})
     in_relations: str = field(default="in", metadata={"help": "in-domain relations (training and Acc_test)"})
     out_relations: str = field(default="out", metadata={"help": "out-of-domain relations (Acc_testood)"})
     train_facts_per_relation: int | None = field(
@@ -165,9 +171,11 @@ def _load_raw(spec: str, seen: tuple[str, ...] = ()) -> dict:
     parent = raw.pop("extends", None)
     if parent is not None and not isinstance(parent, str):
         raise SftlensError(f"{spec}: extends: expected a preset name or a path, got {parent!r}")
-    data_dir = raw.get("study", {}).get("data_dir") if isinstance(raw.get("study"), dict) else None
-    if base_dir is not None and isinstance(data_dir, str) and not Path(data_dir).expanduser().is_absolute():
-        raw["study"]["data_dir"] = str((base_dir / data_dir).resolve())  # relative to the study file
+    _data_section(raw, spec)
+    for key in ("data_dir", "facts"):
+        value = raw.get("study", {}).get(key) if isinstance(raw.get("study"), dict) else None
+        if base_dir is not None and isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            raw["study"][key] = str((base_dir / value).resolve())  # relative to the study file
     if parent is None:
         return raw
     if base_dir is not None and parent not in PRESETS:
@@ -179,6 +187,19 @@ def _load_raw(spec: str, seen: tuple[str, ...] = ()) -> dict:
         else:
             merged[section] = table
     return merged
+
+
+def _data_section(raw: dict, spec: str) -> None:
+    """`[data]` (facts, in_domain): the study's fact set, read as the `[study]` keys of the same names."""
+    data = raw.pop("data", None)
+    if data is None:
+        return
+    if not isinstance(data, dict) or set(data) - {"facts", "in_domain"}:
+        bad = sorted(set(data) - {"facts", "in_domain"})[0] if isinstance(data, dict) else data
+        raise SftlensError(f"{spec}: data.{bad}: unknown key (known: facts, in_domain)")
+    if not isinstance(raw.setdefault("study", {}), dict):
+        raise SftlensError(f"{spec}: study: expected a table")
+    raw["study"].update(data)
 
 
 def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:

@@ -29,10 +29,13 @@ class UnitParams:
 class Runtime(UnitParams):
     """Where things are: passed to every unit, never part of a key."""
 
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("facts", "in_domain")
     model: str
     data_dir: str
     device: str  # auto, cpu or cuda
     eval_batch_size: int  # prompts decoded together (no prediction depends on it)
+    facts: str | None = None  # a fact set in place of the EntityQuestions folder (`sftlens.data.factset`)
+    in_domain: str | None = None  # its in-domain topics (keyed through FactSelection.data)
 
     @property
     def device_or_none(self) -> str | None:

@@ -9,13 +9,14 @@ stores in the study database, so the report needs nothing else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
 from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration, zero_base_mass
 from sftlens.analysis.kl import KLConfig, compute_kl
 from sftlens.config import config_from_dict
-from sftlens.data import Fact, first_per_relation, load_facts
+from sftlens.data import Fact, FactSet, fact_set_stats, first_per_relation, load_fact_set, load_facts
 from sftlens.evaluate import EvalConfig
 from sftlens.io import atomic_write_jsonl, read_jsonl
 from sftlens.models import load_model
@@ -38,6 +39,7 @@ from sftlens.study.params import (
     TrainParams,
 )
 from sftlens.study.results import chosen_ratio, chosen_value
+from sftlens.study.units import select_facts
 from sftlens.train import RUN_FILE, TrainConfig, train
 from sftlens.weights import METHODS, RepairConfig, repaired_models
 
@@ -49,9 +51,17 @@ def study_facts(params) -> list[Fact]:
     selection, runtime = FactSelection.of(params), Runtime.of(params)
     facts: list[Fact] = []
     for split, relations in selection.relations.items():
+        if runtime.facts:
+            facts += select_facts(_fact_set(runtime.facts, runtime.in_domain), split, relations, selection.limit(split))
+            continue
         loaded = load_facts(runtime.data_dir, splits=(split,), relations=tuple(relations)).facts
         facts += first_per_relation(loaded, selection.limit(split))
     return facts
+
+
+@functools.lru_cache(maxsize=2)
+def _fact_set(path: str, in_domain: str | None) -> FactSet:
+    return load_fact_set(path, in_domain)
 
 
 # --- probe and split ----------------------------------------------------------------------------
@@ -62,7 +72,12 @@ def probe_unit(params, out: Path, deps) -> dict:
     config = config_from_dict(ProbeConfig, p.probe, "probe")
     records = run_probe(runtime.model, study_facts(params), config, out / "store", progress=True,
                         device=runtime.device_or_none)
-    return {"facts": len(records), "level_counts": level_counts(records.values())}
+    if not runtime.facts:
+        return {"facts": len(records), "level_counts": level_counts(records.values())}
+    fact_set = _fact_set(runtime.facts, runtime.in_domain)
+    stats = fact_set_stats(fact_set)
+    return {"facts": len(records), "level_counts": level_counts(records.values(), fact_set.domains()),
+            "fact_set": {key: stats[key] for key in ("name", "facts", "topics", "splits", "domains")}}
 
 
 def _probe_records(probe_dir: str | Path):

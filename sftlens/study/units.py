@@ -14,7 +14,9 @@ import hashlib
 from pathlib import Path
 
 from sftlens.config import config_to_dict
-from sftlens.data import data_dir_from, first_per_relation, load_facts, parse_relations
+from sftlens.data import FactSet, data_dir_from, first_per_relation, load_fact_set, load_facts, load_templates, parse_relations
+from sftlens.data.factset import fingerprint as fact_set_fingerprint
+from sftlens.errors import SftlensError
 from sftlens.evaluate import RESULT_NEUTRAL
 from sftlens.models import model_fingerprint
 from sftlens.study.config import StudyConfig
@@ -63,14 +65,25 @@ class GraphBuilder:
     def __init__(self, config: StudyConfig, data_dir: str | Path | None):
         self.config = config
         self.s = config.study
-        self.data_dir = data_dir_from(data_dir or self.s.data_dir).resolve()
-        self.in_rel = parse_relations(self.s.in_relations)
-        self.out_rel = parse_relations(self.s.out_relations)
+        self.fact_set: FactSet | None = None
+        if self.s.facts:
+            if data_dir or self.s.data_dir:
+                raise SftlensError(f"{config.source}: study.facts and a data_dir (--data-dir): give one")
+            self.fact_set = load_fact_set(self.s.facts, self.s.in_domain)
+            self.data_dir = None
+            self.in_rel = _topics(self.s.in_relations, self.fact_set)
+            self.out_rel = _topics(self.s.out_relations, self.fact_set)
+        else:
+            self.data_dir = data_dir_from(data_dir or self.s.data_dir).resolve()
+            self.in_rel = parse_relations(self.s.in_relations)
+            self.out_rel = parse_relations(self.s.out_relations)
         self.units: list[Unit] = []
         device = self.s.device
         self.res = {"cpus": self.s.cpus_per_unit, "gpus": self.s.gpus_per_unit}
-        self.runtime = Runtime(model=self.s.model, data_dir=str(self.data_dir), device=device,
-                               eval_batch_size=config.stages["eval"].batch_size)
+        facts = {"facts": str(Path(self.s.facts).expanduser().resolve()), "in_domain": self.s.in_domain} \
+            if self.fact_set else {}
+        self.runtime = Runtime(model=self.s.model, data_dir=str(self.data_dir or ""), device=device,
+                               eval_batch_size=config.stages["eval"].batch_size, **facts)
 
     def add(self, kind: str, label: str, fn: str, params: UnitParams, deps: dict | None = None, work: float = 0.0,
             prune: tuple[str, ...] = ()) -> Unit:
@@ -85,13 +98,19 @@ class GraphBuilder:
 
     def probe(self) -> Unit:
         rel = self.relations_by_split()
+        data = fact_set_fingerprint(self.s.facts, self.s.in_domain) if self.fact_set else data_fingerprint(self.data_dir, rel)
         selection = FactSelection(
-            data=data_fingerprint(self.data_dir, rel), relations={k: list(v) for k, v in rel.items()},
+            data=data, relations={k: list(v) for k, v in rel.items()},
             train_facts_per_relation=self.s.train_facts_per_relation,
             eval_facts_per_relation=self.s.eval_facts_per_relation,
             dev_facts_per_relation=self.s.dev_facts_per_relation,
         )
-        counts = _fact_counts(self.data_dir, rel, {split: selection.limit(split) for split in rel})
+        limits = {split: selection.limit(split) for split in rel}
+        if self.fact_set:
+            counts = {split: len(select_facts(self.fact_set, split, rel[split], limits[split])) for split in rel}
+            self.check_fact_set(counts)
+        else:
+            counts = _fact_counts(self.data_dir, rel, limits)
         probe_cfg = self.config.stages["probe"]
         self.selection = selection.to_params()
         params = ProbeParams(**self.selection, model_fingerprint=model_fingerprint(self.s.model),
@@ -214,6 +233,42 @@ class GraphBuilder:
         if s.eval_facts_per_level is not None:  # only when set, so older studies keep their keys
             grid["eval_facts_per_level"] = s.eval_facts_per_level
         return grid
+
+
+    def check_fact_set(self, counts: dict[str, int]) -> None:
+        """A fact set the study cannot use is an error naming what is missing, before any unit runs."""
+        s, name = self.s, f"{self.config.source}: fact set {self.fact_set.name}"
+        if not self.in_rel:
+            raise SftlensError(f"{name}: no in-domain topics for study.in_relations {s.in_relations!r}")
+        largest = max(s.sizes, default=1)
+        if counts["train"] < largest:
+            raise SftlensError(f"{name}: {counts['train']} in-domain train facts (after train_facts_per_relation), "
+                               f"fewer than the largest of study.sizes ({largest})")
+        if not counts["test"]:
+            raise SftlensError(f"{name}: no test facts for study.in_relations / out_relations")
+        if s.analysis_sizes and not counts["dev"]:
+            raise SftlensError(f"{name}: no dev facts, but study.analysis_sizes choose restore ratios and repair "
+                               "values on dev")
+        paper = load_templates()
+        own = [t for t, tpl in self.fact_set.topics().items() if t not in paper
+               or tpl.mapping_templates != paper[t].mapping_templates]
+        if s.kl and own:
+            raise SftlensError(f"{name}: study.kl: first-token KL prompts with the paper's EntityQuestions templates, "
+                               f"which topic {own[0]} does not have; set kl = false")
+
+
+def select_facts(fact_set: FactSet, split: str, relations, limit: int | None) -> list:
+    """A study's facts of one split of a fact set (none where the set has no such split)."""
+    if not relations or all(f.split != split for f in fact_set.facts):
+        return []
+    return fact_set.select(list(relations), (split,), limit)
+
+
+def _topics(spec: str, fact_set: FactSet) -> tuple[str, ...]:
+    """A fact set's topics of `spec`; a domain with no topic (every topic in-domain) is empty."""
+    if spec in ("in", "out"):
+        return tuple(t for t, d in fact_set.domains().items() if d == spec)
+    return parse_relations(spec, fact_set.topics())
 
 
 def _probe_samples(probe_cfg) -> int:
