@@ -132,3 +132,99 @@ def test_bad_settings_are_one_line_errors(tiny_model_dir, tiny_data_dir, tmp_pat
     assert _inject_cli(tiny_model_dir, occupied, tiny_data_dir) == 2
     assert "not an injected model" in capsys.readouterr().err
     assert (occupied / "notes.txt").read_text() == "mine"
+
+
+# --- a study on a taught base ------------------------------------------------------------------
+
+TINY_TESTBED = """
+extends = "testbed"
+[study]
+model = "{model}"
+data_dir = "{data}"
+out_relations = "P106,P136"
+train_facts_per_relation = 6
+eval_facts_per_relation = 3
+dev_facts_per_relation = 2
+levels = [0]
+sizes = [8]
+seeds = [0]
+analysis_sizes = [8]
+table_size = 8
+restore_ratios = [10]
+kl_test_set = "in"
+bootstrap = 20
+[inject]
+templates = [0, 1, 2]
+doses = [1, 3]
+learning_rate = 1e-2
+epochs = 2
+[probe]
+max_new_tokens = 4
+[train]
+learning_rate = 1e-3
+[eval]
+max_new_tokens = 4
+[repairs]
+wise = {{ values = [0.5] }}
+dare = {{ values = [0.5] }}
+trim = {{ values = [20] }}
+"""
+
+
+def test_a_tiny_testbed_study_runs_on_the_taught_base_and_splits_taught_from_untaught(tiny_model_dir, tiny_data_dir,
+                                                                                      tmp_path):
+    from sftlens.study.commands import run_study
+    from sftlens.study.config import load_study_config
+    from sftlens.study.report import write_report
+    from sftlens.study.results import load_results
+    from sftlens.study.stages import study_facts
+
+    study_file = tmp_path / "testbed.toml"
+    study_file.write_text(TINY_TESTBED.format(model=tiny_model_dir, data=tiny_data_dir))
+    config = load_study_config(str(study_file))
+    assert config.inject == InjectConfig(templates=(0, 1, 2), doses=(1, 3), learning_rate=1e-2, epochs=2)
+    study = tmp_path / "study"
+    run_study(config, study, progress=False)
+    units = load_results(study).units
+    assert {u["state"] for u in units} == {"done"}
+    (injected,) = [u for u in units if u["kind"] == "inject"]
+    assert all(u["spec"]["deps"]["base"] == injected["key"] for u in units if u is not injected)
+
+    # the base every unit read: the facts of the study taught as `taught_doses` chose them
+    model = study / "units" / "inject" / injected["key"] / "model"
+    facts = study_facts({**injected["spec"]["params"], **injected["spec"]["runtime"]})
+    assert inject_record(model)["doses"] == taught_doses(facts, config.inject)
+    taught = taught_facts(model)
+    assert injected["result"]["taught"] == len(taught) and injected["result"]["candidates"] == len(facts)
+    assert {f.relation for f in facts if f.id in taught} == {f.relation for f in facts}
+
+    # the probe used the held-out templates only; its level counts split into taught + untaught
+    (probe,) = [u for u in units if u["kind"] == "probe"]
+    store = study / "units" / "probe" / probe["key"] / "store"
+    assert {tuple(r["template_ids"]) for path in store.glob("records-*.jsonl") for r in read_jsonl(path)} == {(10, 11)}
+    whole = {r["set"]: r for r in probe["result"]["level_counts"]}
+    parts = probe["result"]["level_counts_taught"]
+    for name, row in whole.items():
+        for column in ("level0", "level1", "level2", "level3", "level4", "total"):
+            assert row[column] == sum(r[column] for subset in parts.values() for r in subset if r["set"] == name)
+
+    # every evaluation: taught + untaught records add up to the whole, level by level
+    evals = [u for u in units if u["kind"] == "eval"]
+    assert len(evals) == 2
+    for unit in evals:
+        result = unit["result"]
+        for record in result["records"]:
+            key = (record["split"], record["domain"], record["test_level"])
+            halves = [r for r in result["taught_records"] if (r["split"], r["domain"], r["test_level"]) == key]
+            assert {r["taught"] for r in halves} <= {True, False}
+            assert sum(r["n"] for r in halves) == record["n"] and sum(r["correct"] for r in halves) == record["correct"]
+    # and per fact: the taught records count exactly the taught facts of each prediction file
+    base_eval = next(u for u in evals if "model" not in u["spec"]["deps"])
+    predictions = read_jsonl(study / "units" / "eval" / base_eval["key"] / "predictions-test.jsonl")
+    taught_n = sum(r["n"] for r in base_eval["result"]["taught_records"] if r["split"] == "test" and r["taught"])
+    assert taught_n == sum(p["fact_id"] in taught for p in predictions) > 0
+
+    markdown = write_report(study)["markdown"].read_text()
+    assert "## Taught and untaught facts" in markdown and "## Findings" in markdown
+    for name in ("taught", "untaught"):
+        assert f"({name} facts)" in markdown

@@ -16,7 +16,8 @@ from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentra
 from sftlens.analysis.kl import KLConfig, compute_kl
 from sftlens.config import config_from_dict
 from sftlens.data import Fact, first_per_relation, load_facts
-from sftlens.evaluate import EvalConfig
+from sftlens.evaluate import EvalConfig, summarize
+from sftlens.inject import InjectConfig, inject, inject_record, taught_facts
 from sftlens.io import atomic_write_jsonl, read_jsonl
 from sftlens.models import load_model
 from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe, run_probe
@@ -28,6 +29,7 @@ from sftlens.study.params import (
     DeltasParams,
     EvalParams,
     FactSelection,
+    InjectParams,
     KLParams,
     ProbeParams,
     RepairedParams,
@@ -37,7 +39,7 @@ from sftlens.study.params import (
     SplitParams,
     TrainParams,
 )
-from sftlens.study.results import chosen_ratio, chosen_value
+from sftlens.study.results import TAUGHT_SUBSETS, chosen_ratio, chosen_value
 from sftlens.train import RUN_FILE, TrainConfig, train
 from sftlens.weights import METHODS, RepairConfig, repaired_models
 
@@ -54,7 +56,18 @@ def study_facts(params) -> list[Fact]:
     return facts
 
 
-# --- probe and split ----------------------------------------------------------------------------
+# --- inject, probe and split ----------------------------------------------------------------------
+
+
+def inject_unit(params, out: Path, deps) -> dict:
+    """The study's base model taught a seeded share of the study's facts (`[inject]`); later units
+    read `out/model` as their base (`sftlens.study.engine.BASE_ROLE`)."""
+    p = InjectParams.of(params)
+    model_dir = inject(Runtime.of(params).model, study_facts(params), out / "model",
+                       config_from_dict(InjectConfig, p.inject, "inject"))
+    record = inject_record(model_dir)
+    return {"taught": len(record["facts"]), "candidates": record["candidates"], "templates": record["templates"],
+            "statements": record["statements"]["count"], "steps": record["steps"], "train_loss": record["train_loss"]}
 
 
 def probe_unit(params, out: Path, deps) -> dict:
@@ -62,7 +75,13 @@ def probe_unit(params, out: Path, deps) -> dict:
     config = config_from_dict(ProbeConfig, p.probe, "probe")
     records = run_probe(runtime.model, study_facts(params), config, out / "store", progress=True,
                         device=runtime.device_or_none)
-    return {"facts": len(records), "level_counts": level_counts(records.values())}
+    result = {"facts": len(records), "level_counts": level_counts(records.values())}
+    taught = taught_facts(runtime.model)
+    if taught is not None:
+        result["level_counts_taught"] = {
+            name: level_counts(r for r in records.values() if (r.fact_id in taught) == flag)
+            for name, flag in TAUGHT_SUBSETS}
+    return result
 
 
 def _probe_records(probe_dir: str | Path):
@@ -119,7 +138,19 @@ def eval_unit(params, out: Path, deps) -> dict:
     records, predictions = evaluate_splits(model, tokenizer, rows, config, {})
     for split, split_predictions in predictions.items():
         atomic_write_jsonl(out / f"predictions-{split}.jsonl", split_predictions)
-    return {"records": records, "test_bits": _bits_by_level(predictions["test"]) if "test" in predictions else {}}
+    result = {"records": records, "test_bits": _bits_by_level(predictions["test"]) if "test" in predictions else {}}
+    taught = taught_facts(Runtime.of(params).model)
+    if taught is not None:
+        result["taught_records"] = taught_split(predictions, taught)
+    return result
+
+
+def taught_split(predictions: dict[str, list[dict]], taught: frozenset[str]) -> list[dict]:
+    """Evaluation records per split and subset (`taught`: true/false): each split's records again,
+    over the taught facts and over the others."""
+    return [{**record, "split": split, "taught": flag}
+            for split, rows in predictions.items() for _, flag in TAUGHT_SUBSETS
+            for record in summarize([p for p in rows if (p["fact_id"] in taught) == flag])]
 
 
 # --- analyses ----------------------------------------------------------------------------------
