@@ -224,7 +224,18 @@ def test_a_tiny_testbed_study_runs_on_the_taught_base_and_splits_taught_from_unt
     taught_n = sum(r["n"] for r in base_eval["result"]["taught_records"] if r["split"] == "test" and r["taught"])
     assert taught_n == sum(p["fact_id"] in taught for p in predictions) > 0
 
+    # the restoration sweep too, ratio by ratio
+    (sweep,) = [u["result"] for u in units if u["kind"] == "restore"]
+    for record in sweep["records"]:
+        key = (record["split"], record["domain"], record["test_level"], record["restore_ratio"])
+        halves = [r for r in sweep["taught_records"]
+                  if (r["split"], r["domain"], r["test_level"], r["restore_ratio"]) == key]
+        assert sum(r["n"] for r in halves) == record["n"] and sum(r["correct"] for r in halves) == record["correct"]
+    assert {r["restore_ratio"] for r in sweep["taught_records"]} == {0.0, 10.0}
+
     markdown = write_report(study)["markdown"].read_text()
     assert "## Taught and untaught facts" in markdown and "## Findings" in markdown
     for name in ("taught", "untaught"):
-        assert f"({name} facts)" in markdown
+        for title in ("Figure 2: Acc vs training size", "Table 2: train level x test level (8 training examples)",
+                      "Table 4: Acc vs restore ratio", "Table 5: training-set accuracy after restoration"):
+            assert f"## {title} ({name} facts)" in markdown

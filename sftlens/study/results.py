@@ -229,3 +229,14 @@ def taught_records(results: StudyResults, taught: bool) -> list[dict]:
         out += [{**r, **tags, "restore_ratio": 0.0, "strategy": strategy}
                 for r in unit["result"].get("taught_records", []) if r["taught"] == taught]
     return out
+
+
+def taught_restore_records(results: StudyResults, taught: bool) -> list[dict]:
+    """The restoration sweeps' records (`restore_records`, strategy "restore") over the taught facts
+    (True) or the others (False) of a taught base; empty for a study on an untaught base."""
+    out = []
+    for unit in results.done("restore"):
+        tags = results.model_tags(unit)
+        out += [{**r, **tags, "strategy": "restore"}
+                for r in unit["result"].get("taught_records", []) if r["taught"] == taught]
+    return out

@@ -220,10 +220,13 @@ def _sweep_rows(dev_domain: str, deps) -> dict[str, list[dict]]:
     return rows
 
 
-def _evaluate_splits(model, tokenizer, rows_by_split: dict, config, ratio: float) -> tuple[list[dict], dict]:
-    """Records of every split, and per split but dev its correctness strings ({split: {domain: {level: bits}}})."""
+def _evaluate_splits(model, tokenizer, rows_by_split: dict, config, ratio: float,
+                     taught: frozenset[str] | None = None) -> tuple[list[dict], dict, list[dict]]:
+    """Records of every split, per split but dev its correctness strings ({split: {domain: {level: bits}}}),
+    and on a taught base (`taught`: its taught facts) the records per taught subset (`taught_split`)."""
     records, predictions = evaluate_splits(model, tokenizer, rows_by_split, config, {"restore_ratio": ratio})
-    return records, {split: _bits_by_level(p) for split, p in predictions.items() if split != "dev"}
+    subsets = [] if taught is None else [{**r, "restore_ratio": ratio} for r in taught_split(predictions, taught)]
+    return records, {split: _bits_by_level(p) for split, p in predictions.items() if split != "dev"}, subsets
 
 
 def restore_unit(params, out: Path, deps) -> dict:
@@ -237,16 +240,24 @@ def restore_unit(params, out: Path, deps) -> dict:
     rows = _sweep_rows(p.dev, deps)
     # ratio 0 is the fine-tuned model itself, already scored on test by its eval unit
     unrestored = deps["eval"]["result"]
-    records, bits0 = _evaluate_splits(model, tokenizer, {k: v for k, v in rows.items() if k != "test"}, eval_cfg, 0.0)
+    taught = taught_facts(runtime.model)
+    records, bits0, subsets = _evaluate_splits(model, tokenizer, {k: v for k, v in rows.items() if k != "test"},
+                                               eval_cfg, 0.0, taught)
     records += [{**r, "restore_ratio": 0.0} for r in unrestored["records"] if r["split"] == "test"]
+    subsets += [{**r, "restore_ratio": 0.0} for r in unrestored.get("taught_records", []) if r["split"] == "test"]
     bits = {"0": {**bits0, "test": unrestored["test_bits"]}}
     # no ratios: the sweep only scores the fine-tuned model on dev and its training set (plain SFT for repairs)
     for ratio, restored in restored_models(model, runtime.model, finetuned, p.ratios, restore_cfg) if p.ratios else ():
-        ratio_records, ratio_bits = _evaluate_splits(restored, tokenizer, rows, eval_cfg, float(ratio))
+        ratio_records, ratio_bits, ratio_subsets = _evaluate_splits(restored, tokenizer, rows, eval_cfg, float(ratio),
+                                                                    taught)
         records += ratio_records
+        subsets += ratio_subsets
         bits[f"{float(ratio):g}"] = ratio_bits
-    return {"records": records, "test_bits": {r: b["test"] for r, b in bits.items()},
-            "train_bits": {r: b["train"] for r, b in bits.items()}}
+    result = {"records": records, "test_bits": {r: b["test"] for r, b in bits.items()},
+              "train_bits": {r: b["train"] for r, b in bits.items()}}
+    if taught is not None:
+        result["taught_records"] = subsets
+    return result
 
 
 def control_unit(params, out: Path, deps) -> dict:
@@ -263,7 +274,7 @@ def control_unit(params, out: Path, deps) -> dict:
     restore_in_memory(model, runtime.model, finetuned, ratio, restore_cfg)
     rows = {"test": load_rows(eval_files(deps["split"]["dir"], "test")),
             "train": read_jsonl(Path(deps["split"]["dir"]) / DATA / deps["model"]["result"]["train_set"])}
-    records, bits = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
+    records, bits, _ = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
     return {"ratio": ratio, "records": records, "test_bits": bits["test"], "train_bits": bits["train"]}
 
 

@@ -1,14 +1,16 @@
 """Beyond the paper, for a study on a taught base (`[inject]`): what was taught, the mastery levels the
-probe found among taught and untaught facts, and the accuracy tables and figures of the paper split
-into the facts the base was taught and the others (each subset's levels add up to the whole table's)."""
+probe found among taught and untaught facts, and the paper's accuracy tables over plain and restored
+models (Figure 2, Tables 2, 4 and 5) again over the facts the base was taught and over the others (each
+level's facts of the two add up to the whole table's). The bootstrapped sections (Findings, the
+restoration choice, Table 6, repair methods) are reported on all facts only."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from sftlens.study.results import TAUGHT_SUBSETS, StudyResults, taught_records
-from sftlens.study.sections import LEVELS, Section, figure2, table2
+from sftlens.study.results import TAUGHT_SUBSETS, StudyResults, taught_records, taught_restore_records
+from sftlens.study.sections import LEVELS, Section, figure2, table2, table4, table5
 
 
 def taught_sections(results: StudyResults, out: Path, size) -> list[Section]:
@@ -18,13 +20,10 @@ def taught_sections(results: StudyResults, out: Path, size) -> list[Section]:
         return []
     parts = [_overview(results, injected[0]["result"])]
     for name, flag in TAUGHT_SUBSETS:
-        records = taught_records(results, flag)
-        if not records:
-            continue
-        figure = figure2(records, out / f"figure2-{name}.png")
-        table = table2(records, size)
-        parts += [dataclasses.replace(figure, title=f"{figure.title} ({name} facts)"),
-                  dataclasses.replace(table, title=f"{table.title} ({name} facts)")]
+        records, sweeps = taught_records(results, flag), taught_restore_records(results, flag)
+        subset = [figure2(records, out / f"figure2-{name}.png"), table2(records, size)] if records else []
+        subset += [table4(sweeps), table5(sweeps)] if sweeps else []
+        parts += [dataclasses.replace(section, title=f"{section.title} ({name} facts)") for section in subset]
     return parts
 
 
@@ -32,7 +31,7 @@ def _overview(results: StudyResults, injected: dict) -> Section:
     text = (f"The base model was taught {injected['taught']} of the study's {injected['candidates']} facts in "
             f"statement form ({injected['statements']} statements in mapping templates {injected['templates']}, "
             f"{injected['steps']} steps, final loss {injected['train_loss']:.4f}) before probing; the probe used "
-            "only the other templates. Below, the paper's accuracy tables again over the taught facts and over the "
+            "only the other templates. Below, Figure 2 and Tables 2, 4 and 5 again over the taught facts and over the "
             "others.")
     probe = results.done("probe")
     by_subset = probe[0]["result"].get("level_counts_taught", {}) if probe else {}
