@@ -181,6 +181,10 @@ def test_a_tiny_testbed_study_runs_on_the_taught_base_and_splits_taught_from_unt
 
     study_file = tmp_path / "testbed.toml"
     study_file.write_text(TINY_TESTBED.format(model=tiny_model_dir, data=tiny_data_dir))
+    overlapping = tmp_path / "overlap.toml"
+    overlapping.write_text(f'extends = "{study_file}"\n[probe]\ntemplates = [2, 10]\n')
+    with pytest.raises(SftlensError, match=r"probe.templates \[2\] are taught by inject.templates \[0, 1, 2\]"):
+        load_study_config(str(overlapping))
     config = load_study_config(str(study_file))
     assert config.inject == InjectConfig(templates=(0, 1, 2), doses=(1, 3), learning_rate=1e-2, epochs=2)
     study = tmp_path / "study"

@@ -205,16 +205,22 @@ def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
     stages = {s: config_from_dict(stage_class(s), raw.get(s, {}), s) for s in STAGE_SECTIONS}
     repairs = repair_grids(raw.get("repairs", {}), spec)
     _check_lora_arm(study, stages["train"], repairs, spec)
-    return StudyConfig(study, stages, spec, repairs, _inject_config(raw, spec))
+    return StudyConfig(study, stages, spec, repairs, _inject_config(raw, stages["probe"], spec))
 
 
-def _inject_config(raw: dict, spec: str):
-    """`[inject]` (even empty: the defaults) makes the study's base the model taught by `sftlens.inject`."""
+def _inject_config(raw: dict, probe, spec: str):
+    """`[inject]` (even empty: the defaults) makes the study's base the model taught by `sftlens.inject`;
+    its probe may not use a taught template (checked here, before anything runs)."""
     if "inject" not in raw:
         return None
     from sftlens.inject import InjectConfig
 
-    return config_from_dict(InjectConfig, raw["inject"], "inject")
+    inject = config_from_dict(InjectConfig, raw["inject"], "inject")
+    overlap = sorted(set(probe.templates) & set(inject.templates))
+    if overlap:
+        raise SftlensError(f"{spec}: probe.templates {overlap} are taught by inject.templates {list(inject.templates)}; "
+                           "probe a taught base on the other templates (or give none: all the others)")
+    return inject
 
 
 def _check_lora_arm(study: StudySettings, train, repairs: dict, spec: str) -> None:
