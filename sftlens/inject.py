@@ -9,9 +9,9 @@ and repaired like any base model.
 Which facts are taught, and how strongly (the design):
 - per (relation, split) of the selection, a seeded `share` of the facts (at least one) is taught, the
   rest stay untaught as controls; train, dev and test facts alike, so every set has both;
-- the taught facts of a group take the `doses` in turn (in a seeded order): dose d = the fact is stated
-  in d mapping templates of the `templates` pool (a seeded rotation of the pool per fact), each stated
-  once per epoch. Graded doses give graded mastery, so every mastery level is populated on the taught
+- the taught facts take the `doses` in turn (group after group, each in its seeded order): dose d = the
+  fact is stated in d mapping templates of the `templates` pool (a seeded rotation of the pool per
+  fact), each statement once per epoch. Graded doses give graded mastery, so every mastery level is populated on the taught
   model (untaught facts stay mostly at level 0).
 
 Every template of the pool counts as taught: the probe of an injected model (`held_out_templates`,
@@ -53,7 +53,7 @@ class InjectConfig:
         default=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9),
         metadata={"help": "mapping templates the statements use (all taught; the probe uses the others)"})
     doses: tuple[int, ...] = field(
-        default=(1, 2, 3, 5), metadata={"help": "templates per taught fact, taken in turn by a group's taught facts"})
+        default=(1, 2, 3, 5), metadata={"help": "templates per taught fact, taken in turn by the taught facts"})
     share: float = field(default=0.5, metadata={"help": "share of each relation and split's facts taught (at least one)"})
     seed: int = field(default=0, metadata={"help": "seed of the choice of facts, their templates and the training"})
     learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate of the statement training"})
@@ -83,15 +83,17 @@ class InjectConfig:
 
 def taught_doses(facts: Iterable[Fact], config: InjectConfig) -> dict[str, int]:
     """Fact id -> dose of every taught fact: per (relation, split), ceil(share * n) facts in a seeded
-    order, the doses taken in turn along that order. Depends only on the facts' ids and the config."""
+    order; the doses are taken in turn along those facts, group after group (sorted), so every dose
+    goes to as many facts as the others to within one, however small the groups. Depends only on the
+    facts' ids and the config."""
     groups: dict[tuple[str, str], list[Fact]] = {}
     for fact in facts:
         groups.setdefault((fact.relation, fact.split), []).append(fact)
-    doses: dict[str, int] = {}
-    for group in groups.values():
+    taught = []
+    for _, group in sorted(groups.items()):
         order = sorted(group, key=lambda f: stable_hash([config.seed, "inject", f.id]))
-        for i, fact in enumerate(order[:math.ceil(config.share * len(order))]):
-            doses[fact.id] = config.doses[i % len(config.doses)]
+        taught += order[:math.ceil(config.share * len(order))]
+    doses = {fact.id: config.doses[i % len(config.doses)] for i, fact in enumerate(taught)}
     return dict(sorted(doses.items()))
 
 
@@ -170,11 +172,12 @@ def held_out_templates(model: str | os.PathLike, config):
 
 
 def _finished_key(out_dir: Path) -> str | None:
+    """The key of the injected model in `out_dir`; None if absent or empty; error if anything else."""
     if not out_dir.exists():
         return None
-    record = out_dir / RECORD_FILE
-    if record.is_file():
-        return json.loads(record.read_text(encoding="utf-8")).get("key")
+    record = inject_record(out_dir)
+    if record is not None:
+        return record.get("key")
     if not out_dir.is_dir() or any(out_dir.iterdir()):
         raise SftlensError(f"{out_dir}: holds something that is not an injected model; choose another --out")
     return None
@@ -244,7 +247,7 @@ def _run(args: argparse.Namespace) -> None:
     record = inject_record(out)
     doses = Counter(record["doses"].values())
     print(f"{out}: taught {len(record['facts'])} of {record['candidates']} facts "
-          f"(dose: facts {', '.join(f'{d}: {n}' for d, n in sorted(doses.items()))}) in templates "
+          f"({', '.join(f'{n} in {d} template(s)' for d, n in sorted(doses.items()))}) from templates "
           f"{record['templates']}, {record['steps']} steps, loss {record['train_loss']:.4f}")
 
 
