@@ -21,6 +21,7 @@ from sftlens.io import exclusive_writer
 COMMANDS = {
     "models": ("sftlens.models", "prepare the built-in models"),
     "data": ("sftlens.data.stats", "fact sets: check, import (EntityQuestions, PopQA, TriviaQA, JSONL), stats"),
+    "inject": ("sftlens.inject", "teach the base model a known set of facts in statement form (a knowledge testbed)"),
     "probe": ("sftlens.probe", "measure the base model's mastery of facts (R_k, levels)"),
     "split": ("sftlens.split", "divide probed facts into SFT sets by mastery level"),
     "train": ("sftlens.train", "supervised fine-tuning on an SFT set (JSONL)"),

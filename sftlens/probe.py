@@ -45,6 +45,7 @@ from sftlens.data import (
 from sftlens.data.matching import normalize
 from sftlens.decoding import decode
 from sftlens.errors import SftlensError
+from sftlens.inject import held_out_templates
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_text, exclusive_writer, read_jsonl, stable_hash
 from sftlens.markdown import markdown_table
 from sftlens.models import load_model, model_fingerprint, parse_dtype
@@ -434,6 +435,7 @@ def run_probe(
     """
     if not facts:
         raise SftlensError("empty fact selection: nothing to probe")
+    config = held_out_templates(model, config)  # an injected model: only the templates it was not taught
     template_indices(facts, config)
     store_dir = Path(store_dir)
     device = device or _device()

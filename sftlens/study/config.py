@@ -4,7 +4,9 @@ Sections: `[study]` (StudySettings below: model, data, grid, analysis choices) a
 stage, each checked against that stage's config dataclass: `[probe]`, `[train]`, `[eval]`, `[kl]`,
 `[deltas]`, `[restore]`, and `[repairs]`: the repair methods to compare, one table per method with its
 values and settings (`wise = { values = [0.25, 0.5, 0.75] }`; `sftlens.weights.RepairConfig` fields),
-every method with as many values as the others (the same tuning budget on dev). The split has no section: every setting of `SplitConfig` is the study's grid
+every method with as many values as the others (the same tuning budget on dev), and `[inject]`
+(`sftlens.inject.InjectConfig`; present, even empty, it makes the study's base the model taught the
+study's facts by `inject`). The split has no section: every setting of `SplitConfig` is the study's grid
 (`[study]` levels, sizes, include_all, seeds, mixed, eval_facts_per_level), so a `[split]` key would
 have no effect and is an error naming it. A file may start from a shipped preset with
 `extends = "demo"` (or "paper", or a path) and override single keys; unknown keys and wrong types
@@ -24,7 +26,7 @@ from typing import Literal
 from sftlens.config import config_from_dict, config_to_dict
 from sftlens.errors import SftlensError
 
-PRESETS = ("paper", "demo", "repro", "repairs")
+PRESETS = ("paper", "demo", "repro", "repairs", "testbed")
 
 # section -> (module, config class); imported when a study is loaded, so `sftlens --help` stays fast
 STAGE_SECTIONS = {
@@ -131,11 +133,15 @@ class StudyConfig:
     stages: dict  # section -> that stage's config dataclass
     source: str  # where it came from (preset name or file), for messages
     repairs: dict = field(default_factory=dict)  # method -> RepairGrid, in the file's order
+    inject: object | None = None  # sftlens.inject.InjectConfig: the study's base is the taught model
+
 
     def to_dict(self) -> dict:
         out = {"study": config_to_dict(self.study), **{k: config_to_dict(v) for k, v in self.stages.items()}}
         if self.repairs:
             out["repairs"] = {m: {"values": list(g.values), **g.params()} for m, g in self.repairs.items()}
+        if self.inject is not None:
+            out["inject"] = config_to_dict(self.inject)
         return out
 
 
@@ -212,7 +218,7 @@ def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
         raise SftlensError(f"{spec}: split.{key} has no effect in a study: the split follows [study] "
                            "(levels, sizes, include_all, seeds, mixed, eval_facts_per_level); set it there")
     raw.pop("split", None)
-    known = ("study", *STAGE_SECTIONS, "repairs")
+    known = ("study", *STAGE_SECTIONS, "repairs", "inject")
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise SftlensError(f"{spec}: unknown section or key {unknown[0]!r} (known: extends, {', '.join(known)})")
@@ -220,7 +226,22 @@ def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
     stages = {s: config_from_dict(stage_class(s), raw.get(s, {}), s) for s in STAGE_SECTIONS}
     repairs = repair_grids(raw.get("repairs", {}), spec)
     _check_lora_arm(study, stages["train"], repairs, spec)
-    return StudyConfig(study, stages, spec, repairs)
+    return StudyConfig(study, stages, spec, repairs, _inject_config(raw, stages["probe"], spec))
+
+
+def _inject_config(raw: dict, probe, spec: str):
+    """`[inject]` (even empty: the defaults) makes the study's base the model taught by `sftlens.inject`;
+    its probe may not use a taught template (checked here, before anything runs)."""
+    if "inject" not in raw:
+        return None
+    from sftlens.inject import InjectConfig
+
+    inject = config_from_dict(InjectConfig, raw["inject"], "inject")
+    overlap = sorted(set(probe.templates) & set(inject.templates))
+    if overlap:
+        raise SftlensError(f"{spec}: probe.templates {overlap} are taught by inject.templates {list(inject.templates)}; "
+                           "probe a taught base on the other templates (or give none: all the others)")
+    return inject
 
 
 def _check_lora_arm(study: StudySettings, train, repairs: dict, spec: str) -> None:

@@ -128,3 +128,11 @@ class RepairedParams(UnitParams):
     repair: dict
     eval: dict
     value_choice: str  # how the value is chosen, in words (part of the key)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InjectParams(FactSelection):
+    """The study's facts taught to its base model (`[inject]`), before anything else reads it."""
+
+    model_fingerprint: str
+    inject: dict  # InjectConfig

@@ -22,6 +22,7 @@ from sftlens.io import atomic_write_bytes, atomic_write_text
 from sftlens.markdown import markdown_table
 from sftlens.study.commands import code_version
 from sftlens.study.repair_section import repair_methods
+from sftlens.study.taught_section import taught_sections
 from sftlens.study.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, findings
 from sftlens.study.results import StudyResults, eval_records, load_results, restore_records
 from sftlens.study.sections import (
@@ -112,7 +113,7 @@ def sections(results: StudyResults, out: Path) -> tuple[list[Section], list[Find
              figure4(records, png("figure4")), figure5(results, png("figure5")), table3(results), table4(sweeps),
              table5(sweeps), selection, table6(records, sweeps, chosen, size)]
     repairs = repair_methods(results, png("repairs"), samples)
-    return parts + ([repairs] if repairs else []), found
+    return parts + ([repairs] if repairs else []) + taught_sections(results, out, size), found
 
 
 def _markdown(title: str, parts: list[Section], preamble: list[str] = ()) -> str:

@@ -213,3 +213,30 @@ def chosen_lora(candidates: dict[float, list[dict]]) -> list[dict]:
     """The LoRA models at the rate with the best mean dev Acc over seeds (ties: the smaller rate)."""
     curve = {rate: scores for rate, scores in lora_dev_curve(candidates).items() if scores}
     return candidates[best_mean(curve, lambda rate: rate)] if curve else []
+
+
+# On a taught base (`[inject]`): the facts it was taught, and the others.
+TAUGHT_SUBSETS = (("taught", True), ("untaught", False))
+
+
+def taught_records(results: StudyResults, taught: bool) -> list[dict]:
+    """`eval_records` over the facts a taught base (`[inject]`) was taught (True) or not (False);
+    empty for a study on an untaught base."""
+    out = []
+    for unit in results.done("eval"):
+        tags = results.model_tags(unit)
+        strategy = "base" if tags["train_level"] == "base" else "sft"
+        out += [{**r, **tags, "restore_ratio": 0.0, "strategy": strategy}
+                for r in unit["result"].get("taught_records", []) if r["taught"] == taught]
+    return out
+
+
+def taught_restore_records(results: StudyResults, taught: bool) -> list[dict]:
+    """The restoration sweeps' records (`restore_records`, strategy "restore") over the taught facts
+    (True) or the others (False) of a taught base; empty for a study on an untaught base."""
+    out = []
+    for unit in results.done("restore"):
+        tags = results.model_tags(unit)
+        out += [{**r, **tags, "strategy": "restore"}
+                for r in unit["result"].get("taught_records", []) if r["taught"] == taught]
+    return out

@@ -1,6 +1,8 @@
 """The study's unit graph: probe -> split -> train -> eval, kl, deltas, restore sweep -> control, and
 per repair method: repair (its values on dev) -> repaired (the dev-chosen value on test and train);
-with `lora_learning_rates`, per analysed training set and rate: lora (LoRA SFT) -> lora-eval.
+with `lora_learning_rates`, per analysed training set and rate: lora (LoRA SFT) -> lora-eval. With
+`[inject]`, an inject unit comes first and every other unit depends on it as its `base`: the model it
+taught is the study's base model.
 
 `build_units` expands a StudyConfig into units in dependency order. Keys hash the settings a
 unit's result depends on (the model's weight fingerprint, the data files' bytes, the stage
@@ -20,12 +22,13 @@ from sftlens.errors import SftlensError
 from sftlens.evaluate import RESULT_NEUTRAL
 from sftlens.models import model_fingerprint
 from sftlens.study.config import StudyConfig
-from sftlens.study.engine import Unit
+from sftlens.study.engine import BASE_ROLE, Unit
 from sftlens.study.params import (
     ControlParams,
     DeltasParams,
     EvalParams,
     FactSelection,
+    InjectParams,
     KLParams,
     ProbeParams,
     RepairedParams,
@@ -78,6 +81,7 @@ class GraphBuilder:
             self.in_rel = parse_relations(self.s.in_relations)
             self.out_rel = parse_relations(self.s.out_relations)
         self.units: list[Unit] = []
+        self.base: Unit | None = None  # with [inject], the unit whose model every later unit reads as its base
         device = self.s.device
         self.res = {"cpus": self.s.cpus_per_unit, "gpus": self.s.gpus_per_unit}
         facts = {"facts": str(Path(self.s.facts).expanduser().resolve()), "in_domain": self.s.in_domain} \
@@ -87,7 +91,8 @@ class GraphBuilder:
 
     def add(self, kind: str, label: str, fn: str, params: UnitParams, deps: dict | None = None, work: float = 0.0,
             prune: tuple[str, ...] = ()) -> Unit:
-        unit = Unit(kind, label, f"{STAGES}:{fn}", params.to_params(), deps or {}, self.runtime.to_params(), work=work,
+        deps = {**(deps or {}), **({BASE_ROLE: self.base.key} if self.base else {})}
+        unit = Unit(kind, label, f"{STAGES}:{fn}", params.to_params(), deps, self.runtime.to_params(), work=work,
                     prune=prune, **self.res)
         self.units.append(unit)
         return unit
@@ -116,7 +121,17 @@ class GraphBuilder:
         params = ProbeParams(**self.selection, model_fingerprint=model_fingerprint(self.s.model),
                              probe=config_to_dict(probe_cfg))
         self.n_facts = counts
+        if self.config.inject is not None:
+            self.base = self.inject(model_fingerprint(self.s.model), sum(counts.values()))
         return self.add("probe", "probe", "probe_unit", params, work=sum(counts.values()) * _probe_samples(probe_cfg))
+
+    def inject(self, fingerprint: str, facts: int) -> Unit:
+        """The unit teaching the study's facts to its base model (statements x epochs as its work)."""
+        inject = self.config.inject
+        statements = facts * inject.share * sum(inject.doses) / len(inject.doses)
+        return self.add("inject", "inject", "inject_unit",
+                        InjectParams(**self.selection, model_fingerprint=fingerprint, inject=config_to_dict(inject)),
+                        work=statements * inject.epochs)
 
     def build(self) -> list[Unit]:
         s = self.s
