@@ -67,8 +67,8 @@ class TrainConfig:
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r", **LORA_ONLY})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)",
                                                   **LORA_ONLY})
-    # None (auto) rather than a list, so that a config naming its targets keeps the key it had
-    # when Llama's projections were the default list
+    # None = found in the model (`default_lora_targets`), a value no explicit list takes, so a config
+    # naming its targets keeps the key it had when Llama's projections were the default
     lora_targets: tuple[str, ...] | None = field(
         default=None, metadata={"help": "module names that get LoRA adapters (default: every linear layer "
                                         "of the transformer blocks, found in the model)", **LORA_ONLY})

@@ -37,7 +37,11 @@ FULL = TrainConfig(learning_rate=1e-2, batch_size=4)
 LORA = TrainConfig(method="lora", learning_rate=1e-2, batch_size=4, lora_rank=4, lora_alpha=8)
 VALUES = {"restore": 100, "wise": 0.5, "dare": 0.5, "trim": 50}  # one value per method, none neutral
 
-pytestmark = pytest.mark.parametrize("family", FAMILIES)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -163,6 +167,21 @@ def test_lora_targets_are_the_linear_layers_of_the_blocks(family, folders):
     assert {n for n in base if not torch.equal(base[n], merged[n])} == targets
     for name in targets:
         assert torch.linalg.matrix_rank(merged[name] - base[name]).item() <= 4
+
+
+def test_auto_targets_are_a_new_lora_key_and_named_targets_keep_theirs(monkeypatch):
+    from sftlens import train as train_module
+
+    monkeypatch.setattr(train_module, "model_fingerprint", lambda model: "f" * 16)
+    manifest = {"sha256": "0" * 64, "count": 20}
+
+    def key(config):
+        return train_module._run_identity("m", manifest, config)["key"]
+
+    # "d12302de5f0083d6": the default LoRA run's key when the default was Llama's projections
+    assert key(TrainConfig(method="lora", lora_targets=LLAMA_PROJECTIONS)) == "d12302de5f0083d6"
+    assert key(TrainConfig(method="lora")) not in {"d12302de5f0083d6", key(TrainConfig())}
+    assert key(TrainConfig(lora_targets=("c_attn",))) == key(TrainConfig()) == "6d47578eef881c66"
 
 
 def test_merged_lora_computes_what_the_adapters_did(family):
