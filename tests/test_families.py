@@ -22,7 +22,10 @@ from sftlens.data import encode_prompt
 from sftlens.evaluate import EvalConfig, evaluate, evaluate_model
 from sftlens.models import load_model
 from sftlens.probe import ProbeConfig, probe_facts
-from sftlens.train import LLAMA_PROJECTIONS, RUN_FILE, TrainConfig, _with_lora, default_lora_targets, train
+from sftlens.errors import SftlensError
+from sftlens.train import (
+    LLAMA_PROJECTIONS, RUN_FILE, TrainConfig, _lora_targets, _with_lora, default_lora_targets, train,
+)
 from sftlens.weights import METHODS, RepairConfig, repair_sweep, repaired_models
 from sftlens.weights.checkpoints import in_region
 from sftlens.weights.selection import change, target_count
@@ -44,8 +47,16 @@ def family(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="session")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
 @pytest.fixture(autouse=True)
-def one_thread():
+def quiet_and_private(root, monkeypatch):
+    """One thread (tiny models gain nothing from more on a shared CPU), and a cache of this module's
+    own for the fingerprints of its folders."""
+    monkeypatch.setenv("SFTLENS_CACHE", str(root / "cache"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -53,24 +64,21 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def folders(tmp_path_factory):
+def folders(root):
     """Lazily built, once per session: each family's base folder, its SFT set and fine-tuned folders."""
-    root = tmp_path_factory.mktemp("families")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SFTLENS_CACHE", str(root / "cache"))
-        sft = write_sft(root / "sft.jsonl", sft_rows(8))
+    sft = write_sft(root / "sft.jsonl", sft_rows(8))
 
-        @cache
-        def base(family: str):
-            return save_model(*family_model(family), root / family / "base")
+    @cache
+    def base(family: str):
+        return save_model(*family_model(family), root / family / "base")
 
-        @cache
-        def finetuned(family: str, method: str):
-            config = FULL if method == "full" else LORA
-            return train(str(base(family)), sft, root / family / method, config, progress=False)
+    @cache
+    def finetuned(family: str, method: str):
+        config = FULL if method == "full" else LORA
+        return train(str(base(family)), sft, root / family / method, config, progress=False)
 
-        base.sft, base.finetuned = sft, finetuned
-        yield base
+    base.sft, base.finetuned = sft, finetuned
+    return base
 
 
 def loaded(folder):
@@ -184,6 +192,16 @@ def test_auto_targets_are_a_new_lora_key_and_named_targets_keep_theirs(monkeypat
     assert key(TrainConfig(lora_targets=("c_attn",))) == key(TrainConfig()) == "6d47578eef881c66"
 
 
+def test_named_targets_override_and_must_exist(family):
+    model, _ = family_model(family)
+    assert _lora_targets(model, "m", TrainConfig(method="lora", lora_targets=TARGETS[family][:1])) == TARGETS[family][:1]
+    if TARGETS[family] != LLAMA_PROJECTIONS:  # the error that the Llama default used to give these families
+        with pytest.raises(SftlensError, match=r"lora_targets: q_proj, .* not found in the modules of m"):
+            _lora_targets(model, "m", TrainConfig(method="lora", lora_targets=LLAMA_PROJECTIONS))
+    with pytest.raises(SftlensError, match="no linear layer found in the transformer blocks of toy"):
+        _lora_targets(torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 4)), "toy", LORA)
+
+
 def test_merged_lora_computes_what_the_adapters_did(family):
     """Merging folds B @ A into each weight the right way round (GPT-2's Conv1D stores it transposed)."""
     model, _ = family_model(family)
@@ -233,6 +251,7 @@ def test_every_repair_method_edits_the_body_only_and_loads(family, folders, tmp_
 
     base_dir, ft_dir = folders(family), folders.finetuned(family, "full")
     base, ft = load_file(base_dir / "model.safetensors"), load_file(ft_dir / "model.safetensors")
+    model, _ = loaded(ft_dir)  # each in-memory edit rewrites the whole region, so one model serves all
     for method in METHODS:
         value = VALUES[method]
         folder = repair_sweep(base_dir, ft_dir, (value,), RepairConfig(method=method), tmp_path / method,
@@ -258,6 +277,5 @@ def test_every_repair_method_edits_the_body_only_and_loads(family, folders, tmp_
         names = module_names(written, got)
         state = written.state_dict()
         assert all(torch.equal(state[names[n]], got[n]) for n in got), method
-        model, _ = loaded(ft_dir)
         ((_, edited),) = repaired_models(model, base_dir, ft_dir, (value,), RepairConfig(method=method), progress=False)
         assert all(torch.equal(t, state[n]) for n, t in edited.state_dict().items()), method
