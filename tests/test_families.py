@@ -20,9 +20,9 @@ from sftlens.analysis.deltas import DeltasConfig, concentration
 from sftlens.analysis.kl import KLConfig, compute_kl, kl_prompts
 from sftlens.data import encode_prompt
 from sftlens.evaluate import EvalConfig, evaluate, evaluate_model
+from sftlens.errors import SftlensError
 from sftlens.models import load_model
 from sftlens.probe import ProbeConfig, probe_facts
-from sftlens.errors import SftlensError
 from sftlens.train import (
     LLAMA_PROJECTIONS, RUN_FILE, TrainConfig, _lora_targets, _with_lora, default_lora_targets, train,
 )
@@ -41,7 +41,6 @@ LORA = TrainConfig(method="lora", learning_rate=1e-2, batch_size=4, lora_rank=4,
 VALUES = {"restore": 100, "wise": 0.5, "dare": 0.5, "trim": 50}  # one value per method, none neutral
 
 
-
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
@@ -53,7 +52,7 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def quiet_and_private(root, monkeypatch):
+def one_thread_own_cache(root, monkeypatch):
     """One thread (tiny models gain nothing from more on a shared CPU), and a cache of this module's
     own for the fingerprints of its folders."""
     monkeypatch.setenv("SFTLENS_CACHE", str(root / "cache"))
@@ -63,22 +62,26 @@ def quiet_and_private(root, monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def folders(root):
-    """Lazily built, once per session: each family's base folder, its SFT set and fine-tuned folders."""
-    sft = write_sft(root / "sft.jsonl", sft_rows(8))
+class Folders:
+    """Each family's base folder and fine-tuned folders (on one SFT set), built on first use."""
+
+    def __init__(self, root):
+        self.root = root
+        self.sft = write_sft(root / "sft.jsonl", sft_rows(8))
 
     @cache
-    def base(family: str):
-        return save_model(*family_model(family), root / family / "base")
+    def base(self, family: str):
+        return save_model(*family_model(family), self.root / family / "base")
 
     @cache
-    def finetuned(family: str, method: str):
+    def finetuned(self, family: str, method: str):
         config = FULL if method == "full" else LORA
-        return train(str(base(family)), sft, root / family / method, config, progress=False)
+        return train(str(self.base(family)), self.sft, self.root / family / method, config, progress=False)
 
-    base.sft, base.finetuned = sft, finetuned
-    return base
+
+@pytest.fixture(scope="session")
+def folders(root) -> Folders:
+    return Folders(root)
 
 
 def loaded(folder):
@@ -118,7 +121,7 @@ def expected_regions(model, name: str) -> set[str]:
 
 def test_regions_follow_the_module_structure(family, folders):
     model, _ = family_model(family)
-    names = module_names(model, load_file(folders(family) / "model.safetensors"))
+    names = module_names(model, load_file(folders.base(family) / "model.safetensors"))
     for saved, name in names.items():
         want = expected_regions(model, name)
         got = {region for region in ("body", "attention", "mlp", "embeddings") if in_region(saved, region)}
@@ -129,7 +132,7 @@ def test_regions_follow_the_module_structure(family, folders):
 
 
 def test_probe_counts_equal_a_brute_force_sampler(family, folders):
-    lm, tokenizer = loaded(folders(family))
+    lm, tokenizer = loaded(folders.base(family))
     config = ProbeConfig(samples=3, max_new_tokens=6, temperature=1.5, templates=(0, 3))
     facts = common_facts(4)
     expected = {f.id: tuple(reference_correct(lm, tokenizer, f, t, config) for t in config.templates) for f in facts}
@@ -139,7 +142,7 @@ def test_probe_counts_equal_a_brute_force_sampler(family, folders):
 
 
 def test_eval_equals_hf_generate_on_left_padded_batches(family, folders):
-    lm, tokenizer = loaded(folders(family))
+    lm, tokenizer = loaded(folders.base(family))
     rows = eval_rows("in", 0, 6)
     prompts = [r["prompt"] for r in rows]
     assert len({len(encode_prompt(tokenizer, p)) for p in prompts}) == 3  # mixed lengths: padding
@@ -153,7 +156,7 @@ def test_eval_equals_hf_generate_on_left_padded_batches(family, folders):
 
 
 def test_full_sft_trains_every_weight_and_scores_through_eval(family, folders, tmp_path):
-    base, out = load_file(folders(family) / "model.safetensors"), folders.finetuned(family, "full")
+    base, out = load_file(folders.base(family) / "model.safetensors"), folders.finetuned(family, "full")
     tuned = load_file(out / "model.safetensors")
     assert set(tuned) == set(base)
     assert all(not torch.equal(base[n], tuned[n]) for n in base if in_region(n, "body"))
@@ -162,7 +165,7 @@ def test_full_sft_trains_every_weight_and_scores_through_eval(family, folders, t
 
 
 def test_lora_targets_are_the_linear_layers_of_the_blocks(family, folders):
-    base_dir, out = folders(family), folders.finetuned(family, "lora")
+    base_dir, out = folders.base(family), folders.finetuned(family, "lora")
     model, _ = family_model(family)
     assert default_lora_targets(model) == TARGETS[family]
     run = json.loads((out / RUN_FILE).read_text())
@@ -194,7 +197,8 @@ def test_auto_targets_are_a_new_lora_key_and_named_targets_keep_theirs(monkeypat
 
 def test_named_targets_override_and_must_exist(family):
     model, _ = family_model(family)
-    assert _lora_targets(model, "m", TrainConfig(method="lora", lora_targets=TARGETS[family][:1])) == TARGETS[family][:1]
+    first = TARGETS[family][:1]
+    assert _lora_targets(model, "m", TrainConfig(method="lora", lora_targets=first)) == first
     if TARGETS[family] != LLAMA_PROJECTIONS:  # the error that the Llama default used to give these families
         with pytest.raises(SftlensError, match=r"lora_targets: q_proj, .* not found in the modules of m"):
             _lora_targets(model, "m", TrainConfig(method="lora", lora_targets=LLAMA_PROJECTIONS))
@@ -218,7 +222,7 @@ def test_merged_lora_computes_what_the_adapters_did(family):
 
 
 def test_kl_equals_one_prompt_at_a_time(family, folders):
-    base_dir, ft_dir = folders(family), folders.finetuned(family, "full")
+    base_dir, ft_dir = folders.base(family), folders.finetuned(family, "full")
     result = compute_kl(str(base_dir), str(ft_dir), folders.sft, KLConfig(top_k=5, batch_size=8))
     (base, tokenizer), (ft, _) = loaded(base_dir), loaded(ft_dir)
     rows = [json.loads(line) for line in folders.sft.read_text().splitlines()]
@@ -235,7 +239,7 @@ def test_kl_equals_one_prompt_at_a_time(family, folders):
 
 
 def test_deltas_shares_equal_brute_force(family, folders):
-    base_dir, ft_dir = folders(family), folders.finetuned(family, "full")
+    base_dir, ft_dir = folders.base(family), folders.finetuned(family, "full")
     config, ratios = DeltasConfig(metric="relative", region="body"), (1, 10, 50)
     result = concentration(base_dir, ft_dir, config, ratios, progress=False)
     base, ft = load_file(base_dir / "model.safetensors"), load_file(ft_dir / "model.safetensors")
@@ -249,7 +253,7 @@ def test_deltas_shares_equal_brute_force(family, folders):
 def test_every_repair_method_edits_the_body_only_and_loads(family, folders, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    base_dir, ft_dir = folders(family), folders.finetuned(family, "full")
+    base_dir, ft_dir = folders.base(family), folders.finetuned(family, "full")
     base, ft = load_file(base_dir / "model.safetensors"), load_file(ft_dir / "model.safetensors")
     model, _ = loaded(ft_dir)  # each in-memory edit rewrites the whole region, so one model serves all
     for method in METHODS:
@@ -279,3 +283,13 @@ def test_every_repair_method_edits_the_body_only_and_loads(family, folders, tmp_
         assert all(torch.equal(state[names[n]], got[n]) for n in got), method
         ((_, edited),) = repaired_models(model, base_dir, ft_dir, (value,), RepairConfig(method=method), progress=False)
         assert all(torch.equal(t, state[n]) for n, t in edited.state_dict().items()), method
+
+
+def test_cli_names_the_targets_it_found(folders, tmp_path, capsys):
+    from sftlens.cli import main
+
+    out = tmp_path / "lora"
+    assert main(["train", "--model", str(folders.base("gpt2")), "--data", str(folders.sft), "--out", str(out),
+                 "--method", "lora", "--lora-rank", "2", "--learning-rate", "1e-2"]) == 0
+    assert "LoRA on c_attn, c_proj, c_fc\n" in capsys.readouterr().out
+    assert json.loads((out / RUN_FILE).read_text())["config"]["lora_targets"] == ["c_attn", "c_proj", "c_fc"]
