@@ -29,6 +29,7 @@ from sftlens.train import (
 from sftlens.weights import METHODS, RepairConfig, repair_sweep, repaired_models
 from sftlens.weights.checkpoints import in_region
 from sftlens.weights.selection import change, target_count
+from sftlens.weights.spectral import kept_rank
 
 FAMILIES = tuple(FAMILY_TOKENIZERS)
 # Written out by hand from each family's modeling code: what `default_lora_targets` must find.
@@ -38,7 +39,7 @@ TARGETS = {"llama": LLAMA_PROJECTIONS, "qwen2": LLAMA_PROJECTIONS, "mistral": LL
            "gpt2": ("c_attn", "c_proj", "c_fc")}
 FULL = TrainConfig(learning_rate=1e-2, batch_size=4)
 LORA = TrainConfig(method="lora", learning_rate=1e-2, batch_size=4, lora_rank=4, lora_alpha=8)
-VALUES = {"restore": 100, "wise": 0.5, "dare": 0.5, "trim": 50}  # one value per method, none neutral
+VALUES = {"restore": 100, "wise": 0.5, "dare": 0.5, "trim": 50, "spectral": 1.0}  # one value per method, none neutral
 
 
 @pytest.fixture(params=FAMILIES)
@@ -272,11 +273,17 @@ def test_every_repair_method_edits_the_body_only_and_loads(family, folders, tmp_
             elif method == "dare":  # each change dropped, or kept and scaled by 1 / (1 - p)
                 dropped = g == b
                 assert torch.allclose(g[~dropped], (b + 2 * (f - b))[~dropped], atol=1e-6), name
-            else:  # trim: each tensor keeps exactly its half largest changes
+            elif method == "trim":  # each tensor keeps exactly its half largest changes
                 kept = g != b
                 assert int(kept.sum()) == target_count(b.numel(), 50) or bool((f == b).any()), name
                 assert (f - b).abs()[kept].min() >= (f - b).abs()[~kept].max(), name
                 assert torch.equal(g[kept], f[kept])
+            elif b.dim() != 2:  # spectral decomposes matrices only
+                assert torch.equal(g, f), name
+            else:  # spectral: the update's singular directions above the Gavish-Donoho threshold
+                u, s, vh = torch.linalg.svd((f - b).double(), full_matrices=False)
+                k = kept_rank(s, tuple(b.shape), 1.0)
+                assert torch.allclose(g.double(), b.double() + (u[:, :k] * s[:k]) @ vh[:k], atol=1e-5), name
         written = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         names = module_names(written, got)
         state = written.state_dict()
@@ -293,3 +300,15 @@ def test_cli_names_the_targets_it_found(folders, tmp_path, capsys):
                  "--method", "lora", "--lora-rank", "2", "--learning-rate", "1e-2"]) == 0
     assert "LoRA on c_attn, c_proj, c_fc\n" in capsys.readouterr().out
     assert json.loads((out / RUN_FILE).read_text())["config"]["lora_targets"] == ["c_attn", "c_proj", "c_fc"]
+
+
+def test_an_in_memory_edit_reaches_a_tensor_transformers_renames(folders):
+    """GPT-NeoX saves its head as `embed_out` and loads it as `lm_head`: restoring the embeddings
+    region in memory must write the loaded head."""
+    base_dir, ft_dir = folders.base("gpt_neox"), folders.finetuned("gpt_neox", "full")
+    model, _ = loaded(ft_dir)
+    config = RepairConfig(method="restore", region="embeddings")
+    ((_, edited),) = repaired_models(model, base_dir, ft_dir, (100,), config, progress=False)
+    base = load_file(base_dir / "model.safetensors")
+    assert torch.equal(edited.state_dict()["lm_head.weight"], base["embed_out.weight"])
+    assert torch.equal(edited.state_dict()["gpt_neox.embed_in.weight"], base["gpt_neox.embed_in.weight"])
