@@ -328,7 +328,8 @@ def test_the_lora_arm_trains_on_the_same_sets_and_its_rate_is_chosen_on_dev(tiny
     best = max(sorted(dev_acc), key=lambda rate: sum(dev_acc[rate]) / 2)
     markdown = write_report(study)["markdown"].read_text()
     rows = [line for line in markdown.splitlines() if "| LoRA SFT (r=16, alpha=32) |" in line]
-    assert len(rows) == 1 and f"| lr = {best:g} | 2 |" in rows[0]
+    assert len(rows) == 1 and f"| lr = {best:g} (tuned on dev among 0.001 / 0.01) | 2 |" in rows[0]
+    assert "| plain SFT | lr = 0.001 (fixed: [train]'s, not tuned) |" in markdown  # full SFT's rate, untuned
     assert rows[0].count(" [") == 3, "gains over plain SFT with intervals, in- and out-of-domain and training set"
 
 
