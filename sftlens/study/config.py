@@ -5,7 +5,8 @@ stage, each checked against that stage's config dataclass: `[probe]`, `[train]`,
 `[deltas]`, `[restore]`, and `[repairs]`: the repair methods to compare, one table per method with its
 values and settings (`wise = { values = [0.25, 0.5, 0.75] }`; `sftlens.weights.RepairConfig` fields),
 every method with as many values as the others (the same tuning budget on dev), and as many as `[study]`
-`learning_rates` (full SFT's rate, tuned on dev) and `lora_learning_rates` have rates. The split has no section: every setting of `SplitConfig` is the study's grid
+`learning_rates` (full SFT's rate, tuned on dev) and `lora_learning_rates` have rates. The split has no
+section: every setting of `SplitConfig` is the study's grid
 (`[study]` levels, sizes, include_all, seeds, mixed, eval_facts_per_level), so a `[split]` key would
 have no effect and is an error naming it. A file may start from a shipped preset with
 `extends = "demo"` (or "paper", or a path) and override single keys; unknown keys and wrong types

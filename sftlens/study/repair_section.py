@@ -172,8 +172,9 @@ def repair_methods(results: StudyResults, path: Path, samples: int) -> Section |
             rows.append([name, method, _value_text(method, [r["value"] for r in reps]), str(len(reps)),
                          *_cells([r["records"] for r in reps]), *_gains(group, reps, facts, seeds)])
         if lora_models:
-            rows.append([name, _lora_name(lora_models), _rate_text([lora_models[0]["value"]], sorted(lora[(level, size)])),
-                         str(len(lora_models)), *_cells([m["records"] for m in lora_models]),
+            rate = _rate_text([lora_models[0]["value"]], sorted(lora[(level, size)]))
+            rows.append([name, _lora_name(lora_models), rate, str(len(lora_models)),
+                         *_cells([m["records"] for m in lora_models]),
                          *_gains(group, lora_models, facts, seeds)])
         first = seeds_present[0]
         captions.append(f"{name}: in-domain test {acc_caption(group.records(first, 'test'), 'in')}; out-of-domain "

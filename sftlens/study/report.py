@@ -23,7 +23,9 @@ from sftlens.markdown import markdown_table
 from sftlens.study.commands import code_version
 from sftlens.study.repair_section import repair_methods
 from sftlens.study.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, arm_findings, verdict_changes, verdict_word
-from sftlens.study.results import StudyResults, arm_view, arms, eval_records, load_results, restore_records
+from sftlens.study.results import (
+    StudyResults, arm_view, arms, eval_records, level_name, load_results, restore_records, tuned_rates,
+)
 from sftlens.study.sections import (
     Section,
     ci,
@@ -69,17 +71,21 @@ def findings_section(results: StudyResults, samples: int) -> tuple[Section, dict
             "facts never enter a verdict. Accuracies are in-domain Acc over the test levels with enough facts.")
     tables = [("the claims", ["claim", "statement", "the paper predicts"], claims)]
     if "tuned" not in by_arm:
-        return Section("Findings", text, tables + [("the evidence", EVIDENCE_HEADER, evidence_rows(by_arm["fixed"]))]), by_arm
+        evidence = ("the evidence", EVIDENCE_HEADER, evidence_rows(by_arm["fixed"]))
+        return Section("Findings", text, [*tables, evidence]), by_arm
     rate = results.config.get("train", {}).get("learning_rate")
     candidates = " / ".join(f"{r:g}" for r in results.config.get("study", {}).get("learning_rates", []))
     text += (f" Two arms: SFT at the learning rate chosen on in-domain dev among {candidates} (the tuned arm: "
-             f"{RATE_CHOICE_TEXT.get(results.config['study'].get('rate_choice'), '')}; the analyses, C5 and C6 and the "
-             f"tables below, read its models) and SFT at [train]'s fixed rate {rate:g} (the paper's recipe, not tuned). "
-             "The last table pairs each comparison across the arms: which verdicts the tuned rate changes.")
+             f"{RATE_CHOICE_TEXT.get(results.config['study'].get('rate_choice'), '')}; "
+             f"chosen: {_chosen_text(results)}; "
+             "the analyses, C5 and C6 and the tables below, read its models) and SFT at [train]'s fixed rate "
+             f"{rate:g} (the paper's recipe, not tuned). The last table pairs each comparison across the arms: "
+             "which verdicts the tuned rate changes.")
     changes = [[(a or b).claim, (b or a).comparison, _verdict_cell(a), _verdict_cell(b), change]
                for a, b, change in verdict_changes(by_arm["fixed"], by_arm["tuned"])]
     tables += [(f"the evidence, tuned rate (among {candidates})", EVIDENCE_HEADER, evidence_rows(by_arm["tuned"])),
-               (f"the evidence, [train]'s fixed rate {rate:g} (not tuned)", EVIDENCE_HEADER, evidence_rows(by_arm["fixed"])),
+               (f"the evidence, [train]'s fixed rate {rate:g} (not tuned)", EVIDENCE_HEADER,
+                evidence_rows(by_arm["fixed"])),
                ("verdicts that change with the tuned rate",
                 ["claim", "comparison (tuned arm)", f"lr {rate:g} (fixed)", "tuned lr", "verdict"], changes)]
     return Section("Findings", text, tables), by_arm
@@ -87,6 +93,16 @@ def findings_section(results: StudyResults, samples: int) -> tuple[Section, dict
 
 RATE_CHOICE_TEXT = {"largest": "one rate per training set, chosen at its largest size and used at every size",
                     "per-size": "one rate per training set and size"}
+
+
+def _chosen_text(results: StudyResults) -> str:
+    """The tuned arm's rates: `D_train-0 n=60, 240: 0.0001; ...`, one entry per training set and rate."""
+    sizes: dict[tuple, list] = {}
+    for (level, size), by_seed in tuned_rates(results).items():
+        for rate in sorted(set(by_seed.values())):
+            sizes.setdefault((level, rate), []).append(size)
+    return "; ".join(f"{level_name(level)} n={', '.join(map(str, s))}: {rate:g}"
+                     for (level, rate), s in sizes.items()) or "–"
 
 
 def _verdict_cell(finding: Finding | None) -> str:

@@ -41,8 +41,10 @@ from sftlens.study.params import (
 
 STAGES = "sftlens.study.stages"
 VALUE_CHOICE = "best mean dev Acc (in-domain) over seeds; ties: the least edit"
-RATE_CHOICE = {"largest": "best mean dev Acc (in-domain) over seeds at the training set's largest size; ties: the smaller",
-               "per-size": "best mean dev Acc (in-domain) over seeds at the model's own size; ties: the smaller"}
+RATE_CHOICE = {  # how the tuned arm's rate is chosen, in words (part of a tuned unit's key)
+    "largest": "best mean dev Acc (in-domain) over seeds at the training set's largest size; ties: the smaller",
+    "per-size": "best mean dev Acc (in-domain) over seeds at the model's own size; ties: the smaller",
+}
 TUNED = "tuned-"  # the tuned arm's models: `tuned-level0-n240-seed0`
 SPLITS = ("train", "dev", "test")
 
