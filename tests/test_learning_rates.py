@@ -123,6 +123,8 @@ def test_the_analyses_read_the_tuned_models_and_the_fixed_rate_stays_an_arm(tune
         model = unit["spec"]["deps"].get("model")
         if unit["kind"] in ("deltas", "restore", "control", "repair", "repaired"):
             assert keys[model]["kind"] == "tuned", unit["label"]
+    for kind in ("train", "tune", "tuned"):
+        assert not list(study.glob(f"units/{kind}/*/model")), "prune_checkpoints drops every arm's weights"
     evaluated = [keys[u["spec"]["deps"]["model"]]["kind"] for u in results.units
                  if u["kind"] in ("eval", "kl") and "model" in u["spec"]["deps"]]
     assert evaluated.count("train") == evaluated.count("tuned") == 8 * 2  # eval and KL of 8 models per arm
@@ -167,3 +169,19 @@ def test_verdict_changes_pair_each_comparison_across_the_arms():
     assert changes == [("D_train-0", "D_train-0", "changed"), ("D_train-1", "D_train-1", "same"),
                        ("n=60", "n=60", "same"), ("restoration gain", None, "not compared"),
                        (None, "restore 5 %, test", "not compared"), (None, "restore 5 %, train", "not compared")]
+
+
+def test_a_linked_model_is_the_candidates_files_and_appears_whole(tmp_path):
+    from sftlens.study.stages import _link_folder
+
+    source = tmp_path / "candidate" / "model"
+    source.mkdir(parents=True)
+    (source / "model.safetensors").write_bytes(b"weights")
+    (source / "config.json").write_text("{}")
+    target = tmp_path / "tuned" / "model"
+    target.parent.mkdir()
+    (target.parent / ".model.partial").mkdir()  # left by a killed unit
+    _link_folder(source, target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert (target / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino
+    assert not (target.parent / ".model.partial").exists()
