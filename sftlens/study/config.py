@@ -4,7 +4,8 @@ Sections: `[study]` (StudySettings below: model, data, grid, analysis choices) a
 stage, each checked against that stage's config dataclass: `[probe]`, `[train]`, `[eval]`, `[kl]`,
 `[deltas]`, `[restore]`, and `[repairs]`: the repair methods to compare, one table per method with its
 values and settings (`wise = { values = [0.25, 0.5, 0.75] }`; `sftlens.weights.RepairConfig` fields),
-every method with as many values as the others (the same tuning budget on dev), and `[inject]`
+every method with as many values as the others (the same tuning budget on dev), and as many as `[study]`
+`learning_rates` (full SFT's rate, tuned on dev) and `lora_learning_rates` have rates; `[inject]`
 (`sftlens.inject.InjectConfig`; present, even empty, it makes the study's base the model taught the
 study's facts by `inject`). The split has no section: every setting of `SplitConfig` is the study's grid
 (`[study]` levels, sizes, include_all, seeds, mixed, eval_facts_per_level), so a `[split]` key would
@@ -78,6 +79,16 @@ class StudySettings:
     kl: bool = field(default=True, metadata={"help": "first-token KL of every fine-tuned model (Figure 5)"})
     kl_test_set: str = field(
         default="in-level4", metadata={"help": "test facts of the KL (Figure 5): {in,out}-level{L}, or in / out (all levels)"})
+    learning_rates: tuple[float, ...] = field(
+        default=(), metadata={"help": "tune [train]'s learning rate on dev: one model per training set, seed and rate "
+                                      "(at the sizes rate_choice names), the rate with the best mean in-domain dev Acc "
+                                      "over seeds (ties: the smaller) trains the tuned arm, which the analyses "
+                                      "(update statistics, restoration, repairs) then read; [train]'s own rate stays "
+                                      "an arm (as many rates as LoRA's and each repair method's values)"})
+    rate_choice: Literal["largest", "per-size"] = field(
+        default="largest", metadata={"help": "with learning_rates: choose each training set's rate at its largest size "
+                                             "and train its other sizes at that rate (largest), or choose at every "
+                                             "size (per-size: as many candidates at every size)"})
     lora_learning_rates: tuple[float, ...] = field(
         default=(), metadata={"help": "LoRA SFT beside full SFT in the repair comparison: one LoRA model ([train]'s "
                                       "lora_* settings) per analysed training set, seed and learning rate, the rate "
@@ -109,8 +120,12 @@ class StudySettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kl_test_set not in ("in", "out") and not re.fullmatch(r"(in|out)-level[0-4]", self.kl_test_set):
             raise ValueError(f"kl_test_set must be in, out or {{in,out}}-level{{0..4}}, got {self.kl_test_set!r}")
-        if any(not rate > 0 for rate in self.lora_learning_rates):
-            raise ValueError(f"lora_learning_rates must be positive, got {list(self.lora_learning_rates)}")
+        for name in ("learning_rates", "lora_learning_rates"):
+            rates = getattr(self, name)
+            if any(not rate > 0 for rate in rates):
+                raise ValueError(f"{name} must be positive, got {list(rates)}")
+            if len(set(rates)) != len(rates):
+                raise ValueError(f"{name} must be distinct, got {list(rates)}")
         if self.bootstrap < 0:
             raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
 
@@ -225,7 +240,7 @@ def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
     study = config_from_dict(StudySettings, raw.get("study", {}), "study")
     stages = {s: config_from_dict(stage_class(s), raw.get(s, {}), s) for s in STAGE_SECTIONS}
     repairs = repair_grids(raw.get("repairs", {}), spec)
-    _check_lora_arm(study, stages["train"], repairs, spec)
+    _check_rate_arms(study, stages["train"], repairs, spec)
     return StudyConfig(study, stages, spec, repairs, _inject_config(raw, stages["probe"], spec))
 
 
@@ -244,16 +259,19 @@ def _inject_config(raw: dict, probe, spec: str):
     return inject
 
 
-def _check_lora_arm(study: StudySettings, train, repairs: dict, spec: str) -> None:
-    """LoRA is compared with full SFT, and with the same tuning budget as every repair method."""
-    rates = study.lora_learning_rates
-    if rates and train.method == "lora":
+def _check_rate_arms(study: StudySettings, train, repairs: dict, spec: str) -> None:
+    """LoRA is compared with full SFT; every arm tuned on dev (full SFT's rate, LoRA's rate, each
+    repair method's value) gets the same tuning budget: as many candidates as the others."""
+    if study.lora_learning_rates and train.method == "lora":
         raise SftlensError(f"{spec}: study.lora_learning_rates compares LoRA with full SFT, but train.method is "
                            "already 'lora'; set train.method = 'full'")
-    budget = next((len(g.values) for g in repairs.values()), None)
-    if rates and budget is not None and len(rates) != budget:
-        raise SftlensError(f"{spec}: study.lora_learning_rates: {len(rates)} rates, but each repair method has "
-                           f"{budget} values: LoRA gets the same tuning budget on dev")
+    budgets = [(f"study.{name}", len(getattr(study, name))) for name in ("learning_rates", "lora_learning_rates")
+               if getattr(study, name)]
+    budgets += [(f"repairs.{method}.values", len(grid.values)) for method, grid in list(repairs.items())[:1]]
+    for (name, n), (other, m) in zip(budgets, budgets[1:]):
+        if n != m:
+            raise SftlensError(f"{spec}: {name}: {n} values, but {other} has {m}: every arm tuned on dev gets the "
+                               "same tuning budget (as many candidates)")
 
 
 def repair_grids(raw: dict, spec: str) -> dict[str, RepairGrid]:

@@ -136,3 +136,12 @@ class InjectParams(FactSelection):
 
     model_fingerprint: str
     inject: dict  # InjectConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class TunedParams(TrainParams):
+    """[train]'s recipe (`train`, at its own rate) retrained at the learning rate its dev candidates chose."""
+
+    rate_choice: str  # how the rate is chosen, in words (part of the key)
+    dev: dict[str, float]  # role of a candidate's in-domain dev scores -> its learning rate (every seed)
+    models: dict[str, float]  # role of a model of this very set, size and seed -> its rate (linked when chosen)

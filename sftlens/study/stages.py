@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import shutil
 from pathlib import Path
 
 from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration, zero_base_mass
@@ -39,8 +41,9 @@ from sftlens.study.params import (
     Runtime,
     SplitParams,
     TrainParams,
+    TunedParams,
 )
-from sftlens.study.results import TAUGHT_SUBSETS, chosen_ratio, chosen_value
+from sftlens.study.results import TAUGHT_SUBSETS, chosen_rate, chosen_ratio, chosen_value
 from sftlens.study.units import select_facts
 from sftlens.train import RUN_FILE, TrainConfig, train
 from sftlens.weights import METHODS, RepairConfig, repaired_models
@@ -116,13 +119,52 @@ def split_unit(params, out: Path, deps) -> dict:
 
 def train_unit(params, out: Path, deps) -> dict:
     p = TrainParams.of(params)
-    config = config_from_dict(TrainConfig, p.train, "train")
+    return _train(params, p, config_from_dict(TrainConfig, p.train, "train"), out, deps)
+
+
+def _train(params, p: TrainParams, config: TrainConfig, out: Path, deps) -> dict:
     train_set = f"{split_train_set(p.set, p.size, p.seed)}.jsonl"
     sft = Path(deps["split"]["dir"]) / DATA / train_set
     model_dir = train(Runtime.of(params).model, sft, out / "model", config, progress=True)
     run = json.loads((model_dir / RUN_FILE).read_text())
     return {"train_set": train_set, "examples": run["data"]["count"], "steps": run["steps"],
             "train_loss": run["train_loss"]}
+
+
+def tuned_unit(params, out: Path, deps) -> dict:
+    """[train]'s recipe at the learning rate its candidates chose on in-domain dev over seeds
+    (`sftlens.study.results.chosen_rate`). A candidate trained on this very set, size and seed at that
+    rate is the same run, so its folder is linked rather than trained again."""
+    p = TunedParams.of(params)
+    by_rate: dict[float, list[dict]] = {}
+    for role, rate in p.dev.items():
+        by_rate.setdefault(rate, []).append(deps[role]["result"])
+    rate = chosen_rate(by_rate)
+    if rate is None:
+        raise ValueError("no in-domain dev evaluation to choose a learning rate from")
+    source = next((role for role, candidate in p.models.items() if candidate == rate), None)
+    if source is None:
+        config = dataclasses.replace(config_from_dict(TrainConfig, p.train, "train"), learning_rate=rate)
+        return {**_train(params, p, config, out, deps), "learning_rate": rate, "linked": False}
+    _link_folder(Path(deps[source]["dir"]) / "model", out / "model")
+    return {**deps[source]["result"], "learning_rate": rate, "linked": True}
+
+
+def _link_folder(source: Path, target: Path) -> None:
+    """`target` as a copy of `source` made of hard links (copies across file systems), renamed into
+    place whole, so a killed unit leaves no half folder under the name."""
+    partial = target.with_name(f".{target.name}.partial")
+    for stale in (partial, target):
+        shutil.rmtree(stale, ignore_errors=True)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, partial, copy_function=link)
+    partial.rename(target)
 
 
 def eval_config(params) -> EvalConfig:
@@ -149,7 +191,11 @@ def eval_unit(params, out: Path, deps) -> dict:
     config = eval_config(params)
     model, tokenizer = load_model(model_path(params, deps), dtype=config.dtype,
                                   device=config.device or Runtime.of(params).device_or_none)
-    rows = {split: load_rows(eval_files(deps["split"]["dir"], split)) for split in p.splits}
+    rows = {}
+    for split in p.splits:  # `dev-in`: the in-domain dev facts only, tagged split "dev"
+        name, _, domain = split.partition("-")
+        files = eval_files(deps["split"]["dir"], name)
+        rows[name] = load_rows([f for f in files if not domain or f.name.startswith(f"{domain}-")])
     records, predictions = evaluate_splits(model, tokenizer, rows, config, {})
     for split, split_predictions in predictions.items():
         atomic_write_jsonl(out / f"predictions-{split}.jsonl", split_predictions)
