@@ -51,7 +51,7 @@ def _perturbed(model, scale: float, seed: int = 1):
 def pair(tmp_path, tiny_tokenizer, private_cache):
     model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
     base = save_model(model, tok, tmp_path / "base")
-    ft = save_model(_perturbed(model, 1.0), tok, tmp_path / "ft")
+    ft = save_model(_perturbed(model, 0.4), tok, tmp_path / "ft")
     return base, ft, _data(tmp_path / "eq")
 
 
@@ -189,29 +189,32 @@ def test_resume_after_a_kill_ends_identical(pair, tmp_path, monkeypatch):
     audit = _audit(pair, values=(("wise", (0.3, 0.6, 0.9)),))
     whole = tmp_path / "whole"
     run_audit(audit, whole, progress=False)
-    killed = tmp_path / "killed"
     real = engine.repaired_models
-    calls = []
+    swept = []
 
-    def dying(model, base, ft, values, config, progress=True):
-        for i, item in enumerate(real(model, base, ft, values, config, progress)):
-            if config.method == "dare" and i == 1:
-                raise KeyboardInterrupt  # a kill in the middle of DARE's sweep
-            calls.append((config.method, item[0]))
-            yield item
+    def recording(kill_at=None):
+        def sweep(model, base, ft, values, config, progress=True):
+            for value, edited in real(model, base, ft, values, config, progress):
+                if (config.method, value) == kill_at:
+                    raise KeyboardInterrupt  # a kill in the middle of a sweep
+                swept.append((config.method, value))
+                yield value, edited
+        return sweep
 
-    monkeypatch.setattr(engine, "repaired_models", dying)
+    killed = tmp_path / "killed"
+    dare = engine.rp.candidates("dare", SETTINGS.candidates)
+    monkeypatch.setattr(engine, "repaired_models", recording(kill_at=("dare", dare[1])))
     with pytest.raises(KeyboardInterrupt):
         run_audit(audit, killed, progress=False)
     assert (killed / "facts.jsonl").is_file() and not (killed / "summary.json").exists()
-    monkeypatch.setattr(engine, "repaired_models", lambda *a, **k: (calls.append((a[4].method, v)) or item
-                                                                    for v, item in real(*a, **k)))
     stamps = {p: p.stat().st_mtime_ns for p in (killed / "steps").glob("*.json")}
-    before = len(calls)
+    assert len(stamps) == 4  # greedy x 2, kl, deltas
+    swept.clear()
+    monkeypatch.setattr(engine, "repaired_models", recording())
     run_audit(audit, killed, progress=False)
-    redone = calls[before:]
-    assert ("restore", 1.0) not in redone and all(m != "wise" or v in () for m, v in redone if m == "wise"
-                                                  and (killed / "repairs" / "dev" / f"wise-{v:g}.json").is_file() is False)
+    # restore and wise finished before the kill, and DARE's first value: only the rest is redone
+    assert swept[:2] == [("dare", dare[1]), ("dare", dare[2])]
+    assert not [m for m, _ in swept if m in ("restore", "wise")] and ("trim", 80.0) in swept
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished steps skipped
     for name in ("facts.jsonl", "summary.json"):
         assert (killed / name).read_text() == (whole / name).read_text()

@@ -40,8 +40,11 @@ def read_record(out: Path) -> dict:
 
 
 def run_audit(audit: Audit, out: str | Path, *, write_best: bool = False, progress: bool = True,
-              command: str | None = None) -> dict:
-    """Check everything, then run every unfinished step; returns the summary (DIR/summary.json)."""
+              command: str | None = None, page: str | Path | None = None, focus: str | Path | None = None) -> dict:
+    """Check everything, run every unfinished step, write the report (DIR/report/, and `page`);
+    returns the summary (DIR/summary.json) with the report's files under `report`."""
+    from sftlens.study.audit_section import write_audit_report
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SftlensError(f"{out}: exists and is not a folder; choose another --out")
@@ -54,7 +57,7 @@ def run_audit(audit: Audit, out: str | Path, *, write_best: bool = False, progre
     session = {"command": command or "run_audit", "code": code_version(), "machine": machine(), "started": started,
                "wall_s": round(time.perf_counter() - start, 1)}
     atomic_write_json(out / RECORD, {**base, "sessions": [*record.get("sessions", []), session]})
-    return summary
+    return {**summary, "report": write_audit_report(out, page, focus)}
 
 
 def _stored_facts(store: Path) -> set[str]:
@@ -138,18 +141,16 @@ def audit_from_args(args: argparse.Namespace) -> Audit:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from sftlens.study.audit_section import write_audit_report
-
     audit = audit_from_args(args)
     if args.plan:
         print(plan_text(prepare(audit, args.out)))
         return
-    summary = run_audit(audit, args.out, write_best=args.write_best,
+    summary = run_audit(audit, args.out, write_best=args.write_best, page=args.page, focus=args.focus_facts,
                         command="sftlens " + " ".join(sys.argv[1:]) if sys.argv[1:] else None)
     a = summary["all"]
     print(f"{summary['facts']} facts: {a['kept']} kept, {a['forgotten']} forgotten, {a['learned']} learned, "
           f"{a['never']} never right")
-    for path in write_audit_report(args.out, args.page, args.focus_facts).values():
+    for path in summary["report"].values():
         print(path)
     if "best" in summary:
         print(f"chosen repaired model: {Path(args.out) / summary['best']}")

@@ -140,8 +140,8 @@ def _html(title: str, parts: list[Section]) -> str:
         for caption, header, rows in s.tables:
             numeric = numeric_columns(rows, len(header))
             body.append("<table>" + (f"<caption>{esc(caption)}</caption>" if caption else ""))
-            body.append("<tr>" + "".join(f"<th{_align(n)}>{esc(h)}</th>" for h, n in zip(header, numeric)) + "</tr>")
-            body += ["<tr>" + "".join(f"<td{_align(n)}>{esc(c)}</td>" for c, n in zip(row, numeric)) + "</tr>"
+            body.append("<tr>" + "".join(f"<th{_align(n)}>{esc(str(h))}</th>" for h, n in zip(header, numeric)) + "</tr>")
+            body += ["<tr>" + "".join(f"<td{_align(n)}>{esc(str(c))}</td>" for c, n in zip(row, numeric)) + "</tr>"
                      for row in rows]
             body.append("</table>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
