@@ -124,8 +124,20 @@ def test_base_levels_equal_sftlens_probe(pair, tmp_path, capsys):
     out = tmp_path / "audit"
     flags = ["--data-dir", str(data), "--split", "test", "--limit", "3", "--samples", "2", "--templates", "0,1",
              "--max-new-tokens", "6"]
+    focus = tmp_path / "taught.txt"
+    focus.write_text("P17/test/00000\nP17/test/00001\nP19/test/00002\n")
+    page = tmp_path / "page.md"
     assert main(["audit", "--base", str(base), "--finetuned", str(ft), "--out", str(out), *flags,
-                 "--answer-tokens", "6", "--min-slice", "5", "--bootstrap", "100"]) == 0
+                 "--answer-tokens", "6", "--min-slice", "5", "--bootstrap", "100", "--write-best",
+                 "--focus-facts", str(focus), "--page", str(page)]) == 0
+    chosen = json.loads((out / "best" / "chosen.json").read_text())
+    assert (out / "best" / chosen["folder"] / "config.json").is_file() and chosen["method"] in METHODS
+    text = page.read_text()
+    assert "Recall of forgotten taught facts" in text and "3 of the 3 listed" in text and "Audit run: `sftlens audit" in text and "| C" not in text
+    capsys.readouterr()
+    assert main(["audit", "--out", str(out), "--plan"]) == 0  # the recorded audit: nothing left to run
+    plan = capsys.readouterr().out
+    assert "| **all** |  |  | 0.0 min |" in plan, plan
     assert main(["probe", "--model", str(base), "--store", str(tmp_path / "store"), *flags]) == 0
     probed = load_probe(tmp_path / "store")
     rows = read_jsonl(out / "facts.jsonl")

@@ -54,7 +54,7 @@ def run_audit(audit: Audit, out: str | Path, *, write_best: bool = False, progre
     base = {"format": FORMAT, "audit": audit.to_dict(), "folders": ctx.folders}
     atomic_write_json(out / RECORD, {**base, "sessions": record.get("sessions", [])})
     summary = run_steps(ctx, write_best)
-    session = {"command": command or "run_audit", "code": code_version(), "machine": machine(), "started": started,
+    session = {"command": command or "sftlens audit (in-process)", "code": code_version(), "machine": machine(), "started": started,
                "wall_s": round(time.perf_counter() - start, 1)}
     atomic_write_json(out / RECORD, {**base, "sessions": [*record.get("sessions", []), session]})
     return {**summary, "report": write_audit_report(out, page, focus)}
@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace) -> None:
         print(plan_text(prepare(audit, args.out)))
         return
     summary = run_audit(audit, args.out, write_best=args.write_best, page=args.page, focus=args.focus_facts,
-                        command="sftlens " + " ".join(sys.argv[1:]) if sys.argv[1:] else None)
+                        command=" ".join(["sftlens", *sys.argv[1:]]) if sys.argv[1:2] == ["audit"] else None)
     a = summary["all"]
     print(f"{summary['facts']} facts: {a['kept']} kept, {a['forgotten']} forgotten, {a['learned']} learned, "
           f"{a['never']} never right")
