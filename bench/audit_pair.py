@@ -83,14 +83,17 @@ def main() -> None:
         wall = time.perf_counter() - start
         peak = rss_mb()
         rows = read_jsonl(out / "facts.jsonl")
+        folders = json.loads((out / "audit.json").read_text())["folders"]
+        model_mb = sum(f.stat().st_size for role in folders for f in Path(folders[role]).glob("*.safetensors")) / 2**20
         naive, naive_s = {}, 0.0
         for role, key in (("base", "base_prompt"), ("finetuned", "finetuned_prompt")):
-            answers, seconds = naive_answers(json.loads((out / "audit.json").read_text())["folders"][role], rows, key, 16)
+            answers, seconds = naive_answers(folders[role], rows, key, 16)
             naive[role], naive_s = answers, naive_s + seconds
         same = all(naive[role][r["fact_id"]] == r[f"{role}_answer"] for r in rows for role in naive)
         print(json.dumps({
             "facts": summary["facts"], "audit_wall_s": round(wall, 1),
-            "audit_peak_rss_mb": round(peak), "rss_before_audit_mb": round(before),
+            "audit_peak_rss_mb": round(peak), "rss_before_audit_mb": round(before), "two_models_mb": round(model_mb),
+            "peak_beyond_two_models_mb": round(peak - before - model_mb),
             "naive_generate_greedy_only_s": round(naive_s, 1), "naive_answers_identical": same,
             "cpu_threads": torch.get_num_threads(),
         }, indent=2))

@@ -101,9 +101,3 @@ def preset(name: str) -> dict:
     if bad:
         raise SftlensError(f"preset {name}: unknown setting selection.{bad[0]}")
     return data
-
-
-def with_overrides(config, overrides: dict):
-    """`config` with the given fields replaced (checked like a study file's)."""
-    return config_from_dict(type(config), {**config_to_dict(config), **overrides}) if overrides else config
-

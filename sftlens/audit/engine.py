@@ -69,12 +69,11 @@ class Context:
     def release(self, role: str) -> None:
         self.models.pop(role, None)
 
-    def rows(self, role: str, facts=None) -> list[dict]:
-        """Evaluation rows of `role`'s prompts (level: the fact's position, replaced by callers)."""
-        wanted = None if facts is None else {f.id for f in facts}
+    def rows(self, role: str) -> list[dict]:
+        """Evaluation rows of the facts with `role`'s prompts; `level` is a placeholder (the audit
+        groups answers by the probed levels itself)."""
         return [{"fact_id": f.id, "relation": f.relation, "domain": f.domain, "level": 0, "question": f.question,
-                 "answers": list(f.answers), "prompt": p}
-                for f, p in zip(self.facts, self.prompts[role]) if wanted is None or f.id in wanted]
+                 "answers": list(f.answers), "prompt": p} for f, p in zip(self.facts, self.prompts[role])]
 
 
 def prepare(audit: Audit, out: str | Path, progress: bool = True) -> Context:

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from sftlens.audit.config import SELECTION_KEYS, Audit, AuditConfig, preset
 from sftlens.audit.engine import FORMAT, ROLES, Context, _cached, greedy_key, prepare, repair_targets, run_steps
@@ -40,15 +41,19 @@ def read_record(out: Path) -> dict:
 
 
 def run_audit(audit: Audit, out: str | Path, *, write_best: bool = False, progress: bool = True,
-              command: str | None = None, page: str | Path | None = None, focus: str | Path | None = None) -> dict:
+              command: str | None = None, page: str | Path | None = None, focus: str | Path | None = None,
+              announce: Callable[[str], None] | None = None) -> dict:
     """Check everything, run every unfinished step, write the report (DIR/report/, and `page`);
-    returns the summary (DIR/summary.json) with the report's files under `report`."""
+    returns the summary (DIR/summary.json) with the report's files under `report`. `announce`
+    receives the plan (the work left and its estimated time) before anything runs."""
     from sftlens.study.audit_section import write_audit_report
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SftlensError(f"{out}: exists and is not a folder; choose another --out")
     ctx = prepare(audit, out, progress)
+    if announce is not None:
+        announce(plan_text(ctx))
     record = read_record(out)
     start, started = time.perf_counter(), time.time()
     base = {"format": FORMAT, "audit": audit.to_dict(), "folders": ctx.folders}
@@ -145,7 +150,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.plan:
         print(plan_text(prepare(audit, args.out)))
         return
-    summary = run_audit(audit, args.out, write_best=args.write_best, page=args.page, focus=args.focus_facts,
+    summary = run_audit(audit, args.out, write_best=args.write_best, page=args.page, focus=args.focus_facts, announce=print,
                         command=" ".join(["sftlens", *sys.argv[1:]]) if sys.argv[1:2] == ["audit"] else None)
     a = summary["all"]
     print(f"{summary['facts']} facts: {a['kept']} kept, {a['forgotten']} forgotten, {a['learned']} learned, "
