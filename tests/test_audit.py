@@ -231,3 +231,32 @@ def test_resume_after_a_kill_ends_identical(pair, tmp_path, monkeypatch):
     for name in ("facts.jsonl", "summary.json"):
         assert (killed / name).read_text() == (whole / name).read_text()
     assert json.loads((whole / "summary.json").read_text())["repairs"]["wise"]["candidates"] == [0.3, 0.6, 0.9]
+
+
+def test_every_html_report_aligns_text_left_and_numbers_right():
+    from sftlens.study.report import _html, numeric_columns
+    from sftlens.study.sections import Section
+
+    rows = [["C1", "12.3 ± 0.4", "+1.2 [-0.3, +2.5] holds", "–", 30], ["level 0", "–", "−1.0 [−2, −0.5]", "x", 7]]
+    assert numeric_columns(rows, 6) == [False, True, True, False, True, False]
+    page = _html("t", [Section("s", "", [("", ["claim", "Acc", "gain", "note", "n", "empty"], rows)])])
+    assert "<th>claim</th>" in page and '<th class="num">Acc</th>' in page and '<td class="num">30</td>' in page
+    assert "<td>level 0</td>" in page and "text-align:left" in page and ".num{text-align:right}" in page
+
+
+def test_preset_and_command_line_make_one_audit(tmp_path):
+    import argparse
+
+    from sftlens.audit.run import add_cli, audit_from_args
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["audit", "--preset", "audit-demo", "--base", "a", "--finetuned", "b", "--out",
+                              str(tmp_path), "--samples", "3", "--values", "wise=0.2,0.4,0.6"])
+    audit = audit_from_args(args)
+    assert (audit.limit, audit.split, audit.probe.templates, audit.probe.samples) == (3, "test", (0, 1), 3)
+    assert audit.settings.answer_tokens == 8 and audit.values == (("wise", ("0.2", "0.4", "0.6")),)
+    assert Audit.from_dict(json.loads(json.dumps(audit.to_dict())), "x").to_dict() == audit.to_dict()
+    with pytest.raises(SftlensError, match="unknown audit preset"):
+        audit_from_args(parser.parse_args(["audit", "--preset", "nope", "--base", "a", "--finetuned", "b",
+                                           "--out", str(tmp_path)]))

@@ -57,7 +57,7 @@ class Audit:
     limit: int | None = None
     probe: ProbeConfig = ProbeConfig()
     settings: AuditConfig = AuditConfig()
-    values: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    values: tuple[tuple[str, tuple[str | float, ...]], ...] = ()
 
     def facts(self) -> list[Fact]:
         """The facts, exactly as `sftlens probe --data-dir --relations --split --limit` takes them."""
