@@ -118,7 +118,7 @@ def repair_section(summary: dict) -> Section:
             "answers right again; learned kept: learned test facts it still answers right; Acc: the paper's (mean over "
             "base levels) on test, with the gain over the fine-tune, paired over facts (95 % bootstrap).")
     dev = [[m, ", ".join(f"{v}: {100 * s:+.1f}" if objective["name"] == "recovered" else f"{v}: {100 * s:.1f}"
-                         for v, s in r["dev_scores"].items()), f"{r['chosen']:g}"]
+                         for v, s in sorted(r["dev_scores"].items(), key=lambda item: float(item[0]))), f"{r['chosen']:g}"]
            for m, r in summary["repairs"].items()]
     return Section("Which repair brings it back", text, [
         ("held-out test facts", ["method", "chosen value", "recovered % [95 % CI]", "learned kept % [95 % CI]",
