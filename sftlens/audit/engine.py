@@ -1,7 +1,7 @@
 """The audit's resumable steps under its folder, each keyed by its inputs and written atomically.
 
     DIR/audit.json                   the audit (models, facts, settings) and its sessions
-    DIR/probe/{base,finetuned}/      probe stores (`sftlens.probe.run_probe`: resumable fact by fact)
+    DIR/probe/{role}-{model}-{key}/  probe stores (`sftlens.probe.run_probe`: resumable fact by fact)
     DIR/steps/greedy-{role}.json     greedy answers (a partial log resumes a killed step)
     DIR/steps/kl.json, deltas.json   first-token KL per fact; update concentration, zero-base check
     DIR/repairs/{dev,test}/M-V.json  a repair value's answers on the dev (every candidate) or test
@@ -30,7 +30,7 @@ from sftlens.errors import SftlensError
 from sftlens.evaluate import EvalConfig, evaluate_model
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
 from sftlens.models import load_model, load_tokenizer, model_fingerprint
-from sftlens.probe import best_templates, run_probe
+from sftlens.probe import best_templates, default_store, run_probe
 from sftlens.weights import METHODS, RepairConfig, repair_sweep, repaired_models
 from sftlens.weights.selection import DEFAULT_RATIOS
 
@@ -107,9 +107,14 @@ def _cached(path: Path, key: str) -> dict | None:
     return None
 
 
+def probe_store(ctx: Context, role: str) -> Path:
+    """A store per model and probe settings (`default_store`'s name), so changed settings re-probe."""
+    return ctx.out / "probe" / f"{role}-{default_store(ctx.folders[role], ctx.audit.probe).name}"
+
+
 def probe_step(ctx: Context, role: str) -> dict:
     """Mastery of every fact, probed with the same seeded draws for both models."""
-    return run_probe(ctx.folders[role], ctx.facts, ctx.audit.probe, ctx.out / "probe" / role, ctx.progress)
+    return run_probe(ctx.folders[role], ctx.facts, ctx.audit.probe, probe_store(ctx, role), ctx.progress)
 
 
 def greedy_key(ctx: Context, role: str, rows: list[dict], edit: dict | None = None) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from sftlens.audit.config import SELECTION_KEYS, Audit, AuditConfig, preset
-from sftlens.audit.engine import FORMAT, ROLES, Context, _cached, greedy_key, prepare, repair_targets, run_steps
+from sftlens.audit.engine import FORMAT, ROLES, Context, _cached, greedy_key, prepare, probe_store, repair_targets, run_steps
 from sftlens.config import add_config_arguments, config_from_dict
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json
@@ -77,7 +77,7 @@ def plan_rows(ctx: Context) -> list[list]:
     n = len(ctx.facts)
     rows = []
     for role in ROLES:
-        todo = n - len(_stored_facts(ctx.out / "probe" / role) & {f.id for f in ctx.facts})
+        todo = n - len(_stored_facts(probe_store(ctx, role)) & {f.id for f in ctx.facts})
         rows.append([f"probe {role}", todo * draws, "samples", todo * draws * DEFAULT_RATES["probe"] * scale])
     for role in ROLES:
         done = _cached(ctx.out / "steps" / f"greedy-{role}.json", greedy_key(ctx, role, ctx.rows(role)))
