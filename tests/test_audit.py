@@ -115,6 +115,12 @@ def test_synthetic_rates_and_objectives_equal_brute_force():
     want = (sum(r["base_correct"] and not r["finetuned_correct"] and repaired[r["fact_id"]] for r in rows)
             - sum(r["finetuned_correct"] and not r["base_correct"] and not repaired[r["fact_id"]] for r in rows)) / 200
     assert objective(rows, repaired, "recovered") == pytest.approx(want)
+    by_cell: dict = {}
+    for r in rows:
+        by_cell.setdefault((r["domain"], r["base_level"]), []).append(repaired[r["fact_id"]])
+    domains = sorted({d for d, _ in by_cell})
+    acc = np.mean([np.mean([np.mean(v) for (d, _), v in by_cell.items() if d == dom]) for dom in domains])
+    assert objective(rows, repaired, "acc") == pytest.approx(acc)
     assert choose({0.5: 0.1, 0.75: 0.1, 0.25: 0.0}, "wise") == 0.75  # a tie goes to the least edit
     assert choose({1.0: 0.2, 5.0: 0.2}, "restore") == 1.0
 
