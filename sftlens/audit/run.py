@@ -22,9 +22,10 @@ from sftlens.weights.checkpoints import open_pair
 
 RECORD = "audit.json"
 # The rates are SmolLM2-135M's on this project's 2-core CPU (`sftlens.study.commands`); a larger
-# model scales them by its parameter count. Update concentration: 3 metrics x 2 selection passes + sums.
+# model scales them by its parameter count. Update concentration is the study's deltas unit (3 metrics
+# x (2 selection passes + 1 sum pass) + the zero-base pass).
 REFERENCE_PARAMETERS = 134.5e6
-DELTAS_SECONDS = 3.25 * DEFAULT_RATES["deltas"]
+DELTAS_PASSES = 10
 
 
 def read_record(out: Path) -> dict:
@@ -86,7 +87,8 @@ def plan_rows(ctx: Context) -> list[list]:
     kl_done = (ctx.out / "steps" / "kl.json").is_file()
     rows.append(["first-token KL", 0 if kl_done else 2 * n, "forward passes", (0 if kl_done else 2 * n) * DEFAULT_RATES["kl"] * scale])
     deltas_done = (ctx.out / "steps" / "deltas.json").is_file()
-    rows.append(["update concentration", 0 if deltas_done else 7, "weight passes", 0 if deltas_done else DELTAS_SECONDS * scale])
+    rows.append(["update concentration", 0 if deltas_done else DELTAS_PASSES, "weight passes",
+                 0 if deltas_done else DEFAULT_RATES["deltas"] * scale])
     for part, kind in (("dev", "repair"), ("test", "repaired")):
         work = 0
         for method, values in ctx.values.items():
