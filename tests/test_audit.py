@@ -139,7 +139,8 @@ def test_base_levels_equal_sftlens_probe(pair, tmp_path, capsys):
     chosen = json.loads((out / "best" / "chosen.json").read_text())
     assert (out / "best" / chosen["folder"] / "config.json").is_file() and chosen["method"] in METHODS
     text = page.read_text()
-    assert "Recall of forgotten taught facts" in text and "3 of the 3 listed" in text and "Audit run: `sftlens audit" in text and "| C" not in text
+    assert "Recall of forgotten taught facts" in text and "3 of the 3 listed" in text
+    assert "Audit run: `sftlens audit" in text and "Machine:" in text
     capsys.readouterr()
     assert main(["audit", "--out", str(out), "--plan"]) == 0  # the recorded audit: nothing left to run
     plan = capsys.readouterr().out

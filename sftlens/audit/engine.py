@@ -157,7 +157,8 @@ def kl_step(ctx: Context, base_records: dict) -> dict:
     both models; chat: each model's chat-rendered question)."""
     templates = best_templates(base_records, ctx.facts)
     chat = ctx.settings.prompt == "chat"
-    key = stable_hash({"format": FORMAT, "models": ctx.fingerprints, "top_k": ctx.settings.kl_top_k, "dtype": ctx.audit.probe.dtype,
+    key = stable_hash({"format": FORMAT, "models": ctx.fingerprints, "top_k": ctx.settings.kl_top_k,
+                       "dtype": ctx.audit.probe.dtype,
                        "templates": templates, "prompts": ctx.prompts if chat else None,
                        "facts": [(f.id, f.question) for f in ctx.facts]})
     path = ctx.out / "steps" / "kl.json"
@@ -249,8 +250,9 @@ def repair_step(ctx: Context, rows: list[dict]) -> dict:
         scores = {v: rp.objective(dev, on_dev[v]["correct"], s.objective) for v in values}
         chosen = rp.choose(scores, method)
         on_test = repair_answers(ctx, method, [chosen], "test")[chosen]
-        out[method] = {"knob": METHODS[method].knob, "candidates": list(values), "dev_scores": {f"{v:g}": scores[v] for v in values},
-                       "chosen": chosen, "test": rp.held_out_scores(test, on_test["correct"], s.bootstrap, ctx.audit.probe.seed),
+        out[method] = {"knob": METHODS[method].knob, "candidates": list(values),
+                       "dev_scores": {f"{v:g}": scores[v] for v in values}, "chosen": chosen,
+                       "test": rp.held_out_scores(test, on_test["correct"], s.bootstrap, ctx.audit.probe.seed),
                        "correct": {**on_dev[chosen]["correct"], **on_test["correct"]}}
     return out
 

@@ -60,7 +60,8 @@ def run_audit(audit: Audit, out: str | Path, *, write_best: bool = False, progre
     base = {"format": FORMAT, "audit": audit.to_dict(), "folders": ctx.folders}
     atomic_write_json(out / RECORD, {**base, "sessions": record.get("sessions", [])})
     summary = run_steps(ctx, write_best)
-    session = {"command": command or "sftlens audit (in-process)", "code": code_version(), "machine": machine(), "started": started,
+    session = {"command": command or "sftlens audit (in-process)", "code": code_version(), "machine": machine(),
+               "started": started,
                "wall_s": round(time.perf_counter() - start, 1)}
     atomic_write_json(out / RECORD, {**base, "sessions": [*record.get("sessions", []), session]})
     return {**summary, "report": write_audit_report(out, page, focus)}
@@ -85,7 +86,8 @@ def plan_rows(ctx: Context) -> list[list]:
         work = 0 if done else n
         rows.append([f"greedy {role}", work, "answers", work * DEFAULT_RATES["eval"] * scale])
     kl_done = (ctx.out / "steps" / "kl.json").is_file()
-    rows.append(["first-token KL", 0 if kl_done else 2 * n, "forward passes", (0 if kl_done else 2 * n) * DEFAULT_RATES["kl"] * scale])
+    kl_work = 0 if kl_done else 2 * n
+    rows.append(["first-token KL", kl_work, "forward passes", kl_work * DEFAULT_RATES["kl"] * scale])
     deltas_done = (ctx.out / "steps" / "deltas.json").is_file()
     rows.append(["update concentration", 0 if deltas_done else DELTAS_PASSES, "weight passes",
                  0 if deltas_done else DEFAULT_RATES["deltas"] * scale])
@@ -141,7 +143,8 @@ def audit_from_args(args: argparse.Namespace) -> Audit:
     if args.base is None or args.finetuned is None:
         raise SftlensError("give both --base and --finetuned")
     chosen = preset(args.preset) if args.preset else {}
-    selection = {**chosen.get("selection", {}), **{k: getattr(args, k) for k in SELECTION_KEYS if getattr(args, k) is not None}}
+    given = {k: getattr(args, k) for k in SELECTION_KEYS if getattr(args, k) is not None}
+    selection = {**chosen.get("selection", {}), **given}
     probe = config_from_dict(ProbeConfig, {**chosen.get("probe", {}), **_given(args, ProbeConfig)}, "probe")
     settings = config_from_dict(AuditConfig, {**chosen.get("audit", {}), **_given(args, AuditConfig)}, "audit")
     return Audit(args.base, args.finetuned, probe=probe, settings=settings, values=_values(args.values), **selection)

@@ -175,8 +175,8 @@ def focus_section(summary: dict, facts: list[dict], focus: list[str], source: st
             "recall of forgotten taught facts: share of those the fine-tune forgot that the model answers right. Repairs "
             "at their dev-chosen values, on dev and test facts alike (dev facts took part in choosing the value).")
     return Section("Recall of forgotten taught facts", text, [
-        ("", ["model", f"recall of taught facts (%, n={len(mine)})", f"recall of forgotten taught facts (%, n={len(forgotten)})"],
-         rows)])
+        ("", ["model", f"recall of taught facts (%, n={len(mine)})",
+              f"recall of forgotten taught facts (%, n={len(forgotten)})"], rows)])
 
 
 def header_lines(record: dict, audit_dir: Path, page: Path | None) -> list[str]:
