@@ -267,3 +267,17 @@ def test_preset_and_command_line_make_one_audit(tmp_path):
     with pytest.raises(SftlensError, match="unknown audit preset"):
         audit_from_args(parser.parse_args(["audit", "--preset", "nope", "--base", "a", "--finetuned", "b",
                                            "--out", str(tmp_path)]))
+
+
+@pytest.mark.slow
+def test_smollm2_chat_prompt_is_its_template_with_one_start_token(smollm2_dir):
+    from sftlens.audit.prompts import Templated, question_prompt
+    from sftlens.data import encode_prompt
+    from sftlens.models import load_tokenizer
+
+    tok = load_tokenizer(str(smollm2_dir))
+    prompt = question_prompt(tok, "Where is Paris located?", "chat")
+    assert prompt.endswith("<|im_start|>assistant\n") and "Where is Paris located?<|im_end|>" in prompt
+    ids = encode_prompt(Templated(tok), prompt)
+    assert ids == tok(prompt, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[:1]) == "<|im_start|>" and tok.decode(ids) == prompt
