@@ -33,6 +33,7 @@ COMMANDS = {
     "study": ("sftlens.study", "the whole grid as one resumable study"),
     "demo": ("sftlens.study", "the demo study on SmolLM2-135M (CPU), then its report"),
     "report": ("sftlens.study.report", "a study's report (HTML + Markdown), rebuilt from its database"),
+    "audit": ("sftlens.audit", "audit a fine-tune made elsewhere against its base: forgotten, learned, which repair helps"),
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -180,7 +181,7 @@ def _markdown(title: str, parts: list[Section], preamble: list[str] = ()) -> str
         for caption, header, rows in s.tables:
             if caption:
                 lines += [f"*{caption}*", ""]
-            lines += [markdown_table(header, rows), ""]
+            lines += [markdown_table(header, rows, "".join("r" if n else "l" for n in numeric_columns(rows, len(header)))), ""]
     return "\n".join(lines)
 
 
@@ -193,13 +194,47 @@ def _html(title: str, parts: list[Section]) -> str:
             data = base64.b64encode(s.figure.read_bytes()).decode()
             body.append(f'<img alt="{esc(s.title)}" src="data:image/png;base64,{data}">')
         for caption, header, rows in s.tables:
+            numeric = numeric_columns(rows, len(header))
             body.append("<table>" + (f"<caption>{esc(caption)}</caption>" if caption else ""))
-            body.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
-            body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+            body.append("<tr>" + "".join(f"<th{_align(n)}>{esc(str(h))}</th>" for h, n in zip(header, numeric)) + "</tr>")
+            body += ["<tr>" + "".join(f"<td{_align(n)}>{esc(str(c))}</td>" for c, n in zip(row, numeric)) + "</tr>"
+                     for row in rows]
             body.append("</table>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}caption{font-style:italic}img{max-width:100%}")
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.num{text-align:right}"
+             "caption{font-style:italic}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+
+
+# A cell reads as a number when it starts like one ("12.3 ± 0.4", "+1.2 [-0.3, +2.5] holds", "1,024");
+# empty cells and dashes say nothing either way.
+_NUMBER = re.compile(r"^\s*[-+−]?(\d|\.\d)")
+_BLANK = ("", "–", "-", "—")
+
+
+def numeric_columns(rows: list[list], width: int) -> list[bool]:
+    """Per column of `width`: whether every filled cell is a number (right-aligned) or not (text, left-aligned)."""
+    columns = [[str(row[i]).strip() for row in rows if i < len(row) and str(row[i]).strip() not in _BLANK]
+               for i in range(width)]
+    return [bool(cells) and all(_NUMBER.match(c) for c in cells) for cells in columns]
+
+
+def _align(numeric: bool) -> str:
+    return ' class="num"' if numeric else ""
+
+
+def write_sections(title: str, parts: list[Section], out: Path, stem: str = "report") -> dict[str, Path]:
+    """`{stem}.md` and a self-contained `{stem}.html` of `parts` under `out`: the one report layer
+    (the study report and the audit report)."""
+    atomic_write_text(out / f"{stem}.md", _markdown(title, parts))
+    atomic_write_bytes(out / f"{stem}.html", _html(title, parts).encode("utf-8"))
+    return {"html": out / f"{stem}.html", "markdown": out / f"{stem}.md"}
+
+
+def write_page(page: Path, title: str, parts: list[Section], preamble: list[str]) -> Path:
+    """A results page: the report's Markdown headed by `preamble`, its PNGs beside it."""
+    atomic_write_text(page, _markdown(title, _beside(parts, page), preamble))
+    return page
 
 
 def write_report(study_dir: str | Path, page: str | Path | None = None) -> dict[str, Path]:
