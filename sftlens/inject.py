@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterable
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
-from sftlens.data import Fact, first_per_relation, load_facts, load_templates
+from sftlens.data import Fact, add_fact_arguments, facts_from_args, load_templates
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, atomic_write_jsonl, stable_hash
 
@@ -107,20 +107,19 @@ def fact_templates(fact_id: str, dose: int, config: InjectConfig) -> list[int]:
 
 def statement_rows(facts: Iterable[Fact], doses: dict[str, int], config: InjectConfig) -> list[dict]:
     """One training row per (taught fact, template): the filled template, then " {first answer}."."""
-    templates = load_templates()
     rows = []
     for fact in facts:
         if fact.id not in doses:
             continue
         for template in fact_templates(fact.id, doses[fact.id], config):
-            text = templates[fact.relation].mapping_templates[template].format(subject=fact.subject)
+            text = fact.probe_prompt(template)
             rows.append({"fact_id": fact.id, "template": template, "prompt": text,
                          "completion": f" {fact.answers[0].strip()}."})
     return rows
 
 
 def _check_templates(facts: list[Fact], config: InjectConfig) -> None:
-    available = min(len(load_templates()[f.relation].mapping_templates) for f in facts)
+    available = min(len(f.relation_templates().mapping_templates) for f in facts)
     bad = [t for t in config.templates if t >= available]
     if bad:
         raise SftlensError(f"inject template {bad[0]} out of range: relations have {available} mapping templates")
@@ -228,21 +227,9 @@ def inject(model: str, facts: list[Fact], out_dir: str | os.PathLike, config: In
     return out_dir
 
 
-def selected_facts(data_dir, relations: str, split: str, limit: int | None) -> list[Fact]:
-    """The facts of the CLI's selection flags (as `sftlens probe` reads them)."""
-    facts = load_facts(data_dir, splits=split, relations=relations, progress=False).facts
-    if limit is not None:
-        if limit < 1:
-            raise SftlensError(f"--limit must be positive, got {limit}")
-        facts = first_per_relation(facts, limit)
-    if not facts:
-        raise SftlensError(f"no facts for relations {relations} in split {split}")
-    return facts
-
-
 def _run(args: argparse.Namespace) -> None:
     config = config_from_args(InjectConfig, args)
-    facts = selected_facts(args.data_dir, args.relations, args.split, args.limit)
+    facts = facts_from_args(args)
     out = inject(args.model, facts, Path(args.out), config)
     record = inject_record(out)
     doses = Counter(record["doses"].values())
@@ -258,9 +245,6 @@ def add_cli(subparsers) -> None:
                     "selected facts, at graded doses; the probe of the result uses only the other templates.")
     parser.add_argument("--model", required=True, help="built-in name, local HF folder or hub id")
     parser.add_argument("--out", required=True, help="folder for the injected model")
-    parser.add_argument("--data-dir", help="EntityQuestions folder (default: $SFTLENS_DATA_DIR)")
-    parser.add_argument("--relations", default="all", help="comma list of relation ids, or in/out/all")
-    parser.add_argument("--split", default="train,dev,test", help="comma list of train,dev,test")
-    parser.add_argument("--limit", type=int, default=None, help="first N facts per relation and split")
+    add_fact_arguments(parser, split="train,dev,test")
     add_config_arguments(parser, InjectConfig)
     parser.set_defaults(func=_run, writes="out")

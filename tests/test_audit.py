@@ -281,3 +281,27 @@ def test_smollm2_chat_prompt_is_its_template_with_one_start_token(smollm2_dir):
     ids = encode_prompt(Templated(tok), prompt)
     assert ids == tok(prompt, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids[:1]) == "<|im_start|>" and tok.decode(ids) == prompt
+
+
+def test_an_audit_reads_a_fact_set_with_its_own_templates_and_aliases(pair, tmp_path):
+    """`--facts`: a native JSONL set (one topic with mapping templates, one question-only topic) is
+    probed with its own templates, and an answer's aliases travel with the fact."""
+    base, ft, _ = pair
+    facts = tmp_path / "mine.jsonl"
+    rows = [{"subject": f"Item {i}", "relation": "colour", "id": f"c{i}", "split": "test",
+             "answers": [{"answer": LETTERS[i % 8], "aliases": [LETTERS[(i + 1) % 8]]}]} for i in range(12)]
+    rows += [{"question": f"Which letter is number {i}?", "relation": "letter", "id": f"l{i}", "split": "test",
+              "answers": [LETTERS[(2 * i) % 8]]} for i in range(12)]
+    facts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "mine.relations.json").write_text(json.dumps({"relations": {"colour": {
+        "question": "What colour is {subject}?", "templates": ["{subject} is coloured", "The colour of {subject} is"]}}}))
+    probe = ProbeConfig(samples=2, templates=(0,), max_new_tokens=6)  # a question-only topic has one template
+    audit = Audit(str(base), str(ft), facts=str(facts), probe=probe, settings=SETTINGS)
+    summary = run_audit(audit, tmp_path / "audit", progress=False)
+    written = {r["fact_id"]: r for r in read_jsonl(tmp_path / "audit" / "facts.jsonl")}
+    assert summary["facts"] == len(written) == 24
+    assert {i.split("/")[0] for i in written} == {"colour", "letter"}
+    colour = next(r for i, r in written.items() if i.startswith("colour/"))
+    assert len(colour["answers"]) == 2  # the answer and its alias
+    kl = json.loads((tmp_path / "audit" / "steps" / "kl.json").read_text())
+    assert kl["summary"]["n"] == 24

@@ -9,12 +9,12 @@ from importlib import resources
 from typing import Literal
 
 from sftlens.config import config_from_dict, config_to_dict
-from sftlens.data import Fact, first_per_relation, load_facts
+from sftlens.data import Fact, first_per_relation, load_fact_set, load_facts
 from sftlens.errors import SftlensError
 from sftlens.probe import ProbeConfig
 
 PRESETS = ("audit-demo",)
-SELECTION_KEYS = ("data_dir", "relations", "split", "limit")
+SELECTION_KEYS = ("data_dir", "facts", "in_domain", "relations", "split", "limit")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class Audit:
     base: str
     finetuned: str
     data_dir: str | None = None
+    facts: str | None = None  # a fact set (`sftlens data import` folder or native JSONL) instead of data_dir
+    in_domain: str | None = None  # with facts: the topics that count as in-domain
     relations: str = "all"
     split: str = "test"
     limit: int | None = None
@@ -59,12 +61,20 @@ class Audit:
     settings: AuditConfig = AuditConfig()
     values: tuple[tuple[str, tuple[str | float, ...]], ...] = ()
 
-    def facts(self) -> list[Fact]:
-        """The facts, exactly as `sftlens probe --data-dir --relations --split --limit` takes them."""
+    def selected_facts(self) -> list[Fact]:
+        """The facts, exactly as `sftlens probe` selects them (--data-dir or --facts, --relations,
+        --split, --limit)."""
         if self.limit is not None and self.limit < 1:
             raise SftlensError(f"--limit must be positive, got {self.limit}")
-        facts = load_facts(self.data_dir, splits=self.split, relations=self.relations, progress=False).facts
-        facts = first_per_relation(facts, self.limit)
+        if self.facts:
+            if self.data_dir:
+                raise SftlensError("give --facts or --data-dir, not both")
+            facts = load_fact_set(self.facts, self.in_domain).select(self.relations, self.split, self.limit)
+        else:
+            if self.in_domain:
+                raise SftlensError("--in-domain chooses a fact set's in-domain topics: give it with --facts")
+            facts = load_facts(self.data_dir, splits=self.split, relations=self.relations, progress=False).facts
+            facts = first_per_relation(facts, self.limit)
         if not facts:
             raise SftlensError(f"no facts for relations {self.relations} in split {self.split}")
         return facts

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftlens.analysis.deltas import DeltasConfig, concentration, zero_base_mass
-from sftlens.analysis.kl import KLConfig, first_token_kl, kl_for_models, summarize_kl
+from sftlens.analysis.kl import first_token_kl, summarize_kl
 from sftlens.audit import repairs as rp
 from sftlens.audit.checks import check_pair
 from sftlens.audit.config import Audit
@@ -73,12 +73,12 @@ class Context:
         """Evaluation rows of the facts with `role`'s prompts; `level` is a placeholder (the audit
         groups answers by the probed levels itself)."""
         return [{"fact_id": f.id, "relation": f.relation, "domain": f.domain, "level": 0, "question": f.question,
-                 "answers": list(f.answers), "prompt": p} for f, p in zip(self.facts, self.prompts[role])]
+                 "answers": list(f.accepted_answers), "prompt": p} for f, p in zip(self.facts, self.prompts[role])]
 
 
 def prepare(audit: Audit, out: str | Path, progress: bool = True) -> Context:
     """Every check on the inputs (models, facts, slices, candidate values, chat templates)."""
-    facts = audit.facts()
+    facts = audit.selected_facts()
     slice_of = rp.slices(facts, audit.settings.dev_share, audit.probe.seed, audit.settings.min_slice)
     given = dict(audit.values)
     unknown = sorted(set(given) - set(METHODS))
@@ -168,11 +168,11 @@ def kl_step(ctx: Context, base_records: dict) -> dict:
     (ft, tokenizer), (base, _) = ctx.model("finetuned"), ctx.model("base")
     if chat:
         pairs = list(zip(ctx.prompts["finetuned"], ctx.prompts["base"]))
-        values = first_token_kl(ft, base, prompt_tokenizer(tokenizer, "chat"), pairs, ctx.settings.kl_top_k)
-        result = {"summary": summarize_kl(values), "facts": [{"fact_id": f.id, "kl": v} for f, v in zip(ctx.facts, values)]}
-    else:
-        result = kl_for_models(ft, base, tokenizer, ctx.rows("base"), KLConfig(top_k=ctx.settings.kl_top_k), templates)
-    result = {"key": key, "style": "chat" if chat else "template", **result}
+    else:  # a fact's own topic templates: a fact set's as well as the paper's
+        pairs = [(p, p) for p in (f.probe_prompt(templates.get(f.relation, 0)) for f in ctx.facts)]
+    values = first_token_kl(ft, base, prompt_tokenizer(tokenizer, ctx.settings.prompt), pairs, ctx.settings.kl_top_k)
+    result = {"key": key, "style": "chat" if chat else "template", "summary": summarize_kl(values),
+              "facts": [{"fact_id": f.id, "kl": v} for f, v in zip(ctx.facts, values)]}
     atomic_write_json(path, result)
     return result
 
@@ -202,7 +202,7 @@ def fact_rows(ctx: Context, probes: dict, greedy: dict, kl: dict) -> list[dict]:
         b, t = probes["base"][f.id], probes["finetuned"][f.id]
         right = {role: greedy[role]["correct"][f.id] for role in ROLES}
         rows.append({"fact_id": f.id, "relation": f.relation, "domain": f.domain, "question": f.question,
-                     "answers": list(f.answers), "base_level": b.level, "finetuned_level": t.level,
+                     "answers": list(f.accepted_answers), "base_level": b.level, "finetuned_level": t.level,
                      "base_R": b.R, "finetuned_R": t.R,
                      "base_answer": greedy["base"]["answers"][f.id], "finetuned_answer": greedy["finetuned"]["answers"][f.id],
                      "base_correct": right["base"], "finetuned_correct": right["finetuned"],

@@ -13,6 +13,7 @@ from typing import Callable
 from sftlens.audit.config import SELECTION_KEYS, Audit, AuditConfig, preset
 from sftlens.audit.engine import FORMAT, ROLES, Context, _cached, greedy_key, prepare, probe_store, repair_targets, run_steps
 from sftlens.config import add_config_arguments, config_from_dict
+from sftlens.data import add_fact_source_arguments
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json
 from sftlens.markdown import markdown_table
@@ -178,8 +179,9 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--finetuned", help="fine-tuned model of the same architecture and shape")
     parser.add_argument("--out", required=True, help="the audit folder")
     parser.add_argument("--preset", help="audit-demo: a small sizing for the embedded model on CPU")
-    parser.add_argument("--data-dir", help="EntityQuestions folder (default: $SFTLENS_DATA_DIR)")
-    parser.add_argument("--relations", help="comma list of relation ids, or in/out/all (default: all)")
+    add_fact_source_arguments(parser)
+    parser.add_argument("--relations", help="comma list of relation ids (or a fact set's topics), or in/out/all "
+                                            "(default: all)")
     parser.add_argument("--split", help="comma list of train,dev,test (default: test)")
     parser.add_argument("--limit", type=int, help="first N facts per relation and split")
     parser.add_argument("--values", action="append", metavar="METHOD=V1,V2,...",
