@@ -20,7 +20,8 @@ from sftlens.io import exclusive_writer
 
 COMMANDS = {
     "models": ("sftlens.models", "prepare the built-in models"),
-    "data": ("sftlens.data.stats", "inspect EntityQuestions data"),
+    "data": ("sftlens.data.stats", "fact sets: check, import (EntityQuestions, PopQA, TriviaQA, JSONL), stats"),
+    "inject": ("sftlens.inject", "teach the base model a known set of facts in statement form (a knowledge testbed)"),
     "probe": ("sftlens.probe.cli", "measure the base model's mastery of facts (R_k, levels)"),
     "split": ("sftlens.split", "divide probed facts into SFT sets by mastery level"),
     "train": ("sftlens.train", "supervised fine-tuning on an SFT set (JSONL)"),
@@ -28,10 +29,11 @@ COMMANDS = {
     "kl": ("sftlens.analysis.kl", "first-token KL between a fine-tuned model and its base (Figure 5)"),
     "deltas": ("sftlens.analysis.deltas", "how concentrated the fine-tuning update is (Table 3)"),
     "restore": ("sftlens.restore", "restore the most changed parameters to their base values"),
-    "repair": ("sftlens.repair", "undo SFT's harm in weight space: restore, wise, dare or trim, for a sweep of values"),
+    "repair": ("sftlens.repair", "undo SFT's harm in weight space: restore, wise, dare, trim or spectral, for a sweep of values"),
     "study": ("sftlens.study", "the whole grid as one resumable study"),
     "demo": ("sftlens.study", "the demo study on SmolLM2-135M (CPU), then its report"),
     "report": ("sftlens.study.report", "a study's report (HTML + Markdown), rebuilt from its database"),
+    "audit": ("sftlens.audit", "audit a fine-tune made elsewhere against its base: forgotten, learned, which repair helps"),
 }
 
 

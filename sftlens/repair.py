@@ -56,7 +56,7 @@ def _retagged(records: list[dict], config: RepairConfig, value: float) -> list[d
 def evaluate_repaired(base, finetuned, values, config: RepairConfig, test_files=(), out_dir: str | Path = "repaired",
                       eval_config=None, train_file=None, progress: bool = True) -> list[dict]:
     """Accuracy of the fine-tuned model as it is (the method's neutral value: restore ratio 0,
-    wise alpha 1, dare p 0, trim d 100) and edited at every value, editing in memory (no checkpoint
+    wise alpha 1, dare p 0, trim d 100, spectral c 0) and edited at every value, editing in memory (no checkpoint
     written): the paper's Table 4 on `test_files`, Table 5 on `train_file`.
 
     Returns long-format evaluation records with `split` (test/train) and the value's tag (restore:
@@ -144,6 +144,11 @@ def run_sweep(args: argparse.Namespace, config: RepairConfig) -> None:
 def _run_repair(args: argparse.Namespace) -> None:
     config = config_from_args(RepairConfig, args)
     read = METHODS[config.method].settings
+    if args.values is None:
+        args.values = METHODS[config.method].default_values
+        if not args.values:
+            raise SftlensError(f"--method {config.method} needs --values (only "
+                               f"{', '.join(m for m, spec in METHODS.items() if spec.default_values)} has a default)")
     unused = [name for name in ("metric", "scope", "strategy", "seed") if name in vars(args) and name not in read]
     if unused:
         raise SftlensError(f"--{unused[0]} does not apply to --method {config.method} "
@@ -174,12 +179,15 @@ def add_model_arguments(parser, what: str) -> None:
 
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
-        "repair", help="undo SFT's harm in weight space: restore, wise (WiSE-FT), dare (DARE), trim (TIES' trim)")
+        "repair", help="undo SFT's harm in weight space: restore, wise (WiSE-FT), dare (DARE), trim (TIES' trim), "
+                       "spectral (Gavish-Donoho)")
     add_model_arguments(parser, "repaired")
     parser.add_argument("--method", required=True, choices=tuple(METHODS),
                         help="; ".join(f"{name}: {m.knob} in {m.interval}" for name, m in METHODS.items()))
-    parser.add_argument("--values", required=True, type=parse_value_list,
-                        help="comma list of the method's knob (restore: ratios in %%, wise: alpha, dare: p, trim: d in %%)")
+    parser.add_argument("--values", type=parse_value_list,
+                        help="comma list of the method's knob (restore: ratios in %%, wise: alpha, dare: p, trim: d in %%, "
+                             "spectral: c, the scale of the Gavish-Donoho threshold; spectral's default: 1, the "
+                             "threshold itself; the other methods need --values)")
     add_config_arguments(parser, RepairConfig, exclude=("method",))
     add_eval_arguments(parser, "repaired")
     parser.set_defaults(func=_run_repair, writes="out")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
-from sftlens.data import Fact, load_facts, parse_fact_id, sft_completion, sft_prompt
+from sftlens.data import Fact, add_fact_source_arguments, fact_set_from_args, parse_fact_id, sft_completion, sft_prompt
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_directory, atomic_write_json, atomic_write_jsonl, stable_hash
 from sftlens.probe import LEVELS, ProbeRecord, load_probe
@@ -70,10 +70,11 @@ class SplitConfig:
 
 
 def split_row(fact: Fact, level: int) -> dict:
-    """One JSONL row in the paper's SFT format (Appendix A); the completion uses the first answer."""
+    """One JSONL row in the paper's SFT format (Appendix A); the completion uses the first answer.
+    `answers` holds a fact set's aliases after the answers, so every reader of rows accepts them."""
     return {
         "fact_id": fact.id, "relation": fact.relation, "domain": fact.domain, "level": level,
-        "question": fact.question, "answers": list(fact.answers),
+        "question": fact.question, "answers": list(fact.accepted_answers),
         "prompt": sft_prompt(fact.question), "completion": sft_completion(fact.answers[0]),
     }
 
@@ -150,7 +151,9 @@ def _levels_of(facts: list[Fact], records: dict[str, ProbeRecord]) -> dict[str, 
 
 
 def _inputs_key(facts: list[Fact], levels: dict[str, int], config: SplitConfig) -> str:
-    facts_part = sorted((f.id, f.question, list(f.answers), levels[f.id]) for f in facts)
+    # A fact set's domains follow its in-domain choice, so they join the key; EntityQuestions' keys stay.
+    facts_part = sorted((f.id, f.question, list(f.accepted_answers), levels[f.id], *((f.domain,) if f.templates else ()))
+                        for f in facts)
     return stable_hash([SPLIT_FORMAT, config_to_dict(config), facts_part], length=32)
 
 
@@ -266,7 +269,7 @@ def _run(args: argparse.Namespace) -> None:
     ids = [parse_fact_id(fid) for fid in records]
     relations = sorted({relation for relation, _, _ in ids})
     splits = sorted({split for _, split, _ in ids})
-    facts = [f for f in load_facts(args.data_dir, splits=tuple(splits), relations=tuple(relations)).facts if f.id in records]
+    facts = [f for f in fact_set_from_args(args, tuple(splits), tuple(relations)).facts if f.id in records]
     manifest = build_splits(facts, records, config, args.out)
     print(summary(manifest), end="")
     print(f"written to {args.out}")
@@ -275,7 +278,7 @@ def _run(args: argparse.Namespace) -> None:
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("split", help="divide probed facts into SFT sets by mastery level")
     parser.add_argument("--store", required=True, help="probe store folder (from `sftlens probe`)")
-    parser.add_argument("--data-dir", help="EntityQuestions folder (default: $SFTLENS_DATA_DIR)")
+    add_fact_source_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder for the sets and manifest.json")
     add_config_arguments(parser, SplitConfig)
     parser.set_defaults(func=_run, writes="out")

@@ -36,6 +36,7 @@ from sftlens.split import data_manifest, read_split_rows
 
 IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
 SFT_KEYS = ("prompt", "completion")
+# What `default_lora_targets` finds in a Llama-shaped model (SmolLM2, Qwen2, Mistral, Gemma)
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # LoRA settings exist only for LoRA runs: a full-SFT config's dict (and so its run key) is what it
 # was before LoRA was added.
@@ -64,8 +65,11 @@ class TrainConfig:
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r", **LORA_ONLY})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)",
                                                   **LORA_ONLY})
-    lora_targets: tuple[str, ...] = field(
-        default=LLAMA_PROJECTIONS, metadata={"help": "module names that get LoRA adapters", **LORA_ONLY})
+    # None = found in the model (`default_lora_targets`), a value no explicit list takes, so a config
+    # naming its targets keeps the key it had when Llama's projections were the default
+    lora_targets: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "module names that get LoRA adapters (default: every linear layer "
+                                        "of the transformer blocks, found in the model)", **LORA_ONLY})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input", **LORA_ONLY})
 
     def __post_init__(self):
@@ -81,7 +85,7 @@ class TrainConfig:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_targets:
+        if self.lora_targets is not None and not self.lora_targets:
             raise ValueError("lora_targets must name at least one module")
 
 
@@ -131,16 +135,48 @@ def _require_peft() -> None:
         raise SftlensError("method = 'lora' needs PEFT: pip install 'sftlens[lora]'") from None
 
 
-def _with_lora(net, model: str, config: TrainConfig):
-    """`net` with LoRA adapters on `config.lora_targets`, every other weight frozen."""
-    from peft import LoraConfig, get_peft_model
+def _linear_layers(net) -> list[tuple[str, torch.nn.Module]]:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
 
+    return [(name, module) for name, module in net.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
+
+
+def default_lora_targets(net) -> tuple[str, ...]:
+    """Names of the linear layers inside the transformer blocks (attention and MLP, fused projections
+    such as `query_key_value`, `qkv_proj`, `c_attn` included), in model order. Blocks are the
+    `sftlens.weights` layers (`layers.N`, `h.N`, ...), so the embeddings and the output head are never
+    targets; PEFT matches a name wherever it occurs, so a name also used outside the blocks is left out."""
+    from sftlens.weights.checkpoints import layer_index  # sftlens.weights imports this module
+
+    inside = [name.rsplit(".", 1)[-1] for name, _ in _linear_layers(net) if layer_index(f"{name}.") is not None]
+    outside = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules() if layer_index(f"{name}.") is None}
+    return tuple(name for name in dict.fromkeys(inside) if name not in outside)
+
+
+def _lora_targets(net, model: str, config: TrainConfig) -> tuple[str, ...]:
+    if config.lora_targets is None:
+        targets = default_lora_targets(net)
+        if not targets:
+            raise SftlensError(f"lora_targets: no linear layer found in the transformer blocks of {model}; "
+                               "name the modules with --lora-targets")
+        return targets
     names = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules()}
     missing = [target for target in config.lora_targets if target not in names]
     if missing:
         raise SftlensError(f"lora_targets: {', '.join(missing)} not found in the modules of {model}")
+    return config.lora_targets
+
+
+def _with_lora(net, targets: tuple[str, ...], config: TrainConfig):
+    """`net` with LoRA adapters on the modules named `targets`, every other weight frozen."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    # Conv1D stores its weight as (in, out): PEFT needs fan_in_fan_out to merge it the right way round
+    conv1d = any(isinstance(module, Conv1D) for name, module in _linear_layers(net)
+                 if name.rsplit(".", 1)[-1] in targets)
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_targets), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(targets), fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(net, lora)
 
 
@@ -317,8 +353,13 @@ def train(model: str, sft_path: Path, out_dir: Path, config: TrainConfig = Train
     net, tokenizer = load_model(model, dtype="float32", device="cpu")
     context = config.max_length or getattr(net.config, "max_position_embeddings", None) or 2048
     examples = encode_sft_set(tokenizer, rows, sft_path, context)
+    settings = config_to_dict(config)
     if config.method == "lora":
-        net = _with_lora(net, model, config)
+        targets = _lora_targets(net, model, config)
+        settings["lora_targets"] = list(targets)  # the record names the targets auto chose
+        if progress:
+            print(f"LoRA on {', '.join(targets)}")
+        net = _with_lora(net, targets, config)
 
     work_dir = out_dir.with_name(f".{out_dir.name}.partial")
     args = _training_arguments(config, work_dir / "checkpoints", progress)
@@ -329,7 +370,7 @@ def train(model: str, sft_path: Path, out_dir: Path, config: TrainConfig = Train
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     record = {
-        **identity, "model": model, "data": manifest, "method": config.method, "config": config_to_dict(config),
+        **identity, "model": model, "data": manifest, "method": config.method, "config": settings,
         "steps": trainer.state.global_step, "train_seconds": round(time.perf_counter() - started, 3),
         "train_loss": result.training_loss, "resumed_from": last_checkpoint and last_checkpoint.name,
     }

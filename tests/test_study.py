@@ -129,7 +129,7 @@ def test_a_process_pool_gives_the_same_results(tmp_path):
     ('[study]\nlora_learning_rates = [1e-4, 0]\n', "lora_learning_rates must be positive, got [0.0001, 0.0]"),
     ('[study]\nlora_learning_rates = [1e-4]\n[train]\nmethod = "lora"\n', "train.method is already 'lora'"),
     ('[study]\nlora_learning_rates = [1e-4]\n[repairs]\nwise = { values = [0.5, 0.7] }\n',
-     "study.lora_learning_rates: 1 rates, but each repair method has 2 values"),
+     "study.lora_learning_rates: 1 values, but repairs.wise.values has 2"),
 ])
 def test_bad_study_files_name_the_key(tmp_path, text, message):
     with pytest.raises(SftlensError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -250,7 +250,8 @@ def test_the_lora_arm_trains_on_the_same_sets_and_its_rate_is_chosen_on_dev(tiny
     best = max(sorted(dev_acc), key=lambda rate: sum(dev_acc[rate]) / 2)
     markdown = write_report(study)["markdown"].read_text()
     rows = [line for line in markdown.splitlines() if "| LoRA SFT (r=16, alpha=32) |" in line]
-    assert len(rows) == 1 and f"| lr = {best:g} | 2 |" in rows[0]
+    assert len(rows) == 1 and f"| lr = {best:g} (tuned on dev among 0.001 / 0.01) | 2 |" in rows[0]
+    assert "| plain SFT | lr = 0.001 (fixed: [train]'s, not tuned) |" in markdown  # full SFT's rate, untuned
     assert rows[0].count(" [") == 3, "gains over plain SFT with intervals, in- and out-of-domain and training set"
 
 
@@ -332,3 +333,55 @@ def test_the_ray_executor_runs_each_unit_once_with_the_local_results(tiny_study,
     assert len(summary.ran) == len(units) and not summary.failed
     assert {u["runs"] for u in units} == {1}
     assert_same_results(comparable(tmp_path / "ray"), comparable(reference))
+
+
+# Every unit of the tiny study's plan (TINY_STUDY on `tiny_model(seed=0)` and `write_tiny_data`), keyed by
+# the code before `learning_rates` existed: a study without the setting keeps every key. The LoRA units were
+# re-keyed once, on purpose, when unset `lora_targets` came to mean "found in the model" (issue 20).
+TINY_KEYS = {
+    "probe": "3ab5ad742516ae71",
+    "split": "a41dc24d8df81914",
+    "eval base": "80116562a993b685",
+    "train level0-n8-seed0": "e74f5de0e5d6dc4a",
+    "train level0-n8-seed1": "4cd26621cb4ddb8c",
+    "train mixed-n8-seed0": "7a451004d1d5cf97",
+    "train mixed-n8-seed1": "04d0a192a473887a",
+    "eval level0-n8-seed0": "c49a5f8c18c5732d",
+    "kl level0-n8-seed0": "1c5f90b062f3f84f",
+    "deltas level0-n8-seed0": "bc33f89bfb0697c8",
+    "restore level0-n8-seed0": "86de0fef96a2db6d",
+    "repair wise level0-n8-seed0": "527c63554866b8ce",
+    "repair dare level0-n8-seed0": "5bac86051e66bff6",
+    "lora level0-n8-seed0 lr0.001": "033c34866aa9fde5",
+    "lora-eval level0-n8-seed0 lr0.001": "d7f3284e9439bc5f",
+    "lora level0-n8-seed0 lr0.01": "1660328bb2d3bc93",
+    "lora-eval level0-n8-seed0 lr0.01": "cf48cbe929920430",
+    "eval level0-n8-seed1": "ff11f8fd2951cf7c",
+    "kl level0-n8-seed1": "4f0e64f39abe8782",
+    "deltas level0-n8-seed1": "9a733ee28323be04",
+    "restore level0-n8-seed1": "4b67340762c796bd",
+    "repair wise level0-n8-seed1": "4aaf1c70f38e478f",
+    "repair dare level0-n8-seed1": "0a270ecd0dfffbf9",
+    "lora level0-n8-seed1 lr0.001": "2bdb68a151974f96",
+    "lora-eval level0-n8-seed1 lr0.001": "36154d49f29927bf",
+    "lora level0-n8-seed1 lr0.01": "657509d0290b1bd8",
+    "lora-eval level0-n8-seed1 lr0.01": "0914c804ca88f483",
+    "eval mixed-n8-seed0": "5ae4637b67a89393",
+    "kl mixed-n8-seed0": "57ebbae964c9bb7a",
+    "eval mixed-n8-seed1": "fe84fcf660fb2aed",
+    "kl mixed-n8-seed1": "f3d13db8823ad7cf",
+    "control level0-n8-seed0": "bbf33539fa075e6e",
+    "control level0-n8-seed1": "797269bad0e794f0",
+    "repaired wise level0-n8-seed0": "d6b1dc2c8bec9175",
+    "repaired dare level0-n8-seed0": "03f8a19d7fed66b9",
+    "repaired wise level0-n8-seed1": "eb7b38783cd2b9a8",
+    "repaired dare level0-n8-seed1": "8b17704d2955b9d4"
+}
+
+
+def test_unit_keys_are_unchanged_without_learning_rates(tmp_path):
+    from tiny import save_model, tiny_model, write_tiny_data
+
+    model, tokenizer = tiny_model(seed=0)
+    config = tiny_study_file(tmp_path, save_model(model, tokenizer, tmp_path / "model"), write_tiny_data(tmp_path / "eq"))
+    assert {u.label: u.key for u in build_units(load_study_config(str(config)))} == TINY_KEYS

@@ -1,4 +1,4 @@
-"""Stage 1: EntityQuestions facts, the paper's templates, and alias-aware answer matching."""
+"""Stage 1: facts (EntityQuestions, or any fact set), the paper's templates, and alias-aware answer matching."""
 
 from sftlens.data.facts import (
     Fact,
@@ -14,6 +14,8 @@ from sftlens.data.facts import (
     parse_fact_id,
     parse_relations,
 )
+from sftlens.data.factset import fact_set_stats, load_fact_set
+from sftlens.data.selection import add_fact_arguments, add_fact_source_arguments, fact_set_from_args, facts_from_args, select_from_args
 from sftlens.data.matching import Matcher, default_matcher, normalize
 from sftlens.data.prompts import encode_prompt, sft_completion, sft_prompt
 
@@ -21,4 +23,6 @@ __all__ = [
     "Fact", "FactSet", "RelationTemplates", "Matcher", "data_dir_from", "default_matcher", "first_per_relation",
     "in_domain_relations", "load_facts", "load_templates", "normalize", "out_of_domain_relations",
     "parse_fact_id", "parse_relations", "fact_id", "encode_prompt", "sft_completion", "sft_prompt",
+    "add_fact_arguments", "add_fact_source_arguments", "fact_set_from_args", "facts_from_args", "fact_set_stats",
+    "load_fact_set", "select_from_args",
 ]

@@ -48,6 +48,30 @@ class Fact:
     split: str
     domain: str
     question: str
+    # Per answer, the strings that count as correct for it beside the answer itself (a fact set's
+    # own aliases; the synonym table applies on top). Empty: none (EntityQuestions).
+    aliases: tuple[tuple[str, ...], ...] = ()
+    # The templates of a fact set's topic; None: the paper's templates of `relation`.
+    templates: RelationTemplates | None = field(default=None, compare=False, repr=False)
+
+    def alias_table(self) -> dict[str, tuple[str, ...]]:
+        """answer -> its aliases, for `Matcher.accepted`."""
+        return {a: extra for a, extra in zip(self.answers, self.aliases) if extra}
+
+    @property
+    def accepted_answers(self) -> tuple[str, ...]:
+        """The answers, then every alias: the strings a split row's `answers` carries, so every
+        consumer of split rows accepts the aliases too."""
+        return tuple(dict.fromkeys((*self.answers, *(a for extra in self.aliases for a in extra))))
+
+    def relation_templates(self) -> RelationTemplates:
+        return self.templates or load_templates()[self.relation]
+
+    def probe_prompt(self, template: int) -> str:
+        """The text of mapping template `template` for this fact (a question-only topic's one
+        template is the question itself)."""
+        return self.relation_templates().mapping_templates[template].format(subject=self.subject,
+                                                                            question=self.question)
 
 
 @dataclass
@@ -55,9 +79,30 @@ class FactSet:
     facts: list[Fact]
     # (relation, split) -> questions that did not match the relation's question template
     unmatched: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    # A fact set's own topics (`sftlens.data.factset`); empty: the paper's EntityQuestions relations.
+    templates: dict[str, RelationTemplates] = field(default_factory=dict)
+    name: str = "EntityQuestions"
 
     def by_id(self) -> dict[str, Fact]:
         return {f.id: f for f in self.facts}
+
+    def topics(self) -> dict[str, RelationTemplates]:
+        return self.templates or load_templates()
+
+    def domains(self) -> dict[str, str]:
+        """relation or topic -> in/out."""
+        return {name: t.domain for name, t in self.topics().items()}
+
+    def select(self, relations=None, splits: tuple[str, ...] | str | None = None, limit: int | None = None) -> list[Fact]:
+        """The facts of `relations` (comma list, in/out/all; names checked) and `splits` (each one the
+        set defines), the first `limit` per relation and split, in file order."""
+        chosen = set(parse_relations(relations, self.topics()))
+        defined = sorted({f.split for f in self.facts}, key=SPLITS.index)
+        wanted = defined if splits is None else [s.strip() for s in (splits.split(",") if isinstance(splits, str) else splits)]
+        for split in wanted:
+            if split not in defined:
+                raise SftlensError(f"{self.name}: split {split!r} is not in this fact set (it has {', '.join(defined)})")
+        return first_per_relation((f for f in self.facts if f.relation in chosen and f.split in wanted), limit)
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,9 +123,11 @@ def out_of_domain_relations() -> tuple[str, ...]:
     return tuple(r for r, t in load_templates().items() if t.domain == "out")
 
 
-def parse_relations(spec: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
-    """Relations from a comma list or the aliases `all`, `in`, `out`; unknown ids are errors."""
-    templates = load_templates()
+def parse_relations(spec: str | tuple[str, ...] | list[str] | None,
+                    templates: dict[str, RelationTemplates] | None = None) -> tuple[str, ...]:
+    """Relations (or a fact set's topics, given its `templates`) from a comma list or the aliases
+    `all`, `in`, `out`; unknown ids are errors."""
+    templates = templates or load_templates()
     if spec is None or spec == "all" or spec == ("all",):
         return tuple(templates)
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
@@ -93,10 +140,15 @@ def parse_relations(spec: str | tuple[str, ...] | list[str] | None) -> tuple[str
         elif name in templates:
             chosen.append(name)
         else:
-            raise SftlensError(f"unknown relation {name!r} (known: {', '.join(templates)}, or in/out/all)")
+            raise SftlensError(f"unknown relation {name!r} (known: {_listing(templates)}, or in/out/all)")
     if not chosen:
         raise SftlensError("empty relation selection")
     return tuple(dict.fromkeys(chosen))
+
+
+def _listing(names, shown: int = 30) -> str:
+    names = list(names)
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def data_dir_from(value: str | os.PathLike | None) -> Path:
@@ -185,7 +237,7 @@ def first_per_relation(facts: Iterable[Fact], limit: int | None) -> list[Fact]:
     return chosen
 
 
-_FACT_ID = re.compile(r"^(?P<relation>[^/]+)/(?P<split>train|dev|test)/(?P<index>\d+)$")
+_FACT_ID = re.compile(r"^(?P<relation>[^/]+)/(?P<split>train|dev|test)/(?P<index>[^/]+)$")
 
 
 def fact_id(relation: str, split: str, index: int) -> str:
@@ -193,9 +245,11 @@ def fact_id(relation: str, split: str, index: int) -> str:
     return f"{relation}/{split}/{index:05d}"
 
 
-def parse_fact_id(text: str) -> tuple[str, str, int]:
-    """(relation, split, index) of a fact id; anything else is an error naming it."""
+def parse_fact_id(text: str) -> tuple[str, str, int | str]:
+    """(relation, split, index) of a fact id; anything else is an error naming it. A fact set's
+    own ids (`topic/split/key`) give their key in place of the index."""
     match = _FACT_ID.match(text)
     if match is None:
         raise SftlensError(f"{text!r}: not a relation/split/index fact id")
-    return match["relation"], match["split"], int(match["index"])
+    index = match["index"]
+    return match["relation"], match["split"], int(index) if index.isdigit() else index

@@ -15,7 +15,7 @@ import json
 import re
 import unicodedata
 from importlib import resources
-from typing import Iterable
+from typing import Iterable, Mapping
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -40,19 +40,22 @@ class Matcher:
             for member in group:
                 self._group_of[member] = self._group_of.get(member, frozenset()) | group
 
-    def accepted(self, answers: Iterable[str]) -> frozenset[str]:
-        """Every normalised string whose presence in an output makes it correct."""
+    def accepted(self, answers: Iterable[str], aliases: Mapping[str, Iterable[str]] | None = None) -> frozenset[str]:
+        """Every normalised string whose presence in an output makes it correct. `aliases` is a
+        fact's own table (answer -> strings that count as that answer), used as the synonym
+        table is: each alias, and its synonyms, count too."""
         accepted: set[str] = set()
         for answer in answers:
-            norm = normalize(answer)
-            if norm:
-                accepted.add(norm)
-                accepted |= self._group_of.get(norm, frozenset())
+            for name in (answer, *(aliases or {}).get(answer, ())):
+                norm = normalize(name)
+                if norm:
+                    accepted.add(norm)
+                    accepted |= self._group_of.get(norm, frozenset())
         return frozenset(accepted)
 
-    def is_correct(self, output: str, answers: Iterable[str]) -> bool:
+    def is_correct(self, output: str, answers: Iterable[str], aliases: Mapping[str, Iterable[str]] | None = None) -> bool:
         text = normalize(output)
-        return any(a in text for a in self.accepted(answers))
+        return any(a in text for a in self.accepted(answers, aliases))
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from sftlens.config import add_config_arguments, config_from_args
-from sftlens.data import first_per_relation, load_facts
+from sftlens.data import add_fact_arguments, fact_set_from_args, select_from_args
 from sftlens.errors import SftlensError
 from sftlens.models import model_fingerprint
 from sftlens.probe.records import ProbeConfig
@@ -36,23 +36,19 @@ def _run(args: argparse.Namespace) -> None:
         records = load_probe(store)
         if not records:
             raise SftlensError(f"{store}: no probe records yet")
-        print(write_level_tables(records.values(), store if store.is_dir() else store.parent), end="")
+        domains = fact_set_from_args(args).domains() if args.facts else None
+        print(write_level_tables(records.values(), store if store.is_dir() else store.parent, domains), end="")
         return
     if not args.model:
         raise SftlensError("--model is required to probe")
-    facts = load_facts(args.data_dir, splits=args.split, relations=args.relations, progress=False).facts
-    if args.limit is not None:
-        if args.limit < 1:
-            raise SftlensError(f"--limit must be positive, got {args.limit}")
-        facts = first_per_relation(facts, args.limit)
-    if not facts:
-        raise SftlensError(f"no facts for relations {args.relations} in split {args.split}")
+    fact_set, facts = select_from_args(args)
+    domains = fact_set.domains() if args.facts else None
     store = _store_from_args(args, config)
     records = run_probe(args.model, facts, config, store)
     if process_shard()[0] != 0:  # under accelerate launch, the main process reports
         return
     print(f"store: {store} ({len(records)} facts of this selection)")
-    print(write_level_tables(load_probe(store).values(), store), end="")
+    print(write_level_tables(load_probe(store).values(), store, domains), end="")
 
 
 def add_cli(subparsers) -> None:
@@ -66,10 +62,7 @@ def add_cli(subparsers) -> None:
     )
     parser.add_argument("action", nargs="?", choices=("run", "stats"), default="run", help="run (default) or stats")
     parser.add_argument("--model", help="built-in name, local folder or hub id")
-    parser.add_argument("--data-dir", help="EntityQuestions folder (default: $SFTLENS_DATA_DIR)")
-    parser.add_argument("--relations", default="all", help="comma list of relation ids, or in/out/all")
-    parser.add_argument("--split", default="test", help="comma list of train,dev,test")
-    parser.add_argument("--limit", type=int, default=None, help="first N facts per relation and split")
+    add_fact_arguments(parser)
     parser.add_argument("--store", default=None, help="probe store folder (default: sftlens-probes/<model>-<settings key>)")
     add_config_arguments(parser, ProbeConfig)
     parser.set_defaults(func=_run)

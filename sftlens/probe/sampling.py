@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from sftlens.data import Fact, default_matcher, encode_prompt, load_templates
+from sftlens.data import Fact, default_matcher, encode_prompt
 from sftlens.data.matching import normalize
 from sftlens.decoding import decode
 from sftlens.errors import SftlensError
@@ -109,17 +109,12 @@ def generate_samples(lm, tokenizer, prompts: list[list[int]], seeds: list[list[i
 
 def template_indices(facts: Iterable[Fact], config: ProbeConfig) -> tuple[int, ...]:
     """The mapping templates to use, checked against every relation involved."""
-    templates = load_templates()
-    available = min(len(templates[f.relation].mapping_templates) for f in facts)
+    available = min(len(f.relation_templates().mapping_templates) for f in facts)
     chosen = config.templates or tuple(range(available))
     bad = [t for t in chosen if t >= available]
     if bad:
         raise SftlensError(f"template index {bad[0]} out of range: relations have {available} mapping templates (0..{available - 1})")
     return chosen
-
-
-def _prompt_text(fact: Fact, template: int) -> str:
-    return load_templates()[fact.relation].mapping_templates[template].format(subject=fact.subject)
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -136,7 +131,7 @@ def probe_facts(
         return {}
     template_ids = template_indices(facts, config)
     matcher = default_matcher()
-    encoded = {(f.id, t): encode_prompt(tokenizer, _prompt_text(f, t)) for f in facts for t in template_ids}
+    encoded = {(f.id, t): encode_prompt(tokenizer, f.probe_prompt(t)) for f in facts for t in template_ids}
     if batch_size is None:
         batch_size = config.batch_size or cpu_batch_size(lm, max(map(len, encoded.values())), config)
     facts_per_chunk = max(1, -(-CHUNK_BATCHES * batch_size // len(template_ids)))
@@ -150,9 +145,9 @@ def probe_facts(
         for batch in _chunks(jobs, batch_size):
             seeds = [[sample_seed(config.seed, f.id, t, j) for j in range(config.samples)] for f, t in batch]
             texts = generate_samples(lm, tokenizer, [encoded[f.id, t] for f, t in batch], seeds, config,
-                                     answers=[f.answers for f, _ in batch])
+                                     answers=[f.accepted_answers for f, _ in batch])
             for (fact, template), outputs in zip(batch, texts):
-                correct[fact.id, template] = sum(matcher.is_correct(o, fact.answers) for o in outputs)
+                correct[fact.id, template] = sum(matcher.is_correct(o, fact.answers, fact.alias_table()) for o in outputs)
             bar.update(len(batch) * config.samples)
         for fact in chunk:
             per_template = tuple(correct[fact.id, t] for t in template_ids)

@@ -11,6 +11,7 @@ import torch
 
 from sftlens.data import Fact
 from sftlens.errors import SftlensError
+from sftlens.inject import held_out_templates
 from sftlens.io import JsonlAppender, atomic_write_json, exclusive_writer, read_jsonl, stable_hash
 from sftlens.models import load_model, model_fingerprint
 from sftlens.probe.batching import CUDA_START_PROMPTS
@@ -119,6 +120,7 @@ def run_probe(
     """
     if not facts:
         raise SftlensError("empty fact selection: nothing to probe")
+    config = held_out_templates(model, config)  # an injected model: only the templates it was not taught
     template_indices(facts, config)
     store_dir = Path(store_dir)
     device = device or probe_device()

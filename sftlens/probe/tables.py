@@ -29,12 +29,12 @@ def best_templates(records: dict[str, ProbeRecord], facts: Iterable[Fact]) -> di
     return {rel: min(c, key=lambda t: (-c[t], t)) for rel, c in hits.items() if c}
 
 
-def _group_of(fact_id: str) -> tuple[str, str]:
+def _group_of(fact_id: str, domains: dict[str, str] | None = None) -> tuple[str, str]:
     relation, split, _ = parse_fact_id(fact_id)
-    templates = load_templates()
-    if relation not in templates:
-        raise SftlensError(f"probe record {fact_id!r}: unknown relation {relation}")
-    return split, templates[relation].domain
+    domains = domains or {r: t.domain for r, t in load_templates().items()}
+    if relation not in domains:
+        raise SftlensError(f"probe record {fact_id!r}: unknown relation {relation} (a fact set's: give --facts)")
+    return split, domains[relation]
 
 
 def _group_name(split: str, domain: str) -> str:
@@ -45,12 +45,14 @@ def _group_name(split: str, domain: str) -> str:
 _GROUP_ORDER = [("train", "in"), ("dev", "in"), ("test", "in"), ("train", "out"), ("dev", "out"), ("test", "out")]
 
 
-def level_counts(records: Iterable[ProbeRecord]) -> list[dict]:
+def level_counts(records: Iterable[ProbeRecord], domains: dict[str, str] | None = None) -> list[dict]:
     """Rows of the paper's Table 1: per set (train, test in-domain, test out-of-domain, and any
-    other probed split) the number of facts at each mastery level."""
+    other probed split) the number of facts at each mastery level. `domains`: a fact set's
+    (`FactSet.domains()`); default the paper's relations."""
     counts: dict[tuple[str, str], Counter] = {}
+    domains = domains or {r: t.domain for r, t in load_templates().items()}
     for record in records:
-        counts.setdefault(_group_of(record.fact_id), Counter())[record.level] += 1
+        counts.setdefault(_group_of(record.fact_id, domains), Counter())[record.level] += 1
     order = [g for g in _GROUP_ORDER if g in counts] + sorted(set(counts) - set(_GROUP_ORDER))
     return [
         {"set": _group_name(*g), "split": g[0], "domain": g[1], **{f"level{i}": counts[g][i] for i in LEVELS},
@@ -59,9 +61,10 @@ def level_counts(records: Iterable[ProbeRecord]) -> list[dict]:
     ]
 
 
-def level_counts_table(records: Iterable[ProbeRecord], fmt: str = "markdown") -> str:
+def level_counts_table(records: Iterable[ProbeRecord], fmt: str = "markdown",
+                       domains: dict[str, str] | None = None) -> str:
     """The level distribution as a Markdown table or CSV text."""
-    rows = level_counts(records)
+    rows = level_counts(records, domains)
     columns = ["set", *(f"level{i}" for i in LEVELS), "total"]
     if fmt == "csv":
         buffer = io.StringIO()
@@ -75,9 +78,9 @@ def level_counts_table(records: Iterable[ProbeRecord], fmt: str = "markdown") ->
     return markdown_table(header, [[r[c] for c in columns] for r in rows], "l" + "r" * (len(header) - 1)) + "\n"
 
 
-def write_level_tables(records: Iterable[ProbeRecord], store_dir: Path) -> str:
+def write_level_tables(records: Iterable[ProbeRecord], store_dir: Path, domains: dict[str, str] | None = None) -> str:
     records = list(records)
-    markdown = level_counts_table(records)
+    markdown = level_counts_table(records, domains=domains)
     atomic_write_text(store_dir / "level_counts.md", markdown)
-    atomic_write_text(store_dir / "level_counts.csv", level_counts_table(records, "csv"))
+    atomic_write_text(store_dir / "level_counts.csv", level_counts_table(records, "csv", domains))
     return markdown

@@ -24,15 +24,19 @@ from sftlens.markdown import markdown_table
 # per unit, for SmolLM2-135M in fp32 on a 2-core CPU: the rates of the `repro` run (2026-11-25, 102
 # units in 50 min; units' work as `study plan` counts it). `plan` prefers the rates of the study
 # folder's own finished units. LoRA's: the `repairs` run of 2026-12-01 on a slower CPU, scaled by its
-# ratios to that run's train (0.76) and repaired (0.96) rates.
+# ratios to that run's train (0.76) and repaired (0.96) rates. Inject's: train's (a statement is a short example).
+# The tuned arm's units run the train and eval stages as they are (tune, tuned: SFT; tune-eval: greedy eval on
+# dev), so they take those rates; a tuned unit linking its candidate plans no work.
 DEFAULT_RATES = {"probe": 0.040, "split": 0.0, "train": 0.14, "eval": 0.037, "kl": 0.02, "deltas": 16.0,
                  "restore": 0.047, "control": 0.045, "repair": 0.047, "repaired": 0.045, "lora": 0.11,
-                 "lora-eval": 0.043}
+                 "lora-eval": 0.043, "inject": 0.14, "tune": 0.14, "tune-eval": 0.037, "tuned": 0.14}
 FIXED_SECONDS = {"probe": 5, "split": 2, "train": 8, "eval": 4, "kl": 3, "deltas": 0, "restore": 6, "control": 6,
-                 "repair": 6, "repaired": 6, "lora": 8, "lora-eval": 6}
+                 "repair": 6, "repaired": 6, "lora": 8, "lora-eval": 6, "inject": 8, "tune": 8, "tune-eval": 4,
+                 "tuned": 2}
 WORK_UNITS = {"probe": "samples", "split": "-", "train": "examples", "eval": "generations", "kl": "prompts",
               "deltas": "models", "restore": "generations", "control": "generations", "repair": "generations",
-              "repaired": "generations", "lora": "examples", "lora-eval": "generations"}
+              "repaired": "generations", "lora": "examples", "lora-eval": "generations", "inject": "statements",
+              "tune": "examples", "tune-eval": "generations", "tuned": "examples"}
 
 
 def measured_rates(db: StudyDB) -> dict[str, float]:
@@ -123,6 +127,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help=f"study TOML, or a preset: {', '.join(PRESETS)}")
     parser.add_argument("--out", required=True, help="study directory (database + artefacts)")
     parser.add_argument("--data-dir", help="EntityQuestions folder (default: the study's data_dir or $SFTLENS_DATA_DIR)")
+    parser.add_argument("--facts", help="a fact set instead (folder from `sftlens data import`, or a native JSONL "
+                                        "file): the study's [data] facts")
+    parser.add_argument("--in-domain", help="with --facts: topics that count as in-domain (default: as the set declares)")
+
+
+def _study_config(args) -> StudyConfig:
+    """The study file, with --facts / --in-domain in place of its [data] keys."""
+    data = {k: v for k, v in (("facts", args.facts and str(Path(args.facts).resolve())),
+                              ("in_domain", args.in_domain)) if v}
+    return load_study_config(args.config, {"study": data} if data else None)
 
 
 def _add_executor(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +146,7 @@ def _add_executor(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> None:
-    config = load_study_config(args.config)
+    config = _study_config(args)
     start = time.perf_counter()
     summary = run_study(config, Path(args.out), args.data_dir, args.executor, args.address, args.workers)
     print(f"{args.out}: {len(summary.ran)} units run, {summary.skipped} already done, "
@@ -140,7 +154,7 @@ def _run(args) -> None:
 
 
 def _plan(args) -> None:
-    print(plan(load_study_config(args.config), Path(args.out), args.data_dir, args.list))
+    print(plan(_study_config(args), Path(args.out), args.data_dir, args.list))
 
 
 def run_demo(out: Path, data_dir: str | None, executor: str = "local", address: str | None = None) -> Path:

@@ -4,7 +4,10 @@ Sections: `[study]` (StudySettings below: model, data, grid, analysis choices) a
 stage, each checked against that stage's config dataclass: `[probe]`, `[train]`, `[eval]`, `[kl]`,
 `[deltas]`, `[restore]`, and `[repairs]`: the repair methods to compare, one table per method with its
 values and settings (`wise = { values = [0.25, 0.5, 0.75] }`; `sftlens.weights.RepairConfig` fields),
-every method with as many values as the others (the same tuning budget on dev). The split has no section: every setting of `SplitConfig` is the study's grid
+every method with as many values as the others (the same tuning budget on dev), and as many as `[study]`
+`learning_rates` (full SFT's rate, tuned on dev) and `lora_learning_rates` have rates; `[inject]`
+(`sftlens.inject.InjectConfig`; present, even empty, it makes the study's base the model taught the
+study's facts by `inject`). The split has no section: every setting of `SplitConfig` is the study's grid
 (`[study]` levels, sizes, include_all, seeds, mixed, eval_facts_per_level), so a `[split]` key would
 have no effect and is an error naming it. A file may start from a shipped preset with
 `extends = "demo"` (or "paper", or a path) and override single keys; unknown keys and wrong types
@@ -24,7 +27,7 @@ from typing import Literal
 from sftlens.config import config_from_dict, config_to_dict
 from sftlens.errors import SftlensError
 
-PRESETS = ("paper", "demo", "repro", "repairs")
+PRESETS = ("paper", "demo", "repro", "repairs", "testbed")
 
 # section -> (module, config class): the stage sections a study file may have, each checked against its
 # stage's config (`stage_class` imports the module by name).
@@ -43,6 +46,12 @@ class StudySettings:
     model: str = field(default="smollm2-135m", metadata={"help": "base model: built-in name, local folder or hub id"})
     data_dir: str | None = field(
         default=None, metadata={"help": "EntityQuestions folder (default: --data-dir or $SFTLENS_DATA_DIR)"})
+    facts: str | None = field(
+        default=None, metadata={"help": "a fact set instead of EntityQuestions: a folder from `sftlens data import` "
+                                        "or a native JSONL file (also `[data] facts`)"})
+    in_domain: str | None = field(
+        default=None, metadata={"help": "with facts: the topics that count as in-domain (default: as the set "
+                                        "declares, else all)"})
     in_relations: str = field(default="in", metadata={"help": "in-domain relations (training and Acc_test)"})
     out_relations: str = field(default="out", metadata={"help": "out-of-domain relations (Acc_testood)"})
     train_facts_per_relation: int | None = field(
@@ -71,6 +80,16 @@ class StudySettings:
     kl: bool = field(default=True, metadata={"help": "first-token KL of every fine-tuned model (Figure 5)"})
     kl_test_set: str = field(
         default="in-level4", metadata={"help": "test facts of the KL (Figure 5): {in,out}-level{L}, or in / out (all levels)"})
+    learning_rates: tuple[float, ...] = field(
+        default=(), metadata={"help": "tune [train]'s learning rate on dev: one model per training set, seed and rate "
+                                      "(at the sizes rate_choice names), the rate with the best mean in-domain dev Acc "
+                                      "over seeds (ties: the smaller) trains the tuned arm, which the analyses "
+                                      "(update statistics, restoration, repairs) then read; [train]'s own rate stays "
+                                      "an arm (as many rates as LoRA's and each repair method's values)"})
+    rate_choice: Literal["largest", "per-size"] = field(
+        default="largest", metadata={"help": "with learning_rates: choose each training set's rate at its largest size "
+                                             "and train its other sizes at that rate (largest), or choose at every "
+                                             "size (per-size: as many candidates at every size)"})
     lora_learning_rates: tuple[float, ...] = field(
         default=(), metadata={"help": "LoRA SFT beside full SFT in the repair comparison: one LoRA model ([train]'s "
                                       "lora_* settings) per analysed training set, seed and learning rate, the rate "
@@ -102,8 +121,12 @@ class StudySettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kl_test_set not in ("in", "out") and not re.fullmatch(r"(in|out)-level[0-4]", self.kl_test_set):
             raise ValueError(f"kl_test_set must be in, out or {{in,out}}-level{{0..4}}, got {self.kl_test_set!r}")
-        if any(not rate > 0 for rate in self.lora_learning_rates):
-            raise ValueError(f"lora_learning_rates must be positive, got {list(self.lora_learning_rates)}")
+        for name in ("learning_rates", "lora_learning_rates"):
+            rates = getattr(self, name)
+            if any(not rate > 0 for rate in rates):
+                raise ValueError(f"{name} must be positive, got {list(rates)}")
+            if len(set(rates)) != len(rates):
+                raise ValueError(f"{name} must be distinct, got {list(rates)}")
         if self.bootstrap < 0:
             raise ValueError(f"bootstrap must be >= 0, got {self.bootstrap}")
 
@@ -126,11 +149,15 @@ class StudyConfig:
     stages: dict  # section -> that stage's config dataclass
     source: str  # where it came from (preset name or file), for messages
     repairs: dict = field(default_factory=dict)  # method -> RepairGrid, in the file's order
+    inject: object | None = None  # sftlens.inject.InjectConfig: the study's base is the taught model
+
 
     def to_dict(self) -> dict:
         out = {"study": config_to_dict(self.study), **{k: config_to_dict(v) for k, v in self.stages.items()}}
         if self.repairs:
             out["repairs"] = {m: {"values": list(g.values), **g.params()} for m, g in self.repairs.items()}
+        if self.inject is not None:
+            out["inject"] = config_to_dict(self.inject)
         return out
 
 
@@ -166,9 +193,11 @@ def _load_raw(spec: str, seen: tuple[str, ...] = ()) -> dict:
     parent = raw.pop("extends", None)
     if parent is not None and not isinstance(parent, str):
         raise SftlensError(f"{spec}: extends: expected a preset name or a path, got {parent!r}")
-    data_dir = raw.get("study", {}).get("data_dir") if isinstance(raw.get("study"), dict) else None
-    if base_dir is not None and isinstance(data_dir, str) and not Path(data_dir).expanduser().is_absolute():
-        raw["study"]["data_dir"] = str((base_dir / data_dir).resolve())  # relative to the study file
+    _data_section(raw, spec)
+    for key in ("data_dir", "facts"):
+        value = raw.get("study", {}).get(key) if isinstance(raw.get("study"), dict) else None
+        if base_dir is not None and isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            raw["study"][key] = str((base_dir / value).resolve())  # relative to the study file
     if parent is None:
         return raw
     if base_dir is not None and parent not in PRESETS:
@@ -182,6 +211,19 @@ def _load_raw(spec: str, seen: tuple[str, ...] = ()) -> dict:
     return merged
 
 
+def _data_section(raw: dict, spec: str) -> None:
+    """`[data]` (facts, in_domain): the study's fact set, read as the `[study]` keys of the same names."""
+    data = raw.pop("data", None)
+    if data is None:
+        return
+    if not isinstance(data, dict) or set(data) - {"facts", "in_domain"}:
+        bad = sorted(set(data) - {"facts", "in_domain"})[0] if isinstance(data, dict) else data
+        raise SftlensError(f"{spec}: data.{bad}: unknown key (known: facts, in_domain)")
+    if not isinstance(raw.setdefault("study", {}), dict):
+        raise SftlensError(f"{spec}: study: expected a table")
+    raw["study"].update(data)
+
+
 def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
     """Load a study from a preset name or a TOML path; `overrides` = {section: {key: value}}."""
     raw = _load_raw(spec)
@@ -192,27 +234,45 @@ def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
         raise SftlensError(f"{spec}: split.{key} has no effect in a study: the split follows [study] "
                            "(levels, sizes, include_all, seeds, mixed, eval_facts_per_level); set it there")
     raw.pop("split", None)
-    known = ("study", *STAGE_SECTIONS, "repairs")
+    known = ("study", *STAGE_SECTIONS, "repairs", "inject")
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise SftlensError(f"{spec}: unknown section or key {unknown[0]!r} (known: extends, {', '.join(known)})")
     study = config_from_dict(StudySettings, raw.get("study", {}), "study")
     stages = {s: config_from_dict(stage_class(s), raw.get(s, {}), s) for s in STAGE_SECTIONS}
     repairs = repair_grids(raw.get("repairs", {}), spec)
-    _check_lora_arm(study, stages["train"], repairs, spec)
-    return StudyConfig(study, stages, spec, repairs)
+    _check_rate_arms(study, stages["train"], repairs, spec)
+    return StudyConfig(study, stages, spec, repairs, _inject_config(raw, stages["probe"], spec))
 
 
-def _check_lora_arm(study: StudySettings, train, repairs: dict, spec: str) -> None:
-    """LoRA is compared with full SFT, and with the same tuning budget as every repair method."""
-    rates = study.lora_learning_rates
-    if rates and train.method == "lora":
+def _inject_config(raw: dict, probe, spec: str):
+    """`[inject]` (even empty: the defaults) makes the study's base the model taught by `sftlens.inject`;
+    its probe may not use a taught template (checked here, before anything runs)."""
+    if "inject" not in raw:
+        return None
+    from sftlens.inject import InjectConfig
+
+    inject = config_from_dict(InjectConfig, raw["inject"], "inject")
+    overlap = sorted(set(probe.templates) & set(inject.templates))
+    if overlap:
+        raise SftlensError(f"{spec}: probe.templates {overlap} are taught by inject.templates {list(inject.templates)}; "
+                           "probe a taught base on the other templates (or give none: all the others)")
+    return inject
+
+
+def _check_rate_arms(study: StudySettings, train, repairs: dict, spec: str) -> None:
+    """LoRA is compared with full SFT; every arm tuned on dev (full SFT's rate, LoRA's rate, each
+    repair method's value) gets the same tuning budget: as many candidates as the others."""
+    if study.lora_learning_rates and train.method == "lora":
         raise SftlensError(f"{spec}: study.lora_learning_rates compares LoRA with full SFT, but train.method is "
                            "already 'lora'; set train.method = 'full'")
-    budget = next((len(g.values) for g in repairs.values()), None)
-    if rates and budget is not None and len(rates) != budget:
-        raise SftlensError(f"{spec}: study.lora_learning_rates: {len(rates)} rates, but each repair method has "
-                           f"{budget} values: LoRA gets the same tuning budget on dev")
+    budgets = [(f"study.{name}", len(getattr(study, name))) for name in ("learning_rates", "lora_learning_rates")
+               if getattr(study, name)]
+    budgets += [(f"repairs.{method}.values", len(grid.values)) for method, grid in list(repairs.items())[:1]]
+    for (name, n), (other, m) in zip(budgets, budgets[1:]):
+        if n != m:
+            raise SftlensError(f"{spec}: {name}: {n} values, but {other} has {m}: every arm tuned on dev gets the "
+                               "same tuning budget (as many candidates)")
 
 
 def repair_grids(raw: dict, spec: str) -> dict[str, RepairGrid]:

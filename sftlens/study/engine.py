@@ -25,6 +25,9 @@ from sftlens.study.db import StudyDB
 
 # Bump when the meaning of a unit's result changes, so old results are not reused.
 UNIT_FORMAT = 1
+# A unit depending on another in this role reads that unit's `model` folder as the study's base model
+# (the runtime value `model`): how a study runs on a model it made itself (`[inject]`).
+BASE_ROLE = "base"
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,8 @@ def run_units(units: list[Unit], study_dir: str | Path, executor, prune: bool = 
                         continue
                     waiting.remove(unit)
                     payload = {
-                        "fn": unit.fn, "params": {**unit.params, **unit.runtime}, "unit_dir": str(unit_dir(study_dir, unit)),
+                        "fn": unit.fn, "params": _unit_params(unit, study_dir, unit_by_key),
+                        "unit_dir": str(unit_dir(study_dir, unit)),
                         "deps": {
                             role: {"dir": str(unit_dir(study_dir, unit_by_key[k])), "result": results[k]}
                             for role, k in unit.deps.items()
@@ -193,6 +197,14 @@ def run_units(units: list[Unit], study_dir: str | Path, executor, prune: bool = 
             for unit in pending.values():
                 db.mark_pending(unit.key)
     return summary
+
+
+def _unit_params(unit: Unit, study_dir, unit_by_key: dict) -> dict:
+    """A unit's settings and runtime values, its base model taken from its `base` dependency if any."""
+    params = {**unit.params, **unit.runtime}
+    if BASE_ROLE in unit.deps:
+        params["model"] = str(unit_dir(study_dir, unit_by_key[unit.deps[BASE_ROLE]]) / "model")
+    return params
 
 
 def timed_execute(payload: dict) -> tuple[dict, float]:

@@ -23,6 +23,8 @@ from sftlens.report import size_sort_key
 from sftlens.study.bootstrap import Estimate, FactDraws, SeedDraws, arm_difference, estimate
 from sftlens.study.results import (
     StudyResults,
+    arm_view,
+    arms,
     chosen_ratio,
     controls_of,
     level_n,
@@ -348,3 +350,42 @@ EXPECTED = {"C1": "< 0", "C2": "> 0", "C3": "> 0", "C4": "KL gap > 0, r < 0", "C
 
 def findings(results: StudyResults, samples: int = 1000, seed: int = 0) -> list[Finding]:
     return Claims(results, samples, seed).all()
+
+
+# With a tuned arm the analyses (update statistics, restoration) read the tuned models only.
+ANALYSED_CLAIMS = {"C5": ("top-1 % share of the change", "%"), "C6": ("restoration gain", "pts")}
+
+
+def arm_findings(results: StudyResults, samples: int = 1000, seed: int = 0) -> dict[str, list[Finding]]:
+    """The claims per arm of the study: "fixed" ([train]'s learning rate) and, with `learning_rates`,
+    "tuned" (the dev-chosen rate), each on its own models with the same bootstrap draws."""
+    present = arms(results)
+    if len(present) < 2:
+        return {(present or ["fixed"])[0]: findings(results, samples, seed)}
+    out = {arm: findings(arm_view(results, arm), samples, seed) for arm in present}
+    why = "the analyses read the tuned-rate models (study.learning_rates)"
+    out["fixed"] = [f for f in out["fixed"] if f.claim not in ANALYSED_CLAIMS] + [
+        not_tested(claim, comparison, why, unit) for claim, (comparison, unit) in ANALYSED_CLAIMS.items()]
+    return out
+
+
+def verdict_word(finding: Finding) -> str:
+    return finding.verdict.split(":")[0]
+
+
+def verdict_changes(fixed: list[Finding], tuned: list[Finding]) -> list[tuple[Finding | None, Finding | None, str]]:
+    """Each comparison at [train]'s rate beside the same comparison at the tuned rate, and whether the
+    verdict differs ("changed", "same", or "not compared" where the arms' comparisons do not pair up:
+    a claim tested in one arm only). Comparisons pair by their order within a claim, which the same
+    grid gives both arms."""
+    out = []
+    for claim in CLAIMS:
+        mine = [f for f in fixed if f.claim == claim], [f for f in tuned if f.claim == claim]
+        if len(mine[0]) != len(mine[1]):
+            out += [(a, None, "not compared") for a in mine[0]] + [(None, b, "not compared") for b in mine[1]]
+            continue
+        for a, b in zip(*mine):
+            tested = NOT_TESTED not in a.verdict and NOT_TESTED not in b.verdict
+            out.append((a, b, "not compared" if not tested else "same" if verdict_word(a) == verdict_word(b)
+                        else "changed"))
+    return out

@@ -29,10 +29,13 @@ class UnitParams:
 class Runtime(UnitParams):
     """Where things are: passed to every unit, never part of a key."""
 
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("facts", "in_domain")
     model: str
     data_dir: str
     device: str  # auto, cpu or cuda
     eval_batch_size: int  # prompts decoded together (no prediction depends on it)
+    facts: str | None = None  # a fact set in place of the EntityQuestions folder (`sftlens.data.factset`)
+    in_domain: str | None = None  # its in-domain topics (keyed through FactSelection.data)
 
     @property
     def device_or_none(self) -> str | None:
@@ -125,3 +128,20 @@ class RepairedParams(UnitParams):
     repair: dict
     eval: dict
     value_choice: str  # how the value is chosen, in words (part of the key)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InjectParams(FactSelection):
+    """The study's facts taught to its base model (`[inject]`), before anything else reads it."""
+
+    model_fingerprint: str
+    inject: dict  # InjectConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class TunedParams(TrainParams):
+    """[train]'s recipe (`train`, at its own rate) retrained at the learning rate its dev candidates chose."""
+
+    rate_choice: str  # how the rate is chosen, in words (part of the key)
+    dev: dict[str, float]  # role of a candidate's in-domain dev scores -> its learning rate (every seed)
+    models: dict[str, float]  # role of a model of this very set, size and seed -> its rate (linked when chosen)

@@ -13,18 +13,23 @@ from pathlib import Path
 from sftlens.evaluate import acc_levels
 from sftlens.report import mean_spread, plot_bands
 from sftlens.study.bootstrap import FactDraws, SeedDraws, arm_difference
-from sftlens.study.findings import verdict
+from sftlens.study.findings import fine_tuned, verdict
 from sftlens.study.results import (
-    StudyResults, acc, chosen_lora, level_name, lora_candidates, lora_dev_curve, repair_dev_curves, repair_groups,
-    sweep_groups,
+    StudyResults, acc, arm_view, chosen_models, level_name, rate_candidates, rate_dev_curve, repair_dev_curves,
+    repair_groups, sweep_groups, tuned_rates,
 )
 from sftlens.study.sections import DOMAINS, Section, acc_caption, interval_text, mean_sd_text
 from sftlens.weights import METHODS
 
 LORA_TEXT = ("LoRA SFT: not a repair of the fully fine-tuned model but the other recipe, [train]'s LoRA adapters "
              "trained on the same training set and seed and merged, its learning rate chosen on dev among as many "
-             "candidates (ties: the smaller rate), while full SFT keeps [train]'s one rate: part of a gap between the "
-             "two can be that tuning. ")
+             "candidates (ties: the smaller rate). ")
+FIXED_RATE_TEXT = ("Full SFT keeps [train]'s one rate (not tuned): part of a gap between LoRA and full SFT can be "
+                   "LoRA's tuning. ")
+TUNED_RATE_TEXT = ("Plain SFT is full SFT at its own dev-chosen rate (study.learning_rates, as many candidates, the "
+                   "same rule), so LoRA and full SFT are compared each at its own tuned rate, and every repair "
+                   "edits the tuned models; the row at [train]'s rate is full SFT untuned (the paper's recipe), its "
+                   "gains against the tuned plain SFT (test only: it is not scored on its training set). ")
 
 
 def _scope(split: str, level, size, seed) -> str:
@@ -65,7 +70,7 @@ def _gains(group: _Group, repaired: list[dict], facts: FactDraws, seeds: SeedDra
     cells = []
     for split, domain in (("test", "in"), ("test", "out"), ("train", "in")):
         levels = acc_levels(group.records(mine[0]["seed"], split), domain)
-        if not levels:
+        if not levels or f"{split}_bits" not in mine[0]:
             cells.append("–")
             continue
         by_seed = {r["seed"]: r for r in mine}
@@ -100,10 +105,11 @@ def _figure(results: StudyResults, groups: dict, path: Path) -> Path | None:
                 points.setdefault(neutral, [acc(plain.records(seed, "dev"), "in") for seed in plain.by_seed])
             lines[f"{level_name(level)}, n={size}"] = _band(points)
         panels.append((f"{method} ({METHODS[method].knob}; neutral {neutral:g})", lines))
-    lora = {f"{level_name(level)}, n={size}": _band(lora_dev_curve(candidates))
-            for (level, size), candidates in lora_candidates(results).items()}
-    if lora:
-        panels.append(("LoRA SFT (learning rate)", lora))
+    for kind, title in (("tune-eval", "full SFT (learning rate)"), ("lora-eval", "LoRA SFT (learning rate)")):
+        lines = {f"{level_name(level)}, n={size}": _band(rate_dev_curve(candidates))
+                 for (level, size), candidates in rate_candidates(results, kind).items()}
+        if lines:
+            panels.append((title, lines))
     if not panels:
         return None
     return plot_bands(path, panels, "in-domain dev Acc (%)", "the method's value", None)
@@ -120,31 +126,56 @@ def _lora_name(models: list[dict]) -> str:
     return f"LoRA SFT (r={recipe['lora_rank']}, alpha={recipe['lora_alpha']})"
 
 
+def _rate_text(rates: list[float], candidates: list[float] | None) -> str:
+    """The learning rate(s) an arm trained at, and whether they were tuned and among which values."""
+    chosen = " / ".join(f"{r:g}" for r in sorted(set(rates)))
+    if not candidates:
+        return f"lr = {chosen} (fixed: [train]'s, not tuned)"
+    return f"lr = {chosen} (tuned on dev among {' / '.join(f'{r:g}' for r in candidates)})"
+
+
+def _fixed_rate_models(results: StudyResults, level, size) -> list[dict]:
+    """Full SFT at [train]'s own rate on one (level, size): its seeds' test records and bits."""
+    models = [m for m in fine_tuned(arm_view(results, "fixed")) if (m["train_level"], m["size"]) == (level, size)]
+    return [{"seed": m["seed"], "records": m["records"], "test_bits": m["bits"]}
+            for m in sorted(models, key=lambda m: m["seed"])]
+
+
 def repair_methods(results: StudyResults, path: Path, samples: int) -> Section | None:
     """The comparison table and figure; None when the study compares no repair methods."""
-    repaired, lora = repair_groups(results), lora_candidates(results)
+    repaired, lora = repair_groups(results), rate_candidates(results, "lora-eval")
     if not repaired and not lora:
         return None
     groups = {key: _Group(*key, sweeps) for key, sweeps in sweep_groups(results).items()}
     facts, seeds = FactDraws(max(samples, 1), 2), SeedDraws(max(samples, 1), 3)
-    budgets = {len(values) for values in _budget(results).values()} | {len(rates) for rates in lora.values()}
+    study, fixed_rate = results.config.get("study", {}), results.config.get("train", {}).get("learning_rate")
+    tuned, tuned_candidates = tuned_rates(results), study.get("learning_rates") or []
+    budgets = ({len(values) for values in _budget(results).values()} | {len(rates) for rates in lora.values()}
+               | ({len(tuned_candidates)} if tuned_candidates else set()))
     rows, captions = [], []
     for (level, size), group in groups.items():
         methods = [(m, rs) for (m, lv, sz), rs in repaired.items() if (lv, sz) == (level, size)]
-        lora_models = chosen_lora(lora.get((level, size), {}))
+        lora_models = chosen_models(lora.get((level, size), {}))
         if not methods and not lora_models:
             continue
         name = f"{level_name(level)}, n={size}"
         seeds_present = sorted(group.by_seed)
-        rows.append([name, "plain SFT", "–", str(len(seeds_present)),
+        plain_rates = list(tuned.get((level, size), {}).values()) or [fixed_rate]
+        rows.append([name, "plain SFT", _rate_text(plain_rates, tuned_candidates), str(len(seeds_present)),
                      *_cells([group.records(s, "test") + group.records(s, "train") for s in seeds_present]),
                      "–", "–", "–"])
+        untuned = _fixed_rate_models(results, level, size) if tuned_candidates else []
+        if untuned:
+            rows.append([name, "plain SFT at [train]'s rate", _rate_text([fixed_rate], None), str(len(untuned)),
+                         *_cells([m["records"] for m in untuned]), *_gains(group, untuned, facts, seeds)])
         for method, reps in methods:
             rows.append([name, method, _value_text(method, [r["value"] for r in reps]), str(len(reps)),
                          *_cells([r["records"] for r in reps]), *_gains(group, reps, facts, seeds)])
         if lora_models:
-            rows.append([name, _lora_name(lora_models), f"lr = {lora_models[0]['value']:g}", str(len(lora_models)),
-                         *_cells([m["records"] for m in lora_models]), *_gains(group, lora_models, facts, seeds)])
+            rate = _rate_text([lora_models[0]["value"]], sorted(lora[(level, size)]))
+            rows.append([name, _lora_name(lora_models), rate, str(len(lora_models)),
+                         *_cells([m["records"] for m in lora_models]),
+                         *_gains(group, lora_models, facts, seeds)])
         first = seeds_present[0]
         captions.append(f"{name}: in-domain test {acc_caption(group.records(first, 'test'), 'in')}; out-of-domain "
                         f"{acc_caption(group.records(first, 'test'), 'out')}; training set "
@@ -158,12 +189,17 @@ def repair_methods(results: StudyResults, path: Path, samples: int) -> Section |
             "wise: WiSE-FT, base + alpha (ft - base); dare: drop each update element with probability p, rescale "
             "the rest by 1/(1-p); trim: TIES' trim, keep the top d % of |ft - base| per tensor (TIES' sign election "
             "is a no-op for one model); restore: the paper's, the top ratio % of relative change set back to base. "
-            + (LORA_TEXT if lora else "") +
+            + (SPECTRAL_TEXT if "spectral" in _budget(results) else "") + (LORA_TEXT if lora else "")
+            + (TUNED_RATE_TEXT if tuned_candidates else FIXED_RATE_TEXT if lora else "") +
             "Figure: dev Acc against each method's value (band: ± sd over seeds); the point at the neutral value is "
             "plain SFT, not a candidate. " + " ".join(captions))
     header = ["train set", "method", "chosen on dev", "seeds", "Acc in-domain", "Acc out-of-domain", "train-set Acc",
               "gain in-domain [95 % CI]", "gain out-of-domain [95 % CI]", "gain train set [95 % CI]"]
     return Section("Repair methods", text, [("", header, rows)], _figure(results, groups, path))
+
+
+SPECTRAL_TEXT = ("spectral: per weight matrix, keep the singular directions of ft - base above c times the "
+                 "Gavish-Donoho threshold (c = 1: the threshold itself; c = 0: plain SFT). ")
 
 
 def _budget(results: StudyResults) -> dict[str, list[float]]:

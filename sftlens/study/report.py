@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,8 +23,11 @@ from sftlens.io import atomic_write_bytes, atomic_write_text
 from sftlens.markdown import markdown_table
 from sftlens.study.repair_section import repair_methods
 from sftlens.study.provenance import code_version
-from sftlens.study.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, findings
-from sftlens.study.results import StudyResults, eval_records, load_results, restore_records
+from sftlens.study.taught_section import taught_sections
+from sftlens.study.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, arm_findings, verdict_changes, verdict_word
+from sftlens.study.results import (
+    StudyResults, arm_view, arms, eval_records, level_name, load_results, restore_records, tuned_rates,
+)
 from sftlens.study.sections import (
     Section,
     interval_text,
@@ -49,9 +53,17 @@ def effect_text(finding: Finding) -> str:
     return interval_text(finding.effect, scale, digits, sign) + suffix
 
 
-def findings_section(results: StudyResults, samples: int) -> tuple[Section, list[Finding]]:
-    found = findings(results, samples)
-    rows = [[f.claim, f.comparison, effect_text(f), f.n, f.verdict] for f in found]
+EVIDENCE_HEADER = ["claim", "comparison", "effect [95 % CI]", "n", "verdict"]
+
+
+def evidence_rows(found: list[Finding]) -> list[list[str]]:
+    return [[f.claim, f.comparison, effect_text(f), f.n, f.verdict] for f in found]
+
+
+def findings_section(results: StudyResults, samples: int) -> tuple[Section, dict[str, list[Finding]]]:
+    """The claims on the study's models; with a tuned arm, on each arm and which verdicts the tuned
+    rate changes. Returns the section and the findings per arm ("tuned" first when there is one)."""
+    by_arm = dict(sorted(arm_findings(results, samples).items(), key=lambda kv: kv[0] != "tuned"))
     claims = [[claim, text, EXPECTED[claim]] for claim, text in CLAIMS.items()]
     text = (f"Each claim of the paper, tested on this study. Effects with a 95 % percentile bootstrap interval "
             f"({samples} resamples; test facts resampled within each level, paired wherever the same facts are "
@@ -59,12 +71,50 @@ def findings_section(results: StudyResults, samples: int) -> tuple[Section, list
             "fixed in code before any run: holds = the whole interval lies on the side the paper predicts; reversed = "
             f"wholly on the other side; inconclusive = it contains 0 (or the threshold); levels with fewer than {MIN_N} "
             "facts never enter a verdict. Accuracies are in-domain Acc over the test levels with enough facts.")
-    return Section("Findings", text, [("the claims", ["claim", "statement", "the paper predicts"], claims),
-                                      ("the evidence", ["claim", "comparison", "effect [95 % CI]", "n", "verdict"], rows)]), found
+    tables = [("the claims", ["claim", "statement", "the paper predicts"], claims)]
+    if "tuned" not in by_arm:
+        evidence = ("the evidence", EVIDENCE_HEADER, evidence_rows(by_arm["fixed"]))
+        return Section("Findings", text, [*tables, evidence]), by_arm
+    rate = results.config.get("train", {}).get("learning_rate")
+    candidates = " / ".join(f"{r:g}" for r in results.config.get("study", {}).get("learning_rates", []))
+    text += (f" Two arms: SFT at the learning rate chosen on in-domain dev among {candidates} (the tuned arm: "
+             f"{RATE_CHOICE_TEXT.get(results.config['study'].get('rate_choice'), '')}; "
+             f"chosen: {_chosen_text(results)}; "
+             "the analyses, C5 and C6 and the tables below, read its models) and SFT at [train]'s fixed rate "
+             f"{rate:g} (the paper's recipe, not tuned). The last table pairs each comparison across the arms: "
+             "which verdicts the tuned rate changes.")
+    changes = [[(a or b).claim, (b or a).comparison, _verdict_cell(a), _verdict_cell(b), change]
+               for a, b, change in verdict_changes(by_arm["fixed"], by_arm["tuned"])]
+    tables += [(f"the evidence, tuned rate (among {candidates})", EVIDENCE_HEADER, evidence_rows(by_arm["tuned"])),
+               (f"the evidence, [train]'s fixed rate {rate:g} (not tuned)", EVIDENCE_HEADER,
+                evidence_rows(by_arm["fixed"])),
+               ("verdicts that change with the tuned rate",
+                ["claim", "comparison (tuned arm)", f"lr {rate:g} (fixed)", "tuned lr", "verdict"], changes)]
+    return Section("Findings", text, tables), by_arm
 
 
-def verdict_summary(found: list[Finding]) -> list[str]:
-    """One line per claim: how its comparisons came out."""
+RATE_CHOICE_TEXT = {"largest": "one rate per training set, chosen at its largest size and used at every size",
+                    "per-size": "one rate per training set and size"}
+
+
+def _chosen_text(results: StudyResults) -> str:
+    """The tuned arm's rates: `D_train-0 n=60, 240: 0.0001; ...`, one entry per training set and rate."""
+    sizes: dict[tuple, list] = {}
+    for (level, size), by_seed in tuned_rates(results).items():
+        for rate in sorted(set(by_seed.values())):
+            sizes.setdefault((level, rate), []).append(size)
+    return "; ".join(f"{level_name(level)} n={', '.join(map(str, s))}: {rate:g}"
+                     for (level, rate), s in sizes.items()) or "–"
+
+
+def _verdict_cell(finding: Finding | None) -> str:
+    return "–" if finding is None else f"{effect_text(finding)}: {finding.verdict}"
+
+
+def verdict_summary(by_arm: dict[str, list[Finding]]) -> list[str]:
+    """One line per claim: how its comparisons came out (in the tuned arm, when there is one), and
+    which verdicts the tuned rate changes."""
+    found = next(iter(by_arm.values()))
     lines = []
     for claim, statement in CLAIMS.items():
         mine = [f.verdict.split(":")[0] for f in found if f.claim == claim]
@@ -73,6 +123,11 @@ def verdict_summary(found: list[Finding]) -> list[str]:
         zero = sum(1 for f in found if f.claim == claim and f.effect and f.effect.low == f.effect.high == 0)
         note = f" In {zero} of them the effect is exactly 0: not one prediction changed." if zero else ""
         lines.append(f"- **{claim}** {statement} — {', '.join(parts)} of {len(mine)} comparison(s).{note}")
+    if "tuned" in by_arm:
+        changed = [f"{b.claim} {b.comparison}: {verdict_word(a)} -> {verdict_word(b)}"
+                   for a, b, change in verdict_changes(by_arm["fixed"], by_arm["tuned"]) if change == "changed"]
+        lines.append("- Verdicts at the tuned learning rate; against [train]'s fixed rate, "
+                     + (f"{len(changed)} change: " + "; ".join(changed) if changed else "none changes") + ".")
     return lines
 
 
@@ -96,23 +151,25 @@ def run_header(results: StudyResults, study_dir: Path, page: Path) -> list[str]:
     return lines
 
 
-def sections(results: StudyResults, out: Path) -> tuple[list[Section], list[Finding]]:
+def sections(results: StudyResults, out: Path) -> tuple[list[Section], dict[str, list[Finding]]]:
+    """The report's sections; with a tuned arm, the paper's tables show the tuned models (the Findings
+    and "Repair methods" show both arms)."""
     study = results.config.get("study", {})
     samples = study.get("bootstrap", 1000)
-    records = eval_records(results)
-    sweeps = restore_records(results)
 
     def png(name: str) -> Path:
         return out / f"{name}.png"
 
     found_section, found = findings_section(results, samples)
-    selection, chosen = restoration(results, records, png("restoration"), samples)
+    shown = arm_view(results, "tuned") if "tuned" in arms(results) else results
+    records, sweeps = eval_records(shown), restore_records(shown)
+    selection, chosen = restoration(shown, records, png("restoration"), samples)
     size = study.get("table_size")
-    parts = [found_section, table1(results), figure2(records, png("figure2")), table2(records, size),
-             figure4(records, png("figure4")), figure5(results, png("figure5")), table3(results), table4(sweeps),
+    parts = [found_section, table1(shown), figure2(records, png("figure2")), table2(records, size),
+             figure4(records, png("figure4")), figure5(shown, png("figure5")), table3(shown), table4(sweeps),
              table5(sweeps), selection, table6(records, sweeps, chosen, size)]
     repairs = repair_methods(results, png("repairs"), samples)
-    return parts + ([repairs] if repairs else []), found
+    return parts + ([repairs] if repairs else []) + taught_sections(results, out, size), found
 
 
 def _markdown(title: str, parts: list[Section], preamble: list[str] = ()) -> str:
@@ -124,7 +181,7 @@ def _markdown(title: str, parts: list[Section], preamble: list[str] = ()) -> str
         for caption, header, rows in s.tables:
             if caption:
                 lines += [f"*{caption}*", ""]
-            lines += [markdown_table(header, rows), ""]
+            lines += [markdown_table(header, rows, "".join("r" if n else "l" for n in numeric_columns(rows, len(header)))), ""]
     return "\n".join(lines)
 
 
@@ -137,13 +194,47 @@ def _html(title: str, parts: list[Section]) -> str:
             data = base64.b64encode(s.figure.read_bytes()).decode()
             body.append(f'<img alt="{esc(s.title)}" src="data:image/png;base64,{data}">')
         for caption, header, rows in s.tables:
+            numeric = numeric_columns(rows, len(header))
             body.append("<table>" + (f"<caption>{esc(caption)}</caption>" if caption else ""))
-            body.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
-            body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+            body.append("<tr>" + "".join(f"<th{_align(n)}>{esc(str(h))}</th>" for h, n in zip(header, numeric)) + "</tr>")
+            body += ["<tr>" + "".join(f"<td{_align(n)}>{esc(str(c))}</td>" for c, n in zip(row, numeric)) + "</tr>"
+                     for row in rows]
             body.append("</table>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}caption{font-style:italic}img{max-width:100%}")
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.num{text-align:right}"
+             "caption{font-style:italic}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+
+
+# A cell reads as a number when it starts like one ("12.3 ± 0.4", "+1.2 [-0.3, +2.5] holds", "1,024");
+# empty cells and dashes say nothing either way.
+_NUMBER = re.compile(r"^\s*[-+−]?(\d|\.\d)")
+_BLANK = ("", "–", "-", "—")
+
+
+def numeric_columns(rows: list[list], width: int) -> list[bool]:
+    """Per column of `width`: whether every filled cell is a number (right-aligned) or not (text, left-aligned)."""
+    columns = [[str(row[i]).strip() for row in rows if i < len(row) and str(row[i]).strip() not in _BLANK]
+               for i in range(width)]
+    return [bool(cells) and all(_NUMBER.match(c) for c in cells) for cells in columns]
+
+
+def _align(numeric: bool) -> str:
+    return ' class="num"' if numeric else ""
+
+
+def write_sections(title: str, parts: list[Section], out: Path, stem: str = "report") -> dict[str, Path]:
+    """`{stem}.md` and a self-contained `{stem}.html` of `parts` under `out`: the one report layer
+    (the study report and the audit report)."""
+    atomic_write_text(out / f"{stem}.md", _markdown(title, parts))
+    atomic_write_bytes(out / f"{stem}.html", _html(title, parts).encode("utf-8"))
+    return {"html": out / f"{stem}.html", "markdown": out / f"{stem}.md"}
+
+
+def write_page(page: Path, title: str, parts: list[Section], preamble: list[str]) -> Path:
+    """A results page: the report's Markdown headed by `preamble`, its PNGs beside it."""
+    atomic_write_text(page, _markdown(title, _beside(parts, page), preamble))
+    return page
 
 
 def write_report(study_dir: str | Path, page: str | Path | None = None) -> dict[str, Path]:

@@ -8,6 +8,7 @@ Every evaluation record gets the study's tags: `train_level` (0-4, "mixed", or "
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +37,19 @@ class StudyResults:
         model_key = unit["spec"]["deps"].get("model")
         if model_key is None:
             return {"train_level": "base", "size": None, "seed": None}
-        train = TrainParams.of(self.by_key()[model_key]["spec"]["params"])
-        level = train.set.removeprefix("level")
-        return {"train_level": "mixed" if level == "mixed" else int(level),
-                "size": train.size if train.size == "all" else int(train.size), "seed": train.seed}
+        return train_tags(self.by_key()[model_key]["spec"]["params"])
 
     def counts(self) -> list[dict]:
         probe = self.done("probe")
         return probe[0]["result"]["level_counts"] if probe else []
+
+
+def train_tags(params: dict) -> dict:
+    """The training set, size and seed of a model unit's parameters."""
+    train = TrainParams.of(params)
+    level = train.set.removeprefix("level")
+    return {"train_level": "mixed" if level == "mixed" else int(level),
+            "size": train.size if train.size == "all" else int(train.size), "seed": train.seed}
 
 
 def load_results(study_dir: str | Path) -> StudyResults:
@@ -189,11 +195,12 @@ def repair_dev_curves(results: StudyResults) -> dict[tuple, dict[float, list[flo
     return curves
 
 
-def lora_candidates(results: StudyResults) -> dict[tuple, dict[float, list[dict]]]:
-    """(train level, size) -> {learning rate: the LoRA models of its seeds, scored (seed order)}."""
+def rate_candidates(results: StudyResults, kind: str) -> dict[tuple, dict[float, list[dict]]]:
+    """(train level, size) -> {learning rate: the scored candidates of its seeds (seed order)}; `kind`:
+    the scoring units, `lora-eval` (LoRA SFT) or `tune-eval` ([train]'s recipe, in-domain dev only)."""
     groups: dict[tuple, dict[float, list[dict]]] = {}
     keys = results.by_key()
-    for unit in results.done("lora-eval"):
+    for unit in results.done(kind):
         tags = results.model_tags(unit)
         recipe = TrainParams.of(keys[unit["spec"]["deps"]["model"]]["spec"]["params"]).train
         rate = recipe["learning_rate"]
@@ -202,14 +209,83 @@ def lora_candidates(results: StudyResults) -> dict[tuple, dict[float, list[dict]
     return {k: {rate: sorted(models, key=lambda m: m["seed"]) for rate, models in v.items()} for k, v in groups.items()}
 
 
-def lora_dev_curve(candidates: dict[float, list[dict]]) -> dict[float, list[float]]:
+def rate_dev_curve(candidates: dict[float, list[dict]]) -> dict[float, list[float]]:
     """{learning rate: in-domain dev Acc of each seed}: what the rate's choice sees."""
     return {rate: [score for m in models
                    if (score := acc([r for r in m["records"] if r["split"] == "dev"], "in")) is not None]
             for rate, models in sorted(candidates.items())}
 
 
-def chosen_lora(candidates: dict[float, list[dict]]) -> list[dict]:
-    """The LoRA models at the rate with the best mean dev Acc over seeds (ties: the smaller rate)."""
-    curve = {rate: scores for rate, scores in lora_dev_curve(candidates).items() if scores}
-    return candidates[best_mean(curve, lambda rate: rate)] if curve else []
+def chosen_rate(candidates: dict[float, list[dict]]) -> float | None:
+    """The learning rate with the best mean in-domain dev Acc over seeds (ties: the smaller); None
+    without dev scores. The one rule for LoRA's rate and for the tuned arm's."""
+    curve = {rate: scores for rate, scores in rate_dev_curve(candidates).items() if scores}
+    return best_mean(curve, lambda rate: rate) if curve else None
+
+
+def chosen_models(candidates: dict[float, list[dict]]) -> list[dict]:
+    """The candidates at the chosen rate (each seed's model)."""
+    rate = chosen_rate(candidates)
+    return [] if rate is None else candidates[rate]
+
+
+# The models of the grid come in up to two arms: [train]'s own learning rate ("train" units) and, with
+# `learning_rates`, the dev-tuned rate ("tuned" units).
+ARMS = {"train": "fixed", "tuned": "tuned"}
+
+
+def arms(results: StudyResults) -> list[str]:
+    """The arms this study's plan has, [train]'s fixed rate first."""
+    kinds = {u["kind"] for u in results.units}
+    return [arm for kind, arm in ARMS.items() if kind in kinds]
+
+
+def arm_view(results: StudyResults, arm: str) -> StudyResults:
+    """The study as seen by one arm: units reading a model of the other arm are left out (the
+    candidates' scores are kept: they belong to the choice, not to an arm), so every table and claim
+    built on it describes that arm's models only."""
+    keys = results.by_key()
+
+    def mine(unit: dict) -> bool:
+        model = unit["spec"]["deps"].get("model")
+        if model is None or unit["kind"] == "tune-eval":
+            return True
+        return ARMS.get(keys[model]["kind"], arm) == arm
+
+    return dataclasses.replace(results, units=[u for u in results.units if mine(u)])
+
+
+def tuned_rates(results: StudyResults) -> dict[tuple, dict]:
+    """(train level, size) -> {seed: the learning rate its tuned model trained at}."""
+    rates: dict[tuple, dict] = {}
+    for unit in results.done("tuned"):
+        tags = train_tags(unit["spec"]["params"])
+        rates.setdefault((tags["train_level"], tags["size"]), {})[tags["seed"]] = unit["result"]["learning_rate"]
+    return rates
+
+
+# On a taught base (`[inject]`): the facts it was taught, and the others.
+TAUGHT_SUBSETS = (("taught", True), ("untaught", False))
+
+
+def taught_records(results: StudyResults, taught: bool) -> list[dict]:
+    """`eval_records` over the facts a taught base (`[inject]`) was taught (True) or not (False);
+    empty for a study on an untaught base."""
+    out = []
+    for unit in results.done("eval"):
+        tags = results.model_tags(unit)
+        strategy = "base" if tags["train_level"] == "base" else "sft"
+        out += [{**r, **tags, "restore_ratio": 0.0, "strategy": strategy}
+                for r in unit["result"].get("taught_records", []) if r["taught"] == taught]
+    return out
+
+
+def taught_restore_records(results: StudyResults, taught: bool) -> list[dict]:
+    """The restoration sweeps' records (`restore_records`, strategy "restore") over the taught facts
+    (True) or the others (False) of a taught base; empty for a study on an untaught base."""
+    out = []
+    for unit in results.done("restore"):
+        tags = results.model_tags(unit)
+        out += [{**r, **tags, "strategy": "restore"}
+                for r in unit["result"].get("taught_records", []) if r["taught"] == taught]
+    return out

@@ -95,8 +95,19 @@ def table1(results: StudyResults) -> Section:
     if evaluated:
         tables.append(("test facts evaluated per domain and level (after the study's per-level cap)",
                        ["test set", "facts"], evaluated))
-    return Section("Table 1: facts per mastery level", "Counts of probed facts per mastery level of the base model.",
-                   tables)
+    return Section("Table 1: facts per mastery level", "Counts of probed facts per mastery level of the base model."
+                   + _fact_set_text(results), tables)
+
+
+def _fact_set_text(results: StudyResults) -> str:
+    """Which fact set the study read, when it was not EntityQuestions."""
+    probe = results.done("probe")
+    source = probe[0]["result"].get("fact_set") if probe else None
+    if not source:
+        return ""
+    counts = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
+    return (f" Facts: fact set {source['name']} ({source['facts']} facts, {source['topics']} topics; "
+            f"splits: {counts(source['splits'])}; domains: {counts(source['domains'])}).")
 
 
 def figure2(records: list[dict], out: Path) -> Section:

@@ -9,14 +9,18 @@ stores in the study database, so the report needs nothing else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
+import shutil
 from pathlib import Path
 
 from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration, zero_base_mass
 from sftlens.analysis.kl import KLConfig, compute_kl
 from sftlens.config import config_from_dict
-from sftlens.data import Fact, first_per_relation, load_facts
-from sftlens.evaluate import EvalConfig, evaluate_splits
+from sftlens.data import Fact, FactSet, fact_set_stats, first_per_relation, load_fact_set, load_facts
+from sftlens.evaluate import EvalConfig, evaluate_splits, summarize
+from sftlens.inject import InjectConfig, inject, inject_record, taught_facts
 from sftlens.io import atomic_write_jsonl, read_jsonl
 from sftlens.models import load_model
 from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe, run_probe
@@ -28,6 +32,7 @@ from sftlens.study.params import (
     DeltasParams,
     EvalParams,
     FactSelection,
+    InjectParams,
     KLParams,
     ProbeParams,
     RepairedParams,
@@ -36,8 +41,10 @@ from sftlens.study.params import (
     Runtime,
     SplitParams,
     TrainParams,
+    TunedParams,
 )
-from sftlens.study.results import chosen_ratio, chosen_value
+from sftlens.study.results import TAUGHT_SUBSETS, chosen_rate, chosen_ratio, chosen_value
+from sftlens.study.units import select_facts
 from sftlens.train import RUN_FILE, TrainConfig, train
 from sftlens.weights import METHODS, RepairConfig, repaired_models
 
@@ -49,12 +56,31 @@ def study_facts(params) -> list[Fact]:
     selection, runtime = FactSelection.of(params), Runtime.of(params)
     facts: list[Fact] = []
     for split, relations in selection.relations.items():
+        if runtime.facts:
+            facts += select_facts(_fact_set(runtime.facts, runtime.in_domain), split, relations, selection.limit(split))
+            continue
         loaded = load_facts(runtime.data_dir, splits=(split,), relations=tuple(relations)).facts
         facts += first_per_relation(loaded, selection.limit(split))
     return facts
 
 
-# --- probe and split ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _fact_set(path: str, in_domain: str | None) -> FactSet:
+    return load_fact_set(path, in_domain)
+
+
+# --- inject, probe and split -------------------------------------------------------------------
+
+
+def inject_unit(params, out: Path, deps) -> dict:
+    """The study's base model taught a seeded share of the study's facts (`[inject]`); later units
+    read `out/model` as their base (`sftlens.study.engine.BASE_ROLE`)."""
+    p = InjectParams.of(params)
+    model_dir = inject(Runtime.of(params).model, study_facts(params), out / "model",
+                       config_from_dict(InjectConfig, p.inject, "inject"))
+    record = inject_record(model_dir)
+    return {"taught": len(record["facts"]), "candidates": record["candidates"], "templates": record["templates"],
+            "statements": record["statements"]["count"], "steps": record["steps"], "train_loss": record["train_loss"]}
 
 
 def probe_unit(params, out: Path, deps) -> dict:
@@ -62,7 +88,18 @@ def probe_unit(params, out: Path, deps) -> dict:
     config = config_from_dict(ProbeConfig, p.probe, "probe")
     records = run_probe(runtime.model, study_facts(params), config, out / "store", progress=True,
                         device=runtime.device_or_none)
-    return {"facts": len(records), "level_counts": level_counts(records.values())}
+    fact_set = _fact_set(runtime.facts, runtime.in_domain) if runtime.facts else None
+    domains = fact_set.domains() if fact_set else None
+    result = {"facts": len(records), "level_counts": level_counts(records.values(), domains)}
+    if fact_set:
+        stats = fact_set_stats(fact_set)
+        result["fact_set"] = {key: stats[key] for key in ("name", "facts", "topics", "splits", "domains")}
+    taught = taught_facts(runtime.model)
+    if taught is not None:
+        result["level_counts_taught"] = {
+            name: level_counts((r for r in records.values() if (r.fact_id in taught) == flag), domains)
+            for name, flag in TAUGHT_SUBSETS}
+    return result
 
 
 def _probe_records(probe_dir: str | Path):
@@ -82,13 +119,52 @@ def split_unit(params, out: Path, deps) -> dict:
 
 def train_unit(params, out: Path, deps) -> dict:
     p = TrainParams.of(params)
-    config = config_from_dict(TrainConfig, p.train, "train")
+    return _train(params, p, config_from_dict(TrainConfig, p.train, "train"), out, deps)
+
+
+def _train(params, p: TrainParams, config: TrainConfig, out: Path, deps) -> dict:
     train_set = f"{split_train_set(p.set, p.size, p.seed)}.jsonl"
     sft = Path(deps["split"]["dir"]) / DATA / train_set
     model_dir = train(Runtime.of(params).model, sft, out / "model", config, progress=True)
     run = json.loads((model_dir / RUN_FILE).read_text())
     return {"train_set": train_set, "examples": run["data"]["count"], "steps": run["steps"],
             "train_loss": run["train_loss"]}
+
+
+def tuned_unit(params, out: Path, deps) -> dict:
+    """[train]'s recipe at the learning rate its candidates chose on in-domain dev over seeds
+    (`sftlens.study.results.chosen_rate`). A candidate trained on this very set, size and seed at that
+    rate is the same run, so its folder is linked rather than trained again."""
+    p = TunedParams.of(params)
+    by_rate: dict[float, list[dict]] = {}
+    for role, rate in p.dev.items():
+        by_rate.setdefault(rate, []).append(deps[role]["result"])
+    rate = chosen_rate(by_rate)
+    if rate is None:
+        raise ValueError("no in-domain dev evaluation to choose a learning rate from")
+    source = next((role for role, candidate in p.models.items() if candidate == rate), None)
+    if source is None:
+        config = dataclasses.replace(config_from_dict(TrainConfig, p.train, "train"), learning_rate=rate)
+        return {**_train(params, p, config, out, deps), "learning_rate": rate, "linked": False}
+    _link_folder(Path(deps[source]["dir"]) / "model", out / "model")
+    return {**deps[source]["result"], "learning_rate": rate, "linked": True}
+
+
+def _link_folder(source: Path, target: Path) -> None:
+    """`target` as a copy of `source` made of hard links (copies across file systems), renamed into
+    place whole, so a killed unit leaves no half folder under the name."""
+    partial = target.with_name(f".{target.name}.partial")
+    for stale in (partial, target):
+        shutil.rmtree(stale, ignore_errors=True)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, partial, copy_function=link)
+    partial.rename(target)
 
 
 def eval_config(params) -> EvalConfig:
@@ -115,11 +191,27 @@ def eval_unit(params, out: Path, deps) -> dict:
     config = eval_config(params)
     model, tokenizer = load_model(model_path(params, deps), dtype=config.dtype,
                                   device=config.device or Runtime.of(params).device_or_none)
-    rows = {split: load_rows(eval_files(deps["split"]["dir"], split)) for split in p.splits}
+    rows = {}
+    for split in p.splits:  # `dev-in`: the in-domain dev facts only, tagged split "dev"
+        name, _, domain = split.partition("-")
+        files = eval_files(deps["split"]["dir"], name)
+        rows[name] = load_rows([f for f in files if not domain or f.name.startswith(f"{domain}-")])
     records, predictions = evaluate_splits(model, tokenizer, rows, config, {})
     for split, split_predictions in predictions.items():
         atomic_write_jsonl(out / f"predictions-{split}.jsonl", split_predictions)
-    return {"records": records, "test_bits": _bits_by_level(predictions["test"]) if "test" in predictions else {}}
+    result = {"records": records, "test_bits": _bits_by_level(predictions["test"]) if "test" in predictions else {}}
+    taught = taught_facts(Runtime.of(params).model)
+    if taught is not None:
+        result["taught_records"] = taught_split(predictions, taught)
+    return result
+
+
+def taught_split(predictions: dict[str, list[dict]], taught: frozenset[str]) -> list[dict]:
+    """Evaluation records per split and subset (`taught`: true/false): each split's records again,
+    over the taught facts and over the others."""
+    return [{**record, "split": split, "taught": flag}
+            for split, rows in predictions.items() for _, flag in TAUGHT_SUBSETS
+            for record in summarize([p for p in rows if (p["fact_id"] in taught) == flag])]
 
 
 # --- analyses ----------------------------------------------------------------------------------
@@ -189,10 +281,13 @@ def _sweep_rows(dev_domain: str, deps) -> dict[str, list[dict]]:
     return rows
 
 
-def _evaluate_splits(model, tokenizer, rows_by_split: dict, config, ratio: float) -> tuple[list[dict], dict]:
-    """Records of every split, and per split but dev its correctness strings ({split: {domain: {level: bits}}})."""
+def _evaluate_splits(model, tokenizer, rows_by_split: dict, config, ratio: float,
+                     taught: frozenset[str] | None = None) -> tuple[list[dict], dict, list[dict]]:
+    """Records of every split, per split but dev its correctness strings ({split: {domain: {level: bits}}}),
+    and on a taught base (`taught`: its taught facts) the records per taught subset (`taught_split`)."""
     records, predictions = evaluate_splits(model, tokenizer, rows_by_split, config, {"restore_ratio": ratio})
-    return records, {split: _bits_by_level(p) for split, p in predictions.items() if split != "dev"}
+    subsets = [] if taught is None else [{**r, "restore_ratio": ratio} for r in taught_split(predictions, taught)]
+    return records, {split: _bits_by_level(p) for split, p in predictions.items() if split != "dev"}, subsets
 
 
 def restore_unit(params, out: Path, deps) -> dict:
@@ -206,16 +301,24 @@ def restore_unit(params, out: Path, deps) -> dict:
     rows = _sweep_rows(p.dev, deps)
     # ratio 0 is the fine-tuned model itself, already scored on test by its eval unit
     unrestored = deps["eval"]["result"]
-    records, bits0 = _evaluate_splits(model, tokenizer, {k: v for k, v in rows.items() if k != "test"}, eval_cfg, 0.0)
+    taught = taught_facts(runtime.model)
+    records, bits0, subsets = _evaluate_splits(model, tokenizer, {k: v for k, v in rows.items() if k != "test"},
+                                               eval_cfg, 0.0, taught)
     records += [{**r, "restore_ratio": 0.0} for r in unrestored["records"] if r["split"] == "test"]
+    subsets += [{**r, "restore_ratio": 0.0} for r in unrestored.get("taught_records", []) if r["split"] == "test"]
     bits = {"0": {**bits0, "test": unrestored["test_bits"]}}
     # no ratios: the sweep only scores the fine-tuned model on dev and its training set (plain SFT for repairs)
     for ratio, restored in restored_models(model, runtime.model, finetuned, p.ratios, restore_cfg) if p.ratios else ():
-        ratio_records, ratio_bits = _evaluate_splits(restored, tokenizer, rows, eval_cfg, float(ratio))
+        ratio_records, ratio_bits, ratio_subsets = _evaluate_splits(restored, tokenizer, rows, eval_cfg, float(ratio),
+                                                                    taught)
         records += ratio_records
+        subsets += ratio_subsets
         bits[f"{float(ratio):g}"] = ratio_bits
-    return {"records": records, "test_bits": {r: b["test"] for r, b in bits.items()},
-            "train_bits": {r: b["train"] for r, b in bits.items()}}
+    result = {"records": records, "test_bits": {r: b["test"] for r, b in bits.items()},
+              "train_bits": {r: b["train"] for r, b in bits.items()}}
+    if taught is not None:
+        result["taught_records"] = subsets
+    return result
 
 
 def control_unit(params, out: Path, deps) -> dict:
@@ -232,7 +335,7 @@ def control_unit(params, out: Path, deps) -> dict:
     restore_in_memory(model, runtime.model, finetuned, ratio, restore_cfg)
     rows = {"test": load_rows(eval_files(deps["split"]["dir"], "test")),
             "train": read_jsonl(Path(deps["split"]["dir"]) / DATA / deps["model"]["result"]["train_set"])}
-    records, bits = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
+    records, bits, _ = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
     return {"ratio": ratio, "records": records, "test_bits": bits["test"], "train_bits": bits["train"]}
 
 

@@ -1,6 +1,11 @@
 """The study's unit graph: probe -> split -> train -> eval, kl, deltas, restore sweep -> control, and
 per repair method: repair (its values on dev) -> repaired (the dev-chosen value on test and train);
-with `lora_learning_rates`, per analysed training set and rate: lora (LoRA SFT) -> lora-eval.
+with `lora_learning_rates`, per analysed training set and rate: lora (LoRA SFT) -> lora-eval; with
+`learning_rates`, per training set, seed and rate at the sizes the rate is chosen at: tune ([train]'s
+recipe at that rate) -> tune-eval (in-domain dev), then per model of the grid: tuned (the recipe at the
+dev-chosen rate), which the analyses read instead of the models at [train]'s own rate. With
+`[inject]`, an inject unit comes first and every other unit depends on it as its `base`: the model it
+taught is the study's base model.
 
 `build_units` expands a StudyConfig into units in dependency order. Keys hash the settings a
 unit's result depends on (the model's weight fingerprint, the data files' bytes, the stage
@@ -14,16 +19,19 @@ import hashlib
 from pathlib import Path
 
 from sftlens.config import config_to_dict
-from sftlens.data import data_dir_from, first_per_relation, load_facts, parse_relations
+from sftlens.data import FactSet, data_dir_from, first_per_relation, load_fact_set, load_facts, load_templates, parse_relations
+from sftlens.data.factset import fingerprint as fact_set_fingerprint
+from sftlens.errors import SftlensError
 from sftlens.evaluate import RESULT_NEUTRAL
 from sftlens.models import model_fingerprint
 from sftlens.study.config import StudyConfig
-from sftlens.study.engine import Unit
+from sftlens.study.engine import BASE_ROLE, Unit
 from sftlens.study.params import (
     ControlParams,
     DeltasParams,
     EvalParams,
     FactSelection,
+    InjectParams,
     KLParams,
     ProbeParams,
     RepairedParams,
@@ -32,11 +40,17 @@ from sftlens.study.params import (
     Runtime,
     SplitParams,
     TrainParams,
+    TunedParams,
     UnitParams,
 )
 
 STAGES = "sftlens.study.stages"
 VALUE_CHOICE = "best mean dev Acc (in-domain) over seeds; ties: the least edit"
+RATE_CHOICE = {  # how the tuned arm's rate is chosen, in words (part of a tuned unit's key)
+    "largest": "best mean dev Acc (in-domain) over seeds at the training set's largest size; ties: the smaller",
+    "per-size": "best mean dev Acc (in-domain) over seeds at the model's own size; ties: the smaller",
+}
+TUNED = "tuned-"  # the tuned arm's models: `tuned-level0-n240-seed0`
 SPLITS = ("train", "dev", "test")
 
 
@@ -63,18 +77,31 @@ class GraphBuilder:
     def __init__(self, config: StudyConfig, data_dir: str | Path | None):
         self.config = config
         self.s = config.study
-        self.data_dir = data_dir_from(data_dir or self.s.data_dir).resolve()
-        self.in_rel = parse_relations(self.s.in_relations)
-        self.out_rel = parse_relations(self.s.out_relations)
+        self.fact_set: FactSet | None = None
+        if self.s.facts:
+            if data_dir or self.s.data_dir:
+                raise SftlensError(f"{config.source}: study.facts and a data_dir (--data-dir): give one")
+            self.fact_set = load_fact_set(self.s.facts, self.s.in_domain)
+            self.data_dir = None
+            self.in_rel = _topics(self.s.in_relations, self.fact_set)
+            self.out_rel = _topics(self.s.out_relations, self.fact_set)
+        else:
+            self.data_dir = data_dir_from(data_dir or self.s.data_dir).resolve()
+            self.in_rel = parse_relations(self.s.in_relations)
+            self.out_rel = parse_relations(self.s.out_relations)
         self.units: list[Unit] = []
+        self.base: Unit | None = None  # with [inject], the unit whose model every later unit reads as its base
         device = self.s.device
         self.res = {"cpus": self.s.cpus_per_unit, "gpus": self.s.gpus_per_unit}
-        self.runtime = Runtime(model=self.s.model, data_dir=str(self.data_dir), device=device,
-                               eval_batch_size=config.stages["eval"].batch_size)
+        facts = {"facts": str(Path(self.s.facts).expanduser().resolve()), "in_domain": self.s.in_domain} \
+            if self.fact_set else {}
+        self.runtime = Runtime(model=self.s.model, data_dir=str(self.data_dir or ""), device=device,
+                               eval_batch_size=config.stages["eval"].batch_size, **facts)
 
     def add(self, kind: str, label: str, fn: str, params: UnitParams, deps: dict | None = None, work: float = 0.0,
             prune: tuple[str, ...] = ()) -> Unit:
-        unit = Unit(kind, label, f"{STAGES}:{fn}", params.to_params(), deps or {}, self.runtime.to_params(), work=work,
+        deps = {**(deps or {}), **({BASE_ROLE: self.base.key} if self.base else {})}
+        unit = Unit(kind, label, f"{STAGES}:{fn}", params.to_params(), deps, self.runtime.to_params(), work=work,
                     prune=prune, **self.res)
         self.units.append(unit)
         return unit
@@ -85,19 +112,35 @@ class GraphBuilder:
 
     def probe(self) -> Unit:
         rel = self.relations_by_split()
+        data = fact_set_fingerprint(self.s.facts, self.s.in_domain) if self.fact_set else data_fingerprint(self.data_dir, rel)
         selection = FactSelection(
-            data=data_fingerprint(self.data_dir, rel), relations={k: list(v) for k, v in rel.items()},
+            data=data, relations={k: list(v) for k, v in rel.items()},
             train_facts_per_relation=self.s.train_facts_per_relation,
             eval_facts_per_relation=self.s.eval_facts_per_relation,
             dev_facts_per_relation=self.s.dev_facts_per_relation,
         )
-        counts = _fact_counts(self.data_dir, rel, {split: selection.limit(split) for split in rel})
+        limits = {split: selection.limit(split) for split in rel}
+        if self.fact_set:
+            counts = {split: len(select_facts(self.fact_set, split, rel[split], limits[split])) for split in rel}
+            self.check_fact_set(counts)
+        else:
+            counts = _fact_counts(self.data_dir, rel, limits)
         probe_cfg = self.config.stages["probe"]
         self.selection = selection.to_params()
         params = ProbeParams(**self.selection, model_fingerprint=model_fingerprint(self.s.model),
                              probe=config_to_dict(probe_cfg))
         self.n_facts = counts
+        if self.config.inject is not None:
+            self.base = self.inject(model_fingerprint(self.s.model), sum(counts.values()))
         return self.add("probe", "probe", "probe_unit", params, work=sum(counts.values()) * _probe_samples(probe_cfg))
+
+    def inject(self, fingerprint: str, facts: int) -> Unit:
+        """The unit teaching the study's facts to its base model (statements x epochs as its work)."""
+        inject = self.config.inject
+        statements = facts * inject.share * sum(inject.doses) / len(inject.doses)
+        return self.add("inject", "inject", "inject_unit",
+                        InjectParams(**self.selection, model_fingerprint=fingerprint, inject=config_to_dict(inject)),
+                        work=statements * inject.epochs)
 
     def build(self) -> list[Unit]:
         s = self.s
@@ -107,11 +150,12 @@ class GraphBuilder:
         eval_rows = self.evaluated_rows("test")
         dev_rows = self.evaluated_rows("dev")
         eval_cfg = {k: v for k, v in config_to_dict(self.config.stages["eval"]).items() if k not in RESULT_NEUTRAL}
+        self.split_key, self.eval_cfg = split.key, eval_cfg
         self.add("eval", "eval base", "eval_unit", EvalParams(eval=eval_cfg, splits=["test", "dev"]),
                  {"split": split.key}, work=eval_rows + dev_rows)
         sweeps: dict[tuple, list[Unit]] = {}
         repairs: dict[tuple, list[Unit]] = {}
-        models: list[tuple[int | None, int | None, int, Unit]] = []
+        models: list[tuple[int | None, int | None, int, Unit, str]] = []
         train_rows = self.n_facts["train"] // max(1, len(s.levels))
         for level in (*s.levels, *((None,) if s.mixed else ())):
             for size in (*s.sizes, *((None,) if s.include_all else ())):
@@ -124,9 +168,11 @@ class GraphBuilder:
                         {"split": split.key}, work=(size or train_rows) * self.config.stages["train"].epochs,
                         prune=("model",),
                     )
-                    models.append((level, size, seed, train))
-        for level, size, seed, train in models:
-            name = train.label.removeprefix("train ")
+                    models.append((level, size, seed, train, name))
+        # with learning_rates the analyses read the tuned arm; [train]'s rate stays an arm (eval and KL)
+        analysed = self.tuned_arm(models, split, train_rows) if s.learning_rates else models
+        analysed_keys = {train.key for *_, train, _ in analysed}
+        for level, size, seed, train, name in (*models, *(analysed if s.learning_rates else ())):
             deps = {"model": train.key, "split": split.key}
             evaluation = self.add("eval", f"eval {name}", "eval_unit", EvalParams(eval=eval_cfg, splits=["test"]),
                                   deps, work=eval_rows)
@@ -134,7 +180,7 @@ class GraphBuilder:
                 self.add("kl", f"kl {name}", "kl_unit",
                          KLParams(kl=config_to_dict(self.config.stages["kl"]), test_set=s.kl_test_set, **self.selection),
                          {**deps, "probe": probe.key}, work=self.kl_rows())
-            if level is None or size not in s.analysis_sizes:
+            if level is None or size not in s.analysis_sizes or train.key not in analysed_keys:
                 continue
             self.add("deltas", f"deltas {name}", "deltas_unit",
                      DeltasParams(deltas=config_to_dict(self.config.stages["deltas"]), ratios=list(s.concentration_ratios)),
@@ -152,44 +198,89 @@ class GraphBuilder:
                                 RepairParams(repair=grid.params(), values=list(grid.values), eval=eval_cfg, dev="in"),
                                 deps, work=len(grid.values) * dev_rows / 2)
                 repairs.setdefault((level, size, method), []).append(unit)
-            self.lora_arm(level, size, seed, name, split, eval_cfg, own_rows, eval_rows + dev_rows / 2 + own_rows)
+            self.lora_arm(level, size, seed, name.removeprefix(TUNED), eval_rows + dev_rows / 2 + own_rows)
         if s.random_control:
-            for level, size, seed, train in models:
+            for level, size, seed, train, name in analysed:
                 group = sweeps.get((level, size))
                 if not group:
                     continue
-                name = train.label.removeprefix("train ")
                 deps = {"model": train.key, "split": split.key, **{f"sweep{i}": u.key for i, u in enumerate(group)}}
                 self.add("control", f"control {name}", "control_unit",
                          ControlParams(restore=config_to_dict(self.config.stages["restore"]), eval=eval_cfg, seed=seed,
                                        ratio_choice="best mean dev Acc (in-domain) over seeds, ratio > 0"),
                          deps, work=eval_rows + (size or train_rows))
-        for level, size, seed, train in models:
+        for level, size, seed, train, name in analysed:
             for method, grid in self.config.repairs.items():
                 group = repairs.get((level, size, method))
                 if not group:
                     continue
-                name = train.label.removeprefix("train ")
                 deps = {"model": train.key, "split": split.key, **{f"sweep{i}": u.key for i, u in enumerate(group)}}
                 self.add("repaired", f"repaired {method} {name}", "repaired_unit",
                          RepairedParams(repair=grid.params(), eval=eval_cfg, value_choice=VALUE_CHOICE),
                          deps, work=eval_rows + (size or train_rows))
         return self.units
 
-    def lora_arm(self, level, size, seed: int, name: str, split: Unit, eval_cfg: dict, examples: int,
-                 scored: float) -> None:
+    def candidates(self, kind: str, recipe, rates: tuple[float, ...], level, size, seed: int, name: str,
+                   scoring: tuple[str, list[str], float], reuse: dict[float, Unit]) -> list[tuple[float, Unit, Unit]]:
+        """`recipe` on one training set and seed at each candidate learning rate (a `kind` unit; a rate
+        in `reuse` reads that model instead), each scored by a `{kind}-eval` unit (`scoring`: its
+        function, splits and work): [(rate, model, scores)]."""
+        fn, splits, scored = scoring
+        examples = (size or self.n_facts["train"] // max(1, len(self.s.levels))) * recipe.epochs
+        out = []
+        for rate in rates:
+            label = f"{name} lr{rate:g}"
+            model = reuse.get(rate) or self.add(
+                kind, f"{kind} {label}", "train_unit",
+                TrainParams(set=train_set_name(level), size=size_name(size), seed=seed,
+                            train=config_to_dict(dataclasses.replace(recipe, learning_rate=rate, seed=seed))),
+                {"split": self.split_key}, work=examples, prune=("model",))
+            scores = self.add(f"{kind}-eval", f"{kind}-eval {label}", fn, EvalParams(eval=self.eval_cfg, splits=splits),
+                              {"model": model.key, "split": self.split_key}, work=scored)
+            out.append((rate, model, scores))
+        return out
+
+    def lora_arm(self, level, size, seed: int, name: str, scored: float) -> None:
         """LoRA SFT on the same training set and seed at each candidate learning rate, every candidate
         scored on test, in-domain dev and its training set (the report picks the rate on dev)."""
-        full = self.config.stages["train"]
-        for rate in self.s.lora_learning_rates:
-            lora_cfg = config_to_dict(dataclasses.replace(full, method="lora", learning_rate=rate, seed=seed))
-            label = f"{name} lr{rate:g}"
-            train = self.add("lora", f"lora {label}", "train_unit",
-                             TrainParams(set=train_set_name(level), size=size_name(size), seed=seed, train=lora_cfg),
-                             {"split": split.key}, work=examples * full.epochs, prune=("model",))
-            self.add("lora-eval", f"lora-eval {label}", "scored_unit",
-                     EvalParams(eval=eval_cfg, splits=["test", "dev-in", "train"]),
-                     {"model": train.key, "split": split.key}, work=scored)
+        lora = dataclasses.replace(self.config.stages["train"], method="lora")
+        self.candidates("lora", lora, self.s.lora_learning_rates, level, size, seed, name,
+                        ("scored_unit", ["test", "dev-in", "train"], scored), {})
+
+    def tuned_arm(self, models: list[tuple], split: Unit, train_rows: int) -> list[tuple]:
+        """[train]'s recipe at each of `learning_rates` on every training set and seed at the sizes
+        where the rate is chosen (`rate_choice`), scored on in-domain dev ([train]'s own rate, when a
+        candidate, is its model); then per model of the grid a `tuned` unit: the recipe at the rate its
+        set's candidates chose over seeds, linked from the candidate of the same set, size and seed
+        when there is one. Returns the tuned arm, as `models`."""
+        s, recipe = self.s, self.config.stages["train"]
+        largest = None if s.include_all else max(s.sizes)
+        dev_rows = self.evaluated_rows("dev") / 2
+        dev: dict[tuple, dict[str, float]] = {}  # (level, choice size) -> {candidate scores' key: rate}
+        own: dict[tuple, dict[float, Unit]] = {}  # (level, size, seed) -> {rate: model}
+        for level, size, seed, train, name in models:
+            paper = {recipe.learning_rate: train} if recipe.learning_rate in s.learning_rates else {}
+            own[(level, size, seed)] = paper
+            if s.rate_choice == "largest" and size != largest:
+                continue
+            for rate, model, scores in self.candidates("tune", recipe, s.learning_rates, level, size, seed, name,
+                                                       ("eval_unit", ["dev-in"], dev_rows), paper):
+                dev.setdefault((level, size), {})[scores.key] = rate
+                own[(level, size, seed)][rate] = model
+        tuned = []
+        for level, size, seed, train, name in models:
+            choice = dev[(level, size if s.rate_choice == "per-size" else largest)]
+            mine = own[(level, size, seed)]
+            params = TunedParams(set=train_set_name(level), size=size_name(size), seed=seed,
+                                 train=config_to_dict(recipe) | {"seed": seed}, rate_choice=RATE_CHOICE[s.rate_choice],
+                                 dev={f"dev{i}": rate for i, rate in enumerate(choice.values())},
+                                 models={f"model{i}": rate for i, rate in enumerate(mine)})
+            deps = {"split": split.key, **{f"dev{i}": key for i, key in enumerate(choice)},
+                    **{f"model{i}": unit.key for i, unit in enumerate(mine.values())}}
+            work = 0 if len(mine) == len(s.learning_rates) else (size or train_rows) * recipe.epochs
+            unit = self.add("tuned", f"tuned {name}", "tuned_unit", params, deps, work=work, prune=("model",))
+            tuned.append((level, size, seed, unit, f"{TUNED}{name}"))
+        return tuned
 
     def evaluated_rows(self, split: str) -> float:
         """Test or dev facts a model is evaluated on; under `eval_facts_per_level` roughly the cap
@@ -214,6 +305,42 @@ class GraphBuilder:
         if s.eval_facts_per_level is not None:  # only when set, so older studies keep their keys
             grid["eval_facts_per_level"] = s.eval_facts_per_level
         return grid
+
+
+    def check_fact_set(self, counts: dict[str, int]) -> None:
+        """A fact set the study cannot use is an error naming what is missing, before any unit runs."""
+        s, name = self.s, f"{self.config.source}: fact set {self.fact_set.name}"
+        if not self.in_rel:
+            raise SftlensError(f"{name}: no in-domain topics for study.in_relations {s.in_relations!r}")
+        largest = max(s.sizes, default=1)
+        if counts["train"] < largest:
+            raise SftlensError(f"{name}: {counts['train']} in-domain train facts (after train_facts_per_relation), "
+                               f"fewer than the largest of study.sizes ({largest})")
+        if not counts["test"]:
+            raise SftlensError(f"{name}: no test facts for study.in_relations / out_relations")
+        if s.analysis_sizes and not counts["dev"]:
+            raise SftlensError(f"{name}: no dev facts, but study.analysis_sizes choose restore ratios and repair "
+                               "values on dev")
+        paper = load_templates()
+        own = [t for t, tpl in self.fact_set.topics().items() if t not in paper
+               or tpl.mapping_templates != paper[t].mapping_templates]
+        if s.kl and own:
+            raise SftlensError(f"{name}: study.kl: first-token KL prompts with the paper's EntityQuestions templates, "
+                               f"which topic {own[0]} does not have; set kl = false")
+
+
+def select_facts(fact_set: FactSet, split: str, relations, limit: int | None) -> list:
+    """A study's facts of one split of a fact set (none where the set has no such split)."""
+    if not relations or all(f.split != split for f in fact_set.facts):
+        return []
+    return fact_set.select(list(relations), (split,), limit)
+
+
+def _topics(spec: str, fact_set: FactSet) -> tuple[str, ...]:
+    """A fact set's topics of `spec`; a domain with no topic (every topic in-domain) is empty."""
+    if spec in ("in", "out"):
+        return tuple(t for t, d in fact_set.domains().items() if d == spec)
+    return parse_relations(spec, fact_set.topics())
 
 
 def _probe_samples(probe_cfg) -> int:

@@ -2,7 +2,8 @@
 
 - `checkpoints`: a checkpoint pair streamed in blocks of rows (bounded memory), regions.
 - `selection`: the exact streamed selection of "the k % most changed elements" (restore, trim, deltas).
-- `methods`: the repairs (restore, wise, dare, trim), one function each, and `RepairConfig`.
+- `methods`: the repairs (restore, wise, dare, trim, spectral), one function each, and `RepairConfig`.
+- `spectral`: the Gavish-Donoho threshold and the per-matrix SVD edit of the spectral repair.
 - `apply`: an edit written as HF folders sharded like the input, or applied to a loaded model.
 
 The names below are what the stages (`sftlens.restore`, `sftlens.repair`, studies) build on.

@@ -196,11 +196,22 @@ def repair_sweep(base, finetuned, values, config: RepairConfig, out_root: str | 
     return folders
 
 
+def _state_by_checkpoint_name(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names its checkpoint files use as well as its own: transformers
+    renames some on loading (GPT-NeoX's `embed_out` is `lm_head` in memory); the renamed entries are
+    the same tensor objects, so writing into them edits the model."""
+    state = model.state_dict()
+    from transformers.core_model_loading import revert_weight_conversion
+
+    saved = revert_weight_conversion(model, dict(state))
+    return {**state, **saved}
+
+
 def apply_in_memory(model, pair: CheckpointPair, edit: Edit, i: int):
     """Write value i of `edit` into the region tensors of a loaded fine-tuned `model` (in place;
     returned). Every region tensor is rewritten from the two checkpoints, so calls for different
     values can follow each other on the same model; the other tensors are left as they are."""
-    state = model.state_dict()
+    state = _state_by_checkpoint_name(model)
     missing = [n for n in edit.names if n not in state]
     if missing:
         raise SftlensError(f"the model has no tensor {missing[0]} of {pair.finetuned.root}")

@@ -28,6 +28,7 @@ from sftlens.weights.checkpoints import CheckpointPair, Chunk, assert_finite, ch
 from sftlens.weights.selection import (
     Selection, SelectionConfig, parse_numbers, parse_ratios, random_keys, select, tensor_keys,
 )
+from sftlens.weights.spectral import spectral_blocks
 
 Blocks = Iterator[tuple[Chunk, list[torch.Tensor], list[int]]]
 
@@ -47,11 +48,12 @@ class RepairConfig:
     """Which repair, and the settings it reads. Per method (defaults in brackets):
     restore: metric [relative], scope [global], strategy [top], seed, region;
     trim: metric [absolute], scope [tensor] (TIES trims each tensor), region;
-    dare: seed (of the drop mask), region; wise: region. Settings a method does not read are
+    dare: seed (of the drop mask), region; wise, spectral: region. Settings a method does not read are
     ignored (and do not enter its keys); `region` defaults to the layers without norms for all."""
 
-    method: Literal["restore", "wise", "dare", "trim"] = field(
-        default="restore", metadata={"help": "restore (the paper), wise (WiSE-FT), dare (DARE) or trim (TIES' trim)"})
+    method: Literal["restore", "wise", "dare", "trim", "spectral"] = field(
+        default="restore", metadata={"help": "restore (the paper), wise (WiSE-FT), dare (DARE), trim (TIES' trim) "
+                                             "or spectral (Gavish-Donoho hard threshold of each matrix's update)"})
     metric: Literal["relative", "absolute", "relative_nonzero"] | None = field(
         default=None, metadata={"help": "restore/trim: rank elements by this change "
                                         "(default: relative for restore, absolute for trim)"})
@@ -162,6 +164,20 @@ def dare(pair: CheckpointPair, values: tuple[float, ...], config: RepairConfig, 
     return Edit(values, pair.region_names(config.region), tensor)
 
 
+def spectral(pair: CheckpointPair, values: tuple[float, ...], config: RepairConfig, progress: bool) -> Edit:
+    """DG-Hard: each matrix keeps the singular directions of ft - base above c times the
+    Gavish-Donoho optimal hard threshold (c = 1: the threshold itself; c = 0: ft bit for bit); other
+    tensors stay fine-tuned (see `sftlens.weights.spectral`). One SVD per matrix serves every value
+    asked of `tensor` at once: writing a sweep decomposes each matrix once, while `repaired_models`
+    asks one value at a time and so decomposes again per value (caching every matrix's factors
+    would hold more than the model)."""
+
+    def tensor(name: str, which: Sequence[int]) -> Blocks:
+        return spectral_blocks(pair, name, [values[i] for i in which])
+
+    return Edit(values, pair.region_names(config.region), tensor)
+
+
 @dataclass(frozen=True)
 class Method:
     """A method, its knob and the knob's range (`closed`: whether each end is allowed)."""
@@ -174,6 +190,7 @@ class Method:
     neutral: float  # the value that leaves the fine-tuned model as it is
     settings: tuple[str, ...]  # the RepairConfig fields it reads, besides the method
     defaults: dict = field(default_factory=dict)  # its defaults of the shared settings
+    default_values: tuple[float, ...] = ()  # the sweep when none is given (none: values are required)
 
     def admits(self, value: float) -> bool:
         above = value >= self.low if self.closed[0] else value > self.low
@@ -192,6 +209,8 @@ METHODS: dict[str, Method] = {
     "dare": Method(dare, "p", 0, 1, (True, False), 0.0, ("region", "seed")),
     "trim": Method(trim, "d", 0, 100, (False, True), 100.0, ("metric", "scope", "region"),
                    {"metric": "absolute", "scope": "tensor", "strategy": "top"}),
+    # c scales the Gavish-Donoho threshold: c = 1 (the default sweep) is DG-Hard itself
+    "spectral": Method(spectral, "c", 0, math.inf, (True, False), 0.0, ("region",), default_values=(1.0,)),
 }
 
 

@@ -1,0 +1,197 @@
+"""`sftlens audit`: run (resumable, one writer: the CLI holds the folder's lock), `--plan`, the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from sftlens.audit.config import SELECTION_KEYS, Audit, AuditConfig, preset
+from sftlens.audit.engine import FORMAT, ROLES, Context, _cached, greedy_key, prepare, probe_store, repair_targets, run_steps
+from sftlens.config import add_config_arguments, config_from_dict
+from sftlens.data import add_fact_source_arguments
+from sftlens.errors import SftlensError
+from sftlens.io import atomic_write_json
+from sftlens.markdown import markdown_table
+from sftlens.probe import ProbeConfig, load_probe, template_indices
+from sftlens.study.commands import DEFAULT_RATES
+from sftlens.study.provenance import code_version, machine
+from sftlens.weights.checkpoints import open_pair
+
+RECORD = "audit.json"
+# The rates are SmolLM2-135M's on this project's 2-core CPU (`sftlens.study.commands`); a larger
+# model scales them by its parameter count. Update concentration is the study's deltas unit (3 metrics
+# x (2 selection passes + 1 sum pass) + the zero-base pass).
+REFERENCE_PARAMETERS = 134.5e6
+DELTAS_PASSES = 10
+
+
+def read_record(out: Path) -> dict:
+    path = out / RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SftlensError(f"{path}: unreadable audit record ({err})") from None
+    if record.get("format") != FORMAT:
+        raise SftlensError(f"{path}: not an audit record of format {FORMAT}")
+    return record
+
+
+def run_audit(audit: Audit, out: str | Path, *, write_best: bool = False, progress: bool = True,
+              command: str | None = None, page: str | Path | None = None, focus: str | Path | None = None,
+              announce: Callable[[str], None] | None = None) -> dict:
+    """Check everything, run every unfinished step, write the report (DIR/report/, and `page`);
+    returns the summary (DIR/summary.json) with the report's files under `report`. `announce`
+    receives the plan (the work left and its estimated time) before anything runs."""
+    from sftlens.study.audit_section import write_audit_report
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SftlensError(f"{out}: exists and is not a folder; choose another --out")
+    ctx = prepare(audit, out, progress)
+    if announce is not None:
+        announce(plan_text(ctx))
+    record = read_record(out)
+    start, started = time.perf_counter(), time.time()
+    base = {"format": FORMAT, "audit": audit.to_dict(), "folders": ctx.folders}
+    atomic_write_json(out / RECORD, {**base, "sessions": record.get("sessions", [])})
+    summary = run_steps(ctx, write_best)
+    session = {"command": command or "sftlens audit (in-process)", "code": code_version(), "machine": machine(),
+               "started": started,
+               "wall_s": round(time.perf_counter() - start, 1)}
+    atomic_write_json(out / RECORD, {**base, "sessions": [*record.get("sessions", []), session]})
+    return {**summary, "report": write_audit_report(out, page, focus)}
+
+
+def _stored_facts(store: Path) -> set[str]:
+    return set(load_probe(store)) if (store / "probe.json").is_file() else set()
+
+
+def plan_rows(ctx: Context) -> list[list]:
+    """(step, work to run, estimated seconds) for every step; finished work counts as none."""
+    pair = open_pair(ctx.folders["base"], ctx.folders["finetuned"])
+    scale = sum(pair.numel(n) for n in pair.base.shapes) / REFERENCE_PARAMETERS
+    draws = len(template_indices(ctx.facts, ctx.audit.probe)) * ctx.audit.probe.samples
+    n = len(ctx.facts)
+    rows = []
+    for role in ROLES:
+        todo = n - len(_stored_facts(probe_store(ctx, role)) & {f.id for f in ctx.facts})
+        rows.append([f"probe {role}", todo * draws, "samples", todo * draws * DEFAULT_RATES["probe"] * scale])
+    for role in ROLES:
+        done = _cached(ctx.out / "steps" / f"greedy-{role}.json", greedy_key(ctx, role, ctx.rows(role)))
+        work = 0 if done else n
+        rows.append([f"greedy {role}", work, "answers", work * DEFAULT_RATES["eval"] * scale])
+    kl_done = (ctx.out / "steps" / "kl.json").is_file()
+    kl_work = 0 if kl_done else 2 * n
+    rows.append(["first-token KL", kl_work, "forward passes", kl_work * DEFAULT_RATES["kl"] * scale])
+    deltas_done = (ctx.out / "steps" / "deltas.json").is_file()
+    rows.append(["update concentration", 0 if deltas_done else DELTAS_PASSES, "weight passes",
+                 0 if deltas_done else DEFAULT_RATES["deltas"] * scale])
+    for part, kind in (("dev", "repair"), ("test", "repaired")):
+        work = 0
+        for method, values in ctx.values.items():
+            if part == "test":
+                work += 0 if any((ctx.out / "repairs" / "test").glob(f"{method}-*.json")) else \
+                    sum(v == "test" for v in ctx.slice_of.values())
+                continue
+            facts, _, paths, keys = repair_targets(ctx, method, values, part)
+            work += sum(len(facts) for v in values if _cached(paths[v], keys[v]) is None)
+        rows.append([f"repairs on {part}", work, "answers", work * DEFAULT_RATES[kind] * scale])
+    return rows
+
+
+def plan_text(ctx: Context) -> str:
+    rows = plan_rows(ctx)
+    total = sum(r[3] for r in rows)
+    table = markdown_table(["step", "work to run", "unit", "est. time"],
+                           [[s, f"{w:,}", u, f"{sec / 60:.1f} min"] for s, w, u, sec in rows] +
+                           [["**all**", "", "", f"{total / 60:.1f} min"]], "lrlr")
+    methods = ", ".join(f"{m} ({', '.join(f'{v:g}' for v in vs)})" for m, vs in ctx.values.items())
+    dev = sum(v == "dev" for v in ctx.slice_of.values())
+    return (f"audit of {len(ctx.facts)} facts ({dev} dev, {len(ctx.facts) - dev} test); candidates: {methods}\n{table}\n"
+            "(rates: SmolLM2-135M on a 2-core CPU, scaled by parameter count)")
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def _given(args: argparse.Namespace, cls) -> dict:
+    names = {f for f in cls.__dataclass_fields__}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _values(items: list[str]) -> tuple:
+    out = {}
+    for item in items or ():
+        method, sep, text = item.partition("=")
+        if not sep or not text.strip():
+            raise SftlensError(f"--values {item!r}: expected METHOD=V1,V2,... (e.g. wise=0.25,0.5,0.75)")
+        out[method.strip()] = tuple(x.strip() for x in text.split(",") if x.strip())
+    return tuple(sorted(out.items()))
+
+
+def audit_from_args(args: argparse.Namespace) -> Audit:
+    if args.base is None and args.finetuned is None:
+        record = read_record(Path(args.out))
+        if not record:
+            raise SftlensError(f"{args.out}: no audit there yet; give --base and --finetuned")
+        return Audit.from_dict(record["audit"], str(Path(args.out) / RECORD))
+    if args.base is None or args.finetuned is None:
+        raise SftlensError("give both --base and --finetuned")
+    chosen = preset(args.preset) if args.preset else {}
+    given = {k: getattr(args, k) for k in SELECTION_KEYS if getattr(args, k) is not None}
+    selection = {**chosen.get("selection", {}), **given}
+    probe = config_from_dict(ProbeConfig, {**chosen.get("probe", {}), **_given(args, ProbeConfig)}, "probe")
+    settings = config_from_dict(AuditConfig, {**chosen.get("audit", {}), **_given(args, AuditConfig)}, "audit")
+    return Audit(args.base, args.finetuned, probe=probe, settings=settings, values=_values(args.values), **selection)
+
+
+def _run(args: argparse.Namespace) -> None:
+    audit = audit_from_args(args)
+    if args.plan:
+        print(plan_text(prepare(audit, args.out)))
+        return
+    summary = run_audit(audit, args.out, write_best=args.write_best, page=args.page, focus=args.focus_facts, announce=print,
+                        command=" ".join(["sftlens", *sys.argv[1:]]) if sys.argv[1:2] == ["audit"] else None)
+    a = summary["all"]
+    print(f"{summary['facts']} facts: {a['kept']} kept, {a['forgotten']} forgotten, {a['learned']} learned, "
+          f"{a['never']} never right")
+    for path in summary["report"].values():
+        print(path)
+    if "best" in summary:
+        print(f"chosen repaired model: {Path(args.out) / summary['best']}")
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "audit", help="audit a fine-tune against its base: forgotten and learned facts, and which repair undoes the harm",
+        description="Probe and greedily answer the same facts with a base model and its fine-tune, report the "
+                    "knowledge transitions, KL and update concentration, and tune every repair method on dev facts "
+                    "(one budget), scored on held-out facts. Re-run to resume; without --base/--finetuned, the "
+                    "audit recorded in --out is re-run (a no-op when finished) and its report rewritten.",
+        epilog=f"Preset audit-demo: {os.linesep}sftlens audit --preset audit-demo --base B --finetuned F --out DIR")
+    parser.add_argument("--base", help="base model: built-in name, local folder or hub id")
+    parser.add_argument("--finetuned", help="fine-tuned model of the same architecture and shape")
+    parser.add_argument("--out", required=True, help="the audit folder")
+    parser.add_argument("--preset", help="audit-demo: a small sizing for the embedded model on CPU")
+    add_fact_source_arguments(parser)
+    parser.add_argument("--relations", help="comma list of relation ids (or a fact set's topics), or in/out/all "
+                                            "(default: all)")
+    parser.add_argument("--split", help="comma list of train,dev,test (default: test)")
+    parser.add_argument("--limit", type=int, help="first N facts per relation and split")
+    parser.add_argument("--values", action="append", metavar="METHOD=V1,V2,...",
+                        help="a repair method's candidate values (as many as --candidates; repeatable)")
+    parser.add_argument("--write-best", action="store_true", help="write the chosen repaired model to DIR/best/")
+    parser.add_argument("--plan", action="store_true", help="print the work and a time estimate, run nothing")
+    parser.add_argument("--page", help="also write a results page (Markdown, PNGs beside it) to this file")
+    parser.add_argument("--focus-facts", help="taught fact ids (one per line, or a JSON list): the report adds their "
+                                              "recall (default: the base folder's sftlens_inject.json, if any)")
+    add_config_arguments(parser, ProbeConfig)
+    add_config_arguments(parser, AuditConfig)
+    parser.set_defaults(func=_run, writes="out")

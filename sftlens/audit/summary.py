@@ -1,0 +1,42 @@
+"""The audit's summary: everything its report shows, as plain JSON (`DIR/summary.json`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sftlens.audit.repairs import OBJECTIVES, acc_gain
+from sftlens.audit.transitions import group_rates, mastery_matrix, rates_by
+from sftlens.study.bootstrap import Estimate
+
+
+def plain(value):
+    """JSON-ready: estimates as {value, low, high}, keys as strings."""
+    if isinstance(value, Estimate):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def summarize_audit(ctx, rows: list[dict], kl: dict, deltas: dict, repairs: dict) -> dict:
+    s, seed = ctx.settings, ctx.audit.probe.seed
+    test = [r for r in rows if r["slice"] == "test"]
+    references = {
+        "fine-tuned": acc_gain(test, {r["fact_id"]: r["finetuned_correct"] for r in test}, s.bootstrap, seed),
+        "base": acc_gain(test, {r["fact_id"]: r["base_correct"] for r in test}, s.bootstrap, seed),
+    }
+    return plain({
+        "audit": ctx.audit.to_dict(), "facts": len(rows),
+        "slices": {"dev": sum(r["slice"] == "dev" for r in rows), "test": len(test)},
+        "matrix": mastery_matrix(rows),
+        "all": group_rates(rows, s.bootstrap, seed),
+        "by_level": rates_by(rows, "base_level", s.bootstrap, seed),
+        "by_domain": rates_by(rows, "domain", s.bootstrap, seed),
+        "by_relation": rates_by(rows, "relation", s.bootstrap, seed),
+        "kl": {"style": kl["style"], "top_k": s.kl_top_k, **kl["summary"]},
+        "deltas": {k: v for k, v in deltas.items() if k != "key"},
+        "objective": {"name": s.objective, "text": OBJECTIVES[s.objective], "budget": s.candidates},
+        "repairs": repairs, "references": references,
+    })

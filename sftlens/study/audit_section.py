@@ -1,0 +1,229 @@
+"""The audit report (`sftlens audit`): transitions, forgotten/learned by base level, the repair
+table, KL and update concentration, and the recall of forgotten taught facts when a list of them
+is given. Built from the audit folder alone (summary.json, facts.jsonl, audit.json) as `Section`s
+of the study report's layer (`sftlens.study.report`: one Markdown and self-contained HTML writer).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sftlens.analysis.deltas import zero_base_note
+from sftlens.audit.transitions import LEVELS, TRANSITIONS, row_shares
+from sftlens.errors import SftlensError
+from sftlens.io import read_jsonl
+from sftlens.report import figure_panels, save_figure
+from sftlens.study.bootstrap import Estimate
+from sftlens.study.report import write_page, write_sections
+from sftlens.study.sections import Section, ci
+
+INJECT_RECORD = "sftlens_inject.json"
+
+
+def _est(data: dict | None) -> Estimate | None:
+    return None if data is None else Estimate(data["value"], data["low"], data["high"])
+
+
+def _rate(data: dict | None) -> str:
+    est = _est(data)
+    return "–" if est is None else ci(est, sign="")
+
+
+def _pct(counts: int, total: int) -> str:
+    return f"{100 * counts / total:.1f}" if total else "–"
+
+
+def transitions_section(summary: dict, out: Path) -> Section:
+    counts = summary["matrix"]
+    shares = row_shares(counts)
+    figure, (ax,) = figure_panels(1, width=5.5)
+    grid = np.array([[np.nan if v is None else 100 * v for v in row] for row in shares])
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100)
+    for i in LEVELS:
+        for j in LEVELS:
+            ax.text(j, i, str(counts[i][j]), ha="center", va="center", color="white" if (grid[i, j] or 0) < 50 else "black")
+    ax.set_xticks(LEVELS)
+    ax.set_yticks(LEVELS)
+    ax.set_xlabel("fine-tuned mastery level")
+    ax.set_ylabel("base mastery level")
+    ax.set_title("row % (cells: facts)")
+    figure.colorbar(image, ax=ax, label="% of the base level's facts")
+    rows = [[f"level {i}", *(f"{counts[i][j]} ({'–' if shares[i][j] is None else f'{100 * shares[i][j]:.0f} %'})"
+                             for j in LEVELS), sum(counts[i])] for i in LEVELS]
+    text = ("Mastery level of every audited fact before (rows) and after (columns) fine-tuning, both models probed "
+            "with the same seeded draws (the probe's templates and samples); cells: facts (row %).")
+    return Section("Knowledge transitions", text, [("base level -> fine-tuned level",
+                                                    ["base \\ fine-tuned", *(f"level {j}" for j in LEVELS), "n"], rows)],
+                   save_figure(figure, out / "transitions.png"))
+
+
+def _rates_rows(groups: list, label) -> list[list]:
+    return [[label(value), g["n"], *(g[t] for t in TRANSITIONS), _rate(g["forgotten_rate"]), _rate(g["learned_rate"])]
+            for value, g in groups]
+
+
+RATE_HEADER = ["", "n", "kept right", "forgotten", "learned", "never right", "forgotten % of base-right [95 % CI]",
+               "learned % of base-wrong [95 % CI]"]
+
+
+def greedy_section(summary: dict, out: Path) -> Section:
+    by_level = summary["by_level"]
+    figure, (ax,) = figure_panels(1, width=6)
+    for offset, (key, label) in enumerate((("forgotten_rate", "forgotten"), ("learned_rate", "learned"))):
+        xs = [lv + (offset - 0.5) * 0.35 for lv, g in by_level if g[key]]
+        ests = [_est(g[key]) for _, g in by_level if g[key]]
+        ax.bar(xs, [100 * e.value for e in ests], width=0.35, label=label,
+               yerr=[[100 * (e.value - e.low) for e in ests], [100 * (e.high - e.value) for e in ests]], capsize=3)
+    ax.set_xticks(LEVELS)
+    ax.set_xlabel("base mastery level")
+    ax.set_ylabel("% (95 % bootstrap CI)")
+    ax.set_title("forgotten (of base-right) and learned (of base-wrong)")
+    ax.legend()
+    text = ("Greedy closed-book answers of both models (the prompt of the audit), per fact: kept right, forgotten "
+            "(right -> wrong), learned (wrong -> right), never right. Rates with 95 % percentile bootstrap intervals "
+            "over the facts of each row.")
+    tables = [("by base mastery level", ["base level", *RATE_HEADER[1:]],
+               _rates_rows(by_level, lambda v: f"level {v}") + _rates_rows([("all", summary["all"])], str)),
+              ("by domain", ["domain", *RATE_HEADER[1:]], _rates_rows(summary["by_domain"], str)),
+              ("by relation", ["relation", *RATE_HEADER[1:]], _rates_rows(summary["by_relation"], str))]
+    return Section("Forgotten and learned", text, tables, save_figure(figure, out / "forgotten-learned.png"))
+
+
+def _acc_cell(acc: dict, domain: str, gain: bool) -> str:
+    if domain not in acc:
+        return "–"
+    cell = f"{100 * acc[domain]['acc']:.1f}"
+    return cell + (f" ({ci(_est(acc[domain]['gain']))})" if gain else "")
+
+
+def repair_section(summary: dict) -> Section:
+    objective = summary["objective"]
+    rows = []
+    for method, r in summary["repairs"].items():
+        t = r["test"]
+        rows.append([method, f"{r['knob']} = {r['chosen']:g}", _rate(t["recovered"]), _rate(t["learned_kept"]),
+                     _acc_cell(t["acc"], "in", True), _acc_cell(t["acc"], "out", True)])
+    for name, acc in summary["references"].items():
+        rows.append([f"{name} (no repair)" if name == "fine-tuned" else name, "–", "–", "–",
+                     _acc_cell(acc, "in", False), _acc_cell(acc, "out", False)])
+    any_test = next(iter(summary["repairs"].values()))["test"]
+    text = (f"Each repair's value chosen on the dev slice ({summary['slices']['dev']} facts) by one objective, "
+            f"{objective['text']}, among {objective['budget']} candidates per method (ties: the least edit), then "
+            f"scored on the held-out test slice ({summary['slices']['test']} facts: {any_test['forgotten_n']} forgotten, "
+            f"{any_test['learned_n']} learned by the fine-tune). Recovered: forgotten test facts the repaired model "
+            "answers right again; learned kept: learned test facts it still answers right; Acc: the paper's (mean over "
+            "base levels) on test, with the gain over the fine-tune, paired over facts (95 % bootstrap).")
+    dev = [[m, ", ".join(f"{v}: {100 * s:+.1f}" if objective["name"] == "recovered" else f"{v}: {100 * s:.1f}"
+                         for v, s in sorted(r["dev_scores"].items(), key=lambda item: float(item[0]))), f"{r['chosen']:g}"]
+           for m, r in summary["repairs"].items()]
+    return Section("Which repair brings it back", text, [
+        ("held-out test facts", ["method", "chosen value", "recovered % [95 % CI]", "learned kept % [95 % CI]",
+                                 "in-domain Acc (gain [95 % CI])", "out-of-domain Acc (gain [95 % CI])"], rows),
+        (f"dev objective per candidate ({objective['name']}, %)", ["method", "candidate: score", "chosen"], dev)])
+
+
+def movement_section(summary: dict) -> Section:
+    kl, deltas = summary["kl"], summary["deltas"]
+    prompts = "each relation's best probe template" if kl["style"] == "template" else "each model's chat-rendered question"
+    kl_rows = [[kl["n"], *(f"{kl[k]:.4f}" for k in ("mean", "median", "std", "q25", "q75", "max"))]] if kl["n"] else []
+    by_metric = deltas["concentration"]
+    ratios = next(iter(by_metric.values()))["ratios"]
+    conc = [[f"{r:g}", *(f"{100 * by_metric[m]['shares'][i]:.2f}" for m in by_metric)] for i, r in enumerate(ratios)]
+    text = (f"First-token KL(p_ft || p_base) over the fine-tune's top-{kl['top_k']} logits (the paper's Figure 5 "
+            f"measure) on the audited facts, prompted with {prompts}. Update concentration: the share of the total "
+            "change held by the k % most changed elements of the layers without norms, under each metric "
+            "(relative_nonzero: relative, with exact-zero base elements counted as unchanged). "
+            + zero_base_note(deltas["zero_base"]))
+    return Section("How far and where it moved", text, [
+        ("first-token KL", ["facts", "mean", "median", "sd", "q25", "q75", "max"], kl_rows),
+        ("share of the total change (%) held by the top k % of elements", ["k (%)", *by_metric], conc)])
+
+
+def read_focus(path: str | Path) -> list[str]:
+    """Fact ids from a file: a JSON list, a JSON object with a `facts` list, or one id per line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise SftlensError(f"{path}: cannot read the focus facts ({err.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    ids = data.get("facts") if isinstance(data, dict) else data
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise SftlensError(f"{path}: expected a JSON list of fact ids (or an object with a 'facts' list)")
+    return ids
+
+
+def focus_section(summary: dict, facts: list[dict], focus: list[str], source: str) -> Section:
+    by_id = {r["fact_id"]: r for r in facts}
+    mine = [by_id[i] for i in dict.fromkeys(focus) if i in by_id]
+    forgotten = [r for r in mine if r["transition"] == "forgotten"]
+    rows = [["base model", _pct(sum(r["base_correct"] for r in mine), len(mine)), "–"],
+            ["fine-tuned", _pct(sum(r["finetuned_correct"] for r in mine), len(mine)), _pct(0, len(forgotten))]]
+    for method, r in summary["repairs"].items():
+        right = r["correct"]
+        rows.append([f"{method} ({r['knob']} = {r['chosen']:g})", _pct(sum(right[x["fact_id"]] for x in mine), len(mine)),
+                     _pct(sum(right[x["fact_id"]] for x in forgotten), len(forgotten))])
+    text = (f"Taught facts ({source}): {len(mine)} of the {len(set(focus))} listed are among the audited facts; the "
+            f"fine-tune forgot {len(forgotten)} of them (greedy right -> wrong). Recall: share answered right (greedy); "
+            "recall of forgotten taught facts: share of those the fine-tune forgot that the model answers right. Repairs "
+            "at their dev-chosen values, on dev and test facts alike (dev facts took part in choosing the value).")
+    return Section("Recall of forgotten taught facts", text, [
+        ("", ["model", f"recall of taught facts (%, n={len(mine)})",
+              f"recall of forgotten taught facts (%, n={len(forgotten)})"], rows)])
+
+
+def header_lines(record: dict, audit_dir: Path, page: Path | None) -> list[str]:
+    sessions = record.get("sessions", [])
+    if not sessions:
+        return ["No run record in this audit folder."]
+    wall = sum(s.get("wall_s", 0.0) for s in sessions)
+    codes = list(dict.fromkeys(s["code"] for s in sessions))
+    dirty = [c for c in codes if c.endswith("+dirty")]
+    lines = [f"- Audit run: `{sessions[0]['command']}` ({len(sessions)} session(s)), started "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(sessions[0]['started']))}",
+             f"- Wall time: **{wall / 60:.1f} min** (sum over sessions)", f"- Machine: {sessions[-1]['machine']}",
+             f"- Code: sftlens at git commit `{', '.join(codes)}`"]
+    if dirty:
+        lines.append("- **Warning: `+dirty` code**: the run had uncommitted changes; no commit reproduces these numbers.")
+    if page is not None:
+        lines.append(f"- This page: `sftlens audit --out {audit_dir} --page {page}` (every number comes from the audit folder)")
+    return lines
+
+
+def focus_ids(audit_dir: Path, record: dict, focus_file: str | Path | None) -> tuple[list[str], str] | None:
+    """The taught facts: --focus-facts, else the base model folder's sftlens_inject.json, if any."""
+    if focus_file is not None:
+        return read_focus(focus_file), str(focus_file)
+    inject = Path(record.get("folders", {}).get("base", "")) / INJECT_RECORD
+    if inject.is_file():
+        return read_focus(inject), str(inject)
+    return None
+
+
+def write_audit_report(audit_dir: str | Path, page: str | Path | None = None,
+                       focus_file: str | Path | None = None) -> dict[str, Path]:
+    audit_dir = Path(audit_dir)
+    try:
+        summary = json.loads((audit_dir / "summary.json").read_text())
+        record = json.loads((audit_dir / "audit.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SftlensError(f"{audit_dir}: not a finished audit ({err})") from None
+    out = audit_dir / "report"
+    parts = [transitions_section(summary, out), greedy_section(summary, out), repair_section(summary),
+             movement_section(summary)]
+    focus = focus_ids(audit_dir, record, focus_file)
+    if focus is not None:
+        parts.append(focus_section(summary, read_jsonl(audit_dir / "facts.jsonl"), *focus))
+    audit = summary["audit"]
+    title = f"sftlens audit: {audit['finetuned']} against {audit['base']} ({summary['facts']} facts)"
+    paths = write_sections(title, parts, out)
+    if page is not None:
+        paths["page"] = write_page(Path(page), title, parts, header_lines(record, audit_dir, Path(page)))
+    return paths

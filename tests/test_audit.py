@@ -1,0 +1,307 @@
+"""The audit: transitions against a brute force from the per-fact records, base levels equal to
+`sftlens probe`, the dev choice equal to a brute-force argmax, chat prompts, bad input, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sftlens.audit import Audit, AuditConfig, run_audit
+from sftlens.audit.repairs import choose, objective
+from sftlens.audit.transitions import group_rates, mastery_matrix
+from sftlens.cli import main
+from sftlens.data import load_templates
+from sftlens.errors import SftlensError
+from sftlens.io import read_jsonl
+from sftlens.probe import ProbeConfig, load_probe
+from sftlens.weights import METHODS
+from tiny import save_model, tiny_model
+
+# Short answers that a random tiny model's outputs contain now and then: every transition occurs.
+LETTERS = ["e", "a", "o", "t", "q", "in", "the", "s"]
+PROBE = ProbeConfig(samples=2, templates=(0, 1), max_new_tokens=6)
+SETTINGS = AuditConfig(answer_tokens=6, min_slice=5, bootstrap=200, dev_share=0.4)
+CHAT = "{% for m in messages %}<bos>Q: {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} A:{% endif %}"
+
+
+def _data(root: Path, per_file: int = 3) -> Path:
+    (root / "test").mkdir(parents=True)
+    for r, (relation, tpl) in enumerate(load_templates().items()):
+        records = [{"question": tpl.question.format(subject=f"Entity {relation} {i}"),
+                    "answers": [LETTERS[(3 * i + r) % len(LETTERS)]]} for i in range(per_file)]
+        (root / "test" / f"{relation}.test.json").write_text(json.dumps(records))
+    return root
+
+
+def _perturbed(model, scale: float, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.abs().mean().clamp(min=1e-3))
+    return model
+
+
+@pytest.fixture
+def pair(tmp_path, tiny_tokenizer, private_cache):
+    model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
+    base = save_model(model, tok, tmp_path / "base")
+    ft = save_model(_perturbed(model, 0.4), tok, tmp_path / "ft")
+    return base, ft, _data(tmp_path / "eq")
+
+
+def _audit(pair, **kw) -> Audit:
+    base, ft, data = pair
+    return Audit(str(base), str(ft), data_dir=str(data), probe=kw.pop("probe", PROBE),
+                 settings=kw.pop("settings", SETTINGS), **kw)
+
+
+def test_transitions_and_choices_equal_brute_force(pair, tmp_path):
+    out = tmp_path / "audit"
+    summary = run_audit(_audit(pair), out, progress=False)
+    rows = read_jsonl(out / "facts.jsonl")
+    assert len(rows) == summary["facts"] == 24 * 3
+    # every cell of the mastery matrix and of the greedy transitions, from the per-fact rows
+    cells = Counter((r["base_level"], r["finetuned_level"]) for r in rows)
+    assert summary["matrix"] == [[cells[b, f] for f in range(5)] for b in range(5)]
+    moves = Counter(r["transition"] for r in rows)
+    assert moves["kept"] and moves["forgotten"] and moves["learned"] and moves["never"], moves
+    for level, group in summary["by_level"]:
+        mine = [r for r in rows if r["base_level"] == int(level)]
+        for name, (b, f) in {"kept": (1, 1), "forgotten": (1, 0), "learned": (0, 1), "never": (0, 0)}.items():
+            assert group[name] == sum(r["base_correct"] == b and r["finetuned_correct"] == f for r in mine)
+    right = [r for r in rows if r["base_correct"]]
+    assert summary["all"]["forgotten_rate"]["value"] == pytest.approx(
+        sum(not r["finetuned_correct"] for r in right) / len(right))
+    for relation, group in summary["by_relation"]:
+        assert group["n"] == sum(r["relation"] == relation for r in rows)
+    # the dev choice of every method is the brute-force argmax over its dev records (ties: least edit)
+    dev = [r for r in rows if r["slice"] == "dev"]
+    assert set(summary["repairs"]) == set(METHODS)
+    for method, result in summary["repairs"].items():
+        scores = {}
+        for value in result["candidates"]:
+            record = json.loads((out / "repairs" / "dev" / f"{method}-{value:g}.json").read_text())
+            recovered = sum(r["transition"] == "forgotten" and record["correct"][r["fact_id"]] for r in dev)
+            lost = sum(r["transition"] == "learned" and not record["correct"][r["fact_id"]] for r in dev)
+            scores[value] = (recovered - lost) / len(dev)
+        best = max(scores.values())
+        ties = [v for v in scores if scores[v] == best]
+        assert result["chosen"] == min(ties, key=lambda v: (abs(v - METHODS[method].neutral), v))
+        assert result["dev_scores"] == {f"{v:g}": s for v, s in scores.items()}
+    report = (out / "report" / "report.html").read_text()
+    assert '<td class="num">' in report and "<td>wise</td>" in report
+
+
+def test_synthetic_rates_and_objectives_equal_brute_force():
+    rng = random.Random(3)
+    rows = [{"fact_id": f"P17/test/{i:05d}", "domain": rng.choice("io") + "n"[:1], "base_level": rng.randrange(5),
+             "finetuned_level": rng.randrange(5), "base_correct": rng.random() < 0.5,
+             "finetuned_correct": rng.random() < 0.5} for i in range(200)]
+    matrix = mastery_matrix(rows)
+    assert sum(map(sum, matrix)) == 200
+    assert matrix[2][3] == sum(r["base_level"] == 2 and r["finetuned_level"] == 3 for r in rows)
+    rates = group_rates(rows, 500, 0)
+    wrong = [r for r in rows if not r["base_correct"]]
+    learned = sum(r["finetuned_correct"] for r in wrong) / len(wrong)
+    assert rates["learned_rate"].value == pytest.approx(learned)
+    assert rates["learned_rate"].low < learned < rates["learned_rate"].high
+    repaired = {r["fact_id"]: rng.random() < 0.5 for r in rows}
+    want = (sum(r["base_correct"] and not r["finetuned_correct"] and repaired[r["fact_id"]] for r in rows)
+            - sum(r["finetuned_correct"] and not r["base_correct"] and not repaired[r["fact_id"]] for r in rows)) / 200
+    assert objective(rows, repaired, "recovered") == pytest.approx(want)
+    by_cell: dict = {}
+    for r in rows:
+        by_cell.setdefault((r["domain"], r["base_level"]), []).append(repaired[r["fact_id"]])
+    domains = sorted({d for d, _ in by_cell})
+    acc = np.mean([np.mean([np.mean(v) for (d, _), v in by_cell.items() if d == dom]) for dom in domains])
+    assert objective(rows, repaired, "acc") == pytest.approx(acc)
+    assert choose({0.5: 0.1, 0.75: 0.1, 0.25: 0.0}, "wise") == 0.75  # a tie goes to the least edit
+    assert choose({1.0: 0.2, 5.0: 0.2}, "restore") == 1.0
+
+
+def test_base_levels_equal_sftlens_probe(pair, tmp_path, capsys):
+    base, ft, data = pair
+    out = tmp_path / "audit"
+    flags = ["--data-dir", str(data), "--split", "test", "--limit", "3", "--samples", "2", "--templates", "0,1",
+             "--max-new-tokens", "6"]
+    focus = tmp_path / "taught.txt"
+    focus.write_text("P17/test/00000\nP17/test/00001\nP19/test/00002\n")
+    page = tmp_path / "page.md"
+    assert main(["audit", "--base", str(base), "--finetuned", str(ft), "--out", str(out), *flags,
+                 "--answer-tokens", "6", "--min-slice", "5", "--bootstrap", "100", "--write-best",
+                 "--focus-facts", str(focus), "--page", str(page)]) == 0
+    chosen = json.loads((out / "best" / "chosen.json").read_text())
+    assert (out / "best" / chosen["folder"] / "config.json").is_file() and chosen["method"] in METHODS
+    text = page.read_text()
+    assert "Recall of forgotten taught facts" in text and "3 of the 3 listed" in text
+    assert "Audit run: `sftlens audit" in text and "Machine:" in text
+    capsys.readouterr()
+    assert main(["audit", "--out", str(out), "--plan"]) == 0  # the recorded audit: nothing left to run
+    plan = capsys.readouterr().out
+    assert "| **all** |  |  | 0.0 min |" in plan, plan
+    assert main(["probe", "--model", str(base), "--store", str(tmp_path / "store"), *flags]) == 0
+    probed = load_probe(tmp_path / "store")
+    rows = read_jsonl(out / "facts.jsonl")
+    assert {r["fact_id"]: r["base_level"] for r in rows} == {i: rec.level for i, rec in probed.items()}
+    assert load_probe(next((out / "probe").glob("base-*"))) == probed
+    assert any(r["base_level"] > 0 for r in rows)
+
+
+def test_chat_prompts_use_each_models_template(pair, tmp_path):
+    base, ft, data = pair
+    with pytest.raises(SftlensError, match="no chat template"):
+        run_audit(_audit(pair, settings=AuditConfig(prompt="chat", min_slice=5)), tmp_path / "nochat", progress=False)
+    assert not (tmp_path / "nochat").exists()
+    for folder in (base, ft):
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT}))
+    out = tmp_path / "chat"
+    run_audit(_audit(pair, limit=1, settings=AuditConfig(prompt="chat", min_slice=5, answer_tokens=4, bootstrap=50,
+                                                      dev_share=0.4)), out, progress=False)
+    rows = read_jsonl(out / "facts.jsonl")
+    assert all(r["base_prompt"] == f"<bos>Q: {r['question']} A:" for r in rows)
+    from sftlens.audit.prompts import Templated
+    from sftlens.data import encode_prompt
+    from sftlens.models import load_tokenizer
+
+    tok = load_tokenizer(str(base))
+    ids = encode_prompt(Templated(tok), rows[0]["base_prompt"])
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+def _fails(pair, tmp_path, match, **kw):
+    out = tmp_path / "bad"
+    with pytest.raises(SftlensError, match=match):
+        run_audit(_audit(pair, **kw), out, progress=False)
+    assert not out.exists()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(pair, tmp_path, tiny_tokenizer):
+    base, ft, data = pair
+    _fails(pair, tmp_path, "too few facts", limit=1, settings=AuditConfig(min_slice=20))
+    _fails((base, base, data), tmp_path, "identical to its base")
+    _fails((base, tmp_path / "nowhere" / "x", data), tmp_path, "nowhere")
+    wide, _ = tiny_model(seed=0, hidden_size=64, tokenizer=tiny_tokenizer)
+    _fails((base, save_model(wide, tiny_tokenizer, tmp_path / "wide"), data), tmp_path, "shape")
+    from transformers import MistralConfig, MistralForCausalLM
+    other = MistralForCausalLM(MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    _fails((base, save_model(other, tiny_tokenizer, tmp_path / "mistral"), data), tmp_path, "different architectures")
+    from tiny import tiny_tokenizer as make_tokenizer
+    retok = make_tokenizer(["completely different corpus of words", "for another vocabulary"], vocab_size=300)
+    model, _ = tiny_model(seed=0, tokenizer=tiny_tokenizer)
+    _fails((base, save_model(model, retok, tmp_path / "retok"), data), tmp_path, "different tokenizers")
+    assert main(["audit", "--base", str(base), "--finetuned", str(base), "--out", str(tmp_path / "cli"),
+                 "--data-dir", str(data)]) == 2
+    assert not (tmp_path / "cli").exists()
+
+
+def test_resume_after_a_kill_ends_identical(pair, tmp_path, monkeypatch):
+    import sftlens.audit.engine as engine
+
+    audit = _audit(pair, values=(("wise", (0.3, 0.6, 0.9)),))
+    whole = tmp_path / "whole"
+    run_audit(audit, whole, progress=False)
+    real = engine.repaired_models
+    swept = []
+
+    def recording(kill_at=None):
+        def sweep(model, base, ft, values, config, progress=True):
+            for value, edited in real(model, base, ft, values, config, progress):
+                if (config.method, value) == kill_at:
+                    raise KeyboardInterrupt  # a kill in the middle of a sweep
+                swept.append((config.method, value))
+                yield value, edited
+        return sweep
+
+    killed = tmp_path / "killed"
+    dare = engine.rp.candidates("dare", SETTINGS.candidates)
+    monkeypatch.setattr(engine, "repaired_models", recording(kill_at=("dare", dare[1])))
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(audit, killed, progress=False)
+    assert (killed / "facts.jsonl").is_file() and not (killed / "summary.json").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (killed / "steps").glob("*.json")}
+    assert len(stamps) == 4  # greedy x 2, kl, deltas
+    swept.clear()
+    monkeypatch.setattr(engine, "repaired_models", recording())
+    run_audit(audit, killed, progress=False)
+    # restore and wise finished before the kill, and DARE's first value: only the rest is redone
+    assert swept[:2] == [("dare", dare[1]), ("dare", dare[2])]
+    assert not [m for m, _ in swept if m in ("restore", "wise")] and ("trim", 80.0) in swept
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished steps skipped
+    for name in ("facts.jsonl", "summary.json"):
+        assert (killed / name).read_text() == (whole / name).read_text()
+    assert json.loads((whole / "summary.json").read_text())["repairs"]["wise"]["candidates"] == [0.3, 0.6, 0.9]
+
+
+def test_every_html_report_aligns_text_left_and_numbers_right():
+    from sftlens.study.report import _html, numeric_columns
+    from sftlens.study.sections import Section
+
+    rows = [["C1", "12.3 ± 0.4", "+1.2 [-0.3, +2.5] holds", "–", 30], ["level 0", "–", "−1.0 [−2, −0.5]", "x", 7]]
+    assert numeric_columns(rows, 6) == [False, True, True, False, True, False]
+    page = _html("t", [Section("s", "", [("", ["claim", "Acc", "gain", "note", "n", "empty"], rows)])])
+    assert "<th>claim</th>" in page and '<th class="num">Acc</th>' in page and '<td class="num">30</td>' in page
+    assert "<td>level 0</td>" in page and "text-align:left" in page and ".num{text-align:right}" in page
+
+
+def test_preset_and_command_line_make_one_audit(tmp_path):
+    import argparse
+
+    from sftlens.audit.run import add_cli, audit_from_args
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["audit", "--preset", "audit-demo", "--base", "a", "--finetuned", "b", "--out",
+                              str(tmp_path), "--samples", "3", "--values", "wise=0.2,0.4,0.6"])
+    audit = audit_from_args(args)
+    assert (audit.limit, audit.split, audit.probe.templates, audit.probe.samples) == (3, "test", (0, 1), 3)
+    assert audit.settings.answer_tokens == 8 and audit.values == (("wise", ("0.2", "0.4", "0.6")),)
+    assert Audit.from_dict(json.loads(json.dumps(audit.to_dict())), "x").to_dict() == audit.to_dict()
+    with pytest.raises(SftlensError, match="unknown audit preset"):
+        audit_from_args(parser.parse_args(["audit", "--preset", "nope", "--base", "a", "--finetuned", "b",
+                                           "--out", str(tmp_path)]))
+
+
+@pytest.mark.slow
+def test_smollm2_chat_prompt_is_its_template_with_one_start_token(smollm2_dir):
+    from sftlens.audit.prompts import Templated, question_prompt
+    from sftlens.data import encode_prompt
+    from sftlens.models import load_tokenizer
+
+    tok = load_tokenizer(str(smollm2_dir))
+    prompt = question_prompt(tok, "Where is Paris located?", "chat")
+    assert prompt.endswith("<|im_start|>assistant\n") and "Where is Paris located?<|im_end|>" in prompt
+    ids = encode_prompt(Templated(tok), prompt)
+    assert ids == tok(prompt, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[:1]) == "<|im_start|>" and tok.decode(ids) == prompt
+
+
+def test_an_audit_reads_a_fact_set_with_its_own_templates_and_aliases(pair, tmp_path):
+    """`--facts`: a native JSONL set (one topic with mapping templates, one question-only topic) is
+    probed with its own templates, and an answer's aliases travel with the fact."""
+    base, ft, _ = pair
+    facts = tmp_path / "mine.jsonl"
+    rows = [{"subject": f"Item {i}", "relation": "colour", "id": f"c{i}", "split": "test",
+             "answers": [{"answer": LETTERS[i % 8], "aliases": [LETTERS[(i + 1) % 8]]}]} for i in range(12)]
+    rows += [{"question": f"Which letter is number {i}?", "relation": "letter", "id": f"l{i}", "split": "test",
+              "answers": [LETTERS[(2 * i) % 8]]} for i in range(12)]
+    facts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "mine.relations.json").write_text(json.dumps({"relations": {"colour": {
+        "question": "What colour is {subject}?", "templates": ["{subject} is coloured", "The colour of {subject} is"]}}}))
+    probe = ProbeConfig(samples=2, templates=(0,), max_new_tokens=6)  # a question-only topic has one template
+    audit = Audit(str(base), str(ft), facts=str(facts), probe=probe, settings=SETTINGS)
+    summary = run_audit(audit, tmp_path / "audit", progress=False)
+    written = {r["fact_id"]: r for r in read_jsonl(tmp_path / "audit" / "facts.jsonl")}
+    assert summary["facts"] == len(written) == 24
+    assert {i.split("/")[0] for i in written} == {"colour", "letter"}
+    colour = next(r for i, r in written.items() if i.startswith("colour/"))
+    assert len(colour["answers"]) == 2  # the answer and its alias
+    kl = json.loads((tmp_path / "audit" / "steps" / "kl.json").read_text())
+    assert kl["summary"]["n"] == 24
