@@ -18,6 +18,7 @@ f - (1 - w) (f - b) otherwise, so w = 1 is f and w = 0 is b exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Sequence
 
