@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import GenerationConfig
 from safetensors.torch import load_file, save_file
 
-from sftlens.data import Fact, load_templates, sft_completion, sft_prompt
+from sftlens.data import Fact, default_matcher, encode_prompt, load_templates, sft_completion, sft_prompt
 from sftlens.io import atomic_write_jsonl
-from sftlens.probe import ProbeConfig
+from sftlens.probe import ProbeConfig, sample_seed
 from sftlens.study.results import load_results
 from sftlens.train import TrainConfig
 from sftlens.weights.checkpoints import in_region
@@ -242,3 +243,55 @@ def assert_same_results(left: dict, right: dict, where: str = "") -> None:
         assert left == pytest.approx(right, rel=1e-3, abs=1e-7), where
     else:
         assert left == right, where
+
+
+def greedy_by_hand(model, tokenizer, prompt: str, steps: int) -> str:
+    ids = encode_prompt(tokenizer, prompt)
+    new = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def hf_generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The unoptimised path: transformers' batched greedy `generate`, finished rows padded along."""
+    batch = tokenizer.pad([{"input_ids": encode_prompt(tokenizer, p)} for p in prompts], padding=True,
+                          padding_side="left", return_tensors="pt")
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.inference_mode():
+        out = model.generate(**batch, generation_config=config)
+    return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def reference_correct(lm, tokenizer, fact: Fact, template: int, config: ProbeConfig) -> int:
+    """The probe's definition, brute force: each sample decoded alone, without a KV cache, its full
+    budget (to EOS or max_new_tokens, or its first newline), then matched once."""
+    prompt = encode_prompt(tokenizer, fact.probe_prompt(template))
+    correct = 0
+    for j in range(config.samples):
+        generator = torch.Generator().manual_seed(sample_seed(config.seed, fact.id, template, j))
+        new: list[int] = []
+        with torch.inference_mode():
+            while len(new) < config.max_new_tokens:
+                scores = lm(input_ids=torch.tensor([prompt + new])).logits[0, -1].float()
+                noise = torch.empty_like(scores).uniform_(generator=generator)
+                new.append(int((-(-noise.log()).log() + scores / config.temperature).argmax()))
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                if new[-1] == tokenizer.eos_token_id or (config.stop_at_newline and "\n" in text):
+                    break
+        correct += default_matcher().is_correct(tokenizer.decode(new, skip_special_tokens=True), fact.answers,
+                                              fact.alias_table())
+    return correct
+
+
+def load_folder(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder, whatever its sharding."""
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import assets
 from tiny import write_tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,3 +136,15 @@ def smollm2_dir() -> Path:
     from sftlens.models import prepare_builtin
 
     return prepare_builtin("smollm2-135m")
+
+
+@pytest.fixture
+def tiny_pair(tmp_path, tiny_tokenizer):
+    """(base folder, fine-tuned folder, fine-tuned state): a tiny Llama and a perturbed copy."""
+    from tiny import save_model, tiny_model
+
+    base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
+    base_dir = save_model(base_model, tok, tmp_path / "base")
+    ft_model = assets.perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0])
+    ft_dir = save_model(ft_model, tok, tmp_path / "ft")
+    return base_dir, ft_dir, {n: t.clone() for n, t in ft_model.state_dict().items()}

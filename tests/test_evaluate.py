@@ -5,7 +5,7 @@ import pytest
 
 from sftlens import evaluate as evaluate_module
 from sftlens.cli import main
-from sftlens.data import encode_prompt
+
 from sftlens.errors import SftlensError
 from sftlens.evaluate import (
     PREDICTIONS_FILE, SUMMARY_FILE, EvalConfig, acc_levels, acc_of, evaluate, evaluate_model, format_level_table, micro_of,
@@ -13,7 +13,7 @@ from sftlens.evaluate import (
 )
 from sftlens.io import atomic_write_jsonl, read_jsonl
 
-from assets import eval_rows
+from assets import eval_rows, greedy_by_hand, hf_generate_answers
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -78,39 +78,11 @@ def test_predictions_do_not_depend_on_batch_size(tiny):
     assert any(p["prediction"] for p in results[0])  # the random model does say something
 
 
-def greedy_by_hand(model, tokenizer, prompt: str, steps: int) -> str:
-    import torch
-
-    ids = encode_prompt(tokenizer, prompt)
-    new = []
-    with torch.no_grad():
-        for _ in range(steps):
-            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
-                break
-            new.append(token)
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
-
-
 def test_generation_is_greedy_and_bounded(tiny):
     model, tokenizer = tiny
     rows = eval_rows("in", 0, 5)
     predictions = evaluate_model(model, tokenizer, rows, EvalConfig(max_new_tokens=4, batch_size=5), progress=False)
     assert [p["prediction"] for p in predictions] == [greedy_by_hand(model, tokenizer, r["prompt"], 4) for r in rows]
-
-
-def hf_generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """The unoptimised path: transformers' batched greedy `generate`, finished rows padded along."""
-    import torch
-    from transformers import GenerationConfig
-
-    batch = tokenizer.pad([{"input_ids": encode_prompt(tokenizer, p)} for p in prompts], padding=True,
-                          padding_side="left", return_tensors="pt")
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    with torch.inference_mode():
-        out = model.generate(**batch, generation_config=config)
-    return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
 
 
 def test_rows_ending_early_leave_the_batch_without_changing_a_prediction(tiny):

@@ -10,10 +10,9 @@ from functools import cache
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_deltas import brute_force
-from test_evaluate import eval_rows, greedy_by_hand, hf_generate_answers
-from test_probe import common_facts, reference_correct
-from test_train import sft_rows, write_sft
+from assets import (
+    brute_force, common_facts, eval_rows, greedy_by_hand, hf_generate_answers, reference_correct, sft_rows, write_sft,
+)
 from tiny import FAMILY_TOKENIZERS, family_model, save_model
 
 from sftlens.analysis.deltas import DeltasConfig, concentration

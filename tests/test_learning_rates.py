@@ -15,7 +15,7 @@ from sftlens.study.commands import plan, run_study
 from sftlens.study.config import load_study_config
 from sftlens.study.results import chosen_rate, load_results, train_tags
 
-from test_study import TINY_STUDY, write_config
+from assets import TINY_STUDY, write_config
 
 # the tiny study with a tuned arm: two sizes, so the rate chosen at the largest (8) also trains size 4;
 # [train]'s own rate (1e-3) is one of the candidates

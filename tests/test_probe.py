@@ -18,9 +18,9 @@ import torch
 from sftlens import decoding
 from sftlens.probe import batching, sampling, store
 from sftlens.cli import main
-from sftlens.data import Fact, load_templates
+
 from sftlens.errors import SftlensError
-from assets import COMMON_ANSWERS, QUICK, common_facts
+from assets import COMMON_ANSWERS, QUICK, common_facts, reference_correct
 from sftlens.probe import (
     ProbeConfig,
     ProbeRecord,
@@ -263,28 +263,6 @@ def test_cli_bad_input_is_one_line_error(tiny_model_dir, tiny_data_dir, tmp_path
     assert "--limit must be positive" in capsys.readouterr().err
     assert main(["probe", "stats", "--store", str(tmp_path / "nothing")]) == 2
     assert "no such probe store" in capsys.readouterr().err
-
-
-def reference_correct(lm, tokenizer, fact: Fact, template: int, config: ProbeConfig) -> int:
-    """The probe's definition, brute force: each sample decoded alone, without a KV cache, its full
-    budget (to EOS or max_new_tokens, or its first newline), then matched once."""
-    from sftlens.data import default_matcher, encode_prompt
-
-    prompt = encode_prompt(tokenizer, load_templates()[fact.relation].mapping_templates[template].format(subject=fact.subject))
-    correct = 0
-    for j in range(config.samples):
-        generator = torch.Generator().manual_seed(sampling.sample_seed(config.seed, fact.id, template, j))
-        new: list[int] = []
-        with torch.inference_mode():
-            while len(new) < config.max_new_tokens:
-                scores = lm(input_ids=torch.tensor([prompt + new])).logits[0, -1].float()
-                noise = torch.empty_like(scores).uniform_(generator=generator)
-                new.append(int((-(-noise.log()).log() + scores / config.temperature).argmax()))
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                if new[-1] == tokenizer.eos_token_id or (config.stop_at_newline and "\n" in text):
-                    break
-        correct += default_matcher().is_correct(tokenizer.decode(new, skip_special_tokens=True), fact.answers)
-    return correct
 
 
 @pytest.mark.parametrize("stop_at_newline", [False, True])

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from assets import RATIOS, brute_force, perturbed, random_pair, write_checkpoint
+from assets import RATIOS, brute_force, load_folder, perturbed, random_pair, write_checkpoint
 
 from sftlens.errors import SftlensError
 from tiny import save_model
@@ -15,13 +14,6 @@ from sftlens.restore import MANIFEST, RestoreConfig, as_repair, restore_in_memor
 from sftlens.weights import repair_sweep
 from sftlens.weights.checkpoints import open_pair
 from sftlens.weights.selection import select
-
-
-def _load_folder(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
 
 
 def _expected(base, ft, chosen: set[tuple[str, int]]) -> dict[str, torch.Tensor]:
@@ -41,7 +33,7 @@ def test_restored_elements_equal_base_and_rest_equal_finetuned(tmp_path, config,
     folders = repair_sweep(base_dir, ft_dir, RATIOS, as_repair(config), tmp_path / "out", progress=False)
     assert list(folders) == [float(r) for r in RATIOS]
     for (ratio, folder), chosen in zip(folders.items(), brute_force(base, ft, RATIOS, config)):
-        got = _load_folder(folder)
+        got = load_folder(folder)
         want = _expected(base, ft, chosen)
         assert set(got) == set(want)
         for name in want:

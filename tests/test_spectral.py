@@ -12,8 +12,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
-from test_deltas import random_pair, write_checkpoint
-from test_weights import _load_folder, tiny_pair  # noqa: F401 (a fixture)
+from assets import load_folder, random_pair, write_checkpoint
 
 from sftlens.errors import SftlensError
 from sftlens.weights import METHODS, RepairConfig, parse_values, repair_sweep, repaired_models
@@ -92,7 +91,7 @@ def test_sweep_equals_a_brute_force_svd_and_leaves_other_tensors_finetuned(tmp_p
     assert [f.name for f in folders.values()] == ["spectral-0.5", "spectral-1", "spectral-2"]
     ranks = {}
     for c, folder in folders.items():
-        got = _load_folder(folder)
+        got = load_folder(folder)
         for name in ft:
             if not in_region(name, "body") or ft[name].dim() != 2:
                 assert torch.equal(got[name], ft[name]), name
@@ -118,7 +117,7 @@ def test_the_ends_are_exact_neutral_is_finetuned_zero_update_and_high_c_are_base
     base_dir, ft_dir = write_checkpoint(tmp_path / "base", base, 2), write_checkpoint(tmp_path / "ft", ft, 2)
     config = RepairConfig(method="spectral", region="all")
     folders = repair_sweep(base_dir, ft_dir, (0, 1e6), config, tmp_path / "out", progress=False)
-    neutral, far = _load_folder(folders[0.0]), _load_folder(folders[1e6])
+    neutral, far = load_folder(folders[0.0]), load_folder(folders[1e6])
     assert all(torch.equal(neutral[n], ft[n]) for n in ft) and METHODS["spectral"].neutral == 0
     # above s_1 / tau nothing is kept: every matrix is its base; the bias (1-D) stays fine-tuned
     assert torch.equal(far[names[0]], base[names[0]]) and torch.equal(far[names[2]], base[names[2]])
@@ -127,7 +126,7 @@ def test_the_ends_are_exact_neutral_is_finetuned_zero_update_and_high_c_are_base
     # no update at all: every value gives the base back, bit for bit
     same = repair_sweep(base_dir, base_dir, (0.5, 1), config, tmp_path / "same", progress=False)
     for folder in same.values():
-        got = _load_folder(folder)
+        got = load_folder(folder)
         assert all(torch.equal(got[n], base[n]) for n in base)
 
 
@@ -142,7 +141,7 @@ def test_a_planted_low_rank_update_is_recovered_from_noise(tmp_path, m, n):
     ft = {name: base[name] + planted + noise}
     folder = repair_sweep(write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "f", ft), (1,),
                           RepairConfig(method="spectral"), tmp_path / "out", progress=False)[1.0]
-    update = _load_folder(folder)[name].double() - base[name].double()
+    update = load_folder(folder)[name].double() - base[name].double()
     assert torch.linalg.matrix_rank(update, rtol=1e-4) == rank
     # the hard threshold removes most of the noise: far closer to the planted update than ft is
     error = torch.linalg.norm(update - planted.double()) / torch.linalg.norm(planted.double())
@@ -181,11 +180,11 @@ def test_cli_defaults_to_the_threshold_itself_and_refuses_bad_values_in_one_line
     common = ["repair", "--base", str(base_dir), "--finetuned", str(ft_dir), "--out", str(tmp_path / "o")]
     assert main([*common, "--method", "spectral"]) == 0
     assert "spectral-1" in capsys.readouterr().out
-    got = _load_folder(tmp_path / "o" / "spectral-1")
+    got = load_folder(tmp_path / "o" / "spectral-1")
     name = "model.layers.1.mlp.up_proj.weight"
     torch.testing.assert_close(got[name].double(), _brute_force(base[name], ft[name], 1.0), rtol=0, atol=1e-5)
     assert main([*common, "--method", "spectral", "--values", "0,2", "--region", "mlp"]) == 0
-    assert all(torch.equal(_load_folder(tmp_path / "o" / "spectral-0")[n], ft[n]) for n in ft)
+    assert all(torch.equal(load_folder(tmp_path / "o" / "spectral-0")[n], ft[n]) for n in ft)
     capsys.readouterr()
     for bad, message in ((["--method", "spectral", "--values", "-1"], "spectral c '-1' is outside [0, inf)"),
                          (["--method", "spectral", "--values", "inf"], "spectral c 'inf' is outside [0, inf)"),

@@ -14,7 +14,7 @@ from sftlens.study.engine import Unit, run_units, unit_dir
 from sftlens.study.executors import LocalExecutor
 from sftlens.study.results import load_results
 from sftlens.study.units import build_units
-from assets import assert_same_results, comparable, write_config
+from assets import assert_same_results, comparable, tiny_study_file, write_config
 
 
 # --- the engine on a small graph of arithmetic units ------------------------------------------

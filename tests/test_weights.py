@@ -10,8 +10,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from assets import perturbed, random_pair, write_checkpoint
+from assets import load_folder, random_pair, write_checkpoint
 
 from sftlens.config import config_from_dict
 from sftlens.errors import SftlensError
@@ -21,13 +20,6 @@ from sftlens.weights.methods import mix
 from sftlens.weights.selection import random_keys
 
 NEUTRAL = {"wise": 1.0, "dare": 0.0, "trim": 100.0}
-
-
-def _load_folder(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
 
 
 def _assert_outside_region_is_finetuned(got, ft, region="body"):
@@ -44,7 +36,7 @@ def test_wise_equals_the_closed_form(tmp_path, chunking, dtype):
     assert [f.name for f in folders.values()] == ["wise-0", "wise-0.25", "wise-0.7", "wise-1"]
     ulp = torch.finfo(dtype).eps
     for alpha, folder in folders.items():
-        got = _load_folder(folder)
+        got = load_folder(folder)
         _assert_outside_region_is_finetuned(got, ft)
         for name in (n for n in ft if in_region(n, "body")):
             b, f = base[name].double(), ft[name].double()
@@ -77,7 +69,7 @@ def test_dare_drops_a_binomial_share_rescales_exactly_and_ignores_blocks(tmp_pat
     folders = repair_sweep(base_dir, ft_dir, ps, config, tmp_path / "out", progress=False)
     dropped_before = None
     for p, folder in folders.items():
-        got = _load_folder(folder)
+        got = load_folder(folder)
         _assert_outside_region_is_finetuned(got, ft)
         drops = {}
         for name in (n for n in ft if in_region(n, "body")):
@@ -105,7 +97,7 @@ def test_dare_mask_does_not_depend_on_sharding_or_seed_reuse(tmp_path):
                        progress=False)
     other_seed = repair_sweep(*_dare_pair(tmp_path, shards=1)[:2], (0.3,), RepairConfig(method="dare", seed=1),
                               tmp_path / "o3", progress=False)
-    a, b, c = (_load_folder(f[0.3]) for f in (one, two, other_seed))
+    a, b, c = (load_folder(f[0.3]) for f in (one, two, other_seed))
     assert len(list(two[0.3].glob("*.safetensors"))) == 2
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"])
@@ -134,7 +126,7 @@ def test_trim_equals_a_brute_force_sort(tmp_path, chunking, scope, ties):
     config = RepairConfig(method="trim", scope=None if scope == "tensor" else "global")
     folders = repair_sweep(base_dir, ft_dir, ds, config, tmp_path / "out", progress=False)
     for d, folder in folders.items():
-        got, want = _load_folder(folder), _trim_brute_force(base, ft, d, scope)
+        got, want = load_folder(folder), _trim_brute_force(base, ft, d, scope)
         assert all(torch.equal(got[n], want[n]) for n in ft), d
         manifest = json.loads((folder / "repair.json").read_text())
         assert manifest["config"] == {"metric": "absolute", "scope": scope, "region": "body"}
@@ -151,22 +143,10 @@ def test_neutral_values_give_back_the_finetuned_weights_bit_for_bit(tmp_path, me
     base_dir, ft_dir = write_checkpoint(tmp_path / "base", base, 2), write_checkpoint(tmp_path / "ft", ft, 2)
     config = RepairConfig(method=method, region="all")
     folder = repair_sweep(base_dir, ft_dir, (NEUTRAL[method],), config, tmp_path / "out", progress=False)[NEUTRAL[method]]
-    got = _load_folder(folder)
+    got = load_folder(folder)
     assert all(torch.equal(got[n], ft[n]) for n in ft)
     assert (folder / "model.safetensors.index.json").read_bytes() == (ft_dir / "model.safetensors.index.json").read_bytes()
     assert METHODS[method].neutral == NEUTRAL[method]
-
-
-@pytest.fixture
-def tiny_pair(tmp_path, tiny_tokenizer):
-    """(base folder, fine-tuned folder, fine-tuned state): a tiny Llama and a perturbed copy."""
-    from tiny import save_model, tiny_model
-
-    base_model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
-    base_dir = save_model(base_model, tok, tmp_path / "base")
-    ft_model = perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0])
-    ft_dir = save_model(ft_model, tok, tmp_path / "ft")
-    return base_dir, ft_dir, {n: t.clone() for n, t in ft_model.state_dict().items()}
 
 
 @pytest.mark.parametrize("method,values", [
@@ -259,7 +239,7 @@ def test_cli_writes_one_folder_per_value_and_refuses_settings_the_method_ignores
     assert "dare-0.1" in out and "dare-0.5" in out and "2 dare models" in out
     assert json.loads((tmp_path / "o" / "dare-0.5" / "repair.json").read_text())["config"] == {"region": "body", "seed": 3}
     assert main([*common, "--method", "trim", "--values", "100", "--region", "mlp"]) == 0
-    got = _load_folder(tmp_path / "o" / "trim-100")
+    got = load_folder(tmp_path / "o" / "trim-100")
     assert all(torch.equal(got[n], ft[n]) for n in ft)
     capsys.readouterr()
     for bad, message in ((["--method", "wise", "--values", "0.5", "--scope", "tensor"], "--scope does not apply to --method wise"),

@@ -20,17 +20,18 @@ finished fact, so a killed run resumes where it stopped and several ranks merge 
 
 Modules: `records` (`ProbeConfig`, `ProbeRecord`, mastery levels), `sampling` (the seeded sampler,
 probing facts in memory), `batching` (batch size from free memory), `store` (the resumable multi-rank
-store, `run_probe`, `load_probe`), `tables` (Table 1, best templates), `cli` (`sftlens probe`).
+store, `run_probe`, `load_probe`, `default_store`), `tables` (Table 1, best templates), `cli` (`sftlens probe`).
 """
 
 from sftlens.probe.records import FAST_PROBE, LEVELS, ProbeConfig, ProbeRecord, mastery_level
 from sftlens.probe.batching import cpu_batch_size
 from sftlens.probe.sampling import GumbelMaxSampler, generate_samples, probe_facts, sample_seed, template_indices
-from sftlens.probe.store import load_probe, process_shard, run_probe, store_meta
+from sftlens.probe.store import default_store, load_probe, process_shard, run_probe, store_meta
 from sftlens.probe.tables import best_templates, level_counts, level_counts_table, write_level_tables
 
 __all__ = [
     "FAST_PROBE", "LEVELS", "GumbelMaxSampler", "ProbeConfig", "ProbeRecord", "best_templates", "cpu_batch_size",
+    "default_store",
     "generate_samples", "level_counts", "level_counts_table", "load_probe", "mastery_level", "probe_facts",
     "process_shard", "run_probe", "sample_seed", "store_meta", "template_indices", "write_level_tables",
 ]

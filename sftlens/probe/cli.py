@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from sftlens.config import add_config_arguments, config_from_args
 from sftlens.data import add_fact_arguments, fact_set_from_args, select_from_args
 from sftlens.errors import SftlensError
-from sftlens.models import model_fingerprint
 from sftlens.probe.records import ProbeConfig
-from sftlens.probe.store import probe_device, load_probe, process_shard, run_probe, store_meta
+from sftlens.probe.store import default_store, load_probe, process_shard, run_probe
 from sftlens.probe.tables import write_level_tables
-
-
-def default_store(model: str, config: ProbeConfig) -> Path:
-    meta = store_meta(model, model_fingerprint(model), config, probe_device())
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model).name or model).strip("-")
-    return Path("sftlens-probes") / f"{slug}-{meta['key'][:12]}"
 
 
 def _store_from_args(args, config: ProbeConfig) -> Path:

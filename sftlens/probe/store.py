@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -157,3 +158,9 @@ def _probe_fitting_gpu(lm, tokenizer, facts, config, log, store_dir, progress) -
                     on_record=lambda r: log.write(r.to_row()), progress=progress)
 
     attempt()
+
+
+def default_store(model: str, config: ProbeConfig) -> Path:
+    meta = store_meta(model, model_fingerprint(model), config, probe_device())
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model).name or model).strip("-")
+    return Path("sftlens-probes") / f"{slug}-{meta['key'][:12]}"

@@ -233,7 +233,7 @@ def write_sections(title: str, parts: list[Section], out: Path, stem: str = "rep
 
 def write_page(page: Path, title: str, parts: list[Section], preamble: list[str]) -> Path:
     """A results page: the report's Markdown headed by `preamble`, its PNGs beside it."""
-    atomic_write_text(page, _markdown(title, _beside(parts, page), preamble))
+    atomic_write_text(page, _markdown(title, _with_figures_beside(parts, page), preamble))
     return page
 
 
