@@ -186,7 +186,7 @@ def test_a_tiny_testbed_study_runs_on_the_taught_base_and_splits_taught_from_unt
     with pytest.raises(SftlensError, match=r"probe.templates \[2\] are taught by inject.templates \[0, 1, 2\]"):
         load_study_config(str(overlapping))
     config = load_study_config(str(study_file))
-    assert config.inject == InjectConfig(templates=(0, 1, 2), doses=(1, 3), learning_rate=1e-2, epochs=2)
+    assert config.inject == InjectConfig(templates=(0, 1, 2), doses=(1, 3), share=0.3, learning_rate=1e-2, epochs=2)
     study = tmp_path / "study"
     run_study(config, study, progress=False)
     units = load_results(study).units

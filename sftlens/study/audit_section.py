@@ -19,7 +19,7 @@ from sftlens.io import read_jsonl
 from sftlens.report import figure_panels, save_figure
 from sftlens.study.bootstrap import Estimate
 from sftlens.study.report import write_page, write_sections
-from sftlens.study.sections import Section, ci
+from sftlens.study.sections import Section, interval_text
 
 INJECT_RECORD = "sftlens_inject.json"
 
@@ -30,7 +30,7 @@ def _est(data: dict | None) -> Estimate | None:
 
 def _rate(data: dict | None) -> str:
     est = _est(data)
-    return "–" if est is None else ci(est, sign="")
+    return "–" if est is None else interval_text(est, sign="")
 
 
 def _pct(counts: int, total: int) -> str:
@@ -97,7 +97,7 @@ def _acc_cell(acc: dict, domain: str, gain: bool) -> str:
     if domain not in acc:
         return "–"
     cell = f"{100 * acc[domain]['acc']:.1f}"
-    return cell + (f" ({ci(_est(acc[domain]['gain']))})" if gain else "")
+    return cell + (f" ({interval_text(_est(acc[domain]['gain']))})" if gain else "")
 
 
 def repair_section(summary: dict) -> Section:
