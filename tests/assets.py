@@ -195,6 +195,7 @@ eval_facts_per_relation = 2
 levels = [0]
 sizes = [8]
 seeds = [0, 1]
+mixed = true
 analysis_sizes = [8]
 table_size = 8
 restore_ratios = [10, 50]
