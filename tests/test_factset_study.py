@@ -34,6 +34,7 @@ table_size = {size}
 restore_ratios = [50]
 concentration_ratios = [1, 10]
 kl = {kl}
+kl_test_set = "in"
 random_control = false
 bootstrap = 20
 device = "cpu"
@@ -72,12 +73,16 @@ def study_file(folder: Path, model_dir: Path, size: int = 8, kl: str = "false") 
 def test_a_study_on_a_native_fact_set_runs_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("SFTLENS_DATA_DIR", raising=False)  # the fact set alone: no EntityQuestions needed
     write_fact_set(tmp_path)
-    config = load_study_config(str(study_file(tmp_path, tiny_model_dir)))
+    config = load_study_config(str(study_file(tmp_path, tiny_model_dir, kl="true")))
     assert config.study.facts == str(tmp_path / "facts.jsonl"), "a [data] path is relative to the study file"
     run_study(config, tmp_path / "study", progress=False)
     units = load_results(tmp_path / "study").units
     assert {u["state"] for u in units} == {"done"}
-    assert sorted({u["kind"] for u in units}) == ["deltas", "eval", "probe", "restore", "split", "train"]
+    assert sorted({u["kind"] for u in units}) == ["deltas", "eval", "kl", "probe", "restore", "split", "train"]
+    # KL prompts from the set's own templates: capital's mapping template, the other topics' questions
+    kl = next(u["result"] for u in units if u["kind"] == "kl")
+    assert kl["kl"]["n"] == sum(1 for path in (tmp_path / "study" / "units" / "split").rglob("test/in-level*.jsonl")
+                                for _ in path.read_text().splitlines())
     probe = next(u["result"] for u in units if u["kind"] == "probe")
     assert probe["fact_set"]["name"] == "facts" and probe["fact_set"]["facts"] == 120
     assert {row["set"] for row in probe["level_counts"]} >= {"D_train", "D_test", "D_testood"}
@@ -102,8 +107,6 @@ def test_a_study_refuses_a_fact_set_it_cannot_use(tiny_model_dir, tmp_path, monk
     with pytest.raises(SftlensError, match=r"fact set facts: \d+ in-domain train facts .*fewer than the largest "
                                            r"of study.sizes \(500\)"):
         plan(load_study_config(str(study_file(tmp_path, tiny_model_dir, size=500))), tmp_path / "s")
-    with pytest.raises(SftlensError, match="study.kl: .*topic capital does not have; set kl = false"):
-        plan(load_study_config(str(study_file(tmp_path, tiny_model_dir, kl="true"))), tmp_path / "s")
     assert not (tmp_path / "s").exists()
 
 

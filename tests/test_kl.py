@@ -129,3 +129,19 @@ def test_summary():
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError):
         KLConfig(top_k=1)
+
+
+def test_kl_prompts_take_a_fact_sets_own_templates():
+    """A fact set's topic with a mapping template fills it with the subject read back from its question
+    template; a question-only topic's one template is the question itself."""
+    from sftlens.data.facts import RelationTemplates
+
+    relations = {"capital": RelationTemplates("capital", "in", "What is the capital of {subject}?",
+                                              ("The capital of {subject} is",)),
+                 "colour": RelationTemplates("colour", "in", "", ("{question}",))}
+    rows = [{"fact_id": "capital/test/a", "relation": "capital", "question": "What is the capital of Spain?"},
+            {"fact_id": "colour/test/b", "relation": "colour", "question": "What colour is snow?"}]
+    assert kl_prompts(rows, "template", {}, relations) == [("The capital of Spain is", "The capital of Spain is"),
+                                                          ("What colour is snow?", "What colour is snow?")]
+    with pytest.raises(SftlensError, match="unknown relation 'capital'"):
+        kl_prompts(rows, "template", {})  # the paper's relations do not know the set's topics

@@ -23,7 +23,8 @@ from typing import Literal, Sequence
 import torch
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
-from sftlens.data import Fact, default_matcher, encode_prompt, load_templates, sft_prompt
+from sftlens.data import Fact, default_matcher, encode_prompt, load_fact_set, load_templates, sft_prompt
+from sftlens.data.facts import RelationTemplates
 from sftlens.errors import SftlensError
 from sftlens.evaluate import generate_answers
 from sftlens.io import atomic_write_json, stable_hash
@@ -103,25 +104,33 @@ def first_token_kl(ft_model, base_model, tokenizer, prompts: Sequence[str | tupl
     return top_k_kl(ft, base, top_k).tolist()
 
 
-def subject_of(row: dict) -> str:
-    """The subject, read back from the question through the relation's question template."""
-    templates = load_templates()
-    if row["relation"] not in templates:
-        raise SftlensError(f"fact {row['fact_id']}: unknown relation {row['relation']!r}")
-    match = templates[row["relation"]].question_pattern.match(row["question"])
+def subject_of(row: dict, relations: dict[str, RelationTemplates] | None = None) -> str:
+    """The subject, read back from the question through the relation's question template
+    (`relations`: a fact set's topics; default the paper's relations)."""
+    relation = _relation(row, relations)
+    match = relation.question_pattern.match(row["question"]) if "{subject}" in relation.question else None
     if match is None:
         raise SftlensError(f"fact {row['fact_id']}: question {row['question']!r} does not fit its relation's template")
     return match.group(1)
 
 
-def kl_prompts(rows: list[dict], style: str, templates: dict[str, int]) -> list[tuple[str, str]]:
-    """(fine-tuned prompt, base prompt) per row; `templates` maps relation -> mapping-template index."""
-    relations = load_templates()
+def _relation(row: dict, relations: dict[str, RelationTemplates] | None) -> RelationTemplates:
+    relations = relations or load_templates()
+    if row["relation"] not in relations:
+        raise SftlensError(f"fact {row['fact_id']}: unknown relation {row['relation']!r}")
+    return relations[row["relation"]]
+
+
+def kl_prompts(rows: list[dict], style: str, templates: dict[str, int],
+               relations: dict[str, RelationTemplates] | None = None) -> list[tuple[str, str]]:
+    """(fine-tuned prompt, base prompt) per row; `templates` maps relation -> mapping-template index;
+    `relations`: a fact set's topics (a question-only topic's one template is the question itself)."""
     pairs = []
     for row in rows:
         sft = sft_prompt(row["question"])
-        index = templates.get(row["relation"], 0)
-        mapped = relations[row["relation"]].mapping_templates[index].format(subject=subject_of(row))
+        template = _relation(row, relations).mapping_templates[templates.get(row["relation"], 0)]
+        subject = subject_of(row, relations) if "{subject}" in template else ""
+        mapped = template.format(subject=subject, question=row["question"])
         pairs.append({"template": (mapped, mapped), "sft": (sft, sft), "mixed": (sft, mapped)}[style])
     return pairs
 
@@ -147,9 +156,9 @@ def summarize_kl(values: Sequence[float]) -> dict:
 
 
 def kl_for_models(ft_model, base_model, tokenizer, rows: list[dict], config: KLConfig,
-                  templates: dict[str, int]) -> dict:
+                  templates: dict[str, int], relations: dict[str, RelationTemplates] | None = None) -> dict:
     """Per-fact KL and its summary for split rows (fact_id, relation, question, answers)."""
-    pairs = kl_prompts(rows, config.prompt_style, templates)
+    pairs = kl_prompts(rows, config.prompt_style, templates, relations)
     if config.answer_within:
         keep = answer_near_start(base_model, tokenizer, rows, [p[1] for p in pairs], config.answer_within,
                                  config.batch_size)
@@ -161,17 +170,22 @@ def kl_for_models(ft_model, base_model, tokenizer, rows: list[dict], config: KLC
 
 
 def compute_kl(base: str, finetuned: str, test_file: str | Path, config: KLConfig = KLConfig(),
-               templates: dict[str, int] | None = None, out_dir: str | Path | None = None) -> dict:
+               templates: dict[str, int] | None = None, out_dir: str | Path | None = None,
+               relations: dict[str, RelationTemplates] | None = None) -> dict:
     """KL of `finetuned` against `base` on a split JSONL file; cached in out_dir/kl.json by inputs.
 
     `templates` (relation -> mapping-template index, e.g. `sftlens.probe.best_templates`) defaults
-    to the first template of every relation."""
+    to the first template of every relation; `relations`: a fact set's topics (default the paper's)."""
     rows = read_split_rows(Path(test_file), KL_ROW_KEYS)
     templates = dict(templates or {})
-    key = stable_hash({"base": model_fingerprint(base), "finetuned": model_fingerprint(finetuned),
-                       "test": data_manifest(Path(test_file), rows),
-                       "config": {k: v for k, v in config_to_dict(config).items() if k != "batch_size"},
-                       "templates": templates})
+    identity = {"base": model_fingerprint(base), "finetuned": model_fingerprint(finetuned),
+                "test": data_manifest(Path(test_file), rows),
+                "config": {k: v for k, v in config_to_dict(config).items() if k != "batch_size"},
+                "templates": templates}
+    if relations is not None:  # only then: the paper's relations keep their keys
+        used = {r["relation"] for r in rows}
+        identity["topics"] = {t: [rel.question, *rel.mapping_templates] for t, rel in relations.items() if t in used}
+    key = stable_hash(identity)
     target = Path(out_dir) / KL_FILE if out_dir is not None else None
     if target is not None and target.is_file():
         cached = json.loads(target.read_text())
@@ -181,7 +195,7 @@ def compute_kl(base: str, finetuned: str, test_file: str | Path, config: KLConfi
     base_model, _ = load_model(base, dtype=config.dtype, device=config.device)
     result = {"key": key, "base": base, "finetuned": finetuned, "test": str(test_file),
               "config": config_to_dict(config), "templates": templates,
-              **kl_for_models(ft_model, base_model, tokenizer, rows, config, templates)}
+              **kl_for_models(ft_model, base_model, tokenizer, rows, config, templates, relations)}
     if target is not None:
         atomic_write_json(target, result)
     return result
@@ -189,15 +203,16 @@ def compute_kl(base: str, finetuned: str, test_file: str | Path, config: KLConfi
 
 def _templates_from_probe(store: str, test_file: str) -> dict[str, int]:
     rows = read_split_rows(Path(test_file), KL_ROW_KEYS)
-    facts = [Fact(r["fact_id"], r["relation"], subject_of(r), tuple(r["answers"]), "test", r.get("domain", ""),
-                  r["question"]) for r in rows]
+    facts = [Fact(r["fact_id"], r["relation"], "", tuple(r["answers"]), "test", r.get("domain", ""), r["question"])
+             for r in rows]
     return best_templates(load_probe(store), facts)
 
 
 def _run_kl(args: argparse.Namespace) -> None:
     config = config_from_args(KLConfig, args)
+    relations = load_fact_set(args.facts).templates if args.facts else None
     templates = _templates_from_probe(args.probe_store, args.test) if args.probe_store else {}
-    result = compute_kl(args.base, args.finetuned, args.test, config, templates, args.out)
+    result = compute_kl(args.base, args.finetuned, args.test, config, templates, args.out, relations)
     s = result["summary"]
     if not s["n"]:
         print("no facts left to compare (see --answer-within)")
@@ -217,5 +232,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--probe-store", help="probe store of the base model: picks each relation's best "
                                               "mapping template (default: the first template)")
     parser.add_argument("--out", help="folder for kl.json (per-fact values and summary; reused when current)")
+    parser.add_argument("--facts", help="the fact set the test file was split from (`sftlens data import` folder or "
+                                        "native JSONL): its topics' templates (default: EntityQuestions')")
     add_config_arguments(parser, KLConfig)
     parser.set_defaults(func=_run_kl, writes="out")

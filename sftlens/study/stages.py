@@ -235,7 +235,8 @@ def kl_unit(params, out: Path, deps) -> dict:
         config = dataclasses.replace(config, device=runtime.device_or_none)
     templates = best_templates(_probe_records(deps["probe"]["dir"]), study_facts(params))
     test_file = _kl_test_file(deps["split"]["dir"], p.test_set, out)
-    result = compute_kl(runtime.model, model_path(params, deps), test_file, config, templates, out)
+    relations = _fact_set(runtime.facts, runtime.in_domain).templates if runtime.facts else None
+    result = compute_kl(runtime.model, model_path(params, deps), test_file, config, templates, out, relations)
     return {"kl": result["summary"], "test_set": p.test_set}
 
 

@@ -19,7 +19,7 @@ import hashlib
 from pathlib import Path
 
 from sftlens.config import config_to_dict
-from sftlens.data import FactSet, data_dir_from, first_per_relation, load_fact_set, load_facts, load_templates, parse_relations
+from sftlens.data import FactSet, data_dir_from, first_per_relation, load_fact_set, load_facts, parse_relations
 from sftlens.data.factset import fingerprint as fact_set_fingerprint
 from sftlens.errors import SftlensError
 from sftlens.evaluate import RESULT_NEUTRAL
@@ -321,12 +321,6 @@ class GraphBuilder:
         if s.analysis_sizes and not counts["dev"]:
             raise SftlensError(f"{name}: no dev facts, but study.analysis_sizes choose restore ratios and repair "
                                "values on dev")
-        paper = load_templates()
-        own = [t for t, tpl in self.fact_set.topics().items() if t not in paper
-               or tpl.mapping_templates != paper[t].mapping_templates]
-        if s.kl and own:
-            raise SftlensError(f"{name}: study.kl: first-token KL prompts with the paper's EntityQuestions templates, "
-                               f"which topic {own[0]} does not have; set kl = false")
 
 
 def select_facts(fact_set: FactSet, split: str, relations, limit: int | None) -> list:
