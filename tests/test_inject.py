@@ -243,3 +243,21 @@ def test_a_tiny_testbed_study_runs_on_the_taught_base_and_splits_taught_from_unt
         for title in ("Figure 2: Acc vs training size", "Table 2: train level x test level (8 training examples)",
                       "Table 4: Acc vs restore ratio", "Table 5: training-set accuracy after restoration"):
             assert f"## {title} ({name} facts)" in markdown
+
+    # repairs on the taught facts: base and plain SFT from their prediction files, each repair from its bits
+    sft_eval = next(u for u in evals if "model" in u["spec"]["deps"])
+    right = {name: {p["fact_id"]: p["correct"] for p in read_jsonl(study / "units" / "eval" / u["key"] / "predictions-test.jsonl")}
+             for name, u in (("base", base_eval), ("sft", sft_eval))}
+    order = [p["fact_id"] for p in predictions]  # split-file order: domain, then level, as the bits
+    forgotten = [f for f in order if f in taught and right["base"][f] and not right["sft"][f]]
+    learned = [f for f in order if f in taught and right["sft"][f] and not right["base"][f]]
+    for unit in (u for u in units if u["kind"] == "repaired"):
+        bits = "".join(unit["result"]["test_bits"][d][lv] for d in sorted(unit["result"]["test_bits"])
+                       for lv in sorted(unit["result"]["test_bits"][d], key=int))
+        fixed = dict(zip(order, (b == "1" for b in bits)))
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {unit['result']['method']} | level 0 |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[3:5] == [str(sum(right["base"][f] for f in order if f in taught)), str(len(forgotten))]
+        assert cells[5].split()[0] == str(sum(fixed[f] for f in forgotten))
+        assert cells[6] == str(len(learned)) and cells[7].split()[0] == str(sum(fixed[f] for f in learned))
+    assert "## Repairs on the taught facts" in markdown

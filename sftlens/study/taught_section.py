@@ -1,14 +1,20 @@
 """Beyond the paper, for a study on a taught base (`[inject]`): what was taught, the mastery levels the
 probe found among taught and untaught facts, and the paper's accuracy tables over plain and restored
 models (Figure 2, Tables 2, 4 and 5) again over the facts the base was taught and over the others (each
-level's facts of the two add up to the whole table's). The bootstrapped sections (Findings, the
-restoration choice, Table 6, repair methods) are reported on all facts only."""
+level's facts of the two add up to the whole table's), and the repair methods scored on the taught
+test facts: of those the plain fine-tune forgot (right on the base, wrong after SFT), the share each
+repaired model answers right again, and of those it learned, the share kept. Those counts come from the
+units' correctness strings and the study's own files (the split's test files give the facts' order,
+the inject unit's record the taught ids). The bootstrapped sections (Findings, the restoration choice,
+Table 6, the repair-methods comparison) are reported on all facts only."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+from sftlens.io import read_jsonl
 from sftlens.study.results import TAUGHT_SUBSETS, StudyResults, taught_records, taught_restore_records
 from sftlens.study.sections import LEVELS, Section, figure2, table2, table4, table5
 
@@ -24,7 +30,58 @@ def taught_sections(results: StudyResults, out: Path, size) -> list[Section]:
         subset = [figure2(records, out / f"figure2-{name}.png"), table2(records, size)] if records else []
         subset += [table4(sweeps), table5(sweeps)] if sweeps else []
         parts += [dataclasses.replace(section, title=f"{section.title} ({name} facts)") for section in subset]
+    repaired = results.done("repaired")
+    if repaired:
+        parts.append(_repairs_on_taught_facts(results, out.parent, injected[0], repaired))
     return parts
+
+
+def _unit_dir(study_dir: Path, unit: dict) -> Path:
+    return study_dir / "units" / unit["kind"] / unit["key"]
+
+
+def _test_correct(bits: dict, order: dict[tuple[str, str], list[str]]) -> dict[str, bool]:
+    """fact id -> right, from a unit's {domain: {level: "0110..."}} (facts in split-file order)."""
+    return {fact: flag == "1" for domain, levels in bits.items() for level, string in levels.items()
+            for fact, flag in zip(order[domain, level], string)}
+
+
+def _repairs_on_taught_facts(results: StudyResults, study_dir: Path, injected: dict, repaired: list[dict]) -> Section:
+    record = json.loads((_unit_dir(study_dir, injected) / "model" / "sftlens_inject.json").read_text())
+    taught = set(record["facts"])
+    split = results.done("split")[0]
+    order = {}
+    for path in sorted((_unit_dir(study_dir, split) / "data" / "test").glob("*-level*.jsonl")):
+        domain, level = path.stem.split("-level")
+        order[domain, level] = [row["fact_id"] for row in read_jsonl(path)]
+    plain = {u["spec"]["deps"].get("model"): _test_correct(u["result"]["test_bits"], order)
+             for u in results.done("eval")}
+    base = plain.pop(None)
+    groups: dict[tuple, list[int]] = {}
+    for unit in repaired:
+        sft, fixed = plain[unit["spec"]["deps"]["model"]], _test_correct(unit["result"]["test_bits"], order)
+        tags = results.model_tags(unit)
+        counts = groups.setdefault((unit["result"]["method"], tags["train_level"], tags["size"]), [0] * 5)
+        for fact in taught & fixed.keys():
+            forgotten, learned = base[fact] and not sft[fact], sft[fact] and not base[fact]
+            counts[0] += base[fact]
+            counts[1] += forgotten
+            counts[2] += forgotten and fixed[fact]
+            counts[3] += learned
+            counts[4] += learned and fixed[fact]
+    header = ["method", "train set", "size", "taught facts right on the base", "forgotten by SFT",
+              "recovered (% of forgotten)", "learned by SFT", "kept (% of learned)"]
+    rows = [[method, f"level {level}" if isinstance(level, int) else str(level), str(size), str(right),
+             str(forgotten), _share(recovered, forgotten), str(learned), _share(kept, learned)]
+            for (method, level, size), (right, forgotten, recovered, learned, kept) in sorted(groups.items(), key=str)]
+    text = ("Each repair at its dev-chosen value, scored on the taught test facts (both domains), counts summed over "
+            "seeds: a taught fact is forgotten when the base answered it right and the plain fine-tune does not, "
+            "learned when the reverse; recovered and kept: the repaired model answers it right.")
+    return Section("Repairs on the taught facts", text, [("", header, rows)])
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part} ({100 * part / whole:.0f} %)" if whole else str(part)
 
 
 def _overview(results: StudyResults, injected: dict) -> Section:
