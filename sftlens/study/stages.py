@@ -1,9 +1,10 @@
 """The study's unit functions: each calls one stage with the settings of its unit.
 
 Signature `fn(params, out, deps) -> result`: `params` are the unit's settings (read as the unit
-kind's record of `sftlens.study.params`) plus the runtime values (`Runtime`: model, data_dir, device), `out` its artefact folder, `deps` maps a role
-(`sftlens.study.roles`) to the dependency's folder and result. A result is small JSON (records, counts, per-fact correctness) that the driver
-stores in the study database, so the report needs nothing else.
+kind's record of `sftlens.study.params`) plus the runtime values (`Runtime`: model, data_dir, device),
+`out` its artefact folder, `deps` maps a role (`sftlens.study.roles`) to the dependency's folder and
+result. A result is small JSON (records, counts, per-fact correctness) that the driver stores in the
+study database, so the report needs nothing else.
 """
 
 from __future__ import annotations
