@@ -172,6 +172,26 @@ def train_set(name: str, size: int | str, seed: int) -> str:
     return f"train/{name}-n{size}-seed{seed}"
 
 
+def eval_set(split: str, domain: str, level: int) -> str:
+    """The one spelling of a test or dev set's path in a split folder (no suffix)."""
+    return f"{split}/{domain}-level{level}"
+
+
+def set_path(name: str) -> str:
+    """A set's file relative to its split folder (the manifest's `path`); `name` from `train_set` or `eval_set`."""
+    return f"{name}.jsonl"
+
+
+def set_file(split_dir: str | Path, path: str) -> Path:
+    """The file of a set in a split folder; `path` as `set_path` gives it."""
+    return Path(split_dir) / path
+
+
+def eval_files(split_dir: str | Path, split: str, domain: str | None = None) -> list[Path]:
+    """A split folder's test or dev files (every level; of one domain if given), in name order."""
+    return sorted((Path(split_dir) / split).glob(f"{domain or '*'}-level*.jsonl"))
+
+
 def _train_sets(train: list[Fact], levels: dict[str, int], config: SplitConfig):
     """Yield (name, facts, manifest fields) for every training set. A level with fewer facts than
     a size asks for still gets its file, holding all it has, flagged `short` in the manifest."""
@@ -218,15 +238,15 @@ def build_splits(facts: Iterable[Fact], records: dict[str, ProbeRecord], config:
     sets: dict[str, dict] = {}
     files: dict[str, list[dict]] = {}
     for name, chosen, extra in _train_sets(train, levels, config):
-        sets[name] = _set_entry(f"{name}.jsonl", "train", chosen, levels, **extra)
+        sets[name] = _set_entry(set_path(name), "train", chosen, levels, **extra)
         files[name] = [split_row(f, levels[f.id]) for f in chosen]
     for split in ("test", "dev"):
         for domain in ("in", "out"):
             part = [f for f in facts if f.split == split and f.domain == domain]
             for level in LEVELS if part else ():
-                name = f"{split}/{domain}-level{level}"
+                name = eval_set(split, domain, level)
                 chosen = _eval_sample([f for f in part if levels[f.id] == level], config.eval_facts_per_level, name)
-                sets[name] = _set_entry(f"{name}.jsonl", split, chosen, levels, domain=domain, level=level)
+                sets[name] = _set_entry(set_path(name), split, chosen, levels, domain=domain, level=level)
                 files[name] = [split_row(f, level) for f in chosen]
 
     available = Counter((levels[f.id], f.relation) for f in train)
@@ -239,7 +259,7 @@ def build_splits(facts: Iterable[Fact], records: dict[str, ProbeRecord], config:
     }
     with atomic_directory(out_dir) as tmp:
         for name, rows in files.items():
-            atomic_write_jsonl(tmp / f"{name}.jsonl", rows)
+            atomic_write_jsonl(set_file(tmp, set_path(name)), rows)
         atomic_write_json(tmp / MANIFEST, manifest)
     return _read_manifest(out_dir / MANIFEST)
 

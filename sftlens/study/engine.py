@@ -21,13 +21,11 @@ from tqdm import tqdm
 
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_text, stable_hash
+from sftlens.study import roles
 from sftlens.study.db import StudyDB
 
 # Bump when the meaning of a unit's result changes, so old results are not reused.
 UNIT_FORMAT = 1
-# A unit depending on another in this role reads that unit's `model` folder as the study's base model
-# (the runtime value `model`): how a study runs on a model it made itself (`[inject]`).
-BASE_ROLE = "base"
 
 
 @dataclass(frozen=True)
@@ -202,8 +200,10 @@ def run_units(units: list[Unit], study_dir: str | Path, executor, prune: bool = 
 def _unit_params(unit: Unit, study_dir, unit_by_key: dict) -> dict:
     """A unit's settings and runtime values, its base model taken from its `base` dependency if any."""
     params = {**unit.params, **unit.runtime}
-    if BASE_ROLE in unit.deps:
-        params["model"] = str(unit_dir(study_dir, unit_by_key[unit.deps[BASE_ROLE]]) / "model")
+    # a unit depending on another as its base reads that unit's `model` folder as the study's base model:
+    # how a study runs on a model it made itself (`[inject]`)
+    if roles.BASE in unit.deps:
+        params["model"] = str(unit_dir(study_dir, unit_by_key[unit.deps[roles.BASE]]) / "model")
     return params
 
 

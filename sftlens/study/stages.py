@@ -1,9 +1,10 @@
 """The study's unit functions: each calls one stage with the settings of its unit.
 
 Signature `fn(params, out, deps) -> result`: `params` are the unit's settings (read as the unit
-kind's record of `sftlens.study.params`) plus the runtime values (`Runtime`: model, data_dir, device), `out` its artefact folder, `deps` maps a role to the dependency's
-folder and result. A result is small JSON (records, counts, per-fact correctness) that the driver
-stores in the study database, so the report needs nothing else.
+kind's record of `sftlens.study.params`) plus the runtime values (`Runtime`: model, data_dir, device),
+`out` its artefact folder, `deps` maps a role (`sftlens.study.roles`) to the dependency's folder and
+result. A result is small JSON (records, counts, per-fact correctness) that the driver stores in the
+study database, so the report needs nothing else.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from sftlens.io import atomic_write_jsonl, read_jsonl
 from sftlens.models import load_model
 from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe, run_probe
 from sftlens.restore import RestoreConfig, restore_in_memory, restored_models
-from sftlens.split import SplitConfig, build_splits
+from sftlens.split import SplitConfig, build_splits, eval_files, eval_set, set_file, set_path
 from sftlens.split import train_set as split_train_set
+from sftlens.study import roles
 from sftlens.study.params import (
     ControlParams,
     DeltasParams,
@@ -48,7 +50,7 @@ from sftlens.study.units import select_facts
 from sftlens.train import RUN_FILE, TrainConfig, train
 from sftlens.weights import METHODS, RepairConfig, repaired_models
 
-DATA = "data"  # the split unit's output folder
+DATA = "data"  # the split unit's split folder, under its artefact folder
 
 
 def study_facts(params) -> list[Fact]:
@@ -74,7 +76,7 @@ def _fact_set(path: str, in_domain: str | None) -> FactSet:
 
 def inject_unit(params, out: Path, deps) -> dict:
     """The study's base model taught a seeded share of the study's facts (`[inject]`); later units
-    read `out/model` as their base (`sftlens.study.engine.BASE_ROLE`)."""
+    read `out/model` as their base (role `sftlens.study.roles.BASE`)."""
     p = InjectParams.of(params)
     model_dir = inject(Runtime.of(params).model, study_facts(params), out / "model",
                        config_from_dict(InjectConfig, p.inject, "inject"))
@@ -102,13 +104,17 @@ def probe_unit(params, out: Path, deps) -> dict:
     return result
 
 
-def _probe_records(probe_dir: str | Path):
-    return load_probe(Path(probe_dir) / "store")
+def _probe_records(deps: roles.Deps):
+    return load_probe(roles.dep_dir(deps, roles.PROBE) / "store")
+
+
+def _split_folder(deps: roles.Deps) -> Path:
+    return roles.dep_dir(deps, roles.SPLIT) / DATA
 
 
 def split_unit(params, out: Path, deps) -> dict:
     config = config_from_dict(SplitConfig, SplitParams.of(params).grid, "split")
-    manifest = build_splits(study_facts(params), _probe_records(deps["probe"]["dir"]), config, out / DATA)
+    manifest = build_splits(study_facts(params), _probe_records(deps), config, out / DATA)
     # the manifest's fact-id lists stay in the file; the database keeps the sizes and compositions
     sets = {name: {k: v for k, v in entry.items() if k != "fact_ids"} for name, entry in manifest["sets"].items()}
     return {"sets": sets}
@@ -123,9 +129,9 @@ def train_unit(params, out: Path, deps) -> dict:
 
 
 def _train(params, p: TrainParams, config: TrainConfig, out: Path, deps) -> dict:
-    train_set = f"{split_train_set(p.set, p.size, p.seed)}.jsonl"
-    sft = Path(deps["split"]["dir"]) / DATA / train_set
-    model_dir = train(Runtime.of(params).model, sft, out / "model", config, progress=True)
+    train_set = set_path(split_train_set(p.set, p.size, p.seed))
+    model_dir = train(Runtime.of(params).model, set_file(_split_folder(deps), train_set), out / "model", config,
+                      progress=True)
     run = json.loads((model_dir / RUN_FILE).read_text())
     return {"train_set": train_set, "examples": run["data"]["count"], "steps": run["steps"],
             "train_loss": run["train_loss"]}
@@ -138,7 +144,7 @@ def tuned_unit(params, out: Path, deps) -> dict:
     p = TunedParams.of(params)
     by_rate: dict[float, list[dict]] = {}
     for role, rate in p.dev.items():
-        by_rate.setdefault(rate, []).append(deps[role]["result"])
+        by_rate.setdefault(rate, []).append(roles.dep_result(deps, role))
     rate = chosen_rate(by_rate)
     if rate is None:
         raise ValueError("no in-domain dev evaluation to choose a learning rate from")
@@ -146,8 +152,8 @@ def tuned_unit(params, out: Path, deps) -> dict:
     if source is None:
         config = dataclasses.replace(config_from_dict(TrainConfig, p.train, "train"), learning_rate=rate)
         return {**_train(params, p, config, out, deps), "learning_rate": rate, "linked": False}
-    _link_folder(Path(deps[source]["dir"]) / "model", out / "model")
-    return {**deps[source]["result"], "learning_rate": rate, "linked": True}
+    _link_folder(roles.dep_dir(deps, source) / "model", out / "model")
+    return {**roles.dep_result(deps, source), "learning_rate": rate, "linked": True}
 
 
 def _link_folder(source: Path, target: Path) -> None:
@@ -172,14 +178,14 @@ def eval_config(params) -> EvalConfig:
     return config_from_dict(EvalConfig, {**params["eval"], "batch_size": Runtime.of(params).eval_batch_size}, "eval")
 
 
-def model_path(params, deps) -> str:
+def model_path(params, deps: roles.Deps) -> str:
     """The fine-tuned model a unit reads, or the base model for units without one."""
-    return str(Path(deps["model"]["dir"]) / "model") if "model" in deps else Runtime.of(params).model
+    return str(roles.dep_dir(deps, roles.MODEL) / "model") if roles.MODEL in deps else Runtime.of(params).model
 
 
-def eval_files(split_dir: str | Path, split: str) -> list[Path]:
-    folder = Path(split_dir) / DATA / split
-    return sorted(folder.glob("*-level*.jsonl"))
+def _unit_model(path: str, eval_cfg: EvalConfig, runtime: Runtime):
+    """(model, tokenizer) at `path` as a unit evaluates it: [eval]'s dtype, its device or the study's."""
+    return load_model(path, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
 
 
 def load_rows(files: list[Path]) -> list[dict]:
@@ -189,13 +195,11 @@ def load_rows(files: list[Path]) -> list[dict]:
 def eval_unit(params, out: Path, deps) -> dict:
     p = EvalParams.of(params)
     config = eval_config(params)
-    model, tokenizer = load_model(model_path(params, deps), dtype=config.dtype,
-                                  device=config.device or Runtime.of(params).device_or_none)
+    model, tokenizer = _unit_model(model_path(params, deps), config, Runtime.of(params))
     rows = {}
     for split in p.splits:  # `dev-in`: the in-domain dev facts only, tagged split "dev"
         name, _, domain = split.partition("-")
-        files = eval_files(deps["split"]["dir"], name)
-        rows[name] = load_rows([f for f in files if not domain or f.name.startswith(f"{domain}-")])
+        rows[name] = load_rows(eval_files(_split_folder(deps), name, domain or None))
     records, predictions = evaluate_splits(model, tokenizer, rows, config, {})
     for split, split_predictions in predictions.items():
         atomic_write_jsonl(out / f"predictions-{split}.jsonl", split_predictions)
@@ -217,12 +221,13 @@ def taught_split(predictions: dict[str, list[dict]], taught: frozenset[str]) -> 
 # --- analyses ----------------------------------------------------------------------------------
 
 
-def _kl_test_file(split_dir: str, test_set: str, out: Path) -> Path:
+def _kl_test_file(split_folder: Path, test_set: str, out: Path) -> Path:
     """`in-level4` names one test file; `in` / `out` all test levels of a domain, gathered in one file."""
-    if "-level" in test_set:
-        return Path(split_dir) / DATA / "test" / f"{test_set}.jsonl"
+    domain, _, level = test_set.partition("-level")
+    if level:
+        return set_file(split_folder, set_path(eval_set("test", domain, int(level))))
     gathered = out / f"test-{test_set}.jsonl"
-    atomic_write_jsonl(gathered, load_rows(sorted((Path(split_dir) / DATA / "test").glob(f"{test_set}-level*.jsonl"))))
+    atomic_write_jsonl(gathered, load_rows(eval_files(split_folder, "test", domain)))
     return gathered
 
 
@@ -233,8 +238,8 @@ def kl_unit(params, out: Path, deps) -> dict:
     config = config_from_dict(KLConfig, p.kl, "kl")
     if config.device is None and runtime.device_or_none:
         config = dataclasses.replace(config, device=runtime.device_or_none)
-    templates = best_templates(_probe_records(deps["probe"]["dir"]), study_facts(params))
-    test_file = _kl_test_file(deps["split"]["dir"], p.test_set, out)
+    templates = best_templates(_probe_records(deps), study_facts(params))
+    test_file = _kl_test_file(_split_folder(deps), p.test_set, out)
     relations = _fact_set(runtime.facts, runtime.in_domain).templates if runtime.facts else None
     result = compute_kl(runtime.model, model_path(params, deps), test_file, config, templates, out, relations)
     return {"kl": result["summary"], "test_set": p.test_set}
@@ -273,13 +278,16 @@ def _bits_by_level(predictions: list[dict]) -> dict[str, dict[str, str]]:
     return {d: {lv: "".join(bits) for lv, bits in levels.items()} for d, levels in out.items()}
 
 
-def _sweep_rows(dev_domain: str, deps) -> dict[str, list[dict]]:
+def _own_train_rows(deps: roles.Deps) -> list[dict]:
+    """The rows of the training set the unit's model was fine-tuned on."""
+    return read_jsonl(set_file(_split_folder(deps), roles.dep_result(deps, roles.MODEL)["train_set"]))
+
+
+def _sweep_rows(dev_domain: str, deps: roles.Deps) -> dict[str, list[dict]]:
     """Test (both domains), dev of the domain the ratio is chosen on, and the model's training set."""
-    split_dir = deps["split"]["dir"]
-    rows = {"test": load_rows(eval_files(split_dir, "test")),
-            "dev": load_rows([f for f in eval_files(split_dir, "dev") if f.name.startswith(f"{dev_domain}-")])}
-    rows["train"] = read_jsonl(Path(split_dir) / DATA / deps["model"]["result"]["train_set"])
-    return rows
+    folder = _split_folder(deps)
+    return {"test": load_rows(eval_files(folder, "test")), "dev": load_rows(eval_files(folder, "dev", dev_domain)),
+            "train": _own_train_rows(deps)}
 
 
 def _evaluate_splits(model, tokenizer, rows_by_split: dict, config, ratio: float,
@@ -298,10 +306,10 @@ def restore_unit(params, out: Path, deps) -> dict:
     eval_cfg = eval_config(params)
     restore_cfg = config_from_dict(RestoreConfig, p.restore, "restore")
     finetuned = model_path(params, deps)
-    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
+    model, tokenizer = _unit_model(finetuned, eval_cfg, runtime)
     rows = _sweep_rows(p.dev, deps)
     # ratio 0 is the fine-tuned model itself, already scored on test by its eval unit
-    unrestored = deps["eval"]["result"]
+    unrestored = roles.dep_result(deps, roles.EVAL)
     taught = taught_facts(runtime.model)
     records, bits0, subsets = _evaluate_splits(model, tokenizer, {k: v for k, v in rows.items() if k != "test"},
                                                eval_cfg, 0.0, taught)
@@ -325,17 +333,16 @@ def restore_unit(params, out: Path, deps) -> dict:
 def control_unit(params, out: Path, deps) -> dict:
     """Random restoration at the ratio the dev split chose for this (level, size) over all its
     seeds: does restoring the *most changed* elements matter, or would any elements do?"""
-    ratio = chosen_ratio([d["result"] for role, d in sorted(deps.items()) if role.startswith("sweep")])
+    ratio = chosen_ratio(roles.sweep_results(deps))
     if ratio == 0:
         return {"ratio": 0.0, "records": [], "test_bits": {}}
     p, runtime = ControlParams.of(params), Runtime.of(params)
     eval_cfg = eval_config(params)
     restore_cfg = dataclasses.replace(config_from_dict(RestoreConfig, p.restore, "restore"), strategy="random", seed=p.seed)
     finetuned = model_path(params, deps)
-    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
+    model, tokenizer = _unit_model(finetuned, eval_cfg, runtime)
     restore_in_memory(model, runtime.model, finetuned, ratio, restore_cfg)
-    rows = {"test": load_rows(eval_files(deps["split"]["dir"], "test")),
-            "train": read_jsonl(Path(deps["split"]["dir"]) / DATA / deps["model"]["result"]["train_set"])}
+    rows = {"test": load_rows(eval_files(_split_folder(deps), "test")), "train": _own_train_rows(deps)}
     records, bits, _ = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
     return {"ratio": ratio, "records": records, "test_bits": bits["test"], "train_bits": bits["train"]}
 
@@ -344,8 +351,7 @@ def scored_unit(params, out: Path, deps) -> dict:
     """A model on test, in-domain dev and its own training set, with per-fact correctness on test and
     training set: a LoRA candidate of the repair comparison (the report picks its rate on dev)."""
     runtime, eval_cfg = Runtime.of(params), eval_config(params)
-    model, tokenizer = load_model(model_path(params, deps), dtype=eval_cfg.dtype,
-                                  device=eval_cfg.device or runtime.device_or_none)
+    model, tokenizer = _unit_model(model_path(params, deps), eval_cfg, runtime)
     records, predictions = evaluate_splits(model, tokenizer, _sweep_rows("in", deps), eval_cfg, {})
     return {"records": records, "test_bits": _bits_by_level(predictions["test"]),
             "train_bits": _bits_by_level(predictions["train"])}
@@ -364,7 +370,7 @@ def repair_unit(params, out: Path, deps) -> dict:
     eval_cfg = eval_config(params)
     config = _repair_config(p.repair)
     finetuned = model_path(params, deps)
-    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
+    model, tokenizer = _unit_model(finetuned, eval_cfg, runtime)
     dev = {"dev": _sweep_rows(p.dev, deps)["dev"]}
     records = []
     for value, repaired in repaired_models(model, runtime.model, finetuned, p.values, config):
@@ -378,10 +384,9 @@ def repaired_unit(params, out: Path, deps) -> dict:
     p, runtime = RepairedParams.of(params), Runtime.of(params)
     eval_cfg = eval_config(params)
     config = _repair_config(p.repair)
-    value = chosen_value([d["result"] for role, d in sorted(deps.items()) if role.startswith("sweep")],
-                         METHODS[config.method].neutral)
+    value = chosen_value(roles.sweep_results(deps), METHODS[config.method].neutral)
     finetuned = model_path(params, deps)
-    model, tokenizer = load_model(finetuned, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
+    model, tokenizer = _unit_model(finetuned, eval_cfg, runtime)
     rows = {k: v for k, v in _sweep_rows("in", deps).items() if k != "dev"}
     (_, repaired), = repaired_models(model, runtime.model, finetuned, [value], config)
     records, predictions = evaluate_splits(repaired, tokenizer, rows, eval_cfg, {"repair_value": value})

@@ -25,7 +25,8 @@ from sftlens.errors import SftlensError
 from sftlens.evaluate import RESULT_NEUTRAL
 from sftlens.models import model_fingerprint
 from sftlens.study.config import StudyConfig
-from sftlens.study.engine import BASE_ROLE, Unit
+from sftlens.study import roles
+from sftlens.study.engine import Unit
 from sftlens.study.params import (
     ControlParams,
     DeltasParams,
@@ -100,7 +101,7 @@ class GraphBuilder:
 
     def add(self, kind: str, label: str, fn: str, params: UnitParams, deps: dict | None = None, work: float = 0.0,
             prune: tuple[str, ...] = ()) -> Unit:
-        deps = {**(deps or {}), **({BASE_ROLE: self.base.key} if self.base else {})}
+        deps = {**(deps or {}), **({roles.BASE: self.base.key} if self.base else {})}
         unit = Unit(kind, label, f"{STAGES}:{fn}", params.to_params(), deps, self.runtime.to_params(), work=work,
                     prune=prune, **self.res)
         self.units.append(unit)
@@ -146,13 +147,13 @@ class GraphBuilder:
         s = self.s
         probe = self.probe()
         split = self.add("split", "split", "split_unit", SplitParams(grid=self.grid_params(), **self.selection),
-                         {"probe": probe.key})
+                         {roles.PROBE: probe.key})
         eval_rows = self.evaluated_rows("test")
         dev_rows = self.evaluated_rows("dev")
         eval_cfg = {k: v for k, v in config_to_dict(self.config.stages["eval"]).items() if k not in RESULT_NEUTRAL}
         self.split_key, self.eval_cfg = split.key, eval_cfg
         self.add("eval", "eval base", "eval_unit", EvalParams(eval=eval_cfg, splits=["test", "dev"]),
-                 {"split": split.key}, work=eval_rows + dev_rows)
+                 {roles.SPLIT: split.key}, work=eval_rows + dev_rows)
         sweeps: dict[tuple, list[Unit]] = {}
         repairs: dict[tuple, list[Unit]] = {}
         models: list[tuple[int | None, int | None, int, Unit, str]] = []
@@ -165,7 +166,7 @@ class GraphBuilder:
                     train = self.add(
                         "train", f"train {name}", "train_unit",
                         TrainParams(set=train_set_name(level), size=size_name(size), seed=seed, train=train_cfg),
-                        {"split": split.key}, work=(size or train_rows) * self.config.stages["train"].epochs,
+                        {roles.SPLIT: split.key}, work=(size or train_rows) * self.config.stages["train"].epochs,
                         prune=("model",),
                     )
                     models.append((level, size, seed, train, name))
@@ -173,24 +174,24 @@ class GraphBuilder:
         analysed = self.tuned_arm(models, split, train_rows) if s.learning_rates else models
         analysed_keys = {train.key for *_, train, _ in analysed}
         for level, size, seed, train, name in (*models, *(analysed if s.learning_rates else ())):
-            deps = {"model": train.key, "split": split.key}
+            deps = {roles.MODEL: train.key, roles.SPLIT: split.key}
             evaluation = self.add("eval", f"eval {name}", "eval_unit", EvalParams(eval=eval_cfg, splits=["test"]),
                                   deps, work=eval_rows)
             if s.kl:
                 self.add("kl", f"kl {name}", "kl_unit",
                          KLParams(kl=config_to_dict(self.config.stages["kl"]), test_set=s.kl_test_set, **self.selection),
-                         {**deps, "probe": probe.key}, work=self.kl_rows())
+                         {**deps, roles.PROBE: probe.key}, work=self.kl_rows())
             if level is None or size not in s.analysis_sizes or train.key not in analysed_keys:
                 continue
             self.add("deltas", f"deltas {name}", "deltas_unit",
                      DeltasParams(deltas=config_to_dict(self.config.stages["deltas"]), ratios=list(s.concentration_ratios)),
-                     {"model": train.key}, work=1)
+                     {roles.MODEL: train.key}, work=1)
             ratios = list(s.restore_ratios)
             own_rows = size or train_rows
             sweep = self.add("restore", f"restore {name}", "restore_unit",
                              RestoreParams(restore=config_to_dict(self.config.stages["restore"]), ratios=ratios,
                                            eval=eval_cfg, dev="in"),
-                             {**deps, "eval": evaluation.key},
+                             {**deps, roles.EVAL: evaluation.key},
                              work=len(ratios) * (eval_rows + dev_rows / 2 + own_rows) + dev_rows / 2 + own_rows)
             sweeps.setdefault((level, size), []).append(sweep)
             for method, grid in self.config.repairs.items():
@@ -204,7 +205,7 @@ class GraphBuilder:
                 group = sweeps.get((level, size))
                 if not group:
                     continue
-                deps = {"model": train.key, "split": split.key, **{f"sweep{i}": u.key for i, u in enumerate(group)}}
+                deps = {roles.MODEL: train.key, roles.SPLIT: split.key, **roles.sweep_roles(u.key for u in group)}
                 self.add("control", f"control {name}", "control_unit",
                          ControlParams(restore=config_to_dict(self.config.stages["restore"]), eval=eval_cfg, seed=seed,
                                        ratio_choice="best mean dev Acc (in-domain) over seeds, ratio > 0"),
@@ -214,7 +215,7 @@ class GraphBuilder:
                 group = repairs.get((level, size, method))
                 if not group:
                     continue
-                deps = {"model": train.key, "split": split.key, **{f"sweep{i}": u.key for i, u in enumerate(group)}}
+                deps = {roles.MODEL: train.key, roles.SPLIT: split.key, **roles.sweep_roles(u.key for u in group)}
                 self.add("repaired", f"repaired {method} {name}", "repaired_unit",
                          RepairedParams(repair=grid.params(), eval=eval_cfg, value_choice=VALUE_CHOICE),
                          deps, work=eval_rows + (size or train_rows))
@@ -234,9 +235,9 @@ class GraphBuilder:
                 kind, f"{kind} {label}", "train_unit",
                 TrainParams(set=train_set_name(level), size=size_name(size), seed=seed,
                             train=config_to_dict(dataclasses.replace(recipe, learning_rate=rate, seed=seed))),
-                {"split": self.split_key}, work=examples, prune=("model",))
+                {roles.SPLIT: self.split_key}, work=examples, prune=("model",))
             scores = self.add(f"{kind}-eval", f"{kind}-eval {label}", fn, EvalParams(eval=self.eval_cfg, splits=splits),
-                              {"model": model.key, "split": self.split_key}, work=scored)
+                              {roles.MODEL: model.key, roles.SPLIT: self.split_key}, work=scored)
             out.append((rate, model, scores))
         return out
 
@@ -273,10 +274,10 @@ class GraphBuilder:
             mine = own[(level, size, seed)]
             params = TunedParams(set=train_set_name(level), size=size_name(size), seed=seed,
                                  train=config_to_dict(recipe) | {"seed": seed}, rate_choice=RATE_CHOICE[s.rate_choice],
-                                 dev={f"dev{i}": rate for i, rate in enumerate(choice.values())},
-                                 models={f"model{i}": rate for i, rate in enumerate(mine)})
-            deps = {"split": split.key, **{f"dev{i}": key for i, key in enumerate(choice)},
-                    **{f"model{i}": unit.key for i, unit in enumerate(mine.values())}}
+                                 dev={roles.dev_role(i): rate for i, rate in enumerate(choice.values())},
+                                 models={roles.candidate_role(i): rate for i, rate in enumerate(mine)})
+            deps = {roles.SPLIT: split.key, **{roles.dev_role(i): key for i, key in enumerate(choice)},
+                    **{roles.candidate_role(i): unit.key for i, unit in enumerate(mine.values())}}
             work = 0 if len(mine) == len(s.learning_rates) else (size or train_rows) * recipe.epochs
             unit = self.add("tuned", f"tuned {name}", "tuned_unit", params, deps, work=work, prune=("model",))
             tuned.append((level, size, seed, unit, f"{TUNED}{name}"))
