@@ -52,8 +52,16 @@ class Unit:
                 "cpus": self.cpus, "gpus": self.gpus, "work": self.work}
 
 
+DATA = "data"  # the split unit's split folder, under its artefact folder
+
+
 def unit_dir(study_dir: str | Path, unit: Unit) -> Path:
-    return Path(study_dir) / "units" / unit.kind / unit.key
+    return unit_folder(study_dir, unit.kind, unit.key)
+
+
+def unit_folder(study_dir: str | Path, kind: str, key: str) -> Path:
+    """A unit's artefact folder: the one spelling of the study folder's layout."""
+    return Path(study_dir) / "units" / kind / key
 
 
 def execute(payload: dict) -> dict:

@@ -29,6 +29,7 @@ from sftlens.restore import RestoreConfig, restore_in_memory, restored_models
 from sftlens.split import SplitConfig, build_splits, eval_files, eval_set, set_file, set_path
 from sftlens.split import train_set as split_train_set
 from sftlens.study import roles
+from sftlens.study.engine import DATA
 from sftlens.study.params import (
     ControlParams,
     DeltasParams,
@@ -50,7 +51,6 @@ from sftlens.study.units import select_facts
 from sftlens.train import RUN_FILE, TrainConfig, train
 from sftlens.weights import METHODS, RepairConfig, repaired_models
 
-DATA = "data"  # the split unit's split folder, under its artefact folder
 
 
 def study_facts(params) -> list[Fact]:

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 
 from sftlens.io import read_jsonl
+from sftlens.split import eval_files
+from sftlens.study.engine import DATA, unit_folder
 from sftlens.study.results import TAUGHT_SUBSETS, StudyResults, taught_records, taught_restore_records
 from sftlens.study.sections import LEVELS, Section, figure2, table2, table4, table5
 
@@ -36,10 +38,6 @@ def taught_sections(results: StudyResults, out: Path, size) -> list[Section]:
     return parts
 
 
-def _unit_dir(study_dir: Path, unit: dict) -> Path:
-    return study_dir / "units" / unit["kind"] / unit["key"]
-
-
 def _test_correct(bits: dict, order: dict[tuple[str, str], list[str]]) -> dict[str, bool]:
     """fact id -> right, from a unit's {domain: {level: "0110..."}} (facts in split-file order)."""
     return {fact: flag == "1" for domain, levels in bits.items() for level, string in levels.items()
@@ -47,11 +45,11 @@ def _test_correct(bits: dict, order: dict[tuple[str, str], list[str]]) -> dict[s
 
 
 def _repairs_on_taught_facts(results: StudyResults, study_dir: Path, injected: dict, repaired: list[dict]) -> Section:
-    record = json.loads((_unit_dir(study_dir, injected) / "model" / "sftlens_inject.json").read_text())
+    record = json.loads((unit_folder(study_dir, injected["kind"], injected["key"]) / "model" / "sftlens_inject.json").read_text())
     taught = set(record["facts"])
     split = results.done("split")[0]
     order = {}
-    for path in sorted((_unit_dir(study_dir, split) / "data" / "test").glob("*-level*.jsonl")):
+    for path in eval_files(unit_folder(study_dir, split["kind"], split["key"]) / DATA, "test"):
         domain, level = path.stem.split("-level")
         order[domain, level] = [row["fact_id"] for row in read_jsonl(path)]
     plain = {u["spec"]["deps"].get("model"): _test_correct(u["result"]["test_bits"], order)
