@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sftlens.cli import main
-from sftlens.data import Matcher, default_matcher, load_fact_set, load_facts
+from sftlens.data import Matcher, default_matcher, load_fact_set, load_facts, load_templates
 from sftlens.data.factset import SHARES, fact_set_stats, split_of
 from sftlens.data.importers import import_facts
 from sftlens.errors import SftlensError
@@ -89,8 +89,23 @@ def test_native_jsonl_import_keeps_every_fact_and_template(tmp_path):
     assert stats["facts"] == 6 and stats["topics"] == 3 and stats["aliases_per_fact"]["max"] == 2
 
 
+def _entityquestions_folder(root: Path) -> Path:
+    """Two relations x three splits x three records in EntityQuestions' schema (written here: the real
+    data stays outside the repository), plus one question that fits no template."""
+    templates = load_templates()
+    for split in ("train", "dev", "test"):
+        (root / split).mkdir(parents=True)
+        for relation in ("P17", "P106"):
+            records = [{"question": templates[relation].question.format(subject=f"Item {split} {i}"),
+                        "answers": ["France"] if i % 2 else ["France", "Belgium"]} for i in range(3)]
+            if (split, relation) == ("dev", "P17"):
+                records.append({"question": "Where on earth is this?", "answers": ["Peru"]})
+            (root / split / f"{relation}.{split}.json").write_text(json.dumps(records))
+    return root
+
+
 def test_entityquestions_importer_fixture_drops_what_the_loader_drops(tmp_path):
-    source = FIXTURES / "entityquestions"
+    source = _entityquestions_folder(tmp_path / "src")
     imported = load_fact_set(import_facts("entityquestions", source, tmp_path / "eq"))
     loaded = load_facts(source)
     assert imported.facts == loaded.facts
