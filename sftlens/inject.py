@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterable
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
-from sftlens.data import Fact, add_fact_arguments, facts_from_args, load_templates
+from sftlens.data import Fact, add_fact_arguments, available_templates, facts_from_args, load_templates
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, atomic_write_jsonl, stable_hash
 
@@ -119,7 +119,7 @@ def statement_rows(facts: Iterable[Fact], doses: dict[str, int], config: InjectC
 
 
 def _check_templates(facts: list[Fact], config: InjectConfig) -> None:
-    available = min(len(f.relation_templates().mapping_templates) for f in facts)
+    available = available_templates(facts)
     bad = [t for t in config.templates if t >= available]
     if bad:
         raise SftlensError(f"inject template {bad[0]} out of range: relations have {available} mapping templates")
@@ -150,9 +150,10 @@ def taught_facts(model: str | os.PathLike) -> frozenset[str] | None:
     return None if record is None else frozenset(record["facts"])
 
 
-def held_out_templates(model: str | os.PathLike, config):
+def held_out_templates(model: str | os.PathLike, config, facts: Iterable[Fact] | None = None):
     """The probe config for `model`: unchanged for a model not made by `inject`; for an injected one,
-    the mapping templates it was not taught (when none are named), and an error when a named one was."""
+    the mapping templates it was not taught (when none are named; of the templates `facts` have, the
+    paper's relations' without them), and an error when a named one was."""
     record = inject_record(model)
     if record is None:
         return config
@@ -163,7 +164,8 @@ def held_out_templates(model: str | os.PathLike, config):
                            "probe an injected model on the other templates (or give none: all the others)")
     if config.templates:
         return config
-    available = min(len(t.mapping_templates) for t in load_templates().values())
+    paper = (t.mapping_templates for t in load_templates().values())
+    available = available_templates(facts) if facts else min(map(len, paper))
     return dataclasses.replace(config, templates=tuple(t for t in range(available) if t not in taught))
 
 
@@ -185,7 +187,7 @@ def _finished_key(out_dir: Path) -> str | None:
 def inject(model: str, facts: list[Fact], out_dir: str | os.PathLike, config: InjectConfig = InjectConfig(),
            progress: bool = True) -> Path:
     """Teach `model` the chosen facts of `facts` in statement form; return the injected model folder."""
-    from sftlens.models import model_fingerprint
+    from sftlens.models import RUN_FILE, model_fingerprint
     from sftlens.split import data_manifest
     from sftlens.train import train
 
@@ -210,7 +212,7 @@ def inject(model: str, facts: list[Fact], out_dir: str | os.PathLike, config: In
     statements = work / STATEMENTS_FILE
     atomic_write_jsonl(statements, rows)
     staged = train(model, statements, work / "model", config.train_config(), progress=progress)
-    run = json.loads((staged / "sftlens_train.json").read_text())
+    run = json.loads((staged / RUN_FILE).read_text())
     record = {
         "format": RECORD_FORMAT, "key": key, "model": model, **identity, "seed": config.seed,
         "templates": list(config.templates), "facts": list(doses), "candidates": len(facts),

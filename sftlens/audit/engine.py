@@ -69,6 +69,15 @@ class Context:
     def release(self, role: str) -> None:
         self.models.pop(role, None)
 
+    def edited(self):
+        """The one model every repair edits in place (the fine-tuned model, taken over once): each
+        in-memory edit rewrites the whole region, the same for every method, from the checkpoints,
+        so no earlier edit leaks into the next."""
+        if "edited" not in self.models:
+            self.models["edited"] = self.models.pop("finetuned", None) or \
+                load_model(self.folders["finetuned"], dtype=self.audit.probe.dtype)
+        return self.models["edited"]
+
     def rows(self, role: str) -> list[dict]:
         """Evaluation rows of the facts with `role`'s prompts; `level` is a placeholder (the audit
         groups answers by the probed levels itself)."""
@@ -224,14 +233,12 @@ def repair_targets(ctx: Context, method: str, values, part: str) -> tuple[list[d
 
 def repair_answers(ctx: Context, method: str, values, part: str) -> dict[float, dict]:
     """Each value's answers on the facts of `part` (dev or test), every unfinished value in one
-    in-memory sweep of the fine-tuned model (reloaded, so no earlier edit leaks in)."""
+    in-memory sweep of the fine-tuned model (`Context.edited`)."""
     rows, config, paths, keys = repair_targets(ctx, method, values, part)
     done = {v: c for v in values if (c := _cached(paths[v], keys[v])) is not None}
     todo = [v for v in values if v not in done]
     if todo:
-        ctx.release("finetuned")
-        model, tokenizer = ctx.model("finetuned")
-        ctx.release("finetuned")  # edited below: never reused as the fine-tuned model
+        model, tokenizer = ctx.edited()
         tokenizer = prompt_tokenizer(tokenizer, ctx.settings.prompt)
         for value, edited in repaired_models(model, ctx.folders["base"], ctx.folders["finetuned"], todo, config,
                                              ctx.progress):

@@ -13,7 +13,7 @@ from collections import Counter
 
 import numpy as np
 
-from sftlens.study.bootstrap import Estimate
+from sftlens.study.bootstrap import Estimate, estimate
 
 LEVELS = (0, 1, 2, 3, 4)
 TRANSITIONS = ("kept", "forgotten", "learned", "never")
@@ -50,9 +50,7 @@ def ratio_estimate(hits: np.ndarray, eligible: np.ndarray, samples: int, seed: i
     n = len(eligible)
     draws = np.random.default_rng(seed).integers(0, n, size=(samples, n))
     num, den = hits[draws].sum(axis=1), eligible[draws].sum(axis=1)
-    ratios = num[den > 0] / den[den > 0]
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return Estimate(float(hits.sum() / eligible.sum()), float(low), float(high))
+    return estimate(hits.sum() / eligible.sum(), num[den > 0] / den[den > 0])
 
 
 def group_rates(rows: list[dict], samples: int, seed: int) -> dict:

@@ -9,6 +9,7 @@ from sftlens.data.facts import (
     first_per_relation,
     in_domain_relations,
     load_facts,
+    available_templates,
     load_templates,
     out_of_domain_relations,
     parse_fact_id,
@@ -21,7 +22,7 @@ from sftlens.data.prompts import encode_prompt, sft_completion, sft_prompt
 
 __all__ = [
     "Fact", "FactSet", "RelationTemplates", "Matcher", "data_dir_from", "default_matcher", "first_per_relation",
-    "in_domain_relations", "load_facts", "load_templates", "normalize", "out_of_domain_relations",
+    "in_domain_relations", "load_facts", "load_templates", "available_templates", "normalize", "out_of_domain_relations",
     "parse_fact_id", "parse_relations", "fact_id", "encode_prompt", "sft_completion", "sft_prompt",
     "add_fact_arguments", "add_fact_source_arguments", "fact_set_from_args", "facts_from_args", "fact_set_stats",
     "load_fact_set", "select_from_args",

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from sftlens.data import Fact, default_matcher, encode_prompt
+from sftlens.data import Fact, available_templates, default_matcher, encode_prompt
 from sftlens.data.matching import normalize
 from sftlens.decoding import decode
 from sftlens.errors import SftlensError
@@ -109,7 +109,7 @@ def generate_samples(lm, tokenizer, prompts: list[list[int]], seeds: list[list[i
 
 def template_indices(facts: Iterable[Fact], config: ProbeConfig) -> tuple[int, ...]:
     """The mapping templates to use, checked against every relation involved."""
-    available = min(len(f.relation_templates().mapping_templates) for f in facts)
+    available = available_templates(facts)
     chosen = config.templates or tuple(range(available))
     bad = [t for t in chosen if t >= available]
     if bad:

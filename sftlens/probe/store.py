@@ -121,7 +121,7 @@ def run_probe(
     """
     if not facts:
         raise SftlensError("empty fact selection: nothing to probe")
-    config = held_out_templates(model, config)  # an injected model: only the templates it was not taught
+    config = held_out_templates(model, config, facts)  # an injected model: only the templates it was not taught
     template_indices(facts, config)
     store_dir = Path(store_dir)
     device = device or probe_device()

@@ -15,13 +15,13 @@ import numpy as np
 from sftlens.analysis.deltas import zero_base_note
 from sftlens.audit.transitions import LEVELS, TRANSITIONS, row_shares
 from sftlens.errors import SftlensError
+from sftlens.inject import RECORD_FILE, taught_facts
 from sftlens.io import read_jsonl
 from sftlens.report import figure_panels, save_figure
 from sftlens.study.bootstrap import Estimate
 from sftlens.study.report import write_page, write_sections
 from sftlens.study.sections import Section, interval_text
 
-INJECT_RECORD = "sftlens_inject.json"
 
 
 def _est(data: dict | None) -> Estimate | None:
@@ -201,10 +201,9 @@ def focus_ids(audit_dir: Path, record: dict, focus_file: str | Path | None) -> t
     """The taught facts: --focus-facts, else the base model folder's sftlens_inject.json, if any."""
     if focus_file is not None:
         return read_focus(focus_file), str(focus_file)
-    inject = Path(record.get("folders", {}).get("base", "")) / INJECT_RECORD
-    if inject.is_file():
-        return read_focus(inject), str(inject)
-    return None
+    base = Path(record.get("folders", {}).get("base", ""))
+    taught = taught_facts(base)
+    return None if taught is None else (sorted(taught), str(base / RECORD_FILE))
 
 
 def write_audit_report(audit_dir: str | Path, page: str | Path | None = None,

@@ -117,7 +117,7 @@ def verdict_summary(by_arm: dict[str, list[Finding]]) -> list[str]:
     found = next(iter(by_arm.values()))
     lines = []
     for claim, statement in CLAIMS.items():
-        mine = [f.verdict.split(":")[0] for f in found if f.claim == claim]
+        mine = [verdict_word(f) for f in found if f.claim == claim]
         counts = Counter(mine)
         parts = [f"{word} in {counts[word]}" for word in ("holds", "reversed", "inconclusive", NOT_TESTED) if counts[word]]
         zero = sum(1 for f in found if f.claim == claim and f.effect and f.effect.low == f.effect.high == 0)
@@ -244,18 +244,13 @@ def write_report(study_dir: str | Path, page: str | Path | None = None) -> dict[
     results = load_results(study_dir)
     out = study_dir / "report"
     parts, found = sections(results, out)
-    title = f"sftlens study report: {results.source} ({results.config.get('study', {}).get('model', '?')})"
-    atomic_write_text(out / "report.md", _markdown(title, parts))
-    atomic_write_bytes(out / "report.html", _html(title, parts).encode("utf-8"))
-    paths = {"html": out / "report.html", "markdown": out / "report.md"}
+    model = results.config.get("study", {}).get("model", "?")
+    paths = write_sections(f"sftlens study report: {results.source} ({model})", parts, out)
     if page is not None:
         page = Path(page)
         preamble = [*run_header(results, study_dir, page), "", "**Summary of the verdicts at this scale** "
                     "(generated from the Findings table below):", "", *verdict_summary(found)]
-        atomic_write_text(page, _markdown(f"Results: {results.source} study of "
-                                          f"{results.config.get('study', {}).get('model', '?')}",
-                                          _with_figures_beside(parts, page), preamble))
-        paths["page"] = page
+        paths["page"] = write_page(page, f"Results: {results.source} study of {model}", parts, preamble)
     return paths
 
 

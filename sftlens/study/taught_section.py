@@ -11,9 +11,9 @@ Table 6, the repair-methods comparison) are reported on all facts only."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
+from sftlens.inject import taught_facts
 from sftlens.io import read_jsonl
 from sftlens.split import eval_files
 from sftlens.study.engine import DATA, unit_folder
@@ -45,8 +45,7 @@ def _test_correct(bits: dict, order: dict[tuple[str, str], list[str]]) -> dict[s
 
 
 def _repairs_on_taught_facts(results: StudyResults, study_dir: Path, injected: dict, repaired: list[dict]) -> Section:
-    record = json.loads((unit_folder(study_dir, injected["kind"], injected["key"]) / "model" / "sftlens_inject.json").read_text())
-    taught = set(record["facts"])
+    taught = taught_facts(unit_folder(study_dir, injected["kind"], injected["key"]) / "model")
     split = results.done("split")[0]
     order = {}
     for path in eval_files(unit_folder(study_dir, split["kind"], split["key"]) / DATA, "test"):

@@ -198,13 +198,15 @@ def repair_sweep(base, finetuned, values, config: RepairConfig, out_root: str | 
 
 def _state_by_checkpoint_name(model) -> dict[str, torch.Tensor]:
     """The model's tensors under the names its checkpoint files use as well as its own: transformers
-    renames some on loading (GPT-NeoX's `embed_out` is `lm_head` in memory); the renamed entries are
-    the same tensor objects, so writing into them edits the model."""
+    renames some on loading (GPT-NeoX's `embed_out` is `lm_head` in memory). Only renamed entries that
+    are the model's own tensor objects count: a tensor its conversion rebuilt (fused experts) would take
+    a write without editing the model, so it stays missing and the edit is refused."""
     state = model.state_dict()
     from transformers.core_model_loading import revert_weight_conversion
 
+    own = {id(tensor) for tensor in state.values()}
     saved = revert_weight_conversion(model, dict(state))
-    return {**state, **saved}
+    return {**state, **{name: tensor for name, tensor in saved.items() if id(tensor) in own}}
 
 
 def apply_in_memory(model, pair: CheckpointPair, edit: Edit, i: int):
