@@ -69,6 +69,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _config_digest(path: Path) -> str:
+    """A config's hash without the `transformers_version` it was written by: the same weights saved by
+    another transformers release are the same model, and must keep their cached results."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.pop("transformers_version", None)
+    return stable_hash(config)
+
+
 def builtin_model_dir(name: str) -> Path:
     spec = BUILTIN_MODELS[name]
     return cache_dir() / "models" / f"{name}-{spec.sha256[:12]}"
@@ -193,7 +201,7 @@ def model_fingerprint(spec: str) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
-        digest.update(_sha256(f).encode())
+        digest.update((_config_digest(f) if f.name == "config.json" else _sha256(f)).encode())
     fingerprint = digest.hexdigest()[:16]
     atomic_write_json(memo, {"fingerprint": fingerprint, "path": str(location)})
     return fingerprint

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -50,6 +52,18 @@ def test_fingerprint_follows_the_weights(tiny, tmp_path, monkeypatch):
         model.lm_head.weight[0, 0] += 1
     save_model(model, tokenizer, b)
     assert model_fingerprint(str(a)) != model_fingerprint(str(b))
+
+
+def test_fingerprint_ignores_the_transformers_release_that_wrote_the_config(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTLENS_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = tiny
+    a = save_model(model, tokenizer, tmp_path / "a")
+    before = model_fingerprint(str(a))
+    config = json.loads((a / "config.json").read_text())
+    (a / "config.json").write_text(json.dumps({**config, "transformers_version": "0.0.1"}))
+    assert model_fingerprint(str(a)) == before
+    (a / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    assert model_fingerprint(str(a)) != before
 
 
 def _fake_gguf_conversion(monkeypatch, tmp_path, model, tokenizer):

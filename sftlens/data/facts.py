@@ -105,13 +105,13 @@ class FactSet:
         return first_per_relation((f for f in self.facts if f.relation in chosen and f.split in wanted), limit)
 
 
-@functools.lru_cache(maxsize=1)
 def available_templates(facts: Iterable[Fact]) -> int:
     """How many mapping templates every one of `facts` has (a fact set's topics may have fewer than
     the paper's 21): the valid template indices are 0 .. this - 1."""
     return min(len(f.relation_templates().mapping_templates) for f in facts)
 
 
+@functools.lru_cache(maxsize=1)
 def load_templates() -> dict[str, RelationTemplates]:
     """The paper's 24 relations (Appendix D.2): domain, question and 21 mapping templates."""
     raw = resources.files("sftlens.resources").joinpath("templates.json").read_text(encoding="utf-8")
