@@ -32,7 +32,7 @@ COMMANDS = {
     "repair": ("sftlens.repair", "undo SFT's harm in weight space: restore, wise, dare, trim or spectral, for a sweep of values"),
     "study": ("sftlens.study", "the whole grid as one resumable study"),
     "demo": ("sftlens.study", "the demo study on SmolLM2-135M (CPU), then its report"),
-    "report": ("sftlens.study.report", "a study's report (HTML + Markdown), rebuilt from its database"),
+    "report": ("sftlens.study.report.page", "a study's report (HTML + Markdown), rebuilt from its database"),
     "audit": ("sftlens.audit", "audit a fine-tune made elsewhere against its base: forgotten, learned, which repair helps"),
 }
 

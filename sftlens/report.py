@@ -4,7 +4,7 @@
 `Figure` objects (no pyplot state) and writes PNGs atomically: `plot_series` (lines over training
 sizes: Figures 2 and 4), `plot_bands` (curves with 95 % bands: the restoration and repair curves),
 and `figure_panels`/`save_figure` for any other figure (the concentration plot of `deltas`).
-The tables themselves are built by `sftlens.study.sections` and `sftlens.study.repair_section`.
+The tables themselves are built by `sftlens.study.report.sections` and `sftlens.study.report.repair_section`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from sftlens.data import Fact, default_matcher, encode_prompt, load_templates, sft_completion, sft_prompt
 from sftlens.io import atomic_write_jsonl
 from sftlens.probe import ProbeConfig, sample_seed
-from sftlens.study.results import load_results
+from sftlens.study.report.results import load_results
 from sftlens.train import TrainConfig
 from sftlens.weights.checkpoints import in_region
 from sftlens.weights.selection import SelectionConfig, change, selection_keys, target_count

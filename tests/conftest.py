@@ -102,8 +102,8 @@ def tiny_study(tmp_path_factory):
     """A finished tiny study, run once for the session (the study tests, the Ray executor's among
     them, compare against it; none changes it): its config file and directory."""
     from assets import tiny_study_file
-    from sftlens.study.commands import run_study
-    from sftlens.study.config import load_study_config
+    from sftlens.study.engine.commands import run_study
+    from sftlens.study.engine.config import load_study_config
     from tiny import save_model, tiny_model
 
     root = tmp_path_factory.mktemp("tiny-study")

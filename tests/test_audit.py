@@ -241,8 +241,8 @@ def test_resume_after_a_kill_ends_identical(pair, tmp_path, monkeypatch):
 
 
 def test_every_html_report_aligns_text_left_and_numbers_right():
-    from sftlens.study.report import _html, numeric_columns
-    from sftlens.study.sections import Section
+    from sftlens.study.report.page import _html, numeric_columns
+    from sftlens.study.report.sections import Section
 
     rows = [["C1", "12.3 ± 0.4", "+1.2 [-0.3, +2.5] holds", "–", 30], ["level 0", "–", "−1.0 [−2, −0.5]", "x", 7]]
     assert numeric_columns(rows, 6) == [False, True, True, False, True, False]

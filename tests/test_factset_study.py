@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from sftlens.errors import SftlensError
-from sftlens.study.commands import plan, run_study
-from sftlens.study.config import load_study_config
-from sftlens.study.report import write_report
-from sftlens.study.results import load_results
+from sftlens.study.engine.commands import plan, run_study
+from sftlens.study.engine.config import load_study_config
+from sftlens.study.report.page import write_report
+from sftlens.study.report.results import load_results
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
 

@@ -13,8 +13,8 @@ import pytest
 
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_bytes, exclusive_writer, lock_path
-from sftlens.study.engine import Unit, run_units
-from sftlens.study.executors import LocalExecutor
+from sftlens.study.engine.scheduler import Unit, run_units
+from sftlens.study.engine.executors import LocalExecutor
 
 HOLD = """
 import sys, time
@@ -69,8 +69,8 @@ def test_the_cli_refuses_a_second_writer_in_one_line(tmp_path):
 
 
 def test_study_run_refuses_a_folder_another_run_holds(tmp_path):
-    from sftlens.study.commands import run_study
-    from sftlens.study.config import load_study_config
+    from sftlens.study.engine.commands import run_study
+    from sftlens.study.engine.config import load_study_config
 
     holder = hold_lock(tmp_path / "study")
     try:

@@ -7,10 +7,10 @@ import random
 import numpy as np
 import pytest
 
-from sftlens.study.bootstrap import FactDraws, SeedDraws, arm_difference
-from sftlens.study.findings import Claims, findings, reference_size, verdict
+from sftlens.study.report.bootstrap import FactDraws, SeedDraws, arm_difference
+from sftlens.study.report.findings import Claims, findings, reference_size, verdict
 from sftlens.evaluate import acc_levels
-from sftlens.study.results import StudyResults, acc
+from sftlens.study.report.results import StudyResults, acc
 
 
 def bits(p: float, n: int, rng: random.Random) -> str:

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sftlens.errors import SftlensError
-from sftlens.study.commands import plan, run_study
-from sftlens.study.config import load_study_config
-from sftlens.study.results import chosen_rate, load_results, train_tags
+from sftlens.study.engine.commands import plan, run_study
+from sftlens.study.engine.config import load_study_config
+from sftlens.study.report.results import chosen_rate, load_results, train_tags
 
 from assets import TINY_STUDY, write_config
 
@@ -131,7 +131,7 @@ def test_the_analyses_read_the_tuned_models_and_the_fixed_rate_stays_an_arm(tune
 
 
 def test_the_report_names_the_tuned_and_untuned_arms_and_the_verdicts_that_change(tuned_study):
-    from sftlens.study.report import write_report
+    from sftlens.study.report.page import write_report
 
     _, study = tuned_study
     results = load_results(study)
@@ -154,8 +154,8 @@ def test_the_report_names_the_tuned_and_untuned_arms_and_the_verdicts_that_chang
 
 
 def test_verdict_changes_pair_each_comparison_across_the_arms():
-    from sftlens.study.bootstrap import Estimate
-    from sftlens.study.findings import Finding, not_tested, verdict_changes
+    from sftlens.study.report.bootstrap import Estimate
+    from sftlens.study.report.findings import Finding, not_tested, verdict_changes
 
     def finding(claim: str, comparison: str, verdict: str) -> Finding:
         return Finding(claim, comparison, Estimate(0.1, 0.05, 0.15), "n", verdict)
@@ -172,7 +172,7 @@ def test_verdict_changes_pair_each_comparison_across_the_arms():
 
 
 def test_a_linked_model_is_the_candidates_files_and_appears_whole(tmp_path):
-    from sftlens.study.stages import _link_folder
+    from sftlens.study.engine.stages import _link_folder
 
     source = tmp_path / "candidate" / "model"
     source.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""The report's Table 2 and Figure 2 (`sftlens.study.sections`) against values computed here by hand
+"""The report's Table 2 and Figure 2 (`sftlens.study.report.sections`) against values computed here by hand
 from the records, and the figure layer (`sftlens.report`)."""
 
 import statistics
@@ -7,7 +7,7 @@ import matplotlib.image
 import pytest
 
 from sftlens.report import mean_spread, size_sort_key
-from sftlens.study.sections import SMALL, figure2, table2
+from sftlens.study.report.sections import SMALL, figure2, table2
 
 
 def accuracy(train_level, size, seed, domain, test_level) -> float:

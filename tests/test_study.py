@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from sftlens.errors import SftlensError
-from sftlens.study.commands import plan, run_study
-from sftlens.study.config import load_study_config
-from sftlens.study.db import StudyDB
-from sftlens.study.engine import Unit, run_units, unit_dir
-from sftlens.study.executors import LocalExecutor
-from sftlens.study.results import load_results
-from sftlens.study.units import build_units
+from sftlens.study.engine.commands import plan, run_study
+from sftlens.study.engine.config import load_study_config
+from sftlens.study.engine.db import StudyDB
+from sftlens.study.engine.scheduler import Unit, run_units, unit_dir
+from sftlens.study.engine.executors import LocalExecutor
+from sftlens.study.report.results import load_results
+from sftlens.study.engine.units import build_units
 from assets import assert_same_results, comparable, tiny_study_file, write_config
 
 
@@ -200,7 +200,7 @@ def test_an_edited_config_recomputes_only_what_changed(tiny_study, tmp_path):
 def test_the_report_regenerates_from_the_database_alone(tiny_study, tmp_path):
     import shutil
 
-    from sftlens.study.report import write_report
+    from sftlens.study.report.page import write_report
 
     _, study = tiny_study
     copy = tmp_path / "only-db"
@@ -227,7 +227,7 @@ def test_the_report_regenerates_from_the_database_alone(tiny_study, tmp_path):
 
 def test_the_lora_arm_trains_on_the_same_sets_and_its_rate_is_chosen_on_dev(tiny_study):
     from sftlens.evaluate import acc_of
-    from sftlens.study.report import write_report
+    from sftlens.study.report.page import write_report
 
     _, study = tiny_study
     results = load_results(study)
@@ -281,7 +281,7 @@ def _run_until(config_file: Path, out: Path, stop_after: int) -> dict[str, int]:
 def test_a_study_killed_at_random_points_ends_as_an_uninterrupted_run(tiny_study, tmp_path):
     import random
 
-    from sftlens.study.report import write_report
+    from sftlens.study.report.page import write_report
 
     config_file, reference = tiny_study
     out = tmp_path / "killed"
@@ -305,7 +305,7 @@ def test_a_study_killed_at_random_points_ends_as_an_uninterrupted_run(tiny_study
 
 
 def test_unit_params_round_trip_and_leave_unset_optional_settings_out_of_the_key():
-    from sftlens.study.params import FactSelection, KLParams, Runtime, TrainParams
+    from sftlens.study.engine.params import FactSelection, KLParams, Runtime, TrainParams
 
     selection = FactSelection(data="abc", relations={"test": ["P17"]}, train_facts_per_relation=None,
                               eval_facts_per_relation=5)
@@ -384,7 +384,7 @@ TINY_KEYS = {
 
 
 def test_unit_keys_are_unchanged_without_learning_rates(tmp_path, monkeypatch):
-    from sftlens.study import units
+    from sftlens.study.engine import units
     from tiny import save_model, tiny_model, write_tiny_data
 
     monkeypatch.setattr(units, "model_fingerprint", lambda model: "f" * 16)

@@ -14,7 +14,7 @@ import numpy as np
 from sftlens.errors import SftlensError
 from sftlens.evaluate import acc_levels, acc_of, summarize
 from sftlens.io import stable_hash
-from sftlens.study.bootstrap import FactDraws, SeedDraws, arm_difference
+from sftlens.study.report.bootstrap import FactDraws, SeedDraws, arm_difference
 from sftlens.weights import METHODS, parse_values
 from sftlens.audit.transitions import ratio_estimate
 

@@ -18,12 +18,12 @@ from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json
 from sftlens.markdown import markdown_table
 from sftlens.probe import ProbeConfig, load_probe, template_indices
-from sftlens.study.commands import DEFAULT_RATES
-from sftlens.study.provenance import code_version, machine
+from sftlens.study.engine.commands import DEFAULT_RATES
+from sftlens.study.engine.provenance import code_version, machine
 from sftlens.weights.checkpoints import open_pair
 
 RECORD = "audit.json"
-# The rates are SmolLM2-135M's on this project's 2-core CPU (`sftlens.study.commands`); a larger
+# The rates are SmolLM2-135M's on this project's 2-core CPU (`sftlens.study.engine.commands`); a larger
 # model scales them by its parameter count. Update concentration is the study's deltas unit (3 metrics
 # x (2 selection passes + 1 sum pass) + the zero-base pass).
 REFERENCE_PARAMETERS = 134.5e6
@@ -49,7 +49,7 @@ def run_audit(audit: Audit, out: str | Path, *, write_best: bool = False, progre
     """Check everything, run every unfinished step, write the report (DIR/report/, and `page`);
     returns the summary (DIR/summary.json) with the report's files under `report`. `announce`
     receives the plan (the work left and its estimated time) before anything runs."""
-    from sftlens.study.audit_section import write_audit_report
+    from sftlens.study.report.audit_section import write_audit_report
 
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -6,7 +6,7 @@ import dataclasses
 
 from sftlens.audit.repairs import OBJECTIVES, acc_gain
 from sftlens.audit.transitions import group_rates, mastery_matrix, rates_by
-from sftlens.study.bootstrap import Estimate
+from sftlens.study.report.bootstrap import Estimate
 
 
 def plain(value):

@@ -13,7 +13,7 @@ from collections import Counter
 
 import numpy as np
 
-from sftlens.study.bootstrap import Estimate, estimate
+from sftlens.study.report.bootstrap import Estimate, estimate
 
 LEVELS = (0, 1, 2, 3, 4)
 TRANSITIONS = ("kept", "forgotten", "learned", "never")

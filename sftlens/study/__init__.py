@@ -9,9 +9,9 @@ Reporting it, from `study.db` alone: `results` (tagged records, the dev-chosen v
 figures), `repair_section` ("Repair methods"), `report` (the report and results page, the `report` verb).
 """
 
-from sftlens.study.commands import add_cli, plan, run_demo, run_study
-from sftlens.study.config import StudyConfig, StudySettings, load_study_config
-from sftlens.study.units import build_units
+from sftlens.study.engine.commands import add_cli, plan, run_demo, run_study
+from sftlens.study.engine.config import StudyConfig, StudySettings, load_study_config
+from sftlens.study.engine.units import build_units
 
 __all__ = ["StudyConfig", "StudySettings", "add_cli", "build_units", "load_study_config", "plan", "run_demo",
            "run_study"]

@@ -1,8 +1,8 @@
 """The study's unit functions: each calls one stage with the settings of its unit.
 
 Signature `fn(params, out, deps) -> result`: `params` are the unit's settings (read as the unit
-kind's record of `sftlens.study.params`) plus the runtime values (`Runtime`: model, data_dir, device),
-`out` its artefact folder, `deps` maps a role (`sftlens.study.roles`) to the dependency's folder and
+kind's record of `sftlens.study.engine.params`) plus the runtime values (`Runtime`: model, data_dir, device),
+`out` its artefact folder, `deps` maps a role (`sftlens.study.engine.roles`) to the dependency's folder and
 result. A result is small JSON (records, counts, per-fact correctness) that the driver stores in the
 study database, so the report needs nothing else.
 """
@@ -28,9 +28,9 @@ from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe,
 from sftlens.restore import RestoreConfig, restore_in_memory, restored_models
 from sftlens.split import SplitConfig, build_splits, eval_files, eval_set, set_file, set_path
 from sftlens.split import train_set as split_train_set
-from sftlens.study import roles
-from sftlens.study.engine import DATA
-from sftlens.study.params import (
+from sftlens.study.engine import roles
+from sftlens.study.engine.scheduler import DATA
+from sftlens.study.engine.params import (
     ControlParams,
     DeltasParams,
     EvalParams,
@@ -46,8 +46,8 @@ from sftlens.study.params import (
     TrainParams,
     TunedParams,
 )
-from sftlens.study.results import TAUGHT_SUBSETS, chosen_rate, chosen_ratio, chosen_value
-from sftlens.study.units import select_facts
+from sftlens.study.report.results import TAUGHT_SUBSETS, chosen_rate, chosen_ratio, chosen_value
+from sftlens.study.engine.units import select_facts
 from sftlens.train import RUN_FILE, TrainConfig, train
 from sftlens.weights import METHODS, RepairConfig, repaired_models
 
@@ -76,7 +76,7 @@ def _fact_set(path: str, in_domain: str | None) -> FactSet:
 
 def inject_unit(params, out: Path, deps) -> dict:
     """The study's base model taught a seeded share of the study's facts (`[inject]`); later units
-    read `out/model` as their base (role `sftlens.study.roles.BASE`)."""
+    read `out/model` as their base (role `sftlens.study.engine.roles.BASE`)."""
     p = InjectParams.of(params)
     model_dir = inject(Runtime.of(params).model, study_facts(params), out / "model",
                        config_from_dict(InjectConfig, p.inject, "inject"))
@@ -139,7 +139,7 @@ def _train(params, p: TrainParams, config: TrainConfig, out: Path, deps) -> dict
 
 def tuned_unit(params, out: Path, deps) -> dict:
     """[train]'s recipe at the learning rate its candidates chose on in-domain dev over seeds
-    (`sftlens.study.results.chosen_rate`). A candidate trained on this very set, size and seed at that
+    (`sftlens.study.report.results.chosen_rate`). A candidate trained on this very set, size and seed at that
     rate is the same run, so its folder is linked rather than trained again."""
     p = TunedParams.of(params)
     by_rate: dict[float, list[dict]] = {}

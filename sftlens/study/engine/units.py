@@ -24,10 +24,10 @@ from sftlens.data.factset import fingerprint as fact_set_fingerprint
 from sftlens.errors import SftlensError
 from sftlens.evaluate import RESULT_NEUTRAL
 from sftlens.models import model_fingerprint
-from sftlens.study.config import StudyConfig
-from sftlens.study import roles
-from sftlens.study.engine import Unit
-from sftlens.study.params import (
+from sftlens.study.engine.config import StudyConfig
+from sftlens.study.engine import roles
+from sftlens.study.engine.scheduler import STAGES, Unit
+from sftlens.study.engine.params import (
     ControlParams,
     DeltasParams,
     EvalParams,
@@ -45,7 +45,6 @@ from sftlens.study.params import (
     UnitParams,
 )
 
-STAGES = "sftlens.study.stages"
 VALUE_CHOICE = "best mean dev Acc (in-domain) over seeds; ties: the least edit"
 RATE_CHOICE = {  # how the tuned arm's rate is chosen, in words (part of a tuned unit's key)
     "largest": "best mean dev Acc (in-domain) over seeds at the training set's largest size; ties: the smaller",

@@ -11,13 +11,13 @@ from pathlib import Path
 
 from sftlens.errors import SftlensError
 from sftlens.io import exclusive_writer
-from sftlens.study.config import PRESETS, StudyConfig, load_study_config
-from sftlens.study.db import StudyDB
-from sftlens.study.engine import Unit, run_units, units_to_run
-from sftlens.study.executors import make_executor
-from sftlens.study.provenance import code_version, machine
-from sftlens.study.report import write_report
-from sftlens.study.units import build_units
+from sftlens.study.engine.config import PRESETS, StudyConfig, load_study_config
+from sftlens.study.engine.db import StudyDB
+from sftlens.study.engine.scheduler import Unit, run_units, units_to_run
+from sftlens.study.engine.executors import make_executor
+from sftlens.study.engine.provenance import code_version, machine
+from sftlens.study.report.page import write_report
+from sftlens.study.engine.units import build_units
 from sftlens.markdown import markdown_table
 
 # Seconds per unit of work (one sampled continuation, training example, greedy answer, KL prompt) and

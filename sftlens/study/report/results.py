@@ -15,8 +15,8 @@ from pathlib import Path
 
 from sftlens.evaluate import acc_of
 from sftlens.report import mean_spread, size_sort_key
-from sftlens.study.db import StudyDB
-from sftlens.study.params import TrainParams
+from sftlens.study.engine.db import StudyDB
+from sftlens.study.engine.params import TrainParams
 
 
 @dataclass

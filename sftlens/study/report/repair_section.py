@@ -1,7 +1,7 @@
 """The report's "Repair methods" section: every repair of the study's `[repairs]` at the value its
 dev sweeps chose, against plain SFT, on test (both domains) and on each model's own training set.
 
-Kept apart from the paper's sections (`sftlens.study.sections`): it reads the `repair` and
+Kept apart from the paper's sections (`sftlens.study.report.sections`): it reads the `repair` and
 `repaired` units, and plain SFT from the restoration sweep's ratio 0 (the fine-tuned model as it is,
 scored on test, dev and its training set), so it adds no evaluation of its own.
 """
@@ -12,13 +12,13 @@ from pathlib import Path
 
 from sftlens.evaluate import acc_levels
 from sftlens.report import mean_spread, plot_bands
-from sftlens.study.bootstrap import FactDraws, SeedDraws, arm_difference
-from sftlens.study.findings import fine_tuned, verdict
-from sftlens.study.results import (
+from sftlens.study.report.bootstrap import FactDraws, SeedDraws, arm_difference
+from sftlens.study.report.findings import fine_tuned, verdict
+from sftlens.study.report.results import (
     StudyResults, acc, arm_view, chosen_models, level_name, rate_candidates, rate_dev_curve, repair_dev_curves,
     repair_groups, sweep_groups, tuned_rates,
 )
-from sftlens.study.sections import DOMAINS, Section, acc_caption, interval_text, mean_sd_text
+from sftlens.study.report.sections import DOMAINS, Section, acc_caption, interval_text, mean_sd_text
 from sftlens.weights import METHODS
 
 LORA_TEXT = ("LoRA SFT: not a repair of the fully fine-tuned model but the other recipe, [train]'s LoRA adapters "

@@ -1,7 +1,7 @@
 """The paper's claims, tested on one finished study: each claim's effect, a 95 % interval, n and
 a verdict from a rule fixed here, before any run.
 
-Intervals are percentile bootstraps (`sftlens.study.bootstrap`). Test facts are resampled within each
+Intervals are percentile bootstraps (`sftlens.study.report.bootstrap`). Test facts are resampled within each
 (domain, test level), with the same draw for every model, since all models of a study answer the same test facts (comparisons are
 paired over facts). Seeds are resampled with replacement within each arm, jointly where both arms are
 the same models (a model before and after restoration), independently otherwise (other sizes, levels).
@@ -20,8 +20,8 @@ import numpy as np
 
 from sftlens.evaluate import MIN_N
 from sftlens.report import size_sort_key
-from sftlens.study.bootstrap import Estimate, FactDraws, SeedDraws, arm_difference, estimate
-from sftlens.study.results import (
+from sftlens.study.report.bootstrap import Estimate, FactDraws, SeedDraws, arm_difference, estimate
+from sftlens.study.report.results import (
     StudyResults,
     arm_view,
     arms,

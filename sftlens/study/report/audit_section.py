@@ -1,7 +1,7 @@
 """The audit report (`sftlens audit`): transitions, forgotten/learned by base level, the repair
 table, KL and update concentration, and the recall of forgotten taught facts when a list of them
 is given. Built from the audit folder alone (summary.json, facts.jsonl, audit.json) as `Section`s
-of the study report's layer (`sftlens.study.report`: one Markdown and self-contained HTML writer).
+of the study report's layer (`sftlens.study.report.page`: one Markdown and self-contained HTML writer).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from sftlens.errors import SftlensError
 from sftlens.inject import RECORD_FILE, taught_facts
 from sftlens.io import read_jsonl
 from sftlens.report import figure_panels, save_figure
-from sftlens.study.bootstrap import Estimate
-from sftlens.study.report import write_page, write_sections
-from sftlens.study.sections import Section, interval_text
+from sftlens.study.report.bootstrap import Estimate
+from sftlens.study.report.page import write_page, write_sections
+from sftlens.study.report.sections import Section, interval_text
 
 
 

@@ -21,18 +21,22 @@ from tqdm import tqdm
 
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_text, stable_hash
-from sftlens.study import roles
-from sftlens.study.db import StudyDB
+from sftlens.study.engine import roles
+from sftlens.study.engine.db import StudyDB
 
 # Bump when the meaning of a unit's result changes, so old results are not reused.
 UNIT_FORMAT = 1
+
+STAGES = "sftlens.study.engine.stages"  # the module of the study's unit functions (`units` names them on it)
+# Keys spell STAGES' functions by the module's path before the engine/report split, so existing studies keep their results.
+KEYED_STAGES = "sftlens.study.stages"
 
 
 @dataclass(frozen=True)
 class Unit:
     kind: str
     label: str
-    fn: str  # "module:function", importable on every worker
+    fn: str  # "module:function", importable on every worker (keyed as `keyed_fn` spells it)
     params: dict[str, Any]
     deps: dict[str, str] = field(default_factory=dict)  # role -> key of the unit it reads
     # where things are (model path, data folder, device): passed to the unit, not part of its key,
@@ -45,11 +49,17 @@ class Unit:
 
     @property
     def key(self) -> str:
-        return stable_hash({"format": UNIT_FORMAT, "fn": self.fn, "params": self.params, "deps": self.deps})
+        return stable_hash({"format": UNIT_FORMAT, "fn": keyed_fn(self.fn), "params": self.params, "deps": self.deps})
 
     def spec(self) -> dict:
         return {"fn": self.fn, "params": self.params, "deps": self.deps, "runtime": self.runtime,
                 "cpus": self.cpus, "gpus": self.gpus, "work": self.work}
+
+
+def keyed_fn(fn: str) -> str:
+    """A unit function as its key spells it: a stage by its module's pre-split path (`KEYED_STAGES`)."""
+    module, name = fn.split(":")
+    return f"{KEYED_STAGES}:{name}" if module == STAGES else fn
 
 
 DATA = "data"  # the split unit's split folder, under its artefact folder

@@ -1,8 +1,8 @@
 """`sftlens report DIR`: a study's report, rebuilt from its database alone.
 
 Findings come first (each of the paper's claims with its effect, 95 % interval, n and a verdict from
-the rule in `sftlens.study.findings`), then every table and figure of the paper
-(`sftlens.study.sections`). Written as a self-contained HTML page (figures embedded) and Markdown
+the rule in `sftlens.study.report.findings`), then every table and figure of the paper
+(`sftlens.study.report.sections`). Written as a self-contained HTML page (figures embedded) and Markdown
 with the PNGs beside it. `--page FILE` also writes a results page for a repository: the same
 Markdown, headed by the command, date, wall time, machine and code version of the run and a summary
 of the verdicts, with its PNGs beside it.
@@ -21,14 +21,14 @@ from pathlib import Path
 from sftlens.evaluate import MIN_N
 from sftlens.io import atomic_write_bytes, atomic_write_text
 from sftlens.markdown import markdown_table
-from sftlens.study.repair_section import repair_methods
-from sftlens.study.provenance import code_version
-from sftlens.study.taught_section import taught_sections
-from sftlens.study.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, arm_findings, verdict_changes, verdict_word
-from sftlens.study.results import (
+from sftlens.study.report.repair_section import repair_methods
+from sftlens.study.engine.provenance import code_version
+from sftlens.study.report.taught_section import taught_sections
+from sftlens.study.report.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, arm_findings, verdict_changes, verdict_word
+from sftlens.study.report.results import (
     StudyResults, arm_view, arms, eval_records, level_name, load_results, restore_records, tuned_rates,
 )
-from sftlens.study.sections import (
+from sftlens.study.report.sections import (
     Section,
     interval_text,
     figure2,

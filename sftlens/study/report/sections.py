@@ -14,8 +14,8 @@ from pathlib import Path
 
 from sftlens.evaluate import MIN_N, acc_levels
 from sftlens.report import mean_spread, plot_bands, plot_series, size_sort_key
-from sftlens.study.bootstrap import FactDraws, SeedDraws, arm_acc, arm_difference
-from sftlens.study.results import (
+from sftlens.study.report.bootstrap import FactDraws, SeedDraws, arm_acc, arm_difference
+from sftlens.study.report.results import (
     StudyResults,
     acc,
     acc_over_seeds,

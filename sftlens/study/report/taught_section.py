@@ -16,9 +16,9 @@ from pathlib import Path
 from sftlens.inject import taught_facts
 from sftlens.io import read_jsonl
 from sftlens.split import eval_files
-from sftlens.study.engine import DATA, unit_folder
-from sftlens.study.results import TAUGHT_SUBSETS, StudyResults, taught_records, taught_restore_records
-from sftlens.study.sections import LEVELS, Section, figure2, table2, table4, table5
+from sftlens.study.engine.scheduler import DATA, unit_folder
+from sftlens.study.report.results import TAUGHT_SUBSETS, StudyResults, taught_records, taught_restore_records
+from sftlens.study.report.sections import LEVELS, Section, figure2, table2, table4, table5
 
 
 def taught_sections(results: StudyResults, out: Path, size) -> list[Section]:

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 
 from sftlens.errors import SftlensError
-from sftlens.study.engine import timed_execute
+from sftlens.study.engine.scheduler import timed_execute
 
 
 def _completed(fn, *args) -> cf.Future:
