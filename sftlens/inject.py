@@ -144,6 +144,10 @@ def inject_record(model: str | os.PathLike) -> dict | None:
     return record
 
 
+# A taught base's facts in two subsets, the taught and the others, as study results name them (`taught`: true/false).
+TAUGHT_SUBSETS = (("taught", True), ("untaught", False))
+
+
 def taught_facts(model: str | os.PathLike) -> frozenset[str] | None:
     """Ids of the facts an injected model was taught; None when `model` was not made by `inject`."""
     record = inject_record(model)

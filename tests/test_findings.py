@@ -10,7 +10,8 @@ import pytest
 from sftlens.study.report.bootstrap import FactDraws, SeedDraws, arm_difference
 from sftlens.study.report.findings import Claims, findings, reference_size, verdict
 from sftlens.evaluate import acc_levels
-from sftlens.study.report.results import StudyResults, acc
+from sftlens.study.engine.choice import acc
+from sftlens.study.report.results import StudyResults
 
 
 def bits(p: float, n: int, rng: random.Random) -> str:

@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sftlens.errors import SftlensError
+from sftlens.study.engine.choice import chosen_rate
 from sftlens.study.engine.commands import plan, run_study
 from sftlens.study.engine.config import load_study_config
-from sftlens.study.report.results import chosen_rate, load_results, train_tags
+from sftlens.study.report.results import load_results, train_tags
 
 from assets import TINY_STUDY, write_config
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,10 +12,10 @@ from sftlens.errors import SftlensError
 from sftlens.study.engine.commands import plan, run_study
 from sftlens.study.engine.config import load_study_config
 from sftlens.study.engine.db import StudyDB
-from sftlens.study.engine.scheduler import Unit, run_units, unit_dir
 from sftlens.study.engine.executors import LocalExecutor
-from sftlens.study.report.results import load_results
+from sftlens.study.engine.scheduler import Unit, run_units, unit_dir
 from sftlens.study.engine.units import build_units
+from sftlens.study.report.results import load_results
 from assets import assert_same_results, comparable, tiny_study_file, write_config
 
 
@@ -392,3 +394,11 @@ def test_unit_keys_are_unchanged_without_learning_rates(tmp_path, monkeypatch):
     model, tokenizer = tiny_model(seed=0)
     config = tiny_study_file(tmp_path, save_model(model, tokenizer, tmp_path / "model"), write_tiny_data(tmp_path / "eq"))
     assert {u.label: u.key for u in build_units(load_study_config(str(config)))} == TINY_KEYS
+
+
+def test_the_engine_imports_no_report_module():
+    """The engine/report seam: every engine module imports without the report (the demo imports it to write its report)."""
+    code = ("import importlib, pkgutil, sys\nimport sftlens.study.engine as engine\n"
+            "for m in pkgutil.iter_modules(engine.__path__): importlib.import_module(f'sftlens.study.engine.{m.name}')\n"
+            "print(sorted(m for m in sys.modules if m.startswith('sftlens.study.report')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

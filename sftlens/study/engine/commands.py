@@ -1,4 +1,4 @@
-"""`sftlens study run|plan` and `sftlens demo`."""
+"""`sftlens study run|plan` and `sftlens demo` (the demo study, then its report)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from sftlens.study.engine.db import StudyDB
 from sftlens.study.engine.scheduler import Unit, run_units, units_to_run
 from sftlens.study.engine.executors import make_executor
 from sftlens.study.engine.provenance import code_version, machine
-from sftlens.study.report.page import write_report
 from sftlens.study.engine.units import build_units
 from sftlens.markdown import markdown_table
 
@@ -158,6 +157,8 @@ def _plan(args) -> None:
 
 
 def run_demo(out: Path, data_dir: str | None, executor: str = "local", address: str | None = None) -> Path:
+    from sftlens.study.report.page import write_report  # the engine's one use of the report: the demo's
+
     start = time.perf_counter()
     run_study(load_study_config("demo"), out, data_dir, executor, address)
     paths = write_report(out)

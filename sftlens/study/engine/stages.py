@@ -21,7 +21,7 @@ from sftlens.analysis.kl import KLConfig, compute_kl
 from sftlens.config import config_from_dict
 from sftlens.data import Fact, FactSet, fact_set_stats, first_per_relation, load_fact_set, load_facts
 from sftlens.evaluate import EvalConfig, evaluate_splits, summarize
-from sftlens.inject import InjectConfig, inject, inject_record, taught_facts
+from sftlens.inject import TAUGHT_SUBSETS, InjectConfig, inject, inject_record, taught_facts
 from sftlens.io import atomic_write_jsonl, read_jsonl
 from sftlens.models import load_model
 from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe, run_probe
@@ -29,6 +29,7 @@ from sftlens.restore import RestoreConfig, restore_in_memory, restored_models
 from sftlens.split import SplitConfig, build_splits, eval_files, eval_set, set_file, set_path
 from sftlens.split import train_set as split_train_set
 from sftlens.study.engine import roles
+from sftlens.study.engine.choice import chosen_rate, chosen_ratio, chosen_value
 from sftlens.study.engine.scheduler import DATA
 from sftlens.study.engine.params import (
     ControlParams,
@@ -46,7 +47,6 @@ from sftlens.study.engine.params import (
     TrainParams,
     TunedParams,
 )
-from sftlens.study.report.results import TAUGHT_SUBSETS, chosen_rate, chosen_ratio, chosen_value
 from sftlens.study.engine.units import select_facts
 from sftlens.train import RUN_FILE, TrainConfig, train
 from sftlens.weights import METHODS, RepairConfig, repaired_models
@@ -139,7 +139,7 @@ def _train(params, p: TrainParams, config: TrainConfig, out: Path, deps) -> dict
 
 def tuned_unit(params, out: Path, deps) -> dict:
     """[train]'s recipe at the learning rate its candidates chose on in-domain dev over seeds
-    (`sftlens.study.report.results.chosen_rate`). A candidate trained on this very set, size and seed at that
+    (`sftlens.study.engine.choice.chosen_rate`). A candidate trained on this very set, size and seed at that
     rate is the same run, so its folder is linked rather than trained again."""
     p = TunedParams.of(params)
     by_rate: dict[float, list[dict]] = {}

@@ -20,12 +20,12 @@ import numpy as np
 
 from sftlens.evaluate import MIN_N
 from sftlens.report import size_sort_key
+from sftlens.study.engine.choice import chosen_ratio
 from sftlens.study.report.bootstrap import Estimate, FactDraws, SeedDraws, arm_difference, estimate
 from sftlens.study.report.results import (
     StudyResults,
     arm_view,
     arms,
-    chosen_ratio,
     controls_of,
     level_n,
     level_name,

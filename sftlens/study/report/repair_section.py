@@ -12,11 +12,12 @@ from pathlib import Path
 
 from sftlens.evaluate import acc_levels
 from sftlens.report import mean_spread, plot_bands
+from sftlens.study.engine.choice import acc, rate_dev_curve
 from sftlens.study.report.bootstrap import FactDraws, SeedDraws, arm_difference
 from sftlens.study.report.findings import fine_tuned, verdict
 from sftlens.study.report.results import (
-    StudyResults, acc, arm_view, chosen_models, level_name, rate_candidates, rate_dev_curve, repair_dev_curves,
-    repair_groups, sweep_groups, tuned_rates,
+    StudyResults, arm_view, chosen_models, level_name, rate_candidates, repair_dev_curves, repair_groups, sweep_groups,
+    tuned_rates,
 )
 from sftlens.study.report.sections import DOMAINS, Section, acc_caption, interval_text, mean_sd_text
 from sftlens.weights import METHODS

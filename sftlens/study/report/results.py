@@ -1,20 +1,23 @@
 """A finished study's numbers, read from its database alone: tagged long-format records, means
-and spreads over seeds, Acc over the levels with enough facts, the dev-chosen restore ratio.
+and spreads over seeds, the candidates and dev curves behind each dev choice.
 
 Every evaluation record gets the study's tags: `train_level` (0-4, "mixed", or "base"), `size`
 (int or "all"), `seed`, `split` (test, dev, train), `restore_ratio` (0 = not restored) and
 `strategy` ("base", "sft", "restore", "random").
+
+The report's side of the engine/report seam: it reads the engine's database and unit parameters, and
+Acc and the dev choices (the rules the units applied) from `sftlens.study.engine.choice`; the engine
+never reads this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftlens.evaluate import acc_of
 from sftlens.report import mean_spread, size_sort_key
+from sftlens.study.engine.choice import acc, chosen_rate
 from sftlens.study.engine.db import StudyDB
 from sftlens.study.engine.params import TrainParams
 
@@ -111,13 +114,6 @@ def restore_records(results: StudyResults) -> list[dict]:
     return out
 
 
-def acc(records: list[dict], domain: str, levels: list[int] | None = None) -> float | None:
-    """Acc of one model (`sftlens.evaluate.acc_of`: over the levels with enough facts; every model of
-    a study shares its test sets, so they average the same levels); None without records."""
-    if not any(r["domain"] == domain for r in records):
-        return None
-    return acc_of(records, domain, levels)
-
 
 def per_seed(records: list[dict], **match) -> dict:
     """Group records matching `match` by seed."""
@@ -137,38 +133,7 @@ def level_acc_over_seeds(records: list[dict], domain: str, test_level: int, **ma
     return mean_spread([rs[0]["accuracy"] for rs in groups.values()])
 
 
-def chosen_ratio(sweep_results: list[dict], domain: str = "in") -> float:
-    """The restore ratio (> 0) with the best mean dev Acc over the seeds of one (level, size); ties:
-    the smaller. Ratio 0 is the un-restored baseline the gain is measured against, not a candidate."""
-    by_ratio: dict[float, list[float]] = {}
-    for result in sweep_results:
-        for ratio in {r["restore_ratio"] for r in result["records"]} - {0.0}:
-            dev = [r for r in result["records"] if r["split"] == "dev" and r["restore_ratio"] == ratio]
-            value = acc(dev, domain)
-            if value is not None:
-                by_ratio.setdefault(ratio, []).append(value)
-    if not by_ratio:
-        return 0.0
-    return best_mean(by_ratio, lambda ratio: ratio)
 
-
-def best_mean(scores: dict[float, list[float]], tie_order) -> float:
-    """The candidate with the best mean score; among equals, the first in `tie_order`."""
-    return max(sorted(scores, key=tie_order), key=lambda value: statistics.fmean(scores[value]))
-
-
-def chosen_value(sweep_results: list[dict], neutral: float, domain: str = "in") -> float:
-    """The repair value with the best mean dev Acc over the seeds of one (level, size); ties: the one
-    closest to the method's neutral value (the least edit)."""
-    by_value: dict[float, list[float]] = {}
-    for result in sweep_results:
-        for value in {r["repair_value"] for r in result["records"]}:
-            score = acc([r for r in result["records"] if r["repair_value"] == value], domain)
-            if score is not None:
-                by_value.setdefault(value, []).append(score)
-    if not by_value:
-        raise ValueError("no dev evaluation to choose a repair value from")
-    return best_mean(by_value, lambda v: abs(v - neutral))
 
 
 def repair_groups(results: StudyResults) -> dict[tuple, list[dict]]:
@@ -209,18 +174,6 @@ def rate_candidates(results: StudyResults, kind: str) -> dict[tuple, dict[float,
     return {k: {rate: sorted(models, key=lambda m: m["seed"]) for rate, models in v.items()} for k, v in groups.items()}
 
 
-def rate_dev_curve(candidates: dict[float, list[dict]]) -> dict[float, list[float]]:
-    """{learning rate: in-domain dev Acc of each seed}: what the rate's choice sees."""
-    return {rate: [score for m in models
-                   if (score := acc([r for r in m["records"] if r["split"] == "dev"], "in")) is not None]
-            for rate, models in sorted(candidates.items())}
-
-
-def chosen_rate(candidates: dict[float, list[dict]]) -> float | None:
-    """The learning rate with the best mean in-domain dev Acc over seeds (ties: the smaller); None
-    without dev scores. The one rule for LoRA's rate and for the tuned arm's."""
-    curve = {rate: scores for rate, scores in rate_dev_curve(candidates).items() if scores}
-    return best_mean(curve, lambda rate: rate) if curve else None
 
 
 def chosen_models(candidates: dict[float, list[dict]]) -> list[dict]:
@@ -262,10 +215,6 @@ def tuned_rates(results: StudyResults) -> dict[tuple, dict]:
         tags = train_tags(unit["spec"]["params"])
         rates.setdefault((tags["train_level"], tags["size"]), {})[tags["seed"]] = unit["result"]["learning_rate"]
     return rates
-
-
-# On a taught base (`[inject]`): the facts it was taught, and the others.
-TAUGHT_SUBSETS = (("taught", True), ("untaught", False))
 
 
 def taught_records(results: StudyResults, taught: bool) -> list[dict]:

@@ -14,12 +14,11 @@ from pathlib import Path
 
 from sftlens.evaluate import MIN_N, acc_levels
 from sftlens.report import mean_spread, plot_bands, plot_series, size_sort_key
+from sftlens.study.engine.choice import acc, chosen_ratio
 from sftlens.study.report.bootstrap import FactDraws, SeedDraws, arm_acc, arm_difference
 from sftlens.study.report.results import (
     StudyResults,
-    acc,
     acc_over_seeds,
-    chosen_ratio,
     controls_of,
     level_acc_over_seeds,
     level_n,

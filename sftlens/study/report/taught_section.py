@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from sftlens.inject import taught_facts
+from sftlens.inject import TAUGHT_SUBSETS, taught_facts
 from sftlens.io import read_jsonl
 from sftlens.split import eval_files
 from sftlens.study.engine.scheduler import DATA, unit_folder
-from sftlens.study.report.results import TAUGHT_SUBSETS, StudyResults, taught_records, taught_restore_records
+from sftlens.study.report.results import StudyResults, taught_records, taught_restore_records
 from sftlens.study.report.sections import LEVELS, Section, figure2, table2, table4, table5
 
 

@@ -1,0 +1,69 @@
+"""The dev choices a study's units make, and the report reads back: the restore ratio (control), a
+repair method's value (repaired), the learning rate (tuned; the report's choice among LoRA's rates).
+
+Each picks the candidate with the best mean in-domain dev Acc over the seeds of a (level, size). The
+engine applies them while it runs (`stages`); the report (`sftlens.study.report.results`, `sections`,
+`findings`) reads the same rules here, so the dependency points from the report to the engine only.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from sftlens.evaluate import acc_of
+
+
+def acc(records: list[dict], domain: str, levels: list[int] | None = None) -> float | None:
+    """Acc of one model (`sftlens.evaluate.acc_of`: over the levels with enough facts; every model of
+    a study shares its test sets, so they average the same levels); None without records."""
+    if not any(r["domain"] == domain for r in records):
+        return None
+    return acc_of(records, domain, levels)
+
+
+def chosen_ratio(sweep_results: list[dict], domain: str = "in") -> float:
+    """The restore ratio (> 0) with the best mean dev Acc over the seeds of one (level, size); ties:
+    the smaller. Ratio 0 is the un-restored baseline the gain is measured against, not a candidate."""
+    by_ratio: dict[float, list[float]] = {}
+    for result in sweep_results:
+        for ratio in {r["restore_ratio"] for r in result["records"]} - {0.0}:
+            dev = [r for r in result["records"] if r["split"] == "dev" and r["restore_ratio"] == ratio]
+            value = acc(dev, domain)
+            if value is not None:
+                by_ratio.setdefault(ratio, []).append(value)
+    if not by_ratio:
+        return 0.0
+    return best_mean(by_ratio, lambda ratio: ratio)
+
+
+def best_mean(scores: dict[float, list[float]], tie_order) -> float:
+    """The candidate with the best mean score; among equals, the first in `tie_order`."""
+    return max(sorted(scores, key=tie_order), key=lambda value: statistics.fmean(scores[value]))
+
+
+def chosen_value(sweep_results: list[dict], neutral: float, domain: str = "in") -> float:
+    """The repair value with the best mean dev Acc over the seeds of one (level, size); ties: the one
+    closest to the method's neutral value (the least edit)."""
+    by_value: dict[float, list[float]] = {}
+    for result in sweep_results:
+        for value in {r["repair_value"] for r in result["records"]}:
+            score = acc([r for r in result["records"] if r["repair_value"] == value], domain)
+            if score is not None:
+                by_value.setdefault(value, []).append(score)
+    if not by_value:
+        raise ValueError("no dev evaluation to choose a repair value from")
+    return best_mean(by_value, lambda v: abs(v - neutral))
+
+
+def rate_dev_curve(candidates: dict[float, list[dict]]) -> dict[float, list[float]]:
+    """{learning rate: in-domain dev Acc of each seed}: what the rate's choice sees."""
+    return {rate: [score for m in models
+                   if (score := acc([r for r in m["records"] if r["split"] == "dev"], "in")) is not None]
+            for rate, models in sorted(candidates.items())}
+
+
+def chosen_rate(candidates: dict[float, list[dict]]) -> float | None:
+    """The learning rate with the best mean in-domain dev Acc over seeds (ties: the smaller); None
+    without dev scores. The one rule for LoRA's rate and for the tuned arm's."""
+    curve = {rate: scores for rate, scores in rate_dev_curve(candidates).items() if scores}
+    return best_mean(curve, lambda rate: rate) if curve else None
