@@ -13,8 +13,8 @@ import pytest
 
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_bytes, exclusive_writer, lock_path
-from sftlens.study.engine.scheduler import Unit, run_units
 from sftlens.study.engine.executors import LocalExecutor
+from sftlens.study.engine.scheduler import Unit, run_units
 
 HOLD = """
 import sys, time

@@ -175,9 +175,9 @@ def test_a_tiny_testbed_study_runs_on_the_taught_base_and_splits_taught_from_unt
                                                                                       tmp_path):
     from sftlens.study.engine.commands import run_study
     from sftlens.study.engine.config import load_study_config
+    from sftlens.study.engine.stages import study_facts
     from sftlens.study.report.page import write_report
     from sftlens.study.report.results import load_results
-    from sftlens.study.engine.stages import study_facts
 
     study_file = tmp_path / "testbed.toml"
     study_file.write_text(TINY_TESTBED.format(model=tiny_model_dir, data=tiny_data_dir))

@@ -13,9 +13,9 @@ from sftlens.errors import SftlensError
 from sftlens.io import exclusive_writer
 from sftlens.study.engine.config import PRESETS, StudyConfig, load_study_config
 from sftlens.study.engine.db import StudyDB
-from sftlens.study.engine.scheduler import Unit, run_units, units_to_run
 from sftlens.study.engine.executors import make_executor
 from sftlens.study.engine.provenance import code_version, machine
+from sftlens.study.engine.scheduler import Unit, run_units, units_to_run
 from sftlens.study.engine.units import build_units
 from sftlens.markdown import markdown_table
 

@@ -30,7 +30,6 @@ from sftlens.split import SplitConfig, build_splits, eval_files, eval_set, set_f
 from sftlens.split import train_set as split_train_set
 from sftlens.study.engine import roles
 from sftlens.study.engine.choice import chosen_rate, chosen_ratio, chosen_value
-from sftlens.study.engine.scheduler import DATA
 from sftlens.study.engine.params import (
     ControlParams,
     DeltasParams,
@@ -47,6 +46,7 @@ from sftlens.study.engine.params import (
     TrainParams,
     TunedParams,
 )
+from sftlens.study.engine.scheduler import DATA
 from sftlens.study.engine.units import select_facts
 from sftlens.train import RUN_FILE, TrainConfig, train
 from sftlens.weights import METHODS, RepairConfig, repaired_models

@@ -24,9 +24,8 @@ from sftlens.data.factset import fingerprint as fact_set_fingerprint
 from sftlens.errors import SftlensError
 from sftlens.evaluate import RESULT_NEUTRAL
 from sftlens.models import model_fingerprint
-from sftlens.study.engine.config import StudyConfig
 from sftlens.study.engine import roles
-from sftlens.study.engine.scheduler import STAGES, Unit
+from sftlens.study.engine.config import StudyConfig
 from sftlens.study.engine.params import (
     ControlParams,
     DeltasParams,
@@ -44,6 +43,7 @@ from sftlens.study.engine.params import (
     TunedParams,
     UnitParams,
 )
+from sftlens.study.engine.scheduler import STAGES, Unit
 
 VALUE_CHOICE = "best mean dev Acc (in-domain) over seeds; ties: the least edit"
 RATE_CHOICE = {  # how the tuned arm's rate is chosen, in words (part of a tuned unit's key)

@@ -21,10 +21,9 @@ from pathlib import Path
 from sftlens.evaluate import MIN_N
 from sftlens.io import atomic_write_bytes, atomic_write_text
 from sftlens.markdown import markdown_table
-from sftlens.study.report.repair_section import repair_methods
 from sftlens.study.engine.provenance import code_version
-from sftlens.study.report.taught_section import taught_sections
 from sftlens.study.report.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, arm_findings, verdict_changes, verdict_word
+from sftlens.study.report.repair_section import repair_methods
 from sftlens.study.report.results import (
     StudyResults, arm_view, arms, eval_records, level_name, load_results, restore_records, tuned_rates,
 )
@@ -42,6 +41,7 @@ from sftlens.study.report.sections import (
     table5,
     table6,
 )
+from sftlens.study.report.taught_section import taught_sections
 
 EFFECT_FORMAT = {"pts": (100.0, 1, "+", " pts"), "KL": (1.0, 4, "+", ""), "r": (1.0, 2, "+", ""), "%": (100.0, 1, "", " %")}
 
