@@ -170,7 +170,11 @@ def held_out_templates(model: str | os.PathLike, config, facts: Iterable[Fact] |
         return config
     paper = (t.mapping_templates for t in load_templates().values())
     available = available_templates(facts) if facts else min(map(len, paper))
-    return dataclasses.replace(config, templates=tuple(t for t in range(available) if t not in taught))
+    held_out = tuple(t for t in range(available) if t not in taught)
+    if not held_out:  # an empty tuple would mean "every template" to the probe: the taught ones
+        raise SftlensError(f"every one of the {available} mapping templates of these facts was taught to {model} "
+                           f"({RECORD_FILE}: templates {taught}): none is left to probe it on")
+    return dataclasses.replace(config, templates=held_out)
 
 
 # --- the stage -----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from sftlens.audit.transitions import group_rates, mastery_matrix
 from sftlens.cli import main
 from sftlens.data import load_templates
 from sftlens.errors import SftlensError
+from sftlens.inject import RECORD_FILE
 from sftlens.io import read_jsonl
 from sftlens.probe import ProbeConfig, load_probe
 from sftlens.weights import METHODS
@@ -305,3 +306,13 @@ def test_an_audit_reads_a_fact_set_with_its_own_templates_and_aliases(pair, tmp_
     assert len(colour["answers"]) == 2  # the answer and its alias
     kl = json.loads((tmp_path / "audit" / "steps" / "kl.json").read_text())
     assert kl["summary"]["n"] == 24
+
+
+def test_an_injected_base_and_its_fine_tune_are_probed_on_the_same_held_out_templates(pair, tmp_path):
+    """The fine-tune carries no inject record: it takes its base's held-out templates, never a taught one."""
+    base, _, _ = pair
+    (base / RECORD_FILE).write_text(json.dumps({"templates": list(range(19)), "facts": []}))
+    run_audit(_audit(pair, probe=ProbeConfig(samples=2, max_new_tokens=6)), tmp_path / "audit", progress=False)
+    stores = {p.name.split("-")[0]: json.loads((p / "probe.json").read_text())["settings"]["templates"]
+              for p in (tmp_path / "audit" / "probe").iterdir()}
+    assert stores == {"base": [19, 20], "finetuned": [19, 20]}

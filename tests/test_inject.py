@@ -83,6 +83,9 @@ def test_held_out_templates_leaves_other_models_alone(tiny_model_dir, tmp_path):
     (tmp_path / RECORD_FILE).write_text(json.dumps({"templates": [2, 3], "facts": []}))
     assert held_out_templates(str(tmp_path), config) is config
     assert held_out_templates(str(tmp_path), ProbeConfig()).templates == (0, 1, *range(4, 21))
+    (tmp_path / RECORD_FILE).write_text(json.dumps({"templates": list(range(21)), "facts": []}))
+    with pytest.raises(SftlensError, match="every one of the 21 mapping templates .* none is left to probe"):
+        held_out_templates(str(tmp_path), ProbeConfig())
     (tmp_path / RECORD_FILE).write_text("{broken")
     with pytest.raises(SftlensError, match="cannot read the inject record"):
         held_out_templates(str(tmp_path), config)

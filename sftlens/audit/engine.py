@@ -28,6 +28,7 @@ from sftlens.audit.prompts import prompt_tokenizer, question_prompt, require_cha
 from sftlens.audit.transitions import transition
 from sftlens.errors import SftlensError
 from sftlens.evaluate import EvalConfig, evaluate_model
+from sftlens.inject import held_out_templates
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
 from sftlens.models import load_model, load_tokenizer, model_fingerprint
 from sftlens.probe import best_templates, default_store, run_probe
@@ -116,14 +117,20 @@ def _cached(path: Path, key: str) -> dict | None:
     return None
 
 
+def probe_config(ctx: Context):
+    """The probe settings of both models: on an injected base, its held-out templates for the fine-tune
+    too (which carries no inject record), so both are probed with the same draws."""
+    return held_out_templates(ctx.folders["base"], ctx.audit.probe, ctx.facts)
+
+
 def probe_store(ctx: Context, role: str) -> Path:
     """A store per model and probe settings (`default_store`'s name), so changed settings re-probe."""
-    return ctx.out / "probe" / f"{role}-{default_store(ctx.folders[role], ctx.audit.probe).name}"
+    return ctx.out / "probe" / f"{role}-{default_store(ctx.folders[role], probe_config(ctx)).name}"
 
 
 def probe_step(ctx: Context, role: str) -> dict:
     """Mastery of every fact, probed with the same seeded draws for both models."""
-    return run_probe(ctx.folders[role], ctx.facts, ctx.audit.probe, probe_store(ctx, role), ctx.progress)
+    return run_probe(ctx.folders[role], ctx.facts, probe_config(ctx), probe_store(ctx, role), ctx.progress)
 
 
 def greedy_key(ctx: Context, role: str, rows: list[dict], edit: dict | None = None) -> str:
