@@ -44,8 +44,8 @@ class StudyBuilder:
         return {"records": records, "test_bits": test_bits}
 
     def model(self, level, size: int, seed: int, accuracy: dict[int, float], examples: int | None = None,
-              kl: float | None = None) -> str:
-        train = self.unit("train", {"set": f"level{level}" if level != "mixed" else "mixed", "size": str(size),
+              kl: float | None = None, kind: str = "train") -> str:
+        train = self.unit(kind, {"set": f"level{level}" if level != "mixed" else "mixed", "size": str(size),
                                     "seed": seed, "train": {}}, {}, {"examples": examples or size})
         self.unit("eval", {}, {"model": train}, self.test_result(accuracy))
         if kl is not None:
@@ -56,10 +56,10 @@ class StudyBuilder:
         return StudyResults({"study": {"kl_test_set": "in-level1", **study}}, "constructed", self.units)
 
 
-def grid(builder: StudyBuilder, acc_by_size: dict[int, float], level=0, seeds=(0, 1, 2)) -> None:
+def grid(builder: StudyBuilder, acc_by_size: dict[int, float], level=0, seeds=(0, 1, 2), kind="train") -> None:
     for size, p in acc_by_size.items():
         for seed in seeds:
-            builder.model(level, size, seed, {lv: p for lv in builder.level_n})
+            builder.model(level, size, seed, {lv: p for lv in builder.level_n}, kind=kind)
 
 
 def c1(results: StudyResults):
@@ -135,12 +135,13 @@ def test_reference_size_is_240_or_the_nearest_below_the_largest():
     assert reference_size([240], 240) is None
 
 
-def test_training_level_skips_short_sets_and_finds_a_real_gap():
+@pytest.mark.parametrize("kind", ["train", "tuned"])  # either arm's models: [train]'s rate, the dev-tuned one
+def test_training_level_skips_short_sets_and_finds_a_real_gap(kind):
     builder = StudyBuilder()
-    grid(builder, {60: 0.2, 240: 0.2}, level=0)
-    grid(builder, {60: 0.6}, level=1)
+    grid(builder, {60: 0.2, 240: 0.2}, level=0, kind=kind)
+    grid(builder, {60: 0.6}, level=1, kind=kind)
     for seed in (0, 1, 2):  # level 1 has only 100 facts: its 240 set is short
-        builder.model(1, 240, seed, {0: 0.9, 1: 0.9}, examples=100)
+        builder.model(1, 240, seed, {0: 0.9, 1: 0.9}, examples=100, kind=kind)
     c2 = {f.comparison.split(":")[0]: f for f in findings(builder.results(), samples=400) if f.claim == "C2"}
     assert c2["n=60"].verdict == "holds" and "D_train-1" in c2["n=60"].comparison
     assert c2["n=240"].verdict.startswith("not tested") and "short" in c2["n=240"].verdict

@@ -23,6 +23,7 @@ from sftlens.report import size_sort_key
 from sftlens.study.engine.choice import chosen_ratio
 from sftlens.study.report.bootstrap import Estimate, FactDraws, SeedDraws, arm_difference, estimate
 from sftlens.study.report.results import (
+    ARMS,
     StudyResults,
     arm_view,
     arms,
@@ -76,7 +77,7 @@ def describe_levels(records: list[dict], domain: str, levels: list[int]) -> str:
 
 def fine_tuned(results: StudyResults) -> list[dict]:
     """Each evaluated fine-tuned model: tags, test records and bits, training examples."""
-    train = {u["key"]: u["result"] for u in results.done("train")}
+    train = {u["key"]: u["result"] for kind in ARMS for u in results.done(kind)}  # either arm's models
     out = []
     for unit in results.done("eval"):
         tags = results.model_tags(unit)
