@@ -66,6 +66,17 @@ def test_first_token_kl_zero_for_same_model_positive_otherwise(tiny, tiny_tokeni
     assert first_token_kl(model, model, tok, pairs)[0] > 0
 
 
+def test_first_token_kl_in_chunks_equals_the_kl_of_all_logits_at_once(tiny, tiny_tokenizer, monkeypatch):
+    from sftlens.analysis import kl
+
+    model, tok = tiny
+    other, _ = tiny_model(seed=1, tokenizer=tiny_tokenizer)
+    prompts = _prompts() * 3
+    whole = top_k_kl(first_token_logits(model, tok, prompts), first_token_logits(other, tok, prompts), 10)
+    monkeypatch.setattr(kl, "KL_CHUNK", 2)
+    assert first_token_kl(model, other, tok, prompts) == pytest.approx(whole.tolist(), abs=1e-6)
+
+
 def _rows(n: int = 4) -> list[dict]:
     rows = []
     for i, relation in enumerate(["P17", "P19", "P17", "P131"][:n]):

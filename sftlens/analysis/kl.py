@@ -93,15 +93,22 @@ def top_k_kl(ft_logits: torch.Tensor, base_logits: torch.Tensor, top_k: int = 10
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+# Prompts whose vocabulary-wide logits are held at once: each prompt costs two vocab-sized fp32 rows
+# (200 KB for a 49 k vocabulary), so an audit of 100 k facts would otherwise hold 40 GB.
+KL_CHUNK = 256
+
+
 def first_token_kl(ft_model, base_model, tokenizer, prompts: Sequence[str | tuple[str, str]], top_k: int = 10,
                    batch_size: int = 16) -> list[float]:
     """KL per prompt; a prompt is one string for both models or a (fine-tuned, base) pair."""
     pairs = [(p, p) if isinstance(p, str) else tuple(p) for p in prompts]
-    if not pairs:
-        return []
-    ft = first_token_logits(ft_model, tokenizer, [p[0] for p in pairs], batch_size)
-    base = first_token_logits(base_model, tokenizer, [p[1] for p in pairs], batch_size)
-    return top_k_kl(ft, base, top_k).tolist()
+    values: list[float] = []
+    for start in range(0, len(pairs), KL_CHUNK):
+        chunk = pairs[start:start + KL_CHUNK]
+        ft = first_token_logits(ft_model, tokenizer, [p[0] for p in chunk], batch_size)
+        base = first_token_logits(base_model, tokenizer, [p[1] for p in chunk], batch_size)
+        values += top_k_kl(ft, base, top_k).tolist()
+    return values
 
 
 def subject_of(row: dict, relations: dict[str, RelationTemplates] | None = None) -> str:
