@@ -31,7 +31,7 @@ from sftlens.evaluate import EvalConfig, evaluate_model
 from sftlens.inject import held_out_templates
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
 from sftlens.models import load_model, load_tokenizer, model_fingerprint
-from sftlens.probe import best_templates, default_store, run_probe
+from sftlens.probe import ProbeConfig, best_templates, default_store, run_probe
 from sftlens.weights import METHODS, RepairConfig, repair_sweep, repaired_models
 from sftlens.weights.selection import DEFAULT_RATIOS
 
@@ -52,6 +52,9 @@ class Context:
     values: dict[str, tuple[float, ...]]  # method -> candidates
     prompts: dict[str, list[str]]  # role -> prompt per fact
     fingerprints: dict[str, str]
+    # Both models' probe settings: on an injected base, its held-out templates for the fine-tune too
+    # (which carries no inject record), so both are probed with the same draws.
+    probe: ProbeConfig
     progress: bool = True
     models: dict = field(default_factory=dict)
 
@@ -103,7 +106,8 @@ def prepare(audit: Audit, out: str | Path, progress: bool = True) -> Context:
             require_chat_template(tokenizer, f"--{role} {getattr(audit, role)}")
         prompts[role] = [question_prompt(tokenizer, f.question, audit.settings.prompt) for f in facts]
     fingerprints = {role: model_fingerprint(folders[role]) for role in ROLES}
-    return Context(audit, Path(out), folders, facts, slice_of, values, prompts, fingerprints, progress)
+    probe = held_out_templates(folders["base"], audit.probe, facts)
+    return Context(audit, Path(out), folders, facts, slice_of, values, prompts, fingerprints, probe, progress)
 
 
 # --- steps ----------------------------------------------------------------------------------
@@ -117,20 +121,14 @@ def _cached(path: Path, key: str) -> dict | None:
     return None
 
 
-def probe_config(ctx: Context):
-    """The probe settings of both models: on an injected base, its held-out templates for the fine-tune
-    too (which carries no inject record), so both are probed with the same draws."""
-    return held_out_templates(ctx.folders["base"], ctx.audit.probe, ctx.facts)
-
-
 def probe_store(ctx: Context, role: str) -> Path:
     """A store per model and probe settings (`default_store`'s name), so changed settings re-probe."""
-    return ctx.out / "probe" / f"{role}-{default_store(ctx.folders[role], probe_config(ctx)).name}"
+    return ctx.out / "probe" / f"{role}-{default_store(ctx.folders[role], ctx.probe).name}"
 
 
 def probe_step(ctx: Context, role: str) -> dict:
     """Mastery of every fact, probed with the same seeded draws for both models."""
-    return run_probe(ctx.folders[role], ctx.facts, probe_config(ctx), probe_store(ctx, role), ctx.progress)
+    return run_probe(ctx.folders[role], ctx.facts, ctx.probe, probe_store(ctx, role), ctx.progress)
 
 
 def greedy_key(ctx: Context, role: str, rows: list[dict], edit: dict | None = None) -> str:

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from sftlens.audit.config import SELECTION_KEYS, Audit, AuditConfig, preset
-from sftlens.audit.engine import (FORMAT, ROLES, Context, _cached, greedy_key, prepare, probe_config, probe_store,
-                                  repair_targets, run_steps)
+from sftlens.audit.engine import FORMAT, ROLES, Context, _cached, greedy_key, prepare, probe_store, repair_targets, run_steps
 from sftlens.config import add_config_arguments, config_from_dict
 from sftlens.data import add_fact_source_arguments
 from sftlens.errors import SftlensError
@@ -78,7 +77,7 @@ def plan_rows(ctx: Context) -> list[list]:
     """(step, work to run, estimated seconds) for every step; finished work counts as none."""
     pair = open_pair(ctx.folders["base"], ctx.folders["finetuned"])
     scale = sum(pair.numel(n) for n in pair.base.shapes) / REFERENCE_PARAMETERS
-    draws = len(template_indices(ctx.facts, probe_config(ctx))) * ctx.audit.probe.samples
+    draws = len(template_indices(ctx.facts, ctx.probe)) * ctx.audit.probe.samples
     n = len(ctx.facts)
     rows = []
     for role in ROLES:
