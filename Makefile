@@ -19,9 +19,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/sftlens demo --data-dir $(DATA_DIR)
 
-# Two workers of one thread each (the suite is many small single-threaded tests), a test file per worker:
-# the tests that share an expensive session fixture (the tiny study, the fine-tuned SmolLM2) share a file.
+# The linter first (seconds; the rules are pyproject.toml's [tool.ruff]), then two workers of one thread each
+# (the suite is many small single-threaded tests), a test file per worker: the tests that share an expensive
+# session fixture (the tiny study, the fine-tuned SmolLM2) share a file.
 test: setup
+	$(BIN)/ruff check sftlens tests bench scripts
 	SFTLENS_DATA_DIR=$(abspath $(DATA_DIR)) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: setup

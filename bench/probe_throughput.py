@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from sftlens.probe import sampling as probe_sampling
 from sftlens.data import default_matcher, encode_prompt, load_facts, load_templates
 from sftlens.decoding import left_pad
 from sftlens.probe import ProbeConfig, cpu_batch_size, mastery_level, probe_facts
+from sftlens.probe import sampling as probe_sampling
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH_BATCHES = (4, 8, 16, 32)

@@ -25,17 +25,21 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 import torch
 
 from sftlens.data import in_domain_relations, load_facts, sft_completion, sft_prompt
 from sftlens.io import read_jsonl
 from sftlens.models import load_model, resolve_model
 from sftlens.train import (
-    LOSS_FILE, TrainConfig, _build_trainer, _training_arguments, encode_sft_set, train,
+    LOSS_FILE,
+    TrainConfig,
+    _build_trainer,
+    _training_arguments,
+    encode_sft_set,
+    train,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "entityquestions"
 
 

@@ -3,7 +3,8 @@ validates them from study files (unknown keys and wrong types are errors naming 
 
 Field metadata: ``help`` (flag help text); ``omit_unless`` = (other field, value): the field is a
 setting only while the other field has that value, and `config_to_dict` (hence every key and record
-built from it) leaves it out otherwise, so adding an option keeps the keys of runs that do not use it.
+built from it) leaves it out otherwise, so adding an option keeps the keys of runs that do not use it;
+``omit_if_default``: the field is left out while it holds its default (an option off by default).
 Supported field types: bool, int, float, str,
 ``X | None``, ``Literal[...]`` and ``tuple[X, ...]``.
 """
@@ -90,6 +91,8 @@ def config_from_dict(cls: type[C], data: dict, where: str = "") -> C:
 
 
 def _applies(config, f: dataclasses.Field) -> bool:
+    if f.metadata.get("omit_if_default") and getattr(config, f.name) == f.default:
+        return False
     condition = f.metadata.get("omit_unless")
     return condition is None or getattr(config, condition[0]) == condition[1]
 

@@ -16,7 +16,7 @@ prompt (what `num_return_sequences` does, without re-encoding the prompt per con
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import DynamicLayer

@@ -1,7 +1,8 @@
 """Stage: closed-book QA accuracy per mastery level (paper Sections 3.3-3.4).
 
 Greedy decoding of at most 16 new tokens from the training prompt (BOS + "<question> q <answer>"),
-batched with left padding, each prompt leaving the batch at its EOS (`sftlens.decoding`); an output is correct when the matcher finds a gold answer in it.
+batched with left padding, each prompt leaving the batch at its EOS (`sftlens.decoding`); an output is
+correct when the matcher finds a gold answer in it.
 Accuracy is reported per (domain, test level); the paper's Acc is the mean of the level
 accuracies, `micro` the mean over facts. The same functions score a base model, a fine-tuned
 model, an edited model in memory (`evaluate_splits`: restore, repair and studies call it), or a
@@ -17,20 +18,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tqdm.auto import tqdm
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.data import default_matcher, encode_prompt
+from sftlens.data.rows import data_manifest, read_split_rows
 from sftlens.decoding import decode
 from sftlens.errors import SftlensError
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
 from sftlens.markdown import markdown_table
 from sftlens.models import load_model, model_fingerprint
-from sftlens.split import data_manifest, read_split_rows
 
 EVAL_KEYS = ("fact_id", "domain", "level", "answers", "prompt")
 SUMMARY_FILE = "summary.json"

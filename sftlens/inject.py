@@ -14,35 +14,35 @@ Which facts are taught, and how strongly (the design):
   fact), each statement once per epoch. Graded doses give graded mastery, so every mastery level is populated on the taught
   model (untaught facts stay mostly at level 0).
 
-Every template of the pool counts as taught: the probe of an injected model (`held_out_templates`,
+Every template of the pool counts as taught: the probe of an injected model (`sftlens.taught.held_out_templates`,
 called by `sftlens.probe.run_probe`) measures mastery only on the other mapping templates, refusing
 a probe that names a taught one, so mastery is measured on phrasings the model never saw.
 
 The output is the fine-tuned HF folder plus `sftlens_inject.json` (key, model, config, `templates`,
 `facts`: the taught fact ids, `doses` and `fact_templates` per fact) and the statements it was taught
-on. Work happens in a hidden sibling `.{out}.inject/` (the training run resumes from its checkpoints)
+on (read back by `sftlens.taught`). Work happens in a hidden sibling `.{out}.inject/` (the training run resumes from its checkpoints)
 and is renamed to `out` at the end; the same key again is a no-op, another run in `out` an error.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
-from sftlens.data import Fact, add_fact_arguments, available_templates, facts_from_args, load_templates
+from sftlens.data import Fact, add_fact_arguments, available_templates, facts_from_args
+from sftlens.data.rows import data_manifest
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, atomic_write_jsonl, stable_hash
+from sftlens.taught import RECORD_FILE, inject_record
 
-RECORD_FILE = "sftlens_inject.json"
 STATEMENTS_FILE = "inject_statements.jsonl"
 RECORD_FORMAT = 1
 
@@ -127,56 +127,6 @@ def _check_templates(facts: list[Fact], config: InjectConfig) -> None:
         raise SftlensError(f"inject templates: all {available} mapping templates are taught; leave some for the probe")
 
 
-# --- the record the probe and the study read ------------------------------------------------------
-
-
-def inject_record(model: str | os.PathLike) -> dict | None:
-    """The `sftlens_inject.json` of an injected model folder; None for any other model spec."""
-    path = Path(model) / RECORD_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise SftlensError(f"{path}: cannot read the inject record ({err})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("templates"), list) or not isinstance(record.get("facts"), list):
-        raise SftlensError(f"{path}: not an inject record (needs templates and facts lists)")
-    return record
-
-
-# A taught base's facts in two subsets, the taught and the others, as study results name them (`taught`: true/false).
-TAUGHT_SUBSETS = (("taught", True), ("untaught", False))
-
-
-def taught_facts(model: str | os.PathLike) -> frozenset[str] | None:
-    """Ids of the facts an injected model was taught; None when `model` was not made by `inject`."""
-    record = inject_record(model)
-    return None if record is None else frozenset(record["facts"])
-
-
-def held_out_templates(model: str | os.PathLike, config, facts: Iterable[Fact] | None = None):
-    """The probe config for `model`: unchanged for a model not made by `inject`; for an injected one,
-    the mapping templates it was not taught (when none are named; of the templates `facts` have, the
-    paper's relations' without them), and an error when a named one was."""
-    record = inject_record(model)
-    if record is None:
-        return config
-    taught = sorted(int(t) for t in record["templates"])
-    overlap = sorted(set(config.templates) & set(taught))
-    if overlap:
-        raise SftlensError(f"probe templates {overlap} were taught to {model} ({RECORD_FILE}: templates {taught}); "
-                           "probe an injected model on the other templates (or give none: all the others)")
-    if config.templates:
-        return config
-    paper = (t.mapping_templates for t in load_templates().values())
-    available = available_templates(facts) if facts else min(map(len, paper))
-    held_out = tuple(t for t in range(available) if t not in taught)
-    if not held_out:  # an empty tuple would mean "every template" to the probe: the taught ones
-        raise SftlensError(f"every one of the {available} mapping templates of these facts was taught to {model} "
-                           f"({RECORD_FILE}: templates {taught}): none is left to probe it on")
-    return dataclasses.replace(config, templates=held_out)
-
-
 # --- the stage -----------------------------------------------------------------------------------
 
 
@@ -196,7 +146,6 @@ def inject(model: str, facts: list[Fact], out_dir: str | os.PathLike, config: In
            progress: bool = True) -> Path:
     """Teach `model` the chosen facts of `facts` in statement form; return the injected model folder."""
     from sftlens.models import RUN_FILE, model_fingerprint
-    from sftlens.split import data_manifest
     from sftlens.train import train
 
     if not facts:

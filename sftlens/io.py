@@ -15,8 +15,9 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from sftlens.errors import SftlensError
 
@@ -131,7 +132,7 @@ class JsonlAppender:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "JsonlAppender":
+    def __enter__(self) -> JsonlAppender:
         return self
 
     def __exit__(self, *exc) -> None:

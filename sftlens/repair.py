@@ -21,7 +21,14 @@ from sftlens.io import atomic_write_json, atomic_write_text, stable_hash
 from sftlens.markdown import markdown_table
 from sftlens.models import load_model
 from sftlens.weights import (
-    METHODS, RepairConfig, open_pair, parse_values, record_names, repair_sweep, repaired_models, sweep_key,
+    METHODS,
+    RepairConfig,
+    open_pair,
+    parse_values,
+    record_names,
+    repair_sweep,
+    repaired_models,
+    sweep_key,
     value_folder,
 )
 

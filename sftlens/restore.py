@@ -13,15 +13,24 @@ atomically and keyed by their inputs, so a re-run skips finished ratios.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.errors import SftlensError
-from sftlens.repair import add_eval_arguments, add_model_arguments, run_sweep, parse_value_list
+from sftlens.repair import add_eval_arguments, add_model_arguments, parse_value_list, run_sweep
 from sftlens.weights import (
-    DEFAULT_RATIOS, RepairConfig, Selection, SelectionConfig, apply_in_memory, open_pair, parse_ratios, record_names,
-    repaired_models, select, selection_edit,
+    DEFAULT_RATIOS,
+    RepairConfig,
+    Selection,
+    SelectionConfig,
+    apply_in_memory,
+    open_pair,
+    parse_ratios,
+    record_names,
+    repaired_models,
+    select,
+    selection_edit,
 )
 
 MANIFEST = record_names("restore")[0]

@@ -17,20 +17,20 @@ records a hash of the inputs, and a re-run with the same inputs leaves the folde
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
-from sftlens.data import Fact, add_fact_source_arguments, fact_set_from_args, parse_fact_id, sft_completion, sft_prompt
+from sftlens.data import Fact, add_fact_source_arguments, fact_set_from_args, parse_fact_id
+from sftlens.data.rows import split_row
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_directory, atomic_write_json, atomic_write_jsonl, stable_hash
-from sftlens.probe import LEVELS, ProbeRecord, load_probe
 from sftlens.markdown import markdown_table
+from sftlens.probe import LEVELS, ProbeRecord, load_probe
 
 SPLIT_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -67,50 +67,6 @@ class SplitConfig:
 
     def size_names(self) -> list[str]:
         return [str(size) for size in self.sizes] + ([ALL] if self.include_all else [])
-
-
-def split_row(fact: Fact, level: int) -> dict:
-    """One JSONL row in the paper's SFT format (Appendix A); the completion uses the first answer.
-    `answers` holds a fact set's aliases after the answers, so every reader of rows accepts them."""
-    return {
-        "fact_id": fact.id, "relation": fact.relation, "domain": fact.domain, "level": level,
-        "question": fact.question, "answers": list(fact.accepted_answers),
-        "prompt": sft_prompt(fact.question), "completion": sft_completion(fact.answers[0]),
-    }
-
-
-def read_split_rows(path: Path, required: tuple[str, ...], allow_empty: bool = False) -> list[dict]:
-    """Rows of a split JSONL file; a malformed line or a missing key names the file and line.
-    An empty file is an error unless `allow_empty` (a test level the base model has no facts at)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SftlensError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SftlensError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise SftlensError(f"{path}:{number}: expected a JSON object")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise SftlensError(f"{path}:{number}: missing key {missing[0]!r}")
-            rows.append(row)
-    if not rows and not allow_empty:
-        raise SftlensError(f"{path}: no examples (empty file)")
-    return rows
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def data_manifest(path: Path, rows: list[dict]) -> dict:
-    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "count": len(rows)}
 
 
 def balanced_sample(pools: dict[str, list[Fact]], size: int | None, seed: int, salt: str) -> list[Fact]:

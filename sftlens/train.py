@@ -15,9 +15,7 @@ an `out` that holds anything else is an error and is never touched.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import math
 import os
 import shutil
 import time
@@ -28,16 +26,18 @@ from typing import Literal
 import torch
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
-from sftlens.data import encode_prompt
+from sftlens.data import add_fact_source_arguments, encode_prompt
 from sftlens.errors import SftlensError
+from sftlens.guards import (
+    GUARDS, ActiveGuard, guard_spec, guarded_trainer, mixed_examples, parse_guard, replay_per_batch, replay_pool,
+)
+from sftlens.lora import lora_targets, require_peft, save_merged, with_lora
 from sftlens.io import atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
 from sftlens.models import LOSS_FILE, RUN_FILE, load_model, model_fingerprint
-from sftlens.split import data_manifest, read_split_rows
+from sftlens.data.rows import data_manifest, read_split_rows
 
 IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
 SFT_KEYS = ("prompt", "completion")
-# What `default_lora_targets` finds in a Llama-shaped model (SmolLM2, Qwen2, Mistral, Gemma)
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # LoRA settings exist only for LoRA runs: a full-SFT config's dict (and so its run key) is what it
 # was before LoRA was added.
 LORA_ONLY = {"omit_unless": ("method", "lora")}
@@ -71,6 +71,10 @@ class TrainConfig:
         default=None, metadata={"help": "module names that get LoRA adapters (default: every linear layer "
                                         "of the transformer blocks, found in the model)", **LORA_ONLY})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input", **LORA_ONLY})
+    # Off by default and then out of the config's dict, so runs without a guard keep their keys.
+    guard: str | None = field(
+        default=None, metadata={"help": f"a guard against forgetting, NAME=VALUE ({', '.join(GUARDS)}; "
+                                        "see sftlens.guards)", "omit_if_default": True})
 
     def __post_init__(self):
         positive = {"batch_size": self.batch_size, "epochs": self.epochs,
@@ -87,6 +91,18 @@ class TrainConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_targets is not None and not self.lora_targets:
             raise ValueError("lora_targets must name at least one module")
+        if self.guard is not None:
+            self._check_guard()
+
+    def _check_guard(self) -> None:
+        name, value = parse_guard(self.guard)
+        object.__setattr__(self, "guard", guard_spec(name, value))
+        if self.method == "lora":
+            raise ValueError(f"guard {name}: guards apply to full SFT (LoRA is a way of its own to forget less)")
+        if name == "replay":
+            replay_per_batch(value, self.batch_size)
+        if name == "mofo" and not self.optimizer.startswith("adamw"):
+            raise ValueError(f"guard mofo needs an Adam optimizer (its first moment), not {self.optimizer}")
 
 
 # Settings that change how a run is carried out but not its result; they stay out of the run key
@@ -121,63 +137,6 @@ def encode_sft_set(tokenizer, rows: list[dict], path: Path, max_length: int) -> 
             )
         examples.append(example)
     return examples
-
-
-def steps_per_epoch(n_examples: int, batch_size: int) -> int:
-    """Optimizer steps for one pass; the last, partial batch is kept."""
-    return math.ceil(n_examples / batch_size)
-
-
-def _require_peft() -> None:
-    try:
-        importlib.import_module("peft")
-    except ImportError:
-        raise SftlensError("method = 'lora' needs PEFT: pip install 'sftlens[lora]'") from None
-
-
-def _linear_layers(net) -> list[tuple[str, torch.nn.Module]]:
-    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
-
-    return [(name, module) for name, module in net.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
-
-
-def default_lora_targets(net) -> tuple[str, ...]:
-    """Names of the linear layers inside the transformer blocks (attention and MLP, fused projections
-    such as `query_key_value`, `qkv_proj`, `c_attn` included), in model order. Blocks are the
-    `sftlens.weights` layers (`layers.N`, `h.N`, ...), so the embeddings and the output head are never
-    targets; PEFT matches a name wherever it occurs, so a name also used outside the blocks is left out."""
-    from sftlens.weights.checkpoints import layer_index  # sftlens.weights imports this module
-
-    inside = [name.rsplit(".", 1)[-1] for name, _ in _linear_layers(net) if layer_index(f"{name}.") is not None]
-    outside = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules() if layer_index(f"{name}.") is None}
-    return tuple(name for name in dict.fromkeys(inside) if name not in outside)
-
-
-def _lora_targets(net, model: str, config: TrainConfig) -> tuple[str, ...]:
-    if config.lora_targets is None:
-        targets = default_lora_targets(net)
-        if not targets:
-            raise SftlensError(f"lora_targets: no linear layer found in the transformer blocks of {model}; "
-                               "name the modules with --lora-targets")
-        return targets
-    names = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules()}
-    missing = [target for target in config.lora_targets if target not in names]
-    if missing:
-        raise SftlensError(f"lora_targets: {', '.join(missing)} not found in the modules of {model}")
-    return config.lora_targets
-
-
-def _with_lora(net, targets: tuple[str, ...], config: TrainConfig):
-    """`net` with LoRA adapters on the modules named `targets`, every other weight frozen."""
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    # Conv1D stores its weight as (in, out): PEFT needs fan_in_fan_out to merge it the right way round
-    conv1d = any(isinstance(module, Conv1D) for name, module in _linear_layers(net)
-                 if name.rsplit(".", 1)[-1] in targets)
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(targets), fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(net, lora)
 
 
 def _training_arguments(config: TrainConfig, checkpoint_dir: Path, progress: bool):
@@ -231,12 +190,13 @@ def _callbacks(progress: bool):
     return [LossBar()] if progress else [], NoFinalCheckpoint()
 
 
-def _build_trainer(model, tokenizer, examples: list[dict], args, progress: bool, callbacks=()):
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback, Trainer
+def _build_trainer(model, tokenizer, examples: list[dict], args, progress: bool, callbacks=(),
+                   guard: ActiveGuard | None = None, ordered: bool = False):
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback
 
     tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(
+    trainer = guarded_trainer(guard, ordered)(
         model=model,
         args=args,
         train_dataset=examples,
@@ -257,11 +217,13 @@ def loss_log(log_history: list[dict]) -> list[dict]:
     return [{k: entry.get(k) for k in keys} for entry in log_history if "loss" in entry]
 
 
-def _run_identity(model: str, manifest: dict, config: TrainConfig) -> dict:
+def _run_identity(model: str, manifest: dict, config: TrainConfig, replay: list[dict] | None = None) -> dict:
     settings = {k: v for k, v in config_to_dict(config).items() if k not in RESULT_NEUTRAL}
     identity = {"model_fingerprint": model_fingerprint(model),
                 "data": {"sha256": manifest["sha256"], "count": manifest["count"]},
                 "config": settings}
+    if replay:  # only a replaying run reads the pool, so only its key depends on it
+        identity["replay"] = {"sha256": stable_hash(replay), "count": len(replay)}
     return {"key": stable_hash(identity), **identity}
 
 
@@ -299,21 +261,10 @@ def _prepare_work_dir(work_dir: Path, key: str, progress: bool) -> Path | None:
     return None
 
 
-def _save_merged(trainer, staged: Path) -> None:
-    """The LoRA update folded into the base weights, saved under the base model's tensor names.
-
-    Merging needs the whole model in one process, so a LoRA run's adapters must not be sharded
-    (one process or DDP; not FSDP/ZeRO-3)."""
-    if trainer.is_world_process_zero():
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(str(staged))
-        trainer.processing_class.save_pretrained(str(staged))
-
-
 def _finish(trainer, work_dir: Path, out_dir: Path, record: dict) -> None:
     staged = work_dir / "model"
     if record["method"] == "lora":
-        _save_merged(trainer, staged)
+        save_merged(trainer, staged)
     else:
         # Every process takes part (FSDP/DeepSpeed gather the weights); it saves the tokenizer too.
         trainer.save_model(str(staged))
@@ -328,19 +279,21 @@ def _finish(trainer, work_dir: Path, out_dir: Path, record: dict) -> None:
 
 
 def train(model: str, sft_path: Path, out_dir: Path, config: TrainConfig = TrainConfig(),
-          progress: bool = True, *, callbacks=()) -> Path:
+          progress: bool = True, *, callbacks=(), replay: list[dict] | None = None) -> Path:
     """SFT `model` (a --model spec) on the JSONL at `sft_path`; return the finished model folder.
 
-    `callbacks` are extra transformers TrainerCallbacks (logging, early stopping, ...).
+    `callbacks` are extra transformers TrainerCallbacks (logging, early stopping, ...); `replay` are the
+    SFT rows of the known facts `--guard replay=r` mixes in (`sftlens.guards.known_rows`).
     """
     from transformers import set_seed
 
     if config.method == "lora":
-        _require_peft()
+        require_peft()
     sft_path, out_dir = Path(sft_path), Path(out_dir)
     rows = read_split_rows(sft_path, SFT_KEYS)
     manifest = data_manifest(sft_path, rows)
-    identity = _run_identity(model, manifest, config)
+    replay = replay_pool(config, replay, sft_path)
+    identity = _run_identity(model, manifest, config, replay)
     finished = _finished_key(out_dir)
     if finished == identity["key"]:
         if progress:
@@ -355,32 +308,69 @@ def train(model: str, sft_path: Path, out_dir: Path, config: TrainConfig = Train
     examples = encode_sft_set(tokenizer, rows, sft_path, context)
     settings = config_to_dict(config)
     if config.method == "lora":
-        targets = _lora_targets(net, model, config)
+        targets = lora_targets(net, model, config)
         settings["lora_targets"] = list(targets)  # the record names the targets auto chose
         if progress:
             print(f"LoRA on {', '.join(targets)}")
-        net = _with_lora(net, targets, config)
+        net = with_lora(net, targets, config)
+    guard = ActiveGuard(*parse_guard(config.guard), net) if config.guard else None
+    guard_record, ordered = None, False
+    if guard:
+        guard_record = {"name": guard.name, "value": guard.value, "cost": GUARDS[guard.name].cost,
+                        "extra_bytes": guard.extra_bytes(net), "frozen": guard.frozen}
+        if replay:
+            pool = encode_sft_set(tokenizer, replay, Path(f"{sft_path} (replayed facts)"), context)
+            examples, guard_record["replayed"] = mixed_examples(examples, pool, replay, config, guard)
+            ordered = True
 
     work_dir = out_dir.with_name(f".{out_dir.name}.partial")
     args = _training_arguments(config, work_dir / "checkpoints", progress)
     # Under `accelerate launch` rank 0 sets the work folder up before the others look at it.
     with args.main_process_first(local=False, desc="preparing the work folder"):
         last_checkpoint = _prepare_work_dir(work_dir, identity["key"], progress and args.process_index == 0)
-    trainer = _build_trainer(net, tokenizer, examples, args, progress, callbacks)
+    trainer = _build_trainer(net, tokenizer, examples, args, progress, callbacks, guard, ordered)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     record = {
         **identity, "model": model, "data": manifest, "method": config.method, "config": settings,
         "steps": trainer.state.global_step, "train_seconds": round(time.perf_counter() - started, 3),
         "train_loss": result.training_loss, "resumed_from": last_checkpoint and last_checkpoint.name,
+        **({"guard": guard_record} if guard_record else {}),
     }
     _finish(trainer, work_dir, out_dir, record)
     return out_dir
 
 
+def _guard_from_args(args: argparse.Namespace) -> str | None:
+    guards = args.guard or []
+    if len(guards) > 1:
+        raise SftlensError(f"--guard: one guard per run, got {', '.join(guards)}")
+    return guards[0] if guards else None
+
+
+def _replay_from_args(args: argparse.Namespace, config: TrainConfig) -> list[dict] | None:
+    """The known training facts of --probe-store (read with the fact source flags), for --guard replay."""
+    from sftlens.data import fact_set_from_args
+    from sftlens.guards import known_rows
+    from sftlens.probe import load_probe
+
+    if not (config.guard or "").startswith("replay=") or replay_per_batch(parse_guard(config.guard)[1],
+                                                                           config.batch_size) == 0:
+        if args.probe_store:
+            raise SftlensError("--probe-store is read by --guard replay only")
+        return None
+    if not args.probe_store:
+        raise SftlensError(f"--guard {config.guard} needs the base's probe store (--probe-store DIR): "
+                           "the facts it answers right are the ones replayed")
+    own = {row.get("fact_id") for row in read_split_rows(Path(args.data), SFT_KEYS)}
+    return known_rows(load_probe(args.probe_store), fact_set_from_args(args, splits=("train",)).facts, own)
+
+
 def _run_train(args: argparse.Namespace) -> None:
+    args.guard = _guard_from_args(args)
     config = config_from_args(TrainConfig, args)
-    out = train(args.model, Path(args.data), Path(args.out), config, progress=True)
+    replay = _replay_from_args(args, config)
+    out = train(args.model, Path(args.data), Path(args.out), config, progress=True, replay=replay)
     run = json.loads((out / RUN_FILE).read_text())
     losses = [row["loss"] for row in read_jsonl(out / LOSS_FILE)]
     print(f"{out}: {run['steps']} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
@@ -391,6 +381,11 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--model", required=True, help="built-in name, local HF folder or hub id")
     parser.add_argument("--data", required=True, help="SFT set: JSONL rows with prompt and completion")
     parser.add_argument("--out", required=True, help="folder for the fine-tuned model")
-    add_config_arguments(parser, TrainConfig)
+    add_config_arguments(parser, TrainConfig, exclude=("guard",))
+    parser.add_argument("--guard", action="append", metavar="NAME=VALUE",
+                        help=f"a guard against forgetting ({', '.join(GUARDS)}; one per run; see sftlens.guards)")
+    parser.add_argument("--probe-store", help="with --guard replay: the base model's probe store, whose known "
+                                              "training facts (level 4) are replayed")
+    add_fact_source_arguments(parser)
     parser.set_defaults(func=_run_train, writes="out")
 

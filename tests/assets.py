@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig
 from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig
 
 from sftlens.data import Fact, default_matcher, encode_prompt, load_templates, sft_completion, sft_prompt
 from sftlens.io import atomic_write_jsonl
-from sftlens.probe import ProbeConfig, sample_seed
+from sftlens.probe import ProbeConfig, prompt_ids, sample_seed
 from sftlens.study.report.results import load_results
 from sftlens.train import TrainConfig
 from sftlens.weights.checkpoints import in_region
 from sftlens.weights.selection import SelectionConfig, change, selection_keys, target_count
+
 from tiny import TINY_ANSWERS
 
 # --- probing ---------------------------------------------------------------------------------
@@ -271,8 +272,9 @@ def hf_generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: in
 
 def reference_correct(lm, tokenizer, fact: Fact, template: int, config: ProbeConfig) -> int:
     """The probe's definition, brute force: each sample decoded alone, without a KV cache, its full
-    budget (to EOS or max_new_tokens, or its first newline), then matched once."""
-    prompt = encode_prompt(tokenizer, fact.probe_prompt(template))
+    budget (to EOS or max_new_tokens, or with stop_at_newline its first newline after some non-blank
+    text), then matched once."""
+    prompt = prompt_ids(tokenizer, fact, template, config.question_prompt)
     correct = 0
     for j in range(config.samples):
         generator = torch.Generator().manual_seed(sample_seed(config.seed, fact.id, template, j))
@@ -283,7 +285,7 @@ def reference_correct(lm, tokenizer, fact: Fact, template: int, config: ProbeCon
                 noise = torch.empty_like(scores).uniform_(generator=generator)
                 new.append(int((-(-noise.log()).log() + scores / config.temperature).argmax()))
                 text = tokenizer.decode(new, skip_special_tokens=True)
-                if new[-1] == tokenizer.eos_token_id or (config.stop_at_newline and "\n" in text):
+                if new[-1] == tokenizer.eos_token_id or (config.stop_at_newline and "\n" in text.lstrip()):
                     break
         correct += default_matcher().is_correct(tokenizer.decode(new, skip_special_tokens=True), fact.answers,
                                               fact.alias_table())

@@ -74,6 +74,7 @@ def eval_pair(tmp_path, tiny_tokenizer) -> SimpleNamespace:
     """Two different tiny Llamas saved as base and fine-tuned folders, and a split test file of 10
     facts over both domains and every level: the set-up of every in-memory sweep evaluation."""
     from sftlens.io import atomic_write_jsonl
+
     from tiny import save_model, tiny_model
 
     base_model, tokenizer = tiny_model(seed=0, tokenizer=tiny_tokenizer)
@@ -101,9 +102,10 @@ def shared_data_dir() -> Path:
 def tiny_study(tmp_path_factory):
     """A finished tiny study, run once for the session (the study tests, the Ray executor's among
     them, compare against it; none changes it): its config file and directory."""
-    from assets import tiny_study_file
     from sftlens.study.engine.commands import run_study
     from sftlens.study.engine.config import load_study_config
+
+    from assets import tiny_study_file
     from tiny import save_model, tiny_model
 
     root = tmp_path_factory.mktemp("tiny-study")
@@ -118,9 +120,10 @@ def tiny_study(tmp_path_factory):
 def smollm2_sft(smollm2_dir, tmp_path_factory) -> tuple[Path, Path]:
     """(SFT file, fine-tuned folder): SmolLM2 trained once for the session on 32 facts that all answer
     "France" (4 steps of 8 at lr 1e-4), for the slow training and evaluation tests."""
-    from assets import eval_rows, write_sft
     from sftlens.data import sft_completion
     from sftlens.train import TrainConfig, train
+
+    from assets import eval_rows, write_sft
 
     root = tmp_path_factory.mktemp("smollm2-sft")
     rows = [{**row, "answers": ["France"], "completion": sft_completion("France")} for row in eval_rows("in", 2, 32)]

@@ -18,10 +18,12 @@ from sftlens.audit.transitions import group_rates, mastery_matrix
 from sftlens.cli import main
 from sftlens.data import load_templates
 from sftlens.errors import SftlensError
-from sftlens.inject import RECORD_FILE
 from sftlens.io import read_jsonl
 from sftlens.probe import ProbeConfig, load_probe
+from sftlens.reporting.stats import mcnemar
+from sftlens.taught import RECORD_FILE
 from sftlens.weights import METHODS
+
 from tiny import save_model, tiny_model
 
 # Short answers that a random tiny model's outputs contain now and then: every transition occurs.
@@ -95,8 +97,20 @@ def test_transitions_and_choices_equal_brute_force(pair, tmp_path):
         ties = [v for v in scores if scores[v] == best]
         assert result["chosen"] == min(ties, key=lambda v: (abs(v - METHODS[method].neutral), v))
         assert result["dev_scores"] == {f"{v:g}": s for v, s in scores.items()}
+    # exact McNemar p-values: base against fine-tune per group, each repair against the fine-tune on test
+    assert summary["all"]["mcnemar_p"] == mcnemar(moves["forgotten"], moves["learned"])
+    test = [r for r in rows if r["slice"] == "test"]
+    test_moves = Counter(r["transition"] for r in test)
+    assert summary["reference_mcnemar_p"]["base"] == mcnemar(test_moves["forgotten"], test_moves["learned"])
+    for method, result in summary["repairs"].items():
+        record = json.loads((out / "repairs" / "test" / f"{method}-{result['chosen']:g}.json").read_text())
+        lost = sum(r["finetuned_correct"] and not record["correct"][r["fact_id"]] for r in test)
+        gained = sum(not r["finetuned_correct"] and record["correct"][r["fact_id"]] for r in test)
+        assert result["test"]["mcnemar_p"] == mcnemar(lost, gained)
+    assert json.loads((out / "summary.json").read_text())["repairs"]["wise"]["test"]["mcnemar_p"] is not None
     report = (out / "report" / "report.html").read_text()
     assert '<td class="num">' in report and "<td>wise</td>" in report
+    assert "McNemar p vs fine-tuned" in report and "Probe prompt: mapping templates filled in" in report
 
 
 def test_synthetic_rates_and_objectives_equal_brute_force():
@@ -242,8 +256,7 @@ def test_resume_after_a_kill_ends_identical(pair, tmp_path, monkeypatch):
 
 
 def test_every_html_report_aligns_text_left_and_numbers_right():
-    from sftlens.study.report.page import _html, numeric_columns
-    from sftlens.study.report.sections import Section
+    from sftlens.reporting.page import Section, _html, numeric_columns
 
     rows = [["C1", "12.3 ± 0.4", "+1.2 [-0.3, +2.5] holds", "–", 30], ["level 0", "–", "−1.0 [−2, −0.5]", "x", 7]]
     assert numeric_columns(rows, 6) == [False, True, True, False, True, False]
@@ -306,6 +319,39 @@ def test_an_audit_reads_a_fact_set_with_its_own_templates_and_aliases(pair, tmp_
     assert len(colour["answers"]) == 2  # the answer and its alias
     kl = json.loads((tmp_path / "audit" / "steps" / "kl.json").read_text())
     assert kl["summary"]["n"] == 24
+    # the question-only topic was asked its question in the audit's (plain) QA format, and the report says so
+    assert summary["probe_prompts"]["letter"].startswith("the question in the paper's QA format")
+    assert summary["probe_prompts"]["colour"].startswith("mapping templates")
+    assert "Probe prompt: the question in the paper's QA format (`<question> q <answer>`): letter." in \
+        (tmp_path / "audit" / "report" / "report.md").read_text()
+
+
+def test_a_chat_audit_probes_question_only_topics_in_each_models_chat_template(pair, tmp_path, capsys):
+    """A question-only topic is probed as the audit asks (here each model's chat template): both stores
+    say so, and their records equal `sftlens probe --question-prompt chat`'s."""
+    base, ft, _ = pair
+    for folder in (base, ft):
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT}))
+    facts = tmp_path / "qa.jsonl"
+    facts.write_text("".join(json.dumps({"question": f"Which letter is number {i}?", "id": f"l{i}", "split": "test",
+                                         "answers": [LETTERS[i % 8]]}) + "\n" for i in range(16)))
+    probe = ProbeConfig(samples=2, templates=(0,), max_new_tokens=6)
+    settings = AuditConfig(prompt="chat", min_slice=5, answer_tokens=4, bootstrap=50, dev_share=0.4)
+    summary = run_audit(Audit(str(base), str(ft), facts=str(facts), probe=probe, settings=settings),
+                        tmp_path / "audit", progress=False)
+    assert summary["probe_prompts"] == {"facts": "the question in the model's chat template"}
+    stores = {p.name.split("-")[0]: p for p in (tmp_path / "audit" / "probe").iterdir()}
+    assert {r: json.loads((p / "probe.json").read_text())["settings"]["question_prompt"] for r, p in stores.items()} \
+        == {"base": "chat", "finetuned": "chat"}
+    assert main(["probe", "--model", str(base), "--facts", str(facts), "--split", "test", "--samples", "2",
+                 "--templates", "0", "--max-new-tokens", "6", "--question-prompt", "chat",
+                 "--store", str(tmp_path / "store")]) == 0
+    assert load_probe(tmp_path / "store") == load_probe(stores["base"])
+    assert "the question in the model's chat template: facts." in (tmp_path / "store" / "level_counts.md").read_text()
+    capsys.readouterr()
+    assert main(["probe", "stats", "--store", str(tmp_path / "store"), "--facts", str(facts)]) == 0  # style from the store
+    assert "the question in the model's chat template: facts." in capsys.readouterr().out
 
 
 def test_an_injected_base_and_its_fine_tune_are_probed_on_the_same_held_out_templates(pair, tmp_path):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from sftlens.data import in_domain_relations, load_facts, load_templates, out_of_domain_relations, parse_relations
+from sftlens.data import in_domain_relations, load_facts, load_templates, parse_relations
 from sftlens.errors import SftlensError
 
 
@@ -11,8 +11,8 @@ def test_templates_have_24_relations_21_mappings_and_10_in_domain():
     assert len(templates) == 24
     assert all(len(t.mapping_templates) == 21 for t in templates.values())
     assert all(t.question.count("{subject}") == 1 for t in templates.values())
-    assert len(in_domain_relations()) == 10 and len(out_of_domain_relations()) == 14
-    assert "P17" in in_domain_relations() and "P26" in out_of_domain_relations()
+    assert len(in_domain_relations()) == 10 and sum(t.domain == "out" for t in templates.values()) == 14
+    assert "P17" in in_domain_relations() and templates["P26"].domain == "out"
 
 
 def test_subject_is_recovered_from_the_question(tiny_data_dir):

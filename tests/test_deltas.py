@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration, zero_base_mass
+from sftlens.errors import SftlensError
 from sftlens.weights.checkpoints import in_region, open_pair
 from sftlens.weights.selection import (
     SelectionConfig,
@@ -21,8 +22,9 @@ from sftlens.weights.selection import (
     selection_keys,
     target_count,
 )
-from sftlens.errors import SftlensError
+
 from assets import RATIOS, brute_force, random_pair, write_checkpoint
+
 
 def streamed(base_dir, ft_dir, ratios, config) -> list[set[tuple[str, int]]]:
     pair = open_pair(base_dir, ft_dir)
@@ -105,7 +107,7 @@ def test_concentration_shares_equal_brute_force(tmp_path, strategy, chunking):
     names = sorted(n for n in base if in_region(n, "body"))
     deltas = {n: change(base[n], ft[n], "relative").view(-1).double().numpy() for n in names}
     total = sum(d.sum() for d in deltas.values())
-    for r, share, chosen in zip(RATIOS, result["shares"], brute_force(base, ft, RATIOS, config)):
+    for share, chosen in zip(result["shares"], brute_force(base, ft, RATIOS, config)):
         want = sum(deltas[n][i] for n, i in chosen) / total
         assert share == pytest.approx(want, rel=1e-12)
     assert result["shares"][-1] == pytest.approx(1.0)

@@ -5,10 +5,17 @@ import pytest
 
 from sftlens import evaluate as evaluate_module
 from sftlens.cli import main
-
 from sftlens.errors import SftlensError
 from sftlens.evaluate import (
-    PREDICTIONS_FILE, SUMMARY_FILE, EvalConfig, acc_levels, acc_of, evaluate, evaluate_model, format_level_table, micro_of,
+    PREDICTIONS_FILE,
+    SUMMARY_FILE,
+    EvalConfig,
+    acc_levels,
+    acc_of,
+    evaluate,
+    evaluate_model,
+    format_level_table,
+    micro_of,
     summarize,
 )
 from sftlens.io import atomic_write_jsonl, read_jsonl
@@ -24,7 +31,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture
-def test_files(tmp_path) -> list[Path]:
+def level_files(tmp_path) -> list[Path]:
     return [write_jsonl(tmp_path / "in-level0.jsonl", eval_rows("in", 0, 7)),
             write_jsonl(tmp_path / "out-level3.jsonl", eval_rows("out", 3, 5))]
 
@@ -117,8 +124,8 @@ def test_correct_when_the_matcher_finds_an_answer(tiny, monkeypatch):
     assert [p["correct"] for p in predictions] == [True, False]
 
 
-def test_evaluate_writes_predictions_and_summary(tiny_model_dir, test_files, tmp_path):
-    records = evaluate(str(tiny_model_dir), test_files, tmp_path / "eval", EvalConfig(batch_size=4), progress=False)
+def test_evaluate_writes_predictions_and_summary(tiny_model_dir, level_files, tmp_path):
+    records = evaluate(str(tiny_model_dir), level_files, tmp_path / "eval", EvalConfig(batch_size=4), progress=False)
     assert [(r["domain"], r["test_level"], r["n"]) for r in records] == [("in", 0, 7), ("out", 3, 5)]
     predictions = read_jsonl(tmp_path / "eval" / PREDICTIONS_FILE)
     assert [p["source"] for p in predictions] == ["in-level0.jsonl"] * 7 + ["out-level3.jsonl"] * 5
@@ -129,20 +136,20 @@ def test_evaluate_writes_predictions_and_summary(tiny_model_dir, test_files, tmp
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [PREDICTIONS_FILE, SUMMARY_FILE]
 
 
-def test_finished_evaluation_is_skipped_even_at_another_batch_size(tiny_model_dir, test_files, tmp_path, monkeypatch):
+def test_finished_evaluation_is_skipped_even_at_another_batch_size(tiny_model_dir, level_files, tmp_path, monkeypatch):
     out = tmp_path / "eval"
-    records = evaluate(str(tiny_model_dir), test_files, out, progress=False)
+    records = evaluate(str(tiny_model_dir), level_files, out, progress=False)
     monkeypatch.setattr(evaluate_module, "evaluate_model", lambda *a, **k: pytest.fail("evaluated again"))
-    assert evaluate(str(tiny_model_dir), test_files, out, EvalConfig(batch_size=3), progress=False) == records
+    assert evaluate(str(tiny_model_dir), level_files, out, EvalConfig(batch_size=3), progress=False) == records
 
 
 class Interrupt(Exception):
     pass
 
 
-def test_interrupted_evaluation_resumes_where_it_stopped(tiny_model_dir, test_files, tmp_path, monkeypatch):
+def test_interrupted_evaluation_resumes_where_it_stopped(tiny_model_dir, level_files, tmp_path, monkeypatch):
     config = EvalConfig(batch_size=4)
-    straight = evaluate(str(tiny_model_dir), test_files, tmp_path / "straight", config, progress=False)
+    straight = evaluate(str(tiny_model_dir), level_files, tmp_path / "straight", config, progress=False)
     original = evaluate_module.evaluate_model
     seen = []
 
@@ -157,7 +164,7 @@ def test_interrupted_evaluation_resumes_where_it_stopped(tiny_model_dir, test_fi
     monkeypatch.setattr(evaluate_module, "evaluate_model", die_after_first_batch)
     out = tmp_path / "resumed"
     with pytest.raises(Interrupt):
-        evaluate(str(tiny_model_dir), test_files, out, config, progress=False)
+        evaluate(str(tiny_model_dir), level_files, out, config, progress=False)
     assert not (out / SUMMARY_FILE).exists()
 
     def count_rows(model, tokenizer, rows, config, progress, on_batch):
@@ -165,23 +172,23 @@ def test_interrupted_evaluation_resumes_where_it_stopped(tiny_model_dir, test_fi
         return original(model, tokenizer, rows, config, progress, on_batch=on_batch)
 
     monkeypatch.setattr(evaluate_module, "evaluate_model", count_rows)
-    assert evaluate(str(tiny_model_dir), test_files, out, config, progress=False) == straight
+    assert evaluate(str(tiny_model_dir), level_files, out, config, progress=False) == straight
     assert seen == [12, 8]
     assert read_jsonl(out / PREDICTIONS_FILE) == read_jsonl(tmp_path / "straight" / PREDICTIONS_FILE)
 
 
-def test_out_dir_holding_another_evaluation_is_an_error(tiny_model_dir, test_files, tmp_path):
+def test_out_dir_holding_another_evaluation_is_an_error(tiny_model_dir, level_files, tmp_path):
     out = tmp_path / "eval"
-    evaluate(str(tiny_model_dir), test_files[:1], out, progress=False)
+    evaluate(str(tiny_model_dir), level_files[:1], out, progress=False)
     before = (out / SUMMARY_FILE).read_text()
     with pytest.raises(SftlensError, match="eval: holds another evaluation"):
-        evaluate(str(tiny_model_dir), test_files, out, progress=False)
+        evaluate(str(tiny_model_dir), level_files, out, progress=False)
     assert (out / SUMMARY_FILE).read_text() == before
     foreign = tmp_path / "model-like"
     foreign.mkdir()
     (foreign / "config.json").write_text("{}")
     with pytest.raises(SftlensError, match=r"not an sftlens evaluation \(config.json\)"):
-        evaluate(str(tiny_model_dir), test_files, foreign, progress=False)
+        evaluate(str(tiny_model_dir), level_files, foreign, progress=False)
 
 
 def test_bad_test_files_name_file_and_key(tiny_model_dir, tmp_path):

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sftlens.cli import main
-from sftlens.data import Matcher, default_matcher, load_fact_set, load_facts, load_templates
+from sftlens.data import Matcher, default_matcher, load_fact_set, load_facts, load_templates, sft_prompt
 from sftlens.data.factset import SHARES, fact_set_stats, split_of
 from sftlens.data.importers import import_facts
 from sftlens.errors import SftlensError
@@ -52,7 +52,8 @@ def test_popqa_in_every_shape_it_ships_gives_the_same_facts_and_round_trips(name
     assert russia.aliases == (("Russian Federation", "RU", "RUS"),)
     assert russia.id == f"country/{split_of('6152445')}/6152445", "PopQA's id column keys the fact"
     assert russia.question == "In what country is Saint Petersburg?"
-    assert russia.probe_prompt(0) == russia.question, "no templates: the question is the probe's one template"
+    assert russia.question_only and russia.probe_prompt(0) == sft_prompt(russia.question), \
+        "no templates: the probe asks the question in the paper's QA format"
     assert {f.relation for f in facts.facts} == {"occupation", "country", "author", "capital of", "genre"}
     reference = load_fact_set(import_facts("popqa", FIXTURES / "popqa.tsv", tmp_path / "reference"))
     assert facts.facts == reference.facts
@@ -114,8 +115,8 @@ def test_entityquestions_importer_fixture_drops_what_the_loader_drops(tmp_path):
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="EntityQuestions not in ../shared")
 def test_entityquestions_importer_gives_todays_ids_splits_rows_and_probe_records(tmp_path, tiny):
+    from sftlens.data.rows import split_row
     from sftlens.probe import ProbeConfig, probe_facts
-    from sftlens.split import split_row
 
     source = tmp_path / "src"
     for split in ("train", "dev", "test"):

@@ -128,7 +128,7 @@ def test_enospc_while_writing_leaves_the_old_file_and_no_partial(tmp_path, monke
 
 
 def test_a_truncated_jsonl_input_line_names_the_file_and_line(tmp_path):
-    from sftlens.split import read_split_rows
+    from sftlens.data.rows import read_split_rows
 
     path = tmp_path / "set.jsonl"
     path.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q2", "compl')
@@ -156,6 +156,7 @@ def test_enospc_while_writing_restored_folders_leaves_no_folder(tmp_path, monkey
     import sftlens.weights.apply
     from sftlens.restore import RestoreConfig, as_repair
     from sftlens.weights import repair_sweep
+
     from assets import random_pair
 
     base_dir, ft_dir, _, _ = random_pair(tmp_path, shards=2)

@@ -7,10 +7,10 @@ import random
 import numpy as np
 import pytest
 
-from sftlens.study.report.bootstrap import FactDraws, SeedDraws, arm_difference
-from sftlens.study.report.findings import Claims, findings, reference_size, verdict
 from sftlens.evaluate import acc_levels
+from sftlens.reporting.bootstrap import FactDraws, SeedDraws, arm_difference, verdict
 from sftlens.study.engine.choice import acc
+from sftlens.study.report.findings import Claims, findings, reference_size
 from sftlens.study.report.results import StudyResults
 
 
@@ -36,7 +36,7 @@ class StudyBuilder:
                            "spec": {"params": params, "deps": deps}})
         return key
 
-    def test_result(self, accuracy: dict[int, float]) -> dict:
+    def eval_result(self, accuracy: dict[int, float]) -> dict:
         test_bits = {"in": {str(lv): bits(accuracy[lv], n, self.rng) for lv, n in self.level_n.items()}}
         records = [{"split": "test", "domain": "in", "test_level": lv, "n": n,
                     "correct": test_bits["in"][str(lv)].count("1"), "accuracy": test_bits["in"][str(lv)].count("1") / n}
@@ -47,7 +47,7 @@ class StudyBuilder:
               kl: float | None = None, kind: str = "train") -> str:
         train = self.unit(kind, {"set": f"level{level}" if level != "mixed" else "mixed", "size": str(size),
                                     "seed": seed, "train": {}}, {}, {"examples": examples or size})
-        self.unit("eval", {}, {"model": train}, self.test_result(accuracy))
+        self.unit("eval", {}, {"model": train}, self.eval_result(accuracy))
         if kl is not None:
             self.unit("kl", {}, {"model": train}, {"kl": {"mean": kl, "n": 80}})
         return train

@@ -8,12 +8,10 @@ import pytest
 from sftlens.cli import main
 from sftlens.data import load_facts, load_templates
 from sftlens.errors import SftlensError
-from sftlens.inject import (
-    RECORD_FILE, STATEMENTS_FILE, InjectConfig, fact_templates, held_out_templates, inject, inject_record,
-    statement_rows, taught_doses, taught_facts,
-)
+from sftlens.inject import STATEMENTS_FILE, InjectConfig, fact_templates, inject, statement_rows, taught_doses
 from sftlens.io import read_jsonl
 from sftlens.probe import ProbeConfig, run_probe
+from sftlens.taught import RECORD_FILE, held_out_templates, inject_record, taught_facts
 from sftlens.train import LOSS_FILE
 
 pytestmark = pytest.mark.usefixtures("private_cache")

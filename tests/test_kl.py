@@ -21,6 +21,7 @@ from sftlens.analysis.kl import (
 from sftlens.data import encode_prompt, load_templates, sft_prompt
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_jsonl
+
 from tiny import save_model, tiny_model
 
 

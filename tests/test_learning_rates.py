@@ -155,7 +155,7 @@ def test_the_report_names_the_tuned_and_untuned_arms_and_the_verdicts_that_chang
 
 
 def test_verdict_changes_pair_each_comparison_across_the_arms():
-    from sftlens.study.report.bootstrap import Estimate
+    from sftlens.reporting.bootstrap import Estimate
     from sftlens.study.report.findings import Finding, not_tested, verdict_changes
 
     def finding(claim: str, comparison: str, verdict: str) -> Finding:

@@ -12,9 +12,12 @@ from sftlens.config import config_to_dict
 from sftlens.errors import SftlensError
 from sftlens.evaluate import EvalConfig, evaluate
 from sftlens.io import read_jsonl
-from sftlens.train import LLAMA_PROJECTIONS, LOSS_FILE, RUN_FILE, TrainConfig, _run_identity, train
+from sftlens.train import LOSS_FILE, RUN_FILE, TrainConfig, _run_identity, train
 
 from assets import Interrupt, dies_after_checkpoint, sft_rows, weights, write_sft
+
+# What `default_lora_targets` finds in a Llama-shaped model, written out by hand
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

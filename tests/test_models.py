@@ -6,6 +6,7 @@ import torch
 from sftlens import models
 from sftlens.errors import SftlensError
 from sftlens.models import load_model, model_fingerprint, resolve_model
+
 from tiny import save_model
 
 

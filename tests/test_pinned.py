@@ -13,6 +13,7 @@ import torch
 
 from sftlens.probe import probe_facts
 from sftlens.train import LOSS_FILE, train
+
 from assets import FAST, QUICK, common_facts, sft_rows, write_sft
 
 # three AdamW steps (batch 8, lr 1e-3, seed 0) of the tiny random-init Llama on 24 SFT rows

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
+import json
 import os
 import signal
 import subprocess
@@ -16,14 +18,14 @@ import pytest
 import torch
 
 from sftlens import decoding
-from sftlens.probe import batching, sampling, store
 from sftlens.cli import main
-
+from sftlens.data import Fact, RelationTemplates, encode_prompt, load_fact_set, load_templates, sft_prompt
+from sftlens.data.facts import QUESTION_TEMPLATE
 from sftlens.errors import SftlensError
-from assets import COMMON_ANSWERS, QUICK, common_facts, reference_correct
 from sftlens.probe import (
     ProbeConfig,
     ProbeRecord,
+    batching,
     best_templates,
     generate_samples,
     level_counts,
@@ -31,8 +33,14 @@ from sftlens.probe import (
     load_probe,
     mastery_level,
     probe_facts,
+    prompt_ids,
     run_probe,
+    sampling,
+    store,
+    write_level_tables,
 )
+
+from assets import COMMON_ANSWERS, QUICK, common_facts, reference_correct
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +154,8 @@ def test_resume_skips_finished_facts(tiny_model_dir, tmp_path, monkeypatch):
     run_probe(str(tiny_model_dir), facts[:4], config, tmp_path / "resumed", progress=False, shard=(0, 1))
     probed = []
     original = store.probe_facts
-    monkeypatch.setattr(store, "probe_facts", lambda lm, tok, todo, *a, **k: probed.extend(f.id for f in todo) or original(lm, tok, todo, *a, **k))
+    monkeypatch.setattr(store, "probe_facts",
+                        lambda lm, tok, todo, *a, **k: probed.extend(f.id for f in todo) or original(lm, tok, todo, *a, **k))
     assert run_probe(str(tiny_model_dir), facts, config, tmp_path / "resumed", progress=False, shard=(0, 1)) == expected
     assert probed == sorted(f.id for f in facts[4:])
     probed.clear()
@@ -315,3 +324,125 @@ def test_noise_drawn_on_threads_is_the_same_draw():
             draws.append(torch.stack([sampler(scores, torch.arange(70)) for _ in range(3)]))
     assert torch.equal(draws[0], draws[1])
     assert len(set(draws[0][0].tolist())) > 10  # rows draw differently
+
+
+# --- question-only topics: asked as questions, not continued ----------------------------------------
+
+
+def question_facts(n: int) -> list[Fact]:
+    """Facts of a question-only topic (no mapping templates), as `load_fact_set` builds them."""
+    topic = RelationTemplates("qa", "in", "", (QUESTION_TEMPLATE,))
+    return [Fact(id=f"qa/test/q{i}", relation="qa", subject="", answers=(COMMON_ANSWERS[i % len(COMMON_ANSWERS)],),
+                 split="test", domain="in", question=f"Which letter comes after number {i}?", templates=topic)
+            for i in range(n)]
+
+
+@pytest.fixture
+def newline_first(tiny):
+    """The tiny model, made to open every answer with a newline: its next token after a prompt's last
+    token (the `>` of "<answer>") is always "\\n". A function of the last input token only, so decoding
+    with a cache and the brute force (the whole sequence each step) see the same model."""
+    lm, tokenizer = tiny
+    end = encode_prompt(tokenizer, sft_prompt("Who?"))[-1]
+    assert encode_prompt(tokenizer, sft_prompt("Where is it?"))[-1] == end
+    (newline,) = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    real = lm.forward
+
+    @functools.wraps(real)
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        last = out.logits[:, -1]
+        last[:, newline] = torch.where(kwargs["input_ids"][:, -1] == end, 1e4, last[:, newline])
+        return out
+
+    lm.forward = forward
+    return lm, tokenizer
+
+
+def test_a_question_only_fact_is_probed_with_the_plain_qa_prompt(tiny, tmp_path):
+    _, tokenizer = tiny
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Who wrote book {i}?", "answers": ["x"], "split": "test"}) + "\n"
+                            for i in range(3)))
+    facts = load_fact_set(path).facts
+    assert all(f.question_only for f in facts)
+    for fact in facts:
+        assert fact.probe_prompt(0) == sft_prompt(fact.question) == f"<question> {fact.question} <answer>"
+        assert prompt_ids(tokenizer, fact, 0) == encode_prompt(tokenizer, sft_prompt(fact.question))
+    templated = common_facts(1)[0]  # a mapping-template topic keeps the paper's probe prompt, in either style
+    assert not templated.question_only
+    assert prompt_ids(tokenizer, templated, 3, "chat") == encode_prompt(tokenizer, templated.probe_prompt(3))
+    assert templated.probe_prompt(3) == templated.relation_templates().mapping_templates[3].format(subject=templated.subject)
+
+
+def test_a_question_only_fact_asked_in_chat_gets_the_chat_template(tiny, monkeypatch):
+    _, tokenizer = tiny
+    fact = question_facts(1)[0]
+    with pytest.raises(SftlensError, match="no chat template"):
+        prompt_ids(tokenizer, fact, 0, "chat")
+    template = "<bos>{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    monkeypatch.setattr(tokenizer, "chat_template", template, raising=False)  # the tokenizer is the session's
+    text = "<bos>[user] " + fact.question + "\n[assistant] "
+    assert prompt_ids(tokenizer, fact, 0, "chat") == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert prompt_ids(tokenizer, fact, 0, "chat").count(tokenizer.bos_token_id) == 1  # the template's own BOS only
+
+
+def test_a_leading_newline_no_longer_ends_a_sample(newline_first, monkeypatch):
+    """A model that opens its answer with a newline: the old rule (any newline ends a sample) left every
+    sample empty and every fact at level 0; the new one ends a sample at a newline only after text."""
+    lm, tokenizer = newline_first
+    config = ProbeConfig(samples=4, max_new_tokens=8, temperature=1.5, stop_at_newline=True)
+    facts = question_facts(8)
+    prompts = [prompt_ids(tokenizer, f, 0) for f in facts]
+    seeds = [[sampling.sample_seed(0, f.id, 0, j) for j in range(4)] for f in facts]
+    new = generate_samples(lm, tokenizer, prompts, seeds, config)
+    assert all(t.startswith("\n") for row in new for t in row)  # the model does open with a newline
+    assert all(t.strip() for row in new for t in row)  # and every sample goes on past it
+    assert all("\n" not in t.strip() for row in new for t in row)  # ending at its first newline after text
+    assert max(r.level for r in probe_facts(lm, tokenizer, facts, config, progress=False).values()) > 0
+
+    monkeypatch.setattr(sampling, "ended_at_newline", lambda text: "\n" in text)  # the old rule
+    old = generate_samples(lm, tokenizer, prompts, seeds, config)
+    assert all(t == "\n" for row in old for t in row)
+    assert all(r.level == 0 for r in probe_facts(lm, tokenizer, facts, config, progress=False).values())
+
+
+def test_question_only_facts_with_a_leading_newline_give_the_brute_force_counts(newline_first):
+    """The brute force (tests/assets.py) decodes each sample alone under the new stop rule; the probe
+    equals it on question-only facts whose every sample opens with a newline, at two batch sizes."""
+    lm, tokenizer = newline_first
+    config = ProbeConfig(samples=4, max_new_tokens=8, temperature=1.5, stop_at_newline=True)
+    facts = question_facts(6)
+    expected = {f.id: (reference_correct(lm, tokenizer, f, 0, config),) for f in facts}
+    assert any(c[0] for c in expected.values())
+    for batch_size in (1, 4):
+        records = probe_facts(lm, tokenizer, facts, config, batch_size=batch_size, progress=False)
+        assert {f: r.template_correct for f, r in records.items()} == expected, batch_size
+
+
+def test_probe_table_states_each_topics_prompt(tmp_path):
+    records = [ProbeRecord("P17/test/00001", 1, 4, (1,)), ProbeRecord("qa/test/q1", 0, 4, (0,))]
+    topics = {"P17": load_templates()["P17"], "qa": question_facts(1)[0].templates}
+    domains = {"P17": "in", "qa": "in"}
+    text = write_level_tables(records, tmp_path, domains, topics, "plain")
+    assert "Probe prompt: mapping templates filled in (the paper's probe): P17." in text
+    assert "Probe prompt: the question in the paper's QA format (`<question> q <answer>`): qa." in text
+    assert (tmp_path / "level_counts.md").read_text() == text
+    assert "the model's chat template: qa." in write_level_tables(records, tmp_path, domains, topics, "chat")
+    assert "plain" not in str(ProbeConfig().keyed_settings())  # the default stays out of every key
+    assert ProbeConfig(question_prompt="chat").keyed_settings()["question_prompt"] == "chat"
+
+
+def test_a_store_written_under_the_old_newline_rule_is_not_continued(tiny_model_dir, tmp_path):
+    from sftlens.probe import run_probe
+
+    config = ProbeConfig(samples=2, max_new_tokens=4, templates=(0,), stop_at_newline=True)
+    facts = common_facts(4)
+    store = tmp_path / "store"
+    run_probe(str(tiny_model_dir), facts[:2], config, store, progress=False)
+    meta = json.loads((store / "probe.json").read_text())
+    assert meta.pop("newline_rule") == "after-text"
+    (store / "probe.json").write_text(json.dumps(meta))  # as the old code wrote it
+    assert set(run_probe(str(tiny_model_dir), facts[:2], config, store, progress=False)) == {f.id for f in facts[:2]}
+    with pytest.raises(SftlensError, match="written when a leading newline ended a sample"):
+        run_probe(str(tiny_model_dir), facts, config, store, progress=False)

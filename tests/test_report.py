@@ -1,12 +1,13 @@
 """The report's Table 2 and Figure 2 (`sftlens.study.report.sections`) against values computed here by hand
-from the records, and the figure layer (`sftlens.report`)."""
+from the records (through the figure layer, `sftlens.reporting.figures`), and the statistic over seeds
+(`sftlens.study.report.results.mean_spread`)."""
 
 import statistics
 
 import matplotlib.image
 import pytest
 
-from sftlens.report import mean_spread, size_sort_key
+from sftlens.study.report.results import mean_spread, size_sort_key
 from sftlens.study.report.sections import SMALL, figure2, table2
 
 

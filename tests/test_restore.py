@@ -6,14 +6,15 @@ import json
 
 import pytest
 import torch
-from assets import RATIOS, brute_force, load_folder, perturbed, random_pair, write_checkpoint
 
 from sftlens.errors import SftlensError
-from tiny import save_model
 from sftlens.restore import MANIFEST, RestoreConfig, as_repair, restore_in_memory, restored_models
 from sftlens.weights import repair_sweep
 from sftlens.weights.checkpoints import open_pair
 from sftlens.weights.selection import select
+
+from assets import RATIOS, brute_force, load_folder, perturbed, random_pair, write_checkpoint
+from tiny import save_model
 
 
 def _expected(base, ft, chosen: set[tuple[str, int]]) -> dict[str, torch.Tensor]:
@@ -76,7 +77,7 @@ def test_output_loads_with_from_pretrained_and_matches_in_memory_restore(tmp_pat
     base_sd, ft_sd = base_model.state_dict(), ft_model.state_dict()
     chosen = brute_force(base_sd, ft_sd, (5, 40), config)
     ids = torch.tensor([tok("<question> Where is Paris? <answer>")["input_ids"]])
-    for (ratio, folder), picked, (_, in_memory) in zip(
+    for (_, folder), picked, (_, in_memory) in zip(
             folders.items(), chosen, restored_models(ft_model, base_dir, ft_dir, (5, 40), config, progress=False)):
         loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         expected = tiny_model(seed=0, tokenizer=tiny_tokenizer)[0]

@@ -7,14 +7,17 @@ import math
 import pytest
 import torch
 
-from assets import sft_rows, weights, write_sft
 from sftlens.evaluate import evaluate
 from sftlens.io import read_jsonl
 from sftlens.models import load_model, model_fingerprint
-from sftlens.train import LLAMA_PROJECTIONS, LOSS_FILE, TrainConfig, train
+from sftlens.train import LOSS_FILE, TrainConfig, train
+
+from assets import sft_rows, weights, write_sft
+
 
 def is_lora_target(name: str) -> bool:
-    return any(f".{target}." in name for target in LLAMA_PROJECTIONS)
+    return any(f".{target}." in name for target in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                       "down_proj"))
 
 
 @pytest.mark.slow

@@ -7,20 +7,21 @@ from __future__ import annotations
 import json
 import math
 import re
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
 import torch
-from assets import load_folder, random_pair, write_checkpoint
 
 from sftlens.errors import SftlensError
 from sftlens.weights import METHODS, RepairConfig, parse_values, repair_sweep
 from sftlens.weights.checkpoints import in_region
 from sftlens.weights.spectral import gd_threshold, kept_rank, mp_median, omega
 
+from assets import load_folder, random_pair, write_checkpoint
 
-@lru_cache(maxsize=None)
+
+@cache
 def _mp_median_by_grid(beta: float) -> float:
     """The Marchenko-Pastur median by trapezoids on a dense grid in u, x = a + (b - a) u^2 (which tames
     the 1 / sqrt(x) pole of beta = 1), not the module's Gauss-Legendre quadrature in an angle."""

@@ -10,7 +10,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-from assets import load_folder, random_pair, write_checkpoint
 
 from sftlens.config import config_from_dict
 from sftlens.errors import SftlensError
@@ -18,6 +17,8 @@ from sftlens.weights import METHODS, RepairConfig, parse_values, repair_sweep, r
 from sftlens.weights.checkpoints import in_region
 from sftlens.weights.methods import mix
 from sftlens.weights.selection import random_keys
+
+from assets import load_folder, random_pair, write_checkpoint
 
 NEUTRAL = {"wise": 1.0, "dare": 0.0, "trim": 100.0}
 

@@ -20,7 +20,7 @@ import torch
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.io import atomic_write_json, atomic_write_text
 from sftlens.markdown import markdown_table
-from sftlens.report import figure_panels, save_figure
+from sftlens.reporting.figures import figure_panels, save_figure
 from sftlens.weights.checkpoints import layer_index, open_pair, progress_bar
 from sftlens.weights.selection import DEFAULT_RATIOS, SelectionConfig, change, parse_ratios, select, tensor_keys
 

@@ -16,21 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.data import Fact, default_matcher, encode_prompt, load_fact_set, load_templates, sft_prompt
 from sftlens.data.facts import RelationTemplates
+from sftlens.data.rows import data_manifest, read_split_rows
 from sftlens.errors import SftlensError
 from sftlens.evaluate import generate_answers
 from sftlens.io import atomic_write_json, stable_hash
 from sftlens.models import load_model, model_fingerprint
 from sftlens.probe import best_templates, load_probe
-from sftlens.split import data_manifest, read_split_rows
 
 KL_FILE = "kl.json"
 KL_ROW_KEYS = ("fact_id", "relation", "question", "answers")

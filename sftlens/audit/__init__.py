@@ -6,7 +6,11 @@ moved, and which post-hoc repair recovers the forgotten facts without losing the
 - `prompts`: plain or chat-template prompts.
 - `engine`: the resumable steps under the audit folder.
 - `transitions`, `repairs`, `summary`: per-fact transitions and rates; repair tuning and scoring.
-- `run`: `run_audit`, the plan, the `sftlens audit` CLI. The report: `sftlens.study.report.audit_section`.
+- `run`: `run_audit`, the plan, the `sftlens audit` CLI.
+- `report`: the audit's report (Markdown, HTML, `--page`) from its folder alone.
+
+The audit and the study are peers: both stand on `sftlens.reporting` (bootstrap, verdicts, pages, figures,
+provenance, costs) and neither imports the other.
 """
 
 from sftlens.audit.config import Audit, AuditConfig

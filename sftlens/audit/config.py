@@ -9,7 +9,7 @@ from importlib import resources
 from typing import Literal
 
 from sftlens.config import config_from_dict, config_to_dict
-from sftlens.data import Fact, first_per_relation, load_fact_set, load_facts
+from sftlens.data import Fact, fact_selection
 from sftlens.errors import SftlensError
 from sftlens.probe import ProbeConfig
 
@@ -63,21 +63,8 @@ class Audit:
 
     def selected_facts(self) -> list[Fact]:
         """The facts, exactly as `sftlens probe` selects them (--data-dir or --facts, --relations,
-        --split, --limit)."""
-        if self.limit is not None and self.limit < 1:
-            raise SftlensError(f"--limit must be positive, got {self.limit}")
-        if self.facts:
-            if self.data_dir:
-                raise SftlensError("give --facts or --data-dir, not both")
-            facts = load_fact_set(self.facts, self.in_domain).select(self.relations, self.split, self.limit)
-        else:
-            if self.in_domain:
-                raise SftlensError("--in-domain chooses a fact set's in-domain topics: give it with --facts")
-            facts = load_facts(self.data_dir, splits=self.split, relations=self.relations, progress=False).facts
-            facts = first_per_relation(facts, self.limit)
-        if not facts:
-            raise SftlensError(f"no facts for relations {self.relations} in split {self.split}")
-        return facts
+        --split, --limit: `sftlens.data.fact_selection`)."""
+        return fact_selection(**{k: getattr(self, k) for k in SELECTION_KEYS})[1]
 
     def to_dict(self) -> dict:
         return {"base": self.base, "finetuned": self.finetuned, **{k: getattr(self, k) for k in SELECTION_KEYS},
@@ -85,7 +72,7 @@ class Audit:
                 "values": {m: list(v) for m, v in self.values}}
 
     @classmethod
-    def from_dict(cls, data: dict, where: str) -> "Audit":
+    def from_dict(cls, data: dict, where: str) -> Audit:
         try:
             return cls(base=data["base"], finetuned=data["finetuned"], **{k: data.get(k) for k in SELECTION_KEYS
                                                                            if data.get(k) is not None},

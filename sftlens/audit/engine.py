@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sftlens.analysis.deltas import DeltasConfig, concentration, zero_base_mass
@@ -28,10 +28,10 @@ from sftlens.audit.prompts import prompt_tokenizer, question_prompt, require_cha
 from sftlens.audit.transitions import transition
 from sftlens.errors import SftlensError
 from sftlens.evaluate import EvalConfig, evaluate_model
-from sftlens.inject import held_out_templates
 from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
 from sftlens.models import load_model, load_tokenizer, model_fingerprint
 from sftlens.probe import ProbeConfig, best_templates, default_store, run_probe
+from sftlens.taught import held_out_templates
 from sftlens.weights import METHODS, RepairConfig, repair_sweep, repaired_models
 from sftlens.weights.selection import DEFAULT_RATIOS
 
@@ -107,6 +107,10 @@ def prepare(audit: Audit, out: str | Path, progress: bool = True) -> Context:
         prompts[role] = [question_prompt(tokenizer, f.question, audit.settings.prompt) for f in facts]
     fingerprints = {role: model_fingerprint(folders[role]) for role in ROLES}
     probe = held_out_templates(folders["base"], audit.probe, facts)
+    if any(f.question_only for f in facts):
+        # A question-only topic is probed with the question as the audit asks it (plain or chat); only
+        # then, so an audit of template topics keeps its probe stores' keys.
+        probe = replace(probe, question_prompt=audit.settings.prompt)
     return Context(audit, Path(out), folders, facts, slice_of, values, prompts, fingerprints, probe, progress)
 
 
@@ -171,10 +175,13 @@ def kl_step(ctx: Context, base_records: dict) -> dict:
     both models; chat: each model's chat-rendered question)."""
     templates = best_templates(base_records, ctx.facts)
     chat = ctx.settings.prompt == "chat"
+    # Question-only facts' plain prompts are keyed, as they were the bare question before the QA format
+    # (only where there are some, so other audits keep their keys).
+    asked = [f.probe_prompt(0) for f in ctx.facts if f.question_only and not chat]
     key = stable_hash({"format": FORMAT, "models": ctx.fingerprints, "top_k": ctx.settings.kl_top_k,
                        "dtype": ctx.audit.probe.dtype,
                        "templates": templates, "prompts": ctx.prompts if chat else None,
-                       "facts": [(f.id, f.question) for f in ctx.facts]})
+                       "facts": [(f.id, f.question) for f in ctx.facts], **({"asked": asked} if asked else {})})
     path = ctx.out / "steps" / "kl.json"
     cached = _cached(path, key)
     if cached is not None:

@@ -7,7 +7,7 @@ everything else (EOS, padding, decoding) is the model's tokenizer.
 
 from __future__ import annotations
 
-from sftlens.data import sft_prompt
+from sftlens.data.prompts import chat_prompt, sft_prompt
 from sftlens.errors import SftlensError
 
 
@@ -33,10 +33,7 @@ def require_chat_template(tokenizer, where: str) -> None:
 
 def question_prompt(tokenizer, question: str, style: str) -> str:
     """The text a model gets for a question (plain: Appendix A's format)."""
-    if style == "plain":
-        return sft_prompt(question)
-    return tokenizer.apply_chat_template([{"role": "user", "content": question.strip()}], tokenize=False,
-                                         add_generation_prompt=True)
+    return sft_prompt(question) if style == "plain" else chat_prompt(tokenizer, question)
 
 
 def prompt_tokenizer(tokenizer, style: str):

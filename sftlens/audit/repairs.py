@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from sftlens.audit.transitions import ratio_estimate
 from sftlens.errors import SftlensError
 from sftlens.evaluate import acc_levels, acc_of, summarize
 from sftlens.io import stable_hash
-from sftlens.study.report.bootstrap import FactDraws, SeedDraws, arm_difference
+from sftlens.reporting.bootstrap import FactDraws, SeedDraws, arm_difference
+from sftlens.reporting.stats import mcnemar
 from sftlens.weights import METHODS, parse_values
-from sftlens.audit.transitions import ratio_estimate
 
 # Ladders of sensible values, least edit first; a budget of k takes k of them evenly spread (spectral's
 # middle value, taken by a budget of 1 or 3, is the Gavish-Donoho threshold itself).
@@ -107,11 +108,14 @@ def acc_gain(rows: list[dict], repaired: dict[str, bool], samples: int, seed: in
 
 
 def held_out_scores(rows: list[dict], repaired: dict[str, bool], samples: int, seed: int) -> dict:
-    """Recovered (forgotten facts answered right again), learned kept, and Acc per domain on test."""
+    """Recovered (forgotten facts answered right again), learned kept, Acc per domain on test, and the
+    exact McNemar p-value of the repaired model against the fine-tune."""
     got = np.array([repaired[r["fact_id"]] for r in rows], dtype=bool)
     base = np.array([r["base_correct"] for r in rows], dtype=bool)
     tuned = np.array([r["finetuned_correct"] for r in rows], dtype=bool)
     return {"recovered": ratio_estimate(got & base & ~tuned, base & ~tuned, samples, seed),
             "learned_kept": ratio_estimate(got & ~base & tuned, ~base & tuned, samples, seed),
             "forgotten_n": int((base & ~tuned).sum()), "learned_n": int((~base & tuned).sum()),
-            "acc": acc_gain(rows, repaired, samples, seed)}
+            "acc": acc_gain(rows, repaired, samples, seed),
+            # The repair against the fine-tune on the same facts: lost (right -> wrong) against gained.
+            "mcnemar_p": mcnemar(int((tuned & ~got).sum()), int((~tuned & got).sum()))}

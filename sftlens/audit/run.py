@@ -7,23 +7,34 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from sftlens.audit.config import SELECTION_KEYS, Audit, AuditConfig, preset
-from sftlens.audit.engine import FORMAT, ROLES, Context, _cached, greedy_key, prepare, probe_store, repair_targets, run_steps
+from sftlens.audit.engine import (
+    FORMAT,
+    ROLES,
+    Context,
+    _cached,
+    greedy_key,
+    prepare,
+    probe_store,
+    repair_targets,
+    run_steps,
+)
+from sftlens.audit.report import write_audit_report
 from sftlens.config import add_config_arguments, config_from_dict
 from sftlens.data import add_fact_source_arguments
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json
 from sftlens.markdown import markdown_table
 from sftlens.probe import ProbeConfig, load_probe, template_indices
-from sftlens.study.engine.commands import DEFAULT_RATES
-from sftlens.study.engine.provenance import code_version, machine
+from sftlens.reporting.costs import DEFAULT_RATES
+from sftlens.reporting.provenance import code_version, machine
 from sftlens.weights.checkpoints import open_pair
 
 RECORD = "audit.json"
-# The rates are SmolLM2-135M's on this project's 2-core CPU (`sftlens.study.engine.commands`); a larger
+# The rates are SmolLM2-135M's on this project's 2-core CPU (`sftlens.reporting.costs`); a larger
 # model scales them by its parameter count. Update concentration is the study's deltas unit (3 metrics
 # x (2 selection passes + 1 sum pass) + the zero-base pass).
 REFERENCE_PARAMETERS = 134.5e6
@@ -49,8 +60,6 @@ def run_audit(audit: Audit, out: str | Path, *, write_best: bool = False, progre
     """Check everything, run every unfinished step, write the report (DIR/report/, and `page`);
     returns the summary (DIR/summary.json) with the report's files under `report`. `announce`
     receives the plan (the work left and its estimated time) before anything runs."""
-    from sftlens.study.report.audit_section import write_audit_report
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SftlensError(f"{out}: exists and is not a folder; choose another --out")
@@ -192,6 +201,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--page", help="also write a results page (Markdown, PNGs beside it) to this file")
     parser.add_argument("--focus-facts", help="taught fact ids (one per line, or a JSON list): the report adds their "
                                               "recall (default: the base folder's sftlens_inject.json, if any)")
-    add_config_arguments(parser, ProbeConfig)
+    # A question-only topic is probed in the audit's --prompt style (`engine.prepare`): no flag of its own.
+    add_config_arguments(parser, ProbeConfig, exclude=("question_prompt",))
     add_config_arguments(parser, AuditConfig)
     parser.set_defaults(func=_run, writes="out")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 from sftlens.audit.repairs import OBJECTIVES, acc_gain
-from sftlens.audit.transitions import group_rates, mastery_matrix, rates_by
-from sftlens.study.report.bootstrap import Estimate
+from sftlens.audit.transitions import group_rates, mastery_matrix, rates_by, transition_counts
+from sftlens.probe import probe_prompts
+from sftlens.reporting.bootstrap import Estimate
+from sftlens.reporting.stats import mcnemar
 
 
 def plain(value):
@@ -27,8 +29,11 @@ def summarize_audit(ctx, rows: list[dict], kl: dict, deltas: dict, repairs: dict
         "fine-tuned": acc_gain(test, {r["fact_id"]: r["finetuned_correct"] for r in test}, s.bootstrap, seed),
         "base": acc_gain(test, {r["fact_id"]: r["base_correct"] for r in test}, s.bootstrap, seed),
     }
+    on_test = transition_counts(test)
     return plain({
         "audit": ctx.audit.to_dict(), "facts": len(rows),
+        # topic -> the prompt its facts were probed with (question-only topics: the audit's --prompt style)
+        "probe_prompts": probe_prompts({f.relation: f.relation_templates() for f in ctx.facts}, ctx.probe.question_prompt),
         "slices": {"dev": sum(r["slice"] == "dev" for r in rows), "test": len(test)},
         "matrix": mastery_matrix(rows),
         "all": group_rates(rows, s.bootstrap, seed),
@@ -39,4 +44,6 @@ def summarize_audit(ctx, rows: list[dict], kl: dict, deltas: dict, repairs: dict
         "deltas": {k: v for k, v in deltas.items() if k != "key"},
         "objective": {"name": s.objective, "text": OBJECTIVES[s.objective], "budget": s.candidates},
         "repairs": repairs, "references": references,
+        # the base against the fine-tune on the test slice the repairs are scored on
+        "reference_mcnemar_p": {"base": mcnemar(on_test["forgotten"], on_test["learned"])},
     })

@@ -4,7 +4,8 @@ Mastery: the 5 x 5 matrix of (base level -> fine-tuned level), both probed with 
 draws. Greedy: each fact's closed-book answer before and after, one of four transitions: kept
 (right -> right), forgotten (right -> wrong), learned (wrong -> right), never (wrong -> wrong).
 Rates: forgotten = forgotten / base right, learned = learned / base wrong, each with a 95 %
-percentile bootstrap over the facts of its group (all, a domain, a relation, a base level).
+percentile bootstrap over the facts of its group (all, a domain, a relation, a base level), and the
+exact McNemar p-value of forgotten against learned (`sftlens.reporting.stats.mcnemar`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections import Counter
 
 import numpy as np
 
-from sftlens.study.report.bootstrap import Estimate, estimate
+from sftlens.probe import LEVELS
+from sftlens.reporting.bootstrap import Estimate, estimate
+from sftlens.reporting.stats import mcnemar
 
-LEVELS = (0, 1, 2, 3, 4)
 TRANSITIONS = ("kept", "forgotten", "learned", "never")
 
 
@@ -60,7 +62,9 @@ def group_rates(rows: list[dict], samples: int, seed: int) -> dict:
     counts = transition_counts(rows)
     return {"n": len(rows), **{t: counts[t] for t in TRANSITIONS},
             "forgotten_rate": ratio_estimate(base & ~tuned, base, samples, seed),
-            "learned_rate": ratio_estimate(~base & tuned, ~base, samples, seed)}
+            "learned_rate": ratio_estimate(~base & tuned, ~base, samples, seed),
+            # Base against fine-tune on the same facts: did it forget more than it learned, beyond chance?
+            "mcnemar_p": mcnemar(counts["forgotten"], counts["learned"])}
 
 
 def rates_by(rows: list[dict], key: str, samples: int, seed: int) -> list[tuple[object, dict]]:

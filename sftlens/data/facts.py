@@ -20,10 +20,12 @@ from typing import Iterable
 
 from tqdm import tqdm
 
+from sftlens.data.prompts import sft_prompt
 from sftlens.errors import SftlensError
 
 SPLITS = ("train", "dev", "test")
 DATA_DIR_ENV = "SFTLENS_DATA_DIR"
+QUESTION_TEMPLATE = "{question}"  # the one mapping template of a question-only topic (`sftlens.data.factset`)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,11 @@ class RelationTemplates:
     domain: str  # "in" (the 10 location topics) or "out"
     question: str  # with one {subject} placeholder
     mapping_templates: tuple[str, ...]
+
+    @property
+    def question_only(self) -> bool:
+        """A topic without mapping templates (TriviaQA, PopQA without templates, a user's Q/A pairs)."""
+        return self.mapping_templates == (QUESTION_TEMPLATE,)
 
     @functools.cached_property
     def question_pattern(self) -> re.Pattern:
@@ -67,9 +74,16 @@ class Fact:
     def relation_templates(self) -> RelationTemplates:
         return self.templates or load_templates()[self.relation]
 
+    @property
+    def question_only(self) -> bool:
+        return self.relation_templates().question_only
+
     def probe_prompt(self, template: int) -> str:
-        """The text of mapping template `template` for this fact (a question-only topic's one
-        template is the question itself)."""
+        """The text of mapping template `template` for this fact. A question-only topic's one
+        template is the question, asked in the paper's QA format (`sft_prompt`): a model continues a
+        bare question with a newline, not its answer (the chat style: `sftlens.probe.prompt_ids`)."""
+        if self.question_only:
+            return sft_prompt(self.question)
         return self.relation_templates().mapping_templates[template].format(subject=self.subject,
                                                                             question=self.question)
 

@@ -6,7 +6,8 @@ A fact set is a JSONL file, one fact a line (schema: `sftlens/resources/factset.
 `split`. The side file (`relations.json` in a fact-set folder, `<stem>.relations.json` beside a
 bare JSONL file) maps a relation to its `question` template, its mapping `templates` (the probe's)
 and optionally its `domain`. A topic without templates is question-only: its one probe template is
-the question.
+the question, asked as a question (the paper's QA format, or the model's chat template:
+`ProbeConfig.question_prompt`).
 
 Ids: `topic/split/key`, key = the line's `id` or a digest of its content, so appending lines never
 changes an id. A fact without `split` gets one from its key (`SHARES`), the same on every machine.
@@ -18,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
-from sftlens.data.facts import SPLITS, Fact, FactSet, RelationTemplates, parse_relations
+from sftlens.data.facts import QUESTION_TEMPLATE, SPLITS, Fact, FactSet, RelationTemplates, parse_relations
 from sftlens.errors import SftlensError
 
 FORMAT = 1
@@ -32,7 +33,6 @@ META_FILE = "factset.json"
 # The share of each split for facts without one: a fact's split is fixed by its key alone.
 SHARES = (("train", 0.8), ("dev", 0.1), ("test", 0.1))
 DEFAULT_TOPIC = "facts"
-QUESTION_TEMPLATE = "{question}"  # the one probe template of a question-only topic
 DOMAINS = ("in", "out")
 SPLIT_NAMES = {s: s for s in SPLITS}  # one string object per split across a million facts
 

@@ -14,12 +14,20 @@ import csv
 import json
 import shutil
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from sftlens.data.facts import SPLITS, load_facts, load_templates
 from sftlens.data.factset import (
-    FACTS_FILE, FORMAT, META_FILE, RELATIONS_FILE, SHARES, LineReader, fact_set_files, load_fact_set, read_relations,
+    FACTS_FILE,
+    FORMAT,
+    META_FILE,
+    RELATIONS_FILE,
+    SHARES,
+    LineReader,
+    fact_set_files,
+    load_fact_set,
+    read_relations,
 )
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_directory, atomic_write_json

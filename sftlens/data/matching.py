@@ -14,8 +14,8 @@ import functools
 import json
 import re
 import unicodedata
+from collections.abc import Iterable, Mapping
 from importlib import resources
-from typing import Iterable, Mapping
 
 _WHITESPACE = re.compile(r"\s+")
 

@@ -7,6 +7,8 @@ and added at encoding time.
 
 from __future__ import annotations
 
+from sftlens.errors import SftlensError
+
 
 def sft_prompt(question: str) -> str:
     return f"<question> {question.strip()} <answer>"
@@ -14,6 +16,16 @@ def sft_prompt(question: str) -> str:
 
 def sft_completion(answer: str) -> str:
     return f" {answer.strip()} "
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    """A question in the model's own chat template, ready for its answer. The text holds the special
+    tokens the template writes (its BOS too): encode it without adding any."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise SftlensError("the model's tokenizer has no chat template; ask question-only topics with "
+                           "--question-prompt plain")
+    return tokenizer.apply_chat_template([{"role": "user", "content": question.strip()}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -27,13 +27,17 @@ def add_fact_arguments(parser: argparse.ArgumentParser, split: str = "test") -> 
 
 def fact_set_from_args(args: argparse.Namespace, splits=None, relations=None) -> FactSet:
     """The whole fact set of --facts, or the EntityQuestions facts of `splits` and `relations`."""
-    if getattr(args, "facts", None):
-        if args.data_dir:
+    return _fact_set(args.data_dir, getattr(args, "facts", None), getattr(args, "in_domain", None), splits, relations)
+
+
+def _fact_set(data_dir, facts, in_domain, splits=None, relations=None) -> FactSet:
+    if facts:
+        if data_dir:
             raise SftlensError("give --facts or --data-dir, not both")
-        return load_fact_set(args.facts, args.in_domain)
-    if getattr(args, "in_domain", None):
+        return load_fact_set(facts, in_domain)
+    if in_domain:
         raise SftlensError("--in-domain chooses a fact set's in-domain topics: give it with --facts")
-    return load_facts(args.data_dir, splits=splits or ("train", "dev", "test"), relations=relations)
+    return load_facts(data_dir, splits=splits or ("train", "dev", "test"), relations=relations)
 
 
 def facts_from_args(args: argparse.Namespace) -> list[Fact]:
@@ -43,14 +47,22 @@ def facts_from_args(args: argparse.Namespace) -> list[Fact]:
 
 def select_from_args(args: argparse.Namespace) -> tuple[FactSet, list[Fact]]:
     """(the fact set read, the facts the flags select from it)."""
-    if args.limit is not None and args.limit < 1:
-        raise SftlensError(f"--limit must be positive, got {args.limit}")
-    if getattr(args, "facts", None):
-        fact_set = fact_set_from_args(args)
-        facts = fact_set.select(args.relations, args.split, args.limit)
+    return fact_selection(args.data_dir, getattr(args, "facts", None), getattr(args, "in_domain", None),
+                        args.relations, args.split, args.limit)
+
+
+def fact_selection(data_dir: str | None, facts: str | None, in_domain: str | None, relations: str, split: str,
+                 limit: int | None) -> tuple[FactSet, list[Fact]]:
+    """The one fact selection (the flags' values, as the audit records them): (the fact set read, the
+    first `limit` facts per relation and split of `relations` in `split`, in file order)."""
+    if limit is not None and limit < 1:
+        raise SftlensError(f"--limit must be positive, got {limit}")
+    if facts:
+        fact_set = _fact_set(data_dir, facts, in_domain)
+        chosen = fact_set.select(relations, split, limit)
     else:
-        fact_set = fact_set_from_args(args, args.split, args.relations)
-        facts = first_per_relation(fact_set.facts, args.limit)
-    if not facts:
-        raise SftlensError(f"no facts for relations {args.relations} in split {args.split}")
-    return fact_set, facts
+        fact_set = _fact_set(data_dir, facts, in_domain, split, relations)
+        chosen = first_per_relation(fact_set.facts, limit)
+    if not chosen:
+        raise SftlensError(f"no facts for relations {relations} in split {split}")
+    return fact_set, chosen

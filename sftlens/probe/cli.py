@@ -9,7 +9,7 @@ from sftlens.config import add_config_arguments, config_from_args
 from sftlens.data import add_fact_arguments, fact_set_from_args, select_from_args
 from sftlens.errors import SftlensError
 from sftlens.probe.records import ProbeConfig
-from sftlens.probe.store import default_store, load_probe, process_shard, run_probe
+from sftlens.probe.store import default_store, load_probe, process_shard, read_store_meta, run_probe
 from sftlens.probe.tables import write_level_tables
 
 
@@ -28,19 +28,23 @@ def _run(args: argparse.Namespace) -> None:
         records = load_probe(store)
         if not records:
             raise SftlensError(f"{store}: no probe records yet")
-        domains = fact_set_from_args(args).domains() if args.facts else None
-        print(write_level_tables(records.values(), store if store.is_dir() else store.parent, domains), end="")
+        fact_set = fact_set_from_args(args) if args.facts else None
+        # The prompt style the store was probed with (left out of its settings at the default, plain).
+        style = read_store_meta(store)["settings"].get("question_prompt", "plain") if store.is_dir() \
+            else config.question_prompt
+        print(write_level_tables(records.values(), store if store.is_dir() else store.parent,
+                                 fact_set and fact_set.domains(), fact_set and fact_set.topics(), style), end="")
         return
     if not args.model:
         raise SftlensError("--model is required to probe")
     fact_set, facts = select_from_args(args)
-    domains = fact_set.domains() if args.facts else None
+    domains, topics = (fact_set.domains(), fact_set.topics()) if args.facts else (None, None)
     store = _store_from_args(args, config)
     records = run_probe(args.model, facts, config, store)
     if process_shard()[0] != 0:  # under accelerate launch, the main process reports
         return
     print(f"store: {store} ({len(records)} facts of this selection)")
-    print(write_level_tables(load_probe(store).values(), store, domains), end="")
+    print(write_level_tables(load_probe(store).values(), store, domains, topics, config.question_prompt), end="")
 
 
 def add_cli(subparsers) -> None:

@@ -4,6 +4,7 @@ level they give."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from sftlens.config import config_to_dict
 from sftlens.errors import SftlensError
@@ -28,9 +29,16 @@ class ProbeConfig:
     )
     stop_at_newline: bool = field(
         default=False,
-        metadata={"help": "end a continuation at its first newline (faster; off = the paper's full 32 tokens)"},
+        metadata={"help": "end a continuation at its first newline after some text (faster; off = the paper's "
+                          "full 32 tokens)"},
     )
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16"})
+    # Left out of every key at its default, so the keys of probes and study units from before it stay.
+    question_prompt: Literal["plain", "chat"] = field(
+        default="plain", metadata={"omit_if_default": True, "help": (
+            "how a question-only topic (no mapping templates) asks its question: plain = the paper's "
+            "'<question> q <answer>' format, chat = the model's chat template (mapping templates are filled in as "
+            "the paper's)")})
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -41,6 +49,8 @@ class ProbeConfig:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.batch_size < 0:
             raise ValueError(f"batch_size must be 0 (auto) or positive, got {self.batch_size}")
+        if self.question_prompt not in ("plain", "chat"):
+            raise ValueError(f"question_prompt must be plain or chat, got {self.question_prompt!r}")
         if any(t < 0 for t in self.templates) or len(set(self.templates)) != len(self.templates):
             raise ValueError(f"templates must be distinct non-negative indices, got {list(self.templates)}")
 

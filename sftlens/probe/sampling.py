@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from sftlens.data import Fact, available_templates, default_matcher, encode_prompt
 from sftlens.data.matching import normalize
+from sftlens.data.prompts import chat_prompt
 from sftlens.decoding import decode
 from sftlens.errors import SftlensError
 from sftlens.io import stable_hash
@@ -68,9 +69,11 @@ def _noise_pool(threads: int) -> ThreadPoolExecutor:
 
 
 class _SampleEnds:
-    """Ends a sample at its first newline (with `stop_at_newline`) or as soon as its text contains a
-    gold answer: R only asks whether an answer appears within the budget, and containment in the
-    normalised text is not undone by text that follows, so the sample is decided."""
+    """Ends a sample at its first newline after some non-blank text (with `stop_at_newline`), or as
+    soon as its text contains a gold answer: R only asks whether an answer appears within the budget,
+    and containment in the normalised text is not undone by text that follows, so the sample is
+    decided. Leading newlines do not end it: a model often opens its answer with one, and stopping
+    there would leave every sample empty (mastery level 0 whatever the model knows)."""
 
     def __init__(self, tokenizer, accepted: list[frozenset[str]], samples: int, stop_at_newline: bool):
         self.tokenizer, self.accepted, self.samples = tokenizer, accepted, samples
@@ -78,8 +81,13 @@ class _SampleEnds:
 
     def __call__(self, rows: list[int], tokens: list[list[int]]) -> list[bool]:
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return [(self.stop_at_newline and "\n" in text) or _contains(text, self.accepted[row // self.samples])
+        return [(self.stop_at_newline and ended_at_newline(text)) or _contains(text, self.accepted[row // self.samples])
                 for row, text in zip(rows, texts)]
+
+
+def ended_at_newline(text: str) -> bool:
+    """The stop-at-newline rule: a newline after the sample's first non-blank text."""
+    return "\n" in text.lstrip()
 
 
 def _contains(text: str, accepted: frozenset[str]) -> bool:
@@ -107,6 +115,15 @@ def generate_samples(lm, tokenizer, prompts: list[list[int]], seeds: list[list[i
     return [texts[i * config.samples:(i + 1) * config.samples] for i in range(len(prompts))]
 
 
+def prompt_ids(tokenizer, fact: Fact, template: int, style: str = "plain") -> list[int]:
+    """The token ids a fact is probed with: its mapping template filled in (the paper's probe), or for
+    a question-only topic its question in `style` (plain: the paper's QA format, `Fact.probe_prompt`;
+    chat: the model's chat template, whose text brings its own special tokens)."""
+    if style == "chat" and fact.question_only:
+        return tokenizer(chat_prompt(tokenizer, fact.question), add_special_tokens=False)["input_ids"]
+    return encode_prompt(tokenizer, fact.probe_prompt(template))
+
+
 def template_indices(facts: Iterable[Fact], config: ProbeConfig) -> tuple[int, ...]:
     """The mapping templates to use, checked against every relation involved."""
     available = available_templates(facts)
@@ -131,7 +148,7 @@ def probe_facts(
         return {}
     template_ids = template_indices(facts, config)
     matcher = default_matcher()
-    encoded = {(f.id, t): encode_prompt(tokenizer, f.probe_prompt(t)) for f in facts for t in template_ids}
+    encoded = {(f.id, t): prompt_ids(tokenizer, f, t, config.question_prompt) for f in facts for t in template_ids}
     if batch_size is None:
         batch_size = config.batch_size or cpu_batch_size(lm, max(map(len, encoded.values())), config)
     facts_per_chunk = max(1, -(-CHUNK_BATCHES * batch_size // len(template_ids)))

@@ -12,27 +12,33 @@ import torch
 
 from sftlens.data import Fact
 from sftlens.errors import SftlensError
-from sftlens.inject import held_out_templates
 from sftlens.io import JsonlAppender, atomic_write_json, exclusive_writer, read_jsonl, stable_hash
 from sftlens.models import load_model, model_fingerprint
 from sftlens.probe.batching import CUDA_START_PROMPTS
 from sftlens.probe.records import ProbeConfig, ProbeRecord
 from sftlens.probe.sampling import probe_facts, template_indices
+from sftlens.taught import held_out_templates
 
 STORE_FORMAT = 1
 META_FILE = "probe.json"
 
 
+# Since question-only topics are probed as asked, a newline ends a sample only after its first text. The rule is
+# not in the key (stores and study units made before it keep their keys and are reused whole); a store written
+# under the old rule, which lacks this mark, is refused when facts are left to add to it, so no store mixes rules.
+NEWLINE_RULE = {"newline_rule": "after-text"}
+
+
 def store_meta(model: str, fingerprint: str, config: ProbeConfig, device: str = "cpu") -> dict:
     settings = config.keyed_settings(device)
     return {"format": STORE_FORMAT, "model": model, "fingerprint": fingerprint, "settings": settings,
-            "key": stable_hash([fingerprint, settings])}
+            "key": stable_hash([fingerprint, settings]), **(NEWLINE_RULE if config.stop_at_newline else {})}
 
 
 def _open_store(store_dir: Path, meta: dict) -> None:
     meta_path = store_dir / META_FILE
     if meta_path.is_file():
-        existing = _read_meta(store_dir)
+        existing = read_store_meta(store_dir)
         if existing.get("key") != meta["key"]:
             raise SftlensError(f"{meta_path}: store was written {_difference(existing, meta)}; use another --store")
         return
@@ -49,7 +55,8 @@ def _difference(existing: dict, wanted: dict) -> str:
     return "with other settings: " + ", ".join(diffs or ["format"])
 
 
-def _read_meta(store_dir: Path) -> dict:
+def read_store_meta(store_dir: Path) -> dict:
+    """A store's `probe.json` (model, fingerprint, keyed settings, key), checked."""
     path = store_dir / META_FILE
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -73,7 +80,7 @@ def load_probe(store: str | os.PathLike, model: str | None = None, config: Probe
     if not store.exists():
         raise SftlensError(f"{store}: no such probe store")
     if store.is_dir():
-        meta = _read_meta(store)
+        meta = read_store_meta(store)
         if model is not None and config is not None:
             wanted = store_meta(model, model_fingerprint(model), config, probe_device())
             if meta["key"] != wanted["key"]:
@@ -131,6 +138,9 @@ def run_probe(
     done = load_probe(store_dir)
     ordered = sorted({f.id: f for f in facts}.values(), key=lambda f: f.id)
     mine = [f for i, f in enumerate(ordered) if i % world == rank and f.id not in done]
+    if mine and done and config.stop_at_newline and "newline_rule" not in read_store_meta(store_dir):
+        raise SftlensError(f"{store_dir}: written when a leading newline ended a sample; its {len(done)} records "
+                           "cannot be continued under the current rule: probe into another --store")
     if mine:
         lm, tokenizer = load_model(model, dtype=config.dtype, device=device)
         records_file = store_dir / f"records-rank{rank}.jsonl"

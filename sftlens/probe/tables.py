@@ -1,15 +1,15 @@
-"""Summaries of probe records: the paper's Table 1 (facts per mastery level and set) and the best
-mapping template per relation (KL's prompts)."""
+"""Summaries of probe records: the paper's Table 1 (facts per mastery level and set, headed by the prompt
+each topic was probed with) and the best mapping template per relation (KL's prompts)."""
 
 from __future__ import annotations
 
 import csv
 import io
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from sftlens.data import Fact, load_templates, parse_fact_id
+from sftlens.data import Fact, RelationTemplates, load_templates, parse_fact_id
 from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_text
 from sftlens.markdown import markdown_table
@@ -78,9 +78,32 @@ def level_counts_table(records: Iterable[ProbeRecord], fmt: str = "markdown",
     return markdown_table(header, [[r[c] for c in columns] for r in rows], "l" + "r" * (len(header) - 1)) + "\n"
 
 
-def write_level_tables(records: Iterable[ProbeRecord], store_dir: Path, domains: dict[str, str] | None = None) -> str:
+QUESTION_PROMPTS = {"plain": "the question in the paper's QA format (`<question> q <answer>`)",
+                    "chat": "the question in the model's chat template"}
+TEMPLATE_PROMPT = "mapping templates filled in (the paper's probe)"
+
+
+def probe_prompts(topics: dict[str, RelationTemplates], style: str) -> dict[str, str]:
+    """topic -> the prompt the probe asks it with (`sftlens.probe.prompt_ids`), in words."""
+    return {name: QUESTION_PROMPTS[style] if t.question_only else TEMPLATE_PROMPT for name, t in topics.items()}
+
+
+def prompt_lines(topics: Iterable[str], prompts: dict[str, str]) -> list[str]:
+    """One line per kind of prompt, naming the topics asked with it."""
+    by_prompt: dict[str, list[str]] = {}
+    for topic in sorted(set(topics) & set(prompts)):
+        by_prompt.setdefault(prompts[topic], []).append(topic)
+    return [f"Probe prompt: {text}: {', '.join(names)}." for text, names in by_prompt.items()]
+
+
+def write_level_tables(records: Iterable[ProbeRecord], store_dir: Path, domains: dict[str, str] | None = None,
+                       topics: dict[str, RelationTemplates] | None = None, style: str = "plain") -> str:
+    """Table 1 of a store to `level_counts.md` (with the prompt each topic was probed with: `topics`,
+    a fact set's, default the paper's; `style`, the store's `question_prompt`) and `level_counts.csv`."""
     records = list(records)
-    markdown = level_counts_table(records, domains=domains)
+    table = level_counts_table(records, domains=domains)  # first: it names a record of an unknown topic
+    used = {parse_fact_id(r.fact_id)[0] for r in records}
+    markdown = "\n".join(prompt_lines(used, probe_prompts(topics or load_templates(), style))) + "\n\n" + table
     atomic_write_text(store_dir / "level_counts.md", markdown)
     atomic_write_text(store_dir / "level_counts.csv", level_counts_table(records, "csv", domains))
     return markdown

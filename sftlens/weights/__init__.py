@@ -10,7 +10,12 @@ The names below are what the stages (`sftlens.restore`, `sftlens.repair`, studie
 """
 
 from sftlens.weights.apply import (
-    apply_in_memory, record_names, repair_sweep, repaired_models, sweep_key, value_folder,
+    apply_in_memory,
+    record_names,
+    repair_sweep,
+    repaired_models,
+    sweep_key,
+    value_folder,
 )
 from sftlens.weights.checkpoints import open_pair
 from sftlens.weights.methods import METHODS, RepairConfig, parse_values, selection_edit

@@ -19,8 +19,8 @@ import contextlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 

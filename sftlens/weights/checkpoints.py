@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -96,9 +96,6 @@ class Checkpoint:
     @property
     def shards(self) -> list[str]:
         return sorted(set(self.shard_of.values()))
-
-    def names_in(self, shard: str) -> list[str]:
-        return sorted(n for n, s in self.shard_of.items() if s == shard)
 
     def read(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         """Rows [start, stop) of tensor `name` (the whole tensor for None)."""

@@ -19,15 +19,22 @@ f - (1 - w) (f - b) otherwise, so w = 1 is f and w = 0 is b exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 
 from sftlens.errors import SftlensError
 from sftlens.weights.checkpoints import CheckpointPair, Chunk, assert_finite, check_region
 from sftlens.weights.selection import (
-    Selection, SelectionConfig, parse_numbers, parse_ratios, random_keys, select, tensor_keys,
+    Selection,
+    SelectionConfig,
+    parse_numbers,
+    parse_ratios,
+    random_keys,
+    select,
+    tensor_keys,
 )
 from sftlens.weights.spectral import spectral_blocks
 

@@ -30,9 +30,10 @@ memory is a few copies of one chunk, whatever the size of the model or of its la
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 

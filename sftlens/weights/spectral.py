@@ -28,8 +28,8 @@ one SVD for all the values of a sweep; the edited matrix is handed out in the ro
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from functools import cache
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def _mp_cdf_at(t: float, beta: float) -> float:
     return float(t / 2 * np.dot(_WEIGHTS, integrand))
 
 
-@lru_cache(maxsize=None)
+@cache
 def mp_median(beta: float) -> float:
     """Median of the Marchenko-Pastur law of aspect ratio beta in (0, 1], by bisection on its CDF."""
     low, high = 0.0, math.pi

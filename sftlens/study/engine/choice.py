@@ -67,3 +67,12 @@ def chosen_rate(candidates: dict[float, list[dict]]) -> float | None:
     without dev scores. The one rule for LoRA's rate and for the tuned arm's."""
     curve = {rate: scores for rate, scores in rate_dev_curve(candidates).items() if scores}
     return best_mean(curve, lambda rate: rate) if curve else None
+
+
+def chosen_guard_value(candidates: dict[float, list[dict]], neutral: float) -> float:
+    """A guard's value with the best mean in-domain dev Acc over its candidates' seeds (scored results with
+    dev records), ties: the value nearest the guard's neutral one (the least guarding), as a repair's value."""
+    curve = {value: scores for value, scores in rate_dev_curve(candidates).items() if scores}
+    if not curve:
+        raise ValueError("no in-domain dev evaluation to choose a guard value from")
+    return best_mean(curve, lambda value: (abs(value - neutral), value))

@@ -5,7 +5,9 @@ stage, each checked against that stage's config dataclass: `[probe]`, `[train]`,
 `[deltas]`, `[restore]`, and `[repairs]`: the repair methods to compare, one table per method with its
 values and settings (`wise = { values = [0.25, 0.5, 0.75] }`; `sftlens.weights.RepairConfig` fields),
 every method with as many values as the others (the same tuning budget on dev), and as many as `[study]`
-`learning_rates` (full SFT's rate, tuned on dev) and `lora_learning_rates` have rates; `[inject]`
+`learning_rates` (full SFT's rate, tuned on dev) and `lora_learning_rates` have rates; `[guards]`: the
+training-time guards to compare (`replay = { values = [0.125, 0.25, 0.5] }`; `sftlens.guards`), each with as
+many values as every repair method (one tuning budget); `[inject]`
 (`sftlens.inject.InjectConfig`; present, even empty, it makes the study's base the model taught the
 study's facts by `inject`). The split has no section: every setting of `SplitConfig` is the study's grid
 (`[study]` levels, sizes, include_all, seeds, mixed, eval_facts_per_level), so a `[split]` key would
@@ -27,7 +29,7 @@ from typing import Literal
 from sftlens.config import config_from_dict, config_to_dict
 from sftlens.errors import SftlensError
 
-PRESETS = ("paper", "demo", "repro", "repairs", "testbed")
+PRESETS = ("paper", "demo", "repro", "repairs", "testbed", "guards")
 
 # section -> (module, config class): the stage sections a study file may have, each checked against its
 # stage's config (`stage_class` imports the module by name).
@@ -150,6 +152,7 @@ class StudyConfig:
     source: str  # where it came from (preset name or file), for messages
     repairs: dict = field(default_factory=dict)  # method -> RepairGrid, in the file's order
     inject: object | None = None  # sftlens.inject.InjectConfig: the study's base is the taught model
+    guards: dict = field(default_factory=dict)  # guard -> its values (sftlens.guards), in the file's order
 
 
     def to_dict(self) -> dict:
@@ -158,6 +161,8 @@ class StudyConfig:
             out["repairs"] = {m: {"values": list(g.values), **g.params()} for m, g in self.repairs.items()}
         if self.inject is not None:
             out["inject"] = config_to_dict(self.inject)
+        if self.guards:
+            out["guards"] = {name: {"values": list(values)} for name, values in self.guards.items()}
         return out
 
 
@@ -234,15 +239,16 @@ def load_study_config(spec: str, overrides: dict | None = None) -> StudyConfig:
         raise SftlensError(f"{spec}: split.{key} has no effect in a study: the split follows [study] "
                            "(levels, sizes, include_all, seeds, mixed, eval_facts_per_level); set it there")
     raw.pop("split", None)
-    known = ("study", *STAGE_SECTIONS, "repairs", "inject")
+    known = ("study", *STAGE_SECTIONS, "repairs", "inject", "guards")
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise SftlensError(f"{spec}: unknown section or key {unknown[0]!r} (known: extends, {', '.join(known)})")
     study = config_from_dict(StudySettings, raw.get("study", {}), "study")
     stages = {s: config_from_dict(stage_class(s), raw.get(s, {}), s) for s in STAGE_SECTIONS}
     repairs = repair_grids(raw.get("repairs", {}), spec)
-    _check_rate_arms(study, stages["train"], repairs, spec)
-    return StudyConfig(study, stages, spec, repairs, _inject_config(raw, stages["probe"], spec))
+    guards = guard_grids(raw.get("guards", {}), stages["train"], spec)
+    _check_rate_arms(study, stages["train"], repairs, guards, spec)
+    return StudyConfig(study, stages, spec, repairs, _inject_config(raw, stages["probe"], spec), guards)
 
 
 def _inject_config(raw: dict, probe, spec: str):
@@ -260,15 +266,18 @@ def _inject_config(raw: dict, probe, spec: str):
     return inject
 
 
-def _check_rate_arms(study: StudySettings, train, repairs: dict, spec: str) -> None:
+def _check_rate_arms(study: StudySettings, train, repairs: dict, guards: dict, spec: str) -> None:
     """LoRA is compared with full SFT; every arm tuned on dev (full SFT's rate, LoRA's rate, each
-    repair method's value) gets the same tuning budget: as many candidates as the others."""
+    repair method's value, each guard's value) gets the same tuning budget: as many candidates as the others."""
     if study.lora_learning_rates and train.method == "lora":
         raise SftlensError(f"{spec}: study.lora_learning_rates compares LoRA with full SFT, but train.method is "
                            "already 'lora'; set train.method = 'full'")
     budgets = [(f"study.{name}", len(getattr(study, name))) for name in ("learning_rates", "lora_learning_rates")
                if getattr(study, name)]
     budgets += [(f"repairs.{method}.values", len(grid.values)) for method, grid in list(repairs.items())[:1]]
+    budgets += [(f"guards.{name}.values", len(values)) for name, values in guards.items()]
+    if guards and not study.analysis_sizes:
+        raise SftlensError(f"{spec}: [guards] train on the analysed training sets: set study.analysis_sizes")
     for (name, n), (other, m) in zip(budgets, budgets[1:]):
         if n != m:
             raise SftlensError(f"{spec}: {name}: {n} values, but {other} has {m}: every arm tuned on dev gets the "
@@ -305,3 +314,29 @@ def repair_grids(raw: dict, spec: str) -> dict[str, RepairGrid]:
         raise SftlensError(f"{spec}: repairs.{odd[0]}.values: {odd[1]} values, but {first[0]} has {first[1]}: every "
                            "method gets the same number of values (the same tuning budget on dev)")
     return grids
+
+
+def guard_grids(raw: dict, train, spec: str) -> dict[str, tuple[float, ...]]:
+    """The `[guards]` tables: guard -> its values (sorted, distinct, each a valid `--guard` of [train]'s recipe)."""
+    import dataclasses
+
+    if not isinstance(raw, dict):
+        raise SftlensError(f"{spec}: guards: expected tables like l2 = {{ values = [0.1, 1] }}, got {raw!r}")
+    grids = {}
+    for name, table in raw.items():
+        where = f"{spec}: guards.{name}"
+        if not isinstance(table, dict) or set(table) != {"values"} or not isinstance(table["values"], list) \
+                or not table["values"]:
+            raise SftlensError(f"{where}: expected a table with values = [...] and nothing else, got {table!r}")
+        values = []
+        for value in table["values"]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SftlensError(f"{where}.values: expected numbers, got {value!r}")
+            try:
+                dataclasses.replace(train, guard=f"{name}={float(value)!r}")
+            except (ValueError, SftlensError) as err:
+                raise SftlensError(f"{where}.values: {err}") from None
+            values.append(float(value))
+        grids[name] = tuple(sorted(set(values)))
+    return grids
+

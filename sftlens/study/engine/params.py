@@ -145,3 +145,24 @@ class TunedParams(TrainParams):
     rate_choice: str  # how the rate is chosen, in words (part of the key)
     dev: dict[str, float]  # role of a candidate's in-domain dev scores -> its learning rate (every seed)
     models: dict[str, float]  # role of a model of this very set, size and seed -> its rate (linked when chosen)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuardParams(FactSelection):
+    """[train]'s recipe with one guard at one value (in `train`: `TrainConfig.guard`) on an analysed training
+    set; the fact selection tells a replaying run which facts to read."""
+
+    set: str
+    size: str
+    seed: int
+    train: dict  # TrainConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuardedParams(GuardParams):
+    """[train]'s recipe (`train`, no guard) with `guard` at the value its candidates chose on in-domain dev."""
+
+    guard: str  # the guard's name
+    value_choice: str  # how the value is chosen, in words (part of the key)
+    dev: dict[str, float]  # role of a candidate's scores -> its value
+

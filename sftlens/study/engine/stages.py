@@ -21,7 +21,8 @@ from sftlens.analysis.kl import KLConfig, compute_kl
 from sftlens.config import config_from_dict
 from sftlens.data import Fact, FactSet, fact_set_stats, first_per_relation, load_fact_set, load_facts
 from sftlens.evaluate import EvalConfig, evaluate_splits, summarize
-from sftlens.inject import TAUGHT_SUBSETS, InjectConfig, inject, inject_record, taught_facts
+from sftlens.inject import InjectConfig, inject
+from sftlens.taught import TAUGHT_SUBSETS, inject_record, taught_facts
 from sftlens.io import atomic_write_jsonl, read_jsonl
 from sftlens.models import load_model
 from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe, run_probe
@@ -104,7 +105,7 @@ def probe_unit(params, out: Path, deps) -> dict:
     return result
 
 
-def _probe_records(deps: roles.Deps):
+def probe_records(deps: roles.Deps):
     return load_probe(roles.dep_dir(deps, roles.PROBE) / "store")
 
 
@@ -114,7 +115,7 @@ def _split_folder(deps: roles.Deps) -> Path:
 
 def split_unit(params, out: Path, deps) -> dict:
     config = config_from_dict(SplitConfig, SplitParams.of(params).grid, "split")
-    manifest = build_splits(study_facts(params), _probe_records(deps), config, out / DATA)
+    manifest = build_splits(study_facts(params), probe_records(deps), config, out / DATA)
     # the manifest's fact-id lists stay in the file; the database keeps the sizes and compositions
     sets = {name: {k: v for k, v in entry.items() if k != "fact_ids"} for name, entry in manifest["sets"].items()}
     return {"sets": sets}
@@ -125,16 +126,26 @@ def split_unit(params, out: Path, deps) -> dict:
 
 def train_unit(params, out: Path, deps) -> dict:
     p = TrainParams.of(params)
-    return _train(params, p, config_from_dict(TrainConfig, p.train, "train"), out, deps)
+    return train_model(params, p, config_from_dict(TrainConfig, p.train, "train"), out, deps)
 
 
-def _train(params, p: TrainParams, config: TrainConfig, out: Path, deps) -> dict:
-    train_set = set_path(split_train_set(p.set, p.size, p.seed))
-    model_dir = train(Runtime.of(params).model, set_file(_split_folder(deps), train_set), out / "model", config,
-                      progress=True)
+def train_model(params, p: TrainParams, config: TrainConfig, out: Path, deps, replay=None) -> dict:
+    """`p`'s training set trained with `config` (`replay`: the known facts a replay guard mixes in); a guarded
+    run's result adds its guard's record (value, extra memory, frozen tensors, how many facts it replayed)."""
+    model_dir = train(Runtime.of(params).model, training_file(p, deps), out / "model", config, progress=True,
+                      replay=replay)
     run = json.loads((model_dir / RUN_FILE).read_text())
-    return {"train_set": train_set, "examples": run["data"]["count"], "steps": run["steps"],
-            "train_loss": run["train_loss"]}
+    result = {"train_set": set_path(split_train_set(p.set, p.size, p.seed)), "examples": run["data"]["count"],
+              "steps": run["steps"], "train_loss": run["train_loss"]}
+    if "guard" in run:
+        guard = run["guard"]
+        result["guard"] = {**{k: v for k, v in guard.items() if k != "replayed"},
+                           **({"replayed": len(guard["replayed"])} if "replayed" in guard else {})}
+    return result
+
+
+def training_file(p: TrainParams, deps) -> Path:
+    return set_file(_split_folder(deps), set_path(split_train_set(p.set, p.size, p.seed)))
 
 
 def tuned_unit(params, out: Path, deps) -> dict:
@@ -151,7 +162,7 @@ def tuned_unit(params, out: Path, deps) -> dict:
     source = next((role for role, candidate in p.models.items() if candidate == rate), None)
     if source is None:
         config = dataclasses.replace(config_from_dict(TrainConfig, p.train, "train"), learning_rate=rate)
-        return {**_train(params, p, config, out, deps), "learning_rate": rate, "linked": False}
+        return {**train_model(params, p, config, out, deps), "learning_rate": rate, "linked": False}
     _link_folder(roles.dep_dir(deps, source) / "model", out / "model")
     return {**roles.dep_result(deps, source), "learning_rate": rate, "linked": True}
 
@@ -238,7 +249,7 @@ def kl_unit(params, out: Path, deps) -> dict:
     config = config_from_dict(KLConfig, p.kl, "kl")
     if config.device is None and runtime.device_or_none:
         config = dataclasses.replace(config, device=runtime.device_or_none)
-    templates = best_templates(_probe_records(deps), study_facts(params))
+    templates = best_templates(probe_records(deps), study_facts(params))
     test_file = _kl_test_file(_split_folder(deps), p.test_set, out)
     relations = _fact_set(runtime.facts, runtime.in_domain).templates if runtime.facts else None
     result = compute_kl(runtime.model, model_path(params, deps), test_file, config, templates, out, relations)

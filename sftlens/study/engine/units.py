@@ -23,6 +23,7 @@ from sftlens.data import FactSet, data_dir_from, first_per_relation, load_fact_s
 from sftlens.data.factset import fingerprint as fact_set_fingerprint
 from sftlens.errors import SftlensError
 from sftlens.evaluate import RESULT_NEUTRAL
+from sftlens.guards import guard_work
 from sftlens.models import model_fingerprint
 from sftlens.study.engine import roles
 from sftlens.study.engine.config import StudyConfig
@@ -31,6 +32,8 @@ from sftlens.study.engine.params import (
     DeltasParams,
     EvalParams,
     FactSelection,
+    GuardedParams,
+    GuardParams,
     InjectParams,
     KLParams,
     ProbeParams,
@@ -51,7 +54,7 @@ RATE_CHOICE = {  # how the tuned arm's rate is chosen, in words (part of a tuned
     "per-size": "best mean dev Acc (in-domain) over seeds at the model's own size; ties: the smaller",
 }
 TUNED = "tuned-"  # the tuned arm's models: `tuned-level0-n240-seed0`
-SPLITS = ("train", "dev", "test")
+GUARD_STAGES = "sftlens.study.engine.guard_stages"
 
 
 def data_fingerprint(data_dir: Path, relations_by_split: dict[str, tuple[str, ...]]) -> str:
@@ -101,7 +104,8 @@ class GraphBuilder:
     def add(self, kind: str, label: str, fn: str, params: UnitParams, deps: dict | None = None, work: float = 0.0,
             prune: tuple[str, ...] = ()) -> Unit:
         deps = {**(deps or {}), **({roles.BASE: self.base.key} if self.base else {})}
-        unit = Unit(kind, label, f"{STAGES}:{fn}", params.to_params(), deps, self.runtime.to_params(), work=work,
+        fn = fn if ":" in fn else f"{STAGES}:{fn}"
+        unit = Unit(kind, label, fn, params.to_params(), deps, self.runtime.to_params(), work=work,
                     prune=prune, **self.res)
         self.units.append(unit)
         return unit
@@ -155,6 +159,7 @@ class GraphBuilder:
                  {roles.SPLIT: split.key}, work=eval_rows + dev_rows)
         sweeps: dict[tuple, list[Unit]] = {}
         repairs: dict[tuple, list[Unit]] = {}
+        guarded: dict[tuple, list[tuple]] = {}  # (level, size) -> its analysed models, for the guards' arm
         models: list[tuple[int | None, int | None, int, Unit, str]] = []
         train_rows = self.n_facts["train"] // max(1, len(s.levels))
         for level in (*s.levels, *((None,) if s.mixed else ())):
@@ -185,20 +190,23 @@ class GraphBuilder:
             self.add("deltas", f"deltas {name}", "deltas_unit",
                      DeltasParams(deltas=config_to_dict(self.config.stages["deltas"]), ratios=list(s.concentration_ratios)),
                      {roles.MODEL: train.key}, work=1)
-            ratios = list(s.restore_ratios)
-            own_rows = size or train_rows
-            sweep = self.add("restore", f"restore {name}", "restore_unit",
-                             RestoreParams(restore=config_to_dict(self.config.stages["restore"]), ratios=ratios,
-                                           eval=eval_cfg, dev="in"),
-                             {**deps, roles.EVAL: evaluation.key},
-                             work=len(ratios) * (eval_rows + dev_rows / 2 + own_rows) + dev_rows / 2 + own_rows)
-            sweeps.setdefault((level, size), []).append(sweep)
+            ratios, own_rows = list(s.restore_ratios), size or train_rows
+            if ratios:  # none: restoration is left out (or compared as a repair method, `[repairs] restore`)
+                sweeps.setdefault((level, size), []).append(self.add(
+                    "restore", f"restore {name}", "restore_unit",
+                    RestoreParams(restore=config_to_dict(self.config.stages["restore"]), ratios=ratios, eval=eval_cfg,
+                                  dev="in"),
+                    {**deps, roles.EVAL: evaluation.key},
+                    work=len(ratios) * (eval_rows + dev_rows / 2 + own_rows) + dev_rows / 2 + own_rows))
             for method, grid in self.config.repairs.items():
                 unit = self.add("repair", f"repair {method} {name}", "repair_unit",
                                 RepairParams(repair=grid.params(), values=list(grid.values), eval=eval_cfg, dev="in"),
                                 deps, work=len(grid.values) * dev_rows / 2)
                 repairs.setdefault((level, size, method), []).append(unit)
             self.lora_arm(level, size, seed, name.removeprefix(TUNED), eval_rows + dev_rows / 2 + own_rows)
+            guarded.setdefault((level, size), []).append((seed, train, name.removeprefix(TUNED)))
+        for (level, size), members in guarded.items():
+            self.guard_arm(level, size, members, probe, eval_rows + dev_rows / 2 + (size or train_rows))
         if s.random_control:
             for level, size, seed, train, name in analysed:
                 group = sweeps.get((level, size))
@@ -246,6 +254,40 @@ class GraphBuilder:
         lora = dataclasses.replace(self.config.stages["train"], method="lora")
         self.candidates("lora", lora, self.s.lora_learning_rates, level, size, seed, name,
                         ("scored_unit", ["test", "dev-in", "train"], scored), {})
+
+    def guard_arm(self, level, size, members: list[tuple], probe: Unit, scored: float) -> None:
+        """Per guard of `[guards]`: [train]'s recipe with the guard at each value on the first seed's training
+        set (`guard`, scored by `guard-eval` on test, in-domain dev and the training set), then on every other
+        seed at the value those candidates chose on dev (`guarded`, scored alike); the plain models get the
+        same scoring, so every arm of "Prevention and cure" is measured alike."""
+        if not self.config.guards:
+            return
+        recipe = self.config.stages["train"]
+        examples = (size or self.n_facts["train"] // max(1, len(self.s.levels))) * recipe.epochs
+        deps = {roles.SPLIT: self.split_key, roles.PROBE: probe.key}
+        for seed, train, name in members:
+            self._scored("guard-eval", f"guard-eval {name} plain", train, scored)
+        (first, _, name), others = members[0], members[1:]
+        for guard, values in self.config.guards.items():
+            dev = {}
+            for i, value in enumerate(values):
+                params = GuardParams(**self.selection, set=train_set_name(level), size=size_name(size), seed=first,
+                                     train=config_to_dict(dataclasses.replace(recipe, seed=first, guard=f"{guard}={value!r}")))
+                model = self.add("guard", f"guard {name} {guard}={value:g}", f"{GUARD_STAGES}:guard_unit", params,
+                                 deps, work=examples * guard_work(guard, value), prune=("model",))
+                dev[self._scored("guard-eval", f"guard-eval {name} {guard}={value:g}", model, scored).key] = value
+            for seed, _, seed_name in others:
+                params = GuardedParams(**self.selection, set=train_set_name(level), size=size_name(size), seed=seed,
+                                       train=config_to_dict(dataclasses.replace(recipe, seed=seed)), guard=guard,
+                                       value_choice=VALUE_CHOICE, dev={roles.dev_role(i): v for i, v in enumerate(dev.values())})
+                model = self.add("guarded", f"guarded {seed_name} {guard}", f"{GUARD_STAGES}:guarded_unit", params,
+                                 {**deps, **{roles.dev_role(i): key for i, key in enumerate(dev)}},
+                                 work=examples * guard_work(guard, max(values)), prune=("model",))
+                self._scored("guard-eval", f"guard-eval {seed_name} {guard}", model, scored)
+
+    def _scored(self, kind: str, label: str, model: Unit, work: float) -> Unit:
+        return self.add(kind, label, "scored_unit", EvalParams(eval=self.eval_cfg, splits=["test", "dev-in", "train"]),
+                        {roles.MODEL: model.key, roles.SPLIT: self.split_key}, work=work)
 
     def tuned_arm(self, models: list[tuple], split: Unit, train_rows: int) -> list[tuple]:
         """[train]'s recipe at each of `learning_rates` on every training set and seed at the sizes

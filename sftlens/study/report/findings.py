@@ -1,12 +1,12 @@
 """The paper's claims, tested on one finished study: each claim's effect, a 95 % interval, n and
-a verdict from a rule fixed here, before any run.
+a verdict from a rule fixed before any run (`sftlens.reporting.bootstrap.verdict`).
 
-Intervals are percentile bootstraps (`sftlens.study.report.bootstrap`). Test facts are resampled within each
+Intervals are percentile bootstraps (`sftlens.reporting.bootstrap`). Test facts are resampled within each
 (domain, test level), with the same draw for every model, since all models of a study answer the same test facts (comparisons are
 paired over facts). Seeds are resampled with replacement within each arm, jointly where both arms are
 the same models (a model before and after restoration), independently otherwise (other sizes, levels).
 
-The rule (`verdict`): "holds" when the whole interval lies on the side the paper predicts, "reversed"
+The rule (`sftlens.reporting.bootstrap.verdict`): "holds" when the whole interval lies on the side the paper predicts, "reversed"
 when it lies wholly on the other side, "inconclusive" when it contains 0 (or the claim's threshold),
 and "not tested: <why>" when the study has no data for the claim, or only cells with fewer than
 `MIN_N` facts, which never decide anything.
@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sftlens.evaluate import MIN_N
-from sftlens.report import size_sort_key
+from sftlens.reporting.bootstrap import Estimate, FactDraws, SeedDraws, arm_difference, estimate, verdict
 from sftlens.study.engine.choice import chosen_ratio
-from sftlens.study.report.bootstrap import Estimate, FactDraws, SeedDraws, arm_difference, estimate
 from sftlens.study.report.results import (
     ARMS,
     StudyResults,
@@ -30,6 +29,7 @@ from sftlens.study.report.results import (
     controls_of,
     level_n,
     level_name,
+    size_sort_key,
     sweep_groups,
     train_levels,
 )
@@ -48,14 +48,6 @@ class Finding:
     n: str  # the facts, seeds or models behind the effect
     verdict: str
     unit: str = "pts"  # pts (accuracy points), KL, r, % (share)
-
-
-def verdict(low: float, high: float, expected: int, threshold: float = 0.0) -> str:
-    """`expected` = +1 when the paper predicts an effect above `threshold`, -1 below it."""
-    above, below = low > threshold, high < threshold
-    if not (above or below):
-        return "inconclusive"
-    return "holds" if above == (expected > 0) else "reversed"
 
 
 def not_tested(claim: str, comparison: str, why: str, unit: str = "pts") -> Finding:

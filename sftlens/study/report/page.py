@@ -1,35 +1,44 @@
 """`sftlens report DIR`: a study's report, rebuilt from its database alone.
 
-Findings come first (each of the paper's claims with its effect, 95 % interval, n and a verdict from
-the rule in `sftlens.study.report.findings`), then every table and figure of the paper
-(`sftlens.study.report.sections`). Written as a self-contained HTML page (figures embedded) and Markdown
-with the PNGs beside it. `--page FILE` also writes a results page for a repository: the same
-Markdown, headed by the command, date, wall time, machine and code version of the run and a summary
-of the verdicts, with its PNGs beside it.
+Findings come first (each of the paper's claims, `sftlens.study.report.findings`, with its effect, 95 %
+interval, n and a verdict from the rule in `sftlens.reporting.bootstrap`), then every table and figure of
+the paper (`sftlens.study.report.sections`). Written as a self-contained HTML page (figures embedded) and
+Markdown with the PNGs beside it (`sftlens.reporting.page`, the writer the audit report shares). `--page
+FILE` also writes a results page for a repository: the same Markdown, headed by the command, date, wall
+time, machine and code version of the run and a summary of the verdicts, with its PNGs beside it.
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import html
-import re
 import time
 from collections import Counter
 from pathlib import Path
 
 from sftlens.evaluate import MIN_N
-from sftlens.io import atomic_write_bytes, atomic_write_text
-from sftlens.markdown import markdown_table
-from sftlens.study.engine.provenance import code_version
-from sftlens.study.report.findings import CLAIMS, EXPECTED, NOT_TESTED, Finding, arm_findings, verdict_changes, verdict_word
+from sftlens.reporting.page import Section, interval_text, write_page, write_sections
+from sftlens.reporting.provenance import code_version
+from sftlens.study.report.findings import (
+    CLAIMS,
+    EXPECTED,
+    NOT_TESTED,
+    Finding,
+    arm_findings,
+    verdict_changes,
+    verdict_word,
+)
+from sftlens.study.report.prevention_section import prevention_section
 from sftlens.study.report.repair_section import repair_methods
 from sftlens.study.report.results import (
-    StudyResults, arm_view, arms, eval_records, level_name, load_results, restore_records, tuned_rates,
+    StudyResults,
+    arm_view,
+    arms,
+    eval_records,
+    level_name,
+    load_results,
+    restore_records,
+    tuned_rates,
 )
 from sftlens.study.report.sections import (
-    Section,
-    interval_text,
     figure2,
     figure4,
     figure5,
@@ -169,72 +178,10 @@ def sections(results: StudyResults, out: Path) -> tuple[list[Section], dict[str,
              figure4(records, png("figure4")), figure5(shown, png("figure5")), table3(shown), table4(sweeps),
              table5(sweeps), selection, table6(records, sweeps, chosen, size)]
     repairs = repair_methods(results, png("repairs"), samples)
-    return parts + ([repairs] if repairs else []) + taught_sections(results, out, size), found
-
-
-def _markdown(title: str, parts: list[Section], preamble: list[str] = ()) -> str:
-    lines = [f"# {title}", "", *preamble, *([""] if preamble else [])]
-    for s in parts:
-        lines += [f"## {s.title}", "", s.text, ""]
-        if s.figure:
-            lines += [f"![{s.title}]({s.figure.name})", ""]
-        for caption, header, rows in s.tables:
-            if caption:
-                lines += [f"*{caption}*", ""]
-            lines += [markdown_table(header, rows, "".join("r" if n else "l" for n in numeric_columns(rows, len(header)))), ""]
-    return "\n".join(lines)
-
-
-def _html(title: str, parts: list[Section]) -> str:
-    esc = html.escape
-    body = [f"<h1>{esc(title)}</h1>"]
-    for s in parts:
-        body += [f"<h2>{esc(s.title)}</h2>", f"<p>{esc(s.text)}</p>"]
-        if s.figure:
-            data = base64.b64encode(s.figure.read_bytes()).decode()
-            body.append(f'<img alt="{esc(s.title)}" src="data:image/png;base64,{data}">')
-        for caption, header, rows in s.tables:
-            numeric = numeric_columns(rows, len(header))
-            body.append("<table>" + (f"<caption>{esc(caption)}</caption>" if caption else ""))
-            body.append("<tr>" + "".join(f"<th{_align(n)}>{esc(str(h))}</th>" for h, n in zip(header, numeric)) + "</tr>")
-            body += ["<tr>" + "".join(f"<td{_align(n)}>{esc(str(c))}</td>" for c, n in zip(row, numeric)) + "</tr>"
-                     for row in rows]
-            body.append("</table>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.num{text-align:right}"
-             "caption{font-style:italic}img{max-width:100%}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-
-
-# A cell reads as a number when it starts like one ("12.3 ± 0.4", "+1.2 [-0.3, +2.5] holds", "1,024");
-# empty cells and dashes say nothing either way.
-_NUMBER = re.compile(r"^\s*[-+−]?(\d|\.\d)")
-_BLANK = ("", "–", "-", "—")
-
-
-def numeric_columns(rows: list[list], width: int) -> list[bool]:
-    """Per column of `width`: whether every filled cell is a number (right-aligned) or not (text, left-aligned)."""
-    columns = [[str(row[i]).strip() for row in rows if i < len(row) and str(row[i]).strip() not in _BLANK]
-               for i in range(width)]
-    return [bool(cells) and all(_NUMBER.match(c) for c in cells) for cells in columns]
-
-
-def _align(numeric: bool) -> str:
-    return ' class="num"' if numeric else ""
-
-
-def write_sections(title: str, parts: list[Section], out: Path, stem: str = "report") -> dict[str, Path]:
-    """`{stem}.md` and a self-contained `{stem}.html` of `parts` under `out`: the one report layer
-    (the study report and the audit report)."""
-    atomic_write_text(out / f"{stem}.md", _markdown(title, parts))
-    atomic_write_bytes(out / f"{stem}.html", _html(title, parts).encode("utf-8"))
-    return {"html": out / f"{stem}.html", "markdown": out / f"{stem}.md"}
-
-
-def write_page(page: Path, title: str, parts: list[Section], preamble: list[str]) -> Path:
-    """A results page: the report's Markdown headed by `preamble`, its PNGs beside it."""
-    atomic_write_text(page, _markdown(title, _with_figures_beside(parts, page), preamble))
-    return page
+    prevention = prevention_section(results, out.parent, png("prevention"), samples)
+    # with guards, the answer to the study's question comes first
+    head = [prevention] if prevention else []
+    return head + parts + ([repairs] if repairs else []) + taught_sections(results, out, size), found
 
 
 def write_report(study_dir: str | Path, page: str | Path | None = None) -> dict[str, Path]:
@@ -252,18 +199,6 @@ def write_report(study_dir: str | Path, page: str | Path | None = None) -> dict[
                     "(generated from the Findings table below):", "", *verdict_summary(found)]
         paths["page"] = write_page(page, f"Results: {results.source} study of {model}", parts, preamble)
     return paths
-
-
-def _with_figures_beside(parts: list[Section], page: Path) -> list[Section]:
-    """The report's sections with their PNGs copied beside `page` as `<page stem>-<figure>.png`."""
-    out = []
-    for part in parts:
-        if part.figure:
-            copy = page.parent / f"{page.stem}-{part.figure.name}"
-            atomic_write_bytes(copy, part.figure.read_bytes())
-            part = dataclasses.replace(part, figure=copy)
-        out.append(part)
-    return out
 
 
 def _run_report(args) -> None:

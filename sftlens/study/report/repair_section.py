@@ -11,15 +11,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from sftlens.evaluate import acc_levels
-from sftlens.report import mean_spread, plot_bands
+from sftlens.reporting.bootstrap import FactDraws, SeedDraws, arm_difference, verdict
+from sftlens.reporting.figures import plot_bands
+from sftlens.reporting.page import Section, interval_text
 from sftlens.study.engine.choice import acc, rate_dev_curve
-from sftlens.study.report.bootstrap import FactDraws, SeedDraws, arm_difference
-from sftlens.study.report.findings import fine_tuned, verdict
+from sftlens.study.report.findings import fine_tuned
 from sftlens.study.report.results import (
-    StudyResults, arm_view, chosen_models, level_name, rate_candidates, repair_dev_curves, repair_groups, sweep_groups,
+    StudyResults,
+    arm_view,
+    chosen_models,
+    level_name,
+    mean_spread,
+    rate_candidates,
+    repair_dev_curves,
+    repair_groups,
+    sweep_groups,
     tuned_rates,
 )
-from sftlens.study.report.sections import DOMAINS, Section, acc_caption, interval_text, mean_sd_text
+from sftlens.study.report.sections import DOMAINS, acc_caption, mean_sd_text
 from sftlens.weights import METHODS
 
 LORA_TEXT = ("LoRA SFT: not a repair of the fully fine-tuned model but the other recipe, [train]'s LoRA adapters "
@@ -75,8 +84,8 @@ def _gains(group: _Group, repaired: list[dict], facts: FactDraws, seeds: SeedDra
             cells.append("–")
             continue
         by_seed = {r["seed"]: r for r in mine}
-        after = group.arm(list(by_seed), split, lambda seed: by_seed[seed][f"{split}_bits"])
-        before = group.arm(list(by_seed), split, lambda seed: group.bits(seed, split))
+        after = group.arm(list(by_seed), split, lambda seed, by_seed=by_seed, split=split: by_seed[seed][f"{split}_bits"])
+        before = group.arm(list(by_seed), split, lambda seed, split=split: group.bits(seed, split))
         gain = arm_difference(facts, seeds, after, before, domain, levels, paired_seeds=True)
         cells.append(interval_text(gain) + (f" {verdict(gain.low, gain.high, +1)}" if (split, domain) == ("test", "in") else ""))
     return cells

@@ -1,5 +1,6 @@
 """A finished study's numbers, read from its database alone: tagged long-format records, means
-and spreads over seeds, the candidates and dev curves behind each dev choice.
+and spreads over seeds (`mean_spread`: the one statistic over seeds; `size_sort_key`: sizes in order), the
+candidates and dev curves behind each dev choice.
 
 Every evaluation record gets the study's tags: `train_level` (0-4, "mixed", or "base"), `size`
 (int or "all"), `seed`, `split` (test, dev, train), `restore_ratio` (0 = not restored) and
@@ -13,13 +14,30 @@ never reads this module.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftlens.report import mean_spread, size_sort_key
+from sftlens.io import read_jsonl
+from sftlens.split import eval_files
 from sftlens.study.engine.choice import acc, chosen_rate
 from sftlens.study.engine.db import StudyDB
 from sftlens.study.engine.params import TrainParams
+from sftlens.study.engine.scheduler import DATA, unit_folder
+
+
+def mean_spread(values: list[float | None]) -> tuple[float, float, int]:
+    """The one statistic over seeds: mean, sample standard deviation (0 for one value) and count;
+    missing values (None) are left out, none at all gives NaNs and 0."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def size_sort_key(size) -> tuple:
+    """Training sizes ascending, then "all" (a level's every fact)."""
+    return (1, 0) if size == "all" else (0, size)
 
 
 @dataclass
@@ -170,7 +188,8 @@ def rate_candidates(results: StudyResults, kind: str) -> dict[tuple, dict[float,
         recipe = TrainParams.of(keys[unit["spec"]["deps"]["model"]]["spec"]["params"]).train
         rate = recipe["learning_rate"]
         groups.setdefault((tags["train_level"], tags["size"]), {}).setdefault(rate, []).append(
-            {**unit["result"], "seed": tags["seed"], "value": rate, "recipe": recipe})
+            {**unit["result"], "seed": tags["seed"], "value": rate, "recipe": recipe,
+             "seconds": keys[unit["spec"]["deps"]["model"]]["seconds"]})
     return {k: {rate: sorted(models, key=lambda m: m["seed"]) for rate, models in v.items()} for k, v in groups.items()}
 
 
@@ -238,3 +257,20 @@ def taught_restore_records(results: StudyResults, taught: bool) -> list[dict]:
         out += [{**r, **tags, "strategy": "restore"}
                 for r in unit["result"].get("taught_records", []) if r["taught"] == taught]
     return out
+
+
+def test_order(results: StudyResults, study_dir: Path) -> dict[tuple[str, str], list[str]]:
+    """(domain, level) -> the test fact ids in split-file order: the order of every unit's `test_bits`."""
+    split = results.done("split")[0]
+    order = {}
+    for path in eval_files(unit_folder(study_dir, split["kind"], split["key"]) / DATA, "test"):
+        domain, level = path.stem.split("-level")
+        order[domain, level] = [row["fact_id"] for row in read_jsonl(path)]
+    return order
+
+
+def test_correct(bits: dict, order: dict[tuple[str, str], list[str]]) -> dict[str, bool]:
+    """fact id -> right, from a unit's {domain: {level: "0110..."}} (facts in split-file order)."""
+    return {fact: flag == "1" for domain, levels in bits.items() for level, string in levels.items()
+            for fact, flag in zip(order[domain, level], string)}
+

@@ -9,13 +9,14 @@ facts, named in each caption (`acc_levels`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftlens.evaluate import MIN_N, acc_levels
-from sftlens.report import mean_spread, plot_bands, plot_series, size_sort_key
+from sftlens.probe import LEVELS
+from sftlens.reporting.bootstrap import FactDraws, SeedDraws, arm_acc, arm_difference
+from sftlens.reporting.figures import plot_bands, plot_series
+from sftlens.reporting.page import Section, interval_text
 from sftlens.study.engine.choice import acc, chosen_ratio
-from sftlens.study.report.bootstrap import FactDraws, SeedDraws, arm_acc, arm_difference
 from sftlens.study.report.results import (
     StudyResults,
     acc_over_seeds,
@@ -23,21 +24,14 @@ from sftlens.study.report.results import (
     level_acc_over_seeds,
     level_n,
     level_name,
+    mean_spread,
+    size_sort_key,
     sweep_groups,
     train_levels,
 )
 
-LEVELS = (0, 1, 2, 3, 4)
 DOMAINS = (("in", "in-domain"), ("out", "out-of-domain"))
 SMALL = "†"
-
-
-@dataclass
-class Section:
-    title: str
-    text: str = ""
-    tables: list[tuple[str, list[str], list[list[str]]]] = field(default_factory=list)  # (caption, header, rows)
-    figure: Path | None = None
 
 
 def mean_sd_text(mean: float, spread: float, n: int, scale: float = 100.0, digits: int = 1) -> str:
@@ -45,12 +39,6 @@ def mean_sd_text(mean: float, spread: float, n: int, scale: float = 100.0, digit
     if n == 0 or math.isnan(mean):
         return "–"
     return f"{mean * scale:.{digits}f} ± {spread * scale:.{digits}f}"
-
-
-def interval_text(estimate, scale: float = 100.0, digits: int = 1, sign: str = "+") -> str:
-    """A bootstrap estimate as "value [low, high]" (signed by default: a gain)."""
-    return (f"{estimate.value * scale:{sign}.{digits}f} "
-            f"[{estimate.low * scale:{sign}.{digits}f}, {estimate.high * scale:{sign}.{digits}f}]")
 
 
 def sizes_of(records) -> list:

@@ -13,12 +13,18 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from sftlens.inject import TAUGHT_SUBSETS, taught_facts
-from sftlens.io import read_jsonl
-from sftlens.split import eval_files
-from sftlens.study.engine.scheduler import DATA, unit_folder
-from sftlens.study.report.results import StudyResults, taught_records, taught_restore_records
-from sftlens.study.report.sections import LEVELS, Section, figure2, table2, table4, table5
+from sftlens.probe import LEVELS
+from sftlens.reporting.page import Section
+from sftlens.study.engine.scheduler import unit_folder
+from sftlens.study.report.results import (
+    StudyResults,
+    taught_records,
+    taught_restore_records,
+    test_correct,
+    test_order,
+)
+from sftlens.study.report.sections import figure2, table2, table4, table5
+from sftlens.taught import TAUGHT_SUBSETS, taught_facts
 
 
 def taught_sections(results: StudyResults, out: Path, size) -> list[Section]:
@@ -38,25 +44,15 @@ def taught_sections(results: StudyResults, out: Path, size) -> list[Section]:
     return parts
 
 
-def _test_correct(bits: dict, order: dict[tuple[str, str], list[str]]) -> dict[str, bool]:
-    """fact id -> right, from a unit's {domain: {level: "0110..."}} (facts in split-file order)."""
-    return {fact: flag == "1" for domain, levels in bits.items() for level, string in levels.items()
-            for fact, flag in zip(order[domain, level], string)}
-
-
 def _repairs_on_taught_facts(results: StudyResults, study_dir: Path, injected: dict, repaired: list[dict]) -> Section:
     taught = taught_facts(unit_folder(study_dir, injected["kind"], injected["key"]) / "model")
-    split = results.done("split")[0]
-    order = {}
-    for path in eval_files(unit_folder(study_dir, split["kind"], split["key"]) / DATA, "test"):
-        domain, level = path.stem.split("-level")
-        order[domain, level] = [row["fact_id"] for row in read_jsonl(path)]
-    plain = {u["spec"]["deps"].get("model"): _test_correct(u["result"]["test_bits"], order)
+    order = test_order(results, study_dir)
+    plain = {u["spec"]["deps"].get("model"): test_correct(u["result"]["test_bits"], order)
              for u in results.done("eval")}
     base = plain.pop(None)
     groups: dict[tuple, list[int]] = {}
     for unit in repaired:
-        sft, fixed = plain[unit["spec"]["deps"]["model"]], _test_correct(unit["result"]["test_bits"], order)
+        sft, fixed = plain[unit["spec"]["deps"]["model"]], test_correct(unit["result"]["test_bits"], order)
         tags = results.model_tags(unit)
         counts = groups.setdefault((unit["result"]["method"], tags["train_level"], tags["size"]), [0] * 5)
         for fact in taught & fixed.keys():

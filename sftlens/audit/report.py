@@ -1,7 +1,8 @@
 """The audit report (`sftlens audit`): transitions, forgotten/learned by base level, the repair
 table, KL and update concentration, and the recall of forgotten taught facts when a list of them
 is given. Built from the audit folder alone (summary.json, facts.jsonl, audit.json) as `Section`s
-of the study report's layer (`sftlens.study.report.page`: one Markdown and self-contained HTML writer).
+of the report layer the study report shares (`sftlens.reporting.page`: one Markdown and
+self-contained HTML writer).
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from sftlens.analysis.deltas import zero_base_note
-from sftlens.audit.transitions import LEVELS, TRANSITIONS, row_shares
+from sftlens.audit.transitions import TRANSITIONS, row_shares
 from sftlens.errors import SftlensError
-from sftlens.inject import RECORD_FILE, taught_facts
 from sftlens.io import read_jsonl
-from sftlens.report import figure_panels, save_figure
-from sftlens.study.report.bootstrap import Estimate
-from sftlens.study.report.page import write_page, write_sections
-from sftlens.study.report.sections import Section, interval_text
-
+from sftlens.probe import LEVELS
+from sftlens.probe.tables import prompt_lines
+from sftlens.reporting.bootstrap import Estimate
+from sftlens.reporting.figures import figure_panels, save_figure
+from sftlens.reporting.page import Section, interval_text, write_page, write_sections
+from sftlens.taught import RECORD_FILE, taught_facts
 
 
 def _est(data: dict | None) -> Estimate | None:
@@ -35,6 +36,11 @@ def _rate(data: dict | None) -> str:
 
 def _pct(counts: int, total: int) -> str:
     return f"{100 * counts / total:.1f}" if total else "–"
+
+
+def _p(value: float | None) -> str:
+    """An exact McNemar p-value (a summary from before it: –)."""
+    return "–" if value is None else "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def transitions_section(summary: dict, out: Path) -> Section:
@@ -54,20 +60,22 @@ def transitions_section(summary: dict, out: Path) -> Section:
     figure.colorbar(image, ax=ax, label="% of the base level's facts")
     rows = [[f"level {i}", *(f"{counts[i][j]} ({'–' if shares[i][j] is None else f'{100 * shares[i][j]:.0f} %'})"
                              for j in LEVELS), sum(counts[i])] for i in LEVELS]
+    prompts = summary.get("probe_prompts", {})  # topic -> its probe prompt (none in a summary from before)
     text = ("Mastery level of every audited fact before (rows) and after (columns) fine-tuning, both models probed "
-            "with the same seeded draws (the probe's templates and samples); cells: facts (row %).")
+            "with the same seeded draws (the probe's templates and samples); cells: facts (row %). "
+            + " ".join(prompt_lines(prompts, prompts)))
     return Section("Knowledge transitions", text, [("base level -> fine-tuned level",
                                                     ["base \\ fine-tuned", *(f"level {j}" for j in LEVELS), "n"], rows)],
                    save_figure(figure, out / "transitions.png"))
 
 
 def _rates_rows(groups: list, label) -> list[list]:
-    return [[label(value), g["n"], *(g[t] for t in TRANSITIONS), _rate(g["forgotten_rate"]), _rate(g["learned_rate"])]
-            for value, g in groups]
+    return [[label(value), g["n"], *(g[t] for t in TRANSITIONS), _rate(g["forgotten_rate"]), _rate(g["learned_rate"]),
+             _p(g.get("mcnemar_p"))] for value, g in groups]
 
 
 RATE_HEADER = ["", "n", "kept right", "forgotten", "learned", "never right", "forgotten % of base-right [95 % CI]",
-               "learned % of base-wrong [95 % CI]"]
+               "learned % of base-wrong [95 % CI]", "McNemar p"]
 
 
 def greedy_section(summary: dict, out: Path) -> Section:
@@ -85,7 +93,8 @@ def greedy_section(summary: dict, out: Path) -> Section:
     ax.legend()
     text = ("Greedy closed-book answers of both models (the prompt of the audit), per fact: kept right, forgotten "
             "(right -> wrong), learned (wrong -> right), never right. Rates with 95 % percentile bootstrap intervals "
-            "over the facts of each row.")
+            "over the facts of each row; McNemar p: exact two-sided test of forgotten against learned (base against "
+            "fine-tune on the same facts).")
     tables = [("by base mastery level", ["base level", *RATE_HEADER[1:]],
                _rates_rows(by_level, lambda v: f"level {v}") + _rates_rows([("all", summary["all"])], str)),
               ("by domain", ["domain", *RATE_HEADER[1:]], _rates_rows(summary["by_domain"], str)),
@@ -106,23 +115,27 @@ def repair_section(summary: dict) -> Section:
     for method, r in summary["repairs"].items():
         t = r["test"]
         rows.append([method, f"{r['knob']} = {r['chosen']:g}", _rate(t["recovered"]), _rate(t["learned_kept"]),
-                     _acc_cell(t["acc"], "in", True), _acc_cell(t["acc"], "out", True)])
+                     _acc_cell(t["acc"], "in", True), _acc_cell(t["acc"], "out", True), _p(t.get("mcnemar_p"))])
     for name, acc in summary["references"].items():
         rows.append([f"{name} (no repair)" if name == "fine-tuned" else name, "–", "–", "–",
-                     _acc_cell(acc, "in", False), _acc_cell(acc, "out", False)])
+                     _acc_cell(acc, "in", False), _acc_cell(acc, "out", False),
+                     _p(summary.get("reference_mcnemar_p", {}).get(name))])
     any_test = next(iter(summary["repairs"].values()))["test"]
     text = (f"Each repair's value chosen on the dev slice ({summary['slices']['dev']} facts) by one objective, "
             f"{objective['text']}, among {objective['budget']} candidates per method (ties: the least edit), then "
             f"scored on the held-out test slice ({summary['slices']['test']} facts: {any_test['forgotten_n']} forgotten, "
             f"{any_test['learned_n']} learned by the fine-tune). Recovered: forgotten test facts the repaired model "
             "answers right again; learned kept: learned test facts it still answers right; Acc: the paper's (mean over "
-            "base levels) on test, with the gain over the fine-tune, paired over facts (95 % bootstrap).")
+            "base levels) on test, with the gain over the fine-tune, paired over facts (95 % bootstrap); McNemar p: "
+            "exact two-sided test of the model against the fine-tune on the same test facts (right for one, wrong for "
+            "the other).")
     dev = [[m, ", ".join(f"{v}: {100 * s:+.1f}" if objective["name"] == "recovered" else f"{v}: {100 * s:.1f}"
                          for v, s in sorted(r["dev_scores"].items(), key=lambda item: float(item[0]))), f"{r['chosen']:g}"]
            for m, r in summary["repairs"].items()]
     return Section("Which repair brings it back", text, [
         ("held-out test facts", ["method", "chosen value", "recovered % [95 % CI]", "learned kept % [95 % CI]",
-                                 "in-domain Acc (gain [95 % CI])", "out-of-domain Acc (gain [95 % CI])"], rows),
+                                 "in-domain Acc (gain [95 % CI])", "out-of-domain Acc (gain [95 % CI])",
+                                 "McNemar p vs fine-tuned"], rows),
         (f"dev objective per candidate ({objective['name']}, %)", ["method", "candidate: score", "chosen"], dev)])
 
 

@@ -1,9 +1,13 @@
-"""Percentile bootstrap of accuracy differences between groups of models scored on shared facts.
+"""Percentile bootstrap of accuracy differences between groups of models scored on shared facts, and
+the verdict rule an interval decides (the study's findings and the audit's repairs both use them).
 
 Facts are resampled within each (scope, domain, level) with one draw per scope shared by every model
 (so models answering the same facts are compared on the same resampled facts: paired over facts);
 seeds are resampled with replacement within each arm of a comparison, jointly when the two arms are
 the same models (paired over seeds).
+
+The rule (`verdict`), fixed before any run: "holds" when the whole interval lies on the side predicted,
+"reversed" when it lies wholly on the other side, "inconclusive" when it contains the threshold (0).
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ class Estimate:
 def estimate(point: float, draws: np.ndarray) -> Estimate:
     low, high = np.percentile(draws, [2.5, 97.5])
     return Estimate(float(point), float(low), float(high))
+
+
+def verdict(low: float, high: float, expected: int, threshold: float = 0.0) -> str:
+    """`expected` = +1 when an effect above `threshold` is predicted, -1 below it."""
+    above, below = low > threshold, high < threshold
+    if not (above or below):
+        return "inconclusive"
+    return "holds" if above == (expected > 0) else "reversed"
 
 
 # --- bootstrap of accuracies -------------------------------------------------------------------

@@ -1,33 +1,16 @@
-"""The reporting layer under the study report: the statistic over seeds and every figure.
+"""The figure layer of every report: Agg `Figure` objects (no pyplot state), PNGs written atomically.
 
-`mean_spread` is the one statistic over seeds (mean, sample sd, n); the figure layer draws on Agg
-`Figure` objects (no pyplot state) and writes PNGs atomically: `plot_series` (lines over training
-sizes: Figures 2 and 4), `plot_bands` (curves with 95 % bands: the restoration and repair curves),
-and `figure_panels`/`save_figure` for any other figure (the concentration plot of `deltas`).
-The tables themselves are built by `sftlens.study.report.sections` and `sftlens.study.report.repair_section`.
+`plot_series` (lines over training sizes: Figures 2 and 4), `plot_bands` (curves with 95 % bands: the
+restoration and repair curves), and `figure_panels`/`save_figure` for any other figure (the audit's,
+the concentration plot of `deltas`).
 """
 
 from __future__ import annotations
 
 import io
-import statistics
 from pathlib import Path
 
 from sftlens.io import atomic_write_bytes
-
-
-def mean_spread(values: list[float | None]) -> tuple[float, float, int]:
-    """The one statistic over seeds: mean, sample standard deviation (0 for one value) and count;
-    missing values (None) are left out, none at all gives NaNs and 0."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan"), 0
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
-
-
-def size_sort_key(size) -> tuple:
-    """Training sizes ascending, then "all" (a level's every fact)."""
-    return (1, 0) if size == "all" else (0, size)
 
 
 def figure_panels(panels: int, width: float = 5.0):

@@ -1,0 +1,23 @@
+"""What a unit of work costs: the seconds per work item and per unit of each kind of step, measured on
+this project's machine. The study's plan (`sftlens.study.engine.commands`) and the audit's
+(`sftlens.audit.run`) estimate their time with them; a study's plan prefers its own finished units' rates."""
+
+# Seconds per unit of work (one sampled continuation, training example, greedy answer, KL prompt) and
+# per unit, for SmolLM2-135M in fp32 on a 2-core CPU: the rates of the `repro` run (2026-11-25, 102
+# units in 50 min; units' work as `study plan` counts it). LoRA's: the `repairs` run of 2026-12-01 on a
+# slower CPU, scaled by its ratios to that run's train (0.76) and repaired (0.96) rates. Inject's: train's (a statement is a short example).
+# The tuned arm's units run the train and eval stages as they are (tune, tuned: SFT; tune-eval: greedy eval on
+# dev), so they take those rates; a tuned unit linking its candidate plans no work. The guards' arm: train's rate per
+# example read (a replaying run reads more: `sftlens.guards.guard_work`), LoRA's scoring rate for guard-eval.
+DEFAULT_RATES = {"probe": 0.040, "split": 0.0, "train": 0.14, "eval": 0.037, "kl": 0.02, "deltas": 16.0,
+                 "restore": 0.047, "control": 0.045, "repair": 0.047, "repaired": 0.045, "lora": 0.11,
+                 "lora-eval": 0.043, "inject": 0.14, "tune": 0.14, "tune-eval": 0.037, "tuned": 0.14,
+                 "guard": 0.14, "guarded": 0.14, "guard-eval": 0.043}
+FIXED_SECONDS = {"probe": 5, "split": 2, "train": 8, "eval": 4, "kl": 3, "deltas": 0, "restore": 6, "control": 6,
+                 "repair": 6, "repaired": 6, "lora": 8, "lora-eval": 6, "inject": 8, "tune": 8, "tune-eval": 4,
+                 "tuned": 2, "guard": 8, "guarded": 8, "guard-eval": 6}
+WORK_UNITS = {"probe": "samples", "split": "-", "train": "examples", "eval": "generations", "kl": "prompts",
+              "deltas": "models", "restore": "generations", "control": "generations", "repair": "generations",
+              "repaired": "generations", "lora": "examples", "lora-eval": "generations", "inject": "statements",
+              "tune": "examples", "tune-eval": "generations", "tuned": "examples",
+              "guard": "examples", "guarded": "examples", "guard-eval": "generations"}

@@ -1,0 +1,108 @@
+"""The package's import graph (ARCHITECTURE.md): drawn from the source with `ast`, every import counted,
+module-level and inside functions alike (a function-level import is still an arrow: it only hides a
+circle until the function runs)."""
+
+import ast
+from pathlib import Path
+
+import sftlens
+
+PACKAGE = Path(sftlens.__file__).resolve().parent
+PEERS = ("sftlens.audit", "sftlens.study")
+
+
+def modules() -> dict[str, Path]:
+    """Dotted name -> file of every module of the package (a package is its `__init__.py`)."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _owner(name: str, known: dict) -> str | None:
+    """The module `name` lives in: itself, or the nearest package or module above it."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the sftlens modules it imports anywhere in its file. `from a import b` is an arrow to
+    the module `a.b` when there is one, else to `a`; relative imports are resolved."""
+    known = modules()
+    graph = {name: set() for name in known}
+    for name, path in known.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                owner = _owner(target, known) if target.split(".")[0] == "sftlens" else None
+                if owner and owner != name:
+                    graph[name].add(owner)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle (its modules, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def _under(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_graph_is_drawn_from_every_module():
+    graph = import_graph()
+    assert {"sftlens.cli", "sftlens.audit.run", "sftlens.study.report.page", "sftlens.reporting.page"} <= set(graph)
+    assert "sftlens.reporting.bootstrap" in graph["sftlens.audit.repairs"]
+    # a function-level import is an arrow too
+    assert "sftlens.train" in graph["sftlens.inject"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_circle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_audit_and_study_are_peers_that_never_import_each_other():
+    graph = import_graph()
+    crossing = sorted((a, b) for a, targets in graph.items() for b in targets for x, y in (PEERS, PEERS[::-1])
+                      if _under(a, x) and _under(b, y))
+    assert crossing == [], crossing
+
+
+def test_the_shared_floor_imports_neither_peer():
+    graph = import_graph()
+    upward = sorted((a, b) for a, targets in graph.items() if _under(a, "sftlens.reporting")
+                    for b in targets if any(_under(b, peer) for peer in PEERS))
+    assert upward == [], upward

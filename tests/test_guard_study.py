@@ -1,0 +1,139 @@
+"""The guards' arm of a study (`[guards]`, preset `guards`): candidates on the first seed, the dev-chosen value on
+the others, every arm scored alike, and the report's "Prevention and cure" against values recomputed by hand."""
+
+import json
+import re
+import statistics
+
+import pytest
+
+from sftlens.errors import SftlensError
+from sftlens.guards import GUARDS, known_rows, parse_guard
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+TINY_GUARDS = """
+extends = "guards"
+[study]
+model = "{model}"
+data_dir = "{data}"
+out_relations = "P106,P136"
+train_facts_per_relation = 6
+eval_facts_per_relation = 3
+dev_facts_per_relation = 2
+sizes = [8]
+seeds = [0, 1]
+analysis_sizes = [8]
+table_size = 8
+lora_learning_rates = [1e-3, 1e-2]
+bootstrap = 50
+[inject]
+templates = [0, 1, 2]
+doses = [1, 3]
+learning_rate = 1e-2
+epochs = 2
+[probe]
+max_new_tokens = 4
+[train]
+learning_rate = 1e-3
+[eval]
+max_new_tokens = 4
+[repairs]
+restore = {{ values = [5, 20] }}
+wise = {{ values = [0.5, 0.75] }}
+dare = {{ values = [0.3, 0.6] }}
+trim = {{ values = [20, 50] }}
+[guards]
+replay = {{ values = [0.25, 0.5] }}
+l2 = {{ values = [0.1, 10.0] }}
+kl = {{ values = [0.1, 10.0] }}
+freeze = {{ values = [0.5, 1.0] }}
+mofo = {{ values = [0.1, 0.5] }}
+"""
+
+
+@pytest.fixture
+def known_data_dir(tiny_data_dir):
+    """The tiny data with every other fact answered "e": a random tiny model's samples nearly always contain it,
+    so the taught base knows facts at level 4 (replay's pool), as a real base knows some."""
+    for path in tiny_data_dir.glob("*/*.json"):
+        records = json.loads(path.read_text())
+        for i, record in enumerate(records):
+            if i % 2 == 0:
+                record["answers"] = ["e"]
+        path.write_text(json.dumps(records))
+    return tiny_data_dir
+
+
+def _dev_acc(result: dict) -> float:
+    """In-domain dev Acc by hand: the mean over levels of each level's share right."""
+    dev = [r for r in result["records"] if r["split"] == "dev" and r["domain"] == "in"]
+    return statistics.fmean(r["correct"] / r["n"] for r in dev)
+
+
+def test_a_guards_study_chooses_on_dev_and_reports_prevention_beside_cure(tiny_model_dir, known_data_dir, tmp_path):
+    from sftlens.probe import load_probe
+    from sftlens.study.engine.commands import run_study
+    from sftlens.study.engine.config import load_study_config
+    from sftlens.study.engine.stages import study_facts
+    from sftlens.study.report.page import write_report
+    from sftlens.study.report.results import load_results
+
+    study_file = tmp_path / "guards.toml"
+    study_file.write_text(TINY_GUARDS.format(model=tiny_model_dir, data=known_data_dir))
+    config = load_study_config(str(study_file))
+    assert list(config.guards) == list(GUARDS)
+    study = tmp_path / "study"
+    run_study(config, study, progress=False)
+    results = load_results(study)
+    units, keys = results.units, results.by_key()
+    failed = [u["label"] for u in units if u["state"] != "done"]
+    assert not failed
+
+    candidates = [u for u in units if u["kind"] == "guard"]
+    guarded = [u for u in units if u["kind"] == "guarded"]
+    assert {u["spec"]["params"]["seed"] for u in candidates} == {0} and len(candidates) == 10
+    assert {u["spec"]["params"]["seed"] for u in guarded} == {1} and len(guarded) == 5
+    scores = {u["spec"]["deps"]["model"]: u["result"] for u in units if u["kind"] == "guard-eval"}
+    for unit in guarded:  # the chosen value: a brute-force argmax over the candidates' dev scores
+        name = unit["spec"]["params"]["guard"]
+        dev = {parse_guard(c["spec"]["params"]["train"]["guard"])[1]: _dev_acc(scores[c["key"]])
+               for c in candidates if c["spec"]["params"]["train"]["guard"].startswith(f"{name}=")}
+        best = max(dev.values())
+        expected = min((v for v, a in dev.items() if a == best), key=lambda v: abs(v - GUARDS[name].neutral))
+        assert unit["result"]["value"] == expected, name
+        assert unit["result"]["guard"]["value"] == expected
+
+    # replay mixed in only facts the taught base answers right in the training split, never its own facts
+    replay = [u for u in candidates if u["spec"]["params"]["train"]["guard"].startswith("replay=")]
+    probe = next(u for u in units if u["kind"] == "probe")
+    records = load_probe(study / "units" / "probe" / probe["key"] / "store")
+    facts = study_facts({**replay[0]["spec"]["params"], **replay[0]["spec"]["runtime"]})
+    pool = {r["fact_id"] for r in known_rows(records, facts)}
+    assert all(0 < u["result"]["guard"]["replayed"] <= len(pool) for u in replay)
+    assert all(f.split == "train" for f in facts if f.id in pool)
+
+    # the report: the plain row's kept share recomputed from the units' correctness strings
+    report = write_report(study)
+    text = report["markdown"].read_text()
+    assert "## Prevention and cure" in text and text.index("## Prevention and cure") < text.index("## Findings")
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    for arm in ("plain SFT", *(f"guard {g}" for g in GUARDS), "LoRA", "repair wise", "repair restore"):
+        assert arm in rows, arm
+    plain_units = [u for u in units if u["kind"] == "guard-eval" and keys[u["spec"]["deps"]["model"]]["kind"] == "train"]
+    own = [statistics.fmean(int(b) for levels in u["result"]["train_bits"].values() for b in "".join(levels.values()))
+           for u in plain_units]
+    assert f"| {100 * statistics.fmean(own):.1f} |" in rows["plain SFT"]
+
+
+def test_guard_grids_are_checked_before_anything_runs(tmp_path):
+    from sftlens.study.engine.config import load_study_config
+
+    for table, message in [("l2 = { values = [0.1] }", "guards.replay.values: 3 values, but guards.l2.values has 1"),
+                           ("forget = { values = [1, 2, 3] }", "guard 'forget' is unknown"),
+                           ("mofo = { values = [0, 0.5, 1] }", "outside (0, 1]"),
+                           ("replay = { values = [0.1, 0.2, 0.3] }", "use a multiple of 1/8")]:
+        path = tmp_path / "bad.toml"
+        path.write_text(f'extends = "guards"\n[study]\nlora_learning_rates = []\n[guards]\n{table}\n')
+        with pytest.raises(SftlensError, match=re.escape(message)):
+            load_study_config(str(path))
