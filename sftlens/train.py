@@ -27,14 +27,21 @@ import torch
 
 from sftlens.config import add_config_arguments, config_from_args, config_to_dict
 from sftlens.data import add_fact_source_arguments, encode_prompt
+from sftlens.data.rows import data_manifest, read_split_rows
 from sftlens.errors import SftlensError
 from sftlens.guards import (
-    GUARDS, ActiveGuard, guard_spec, guarded_trainer, mixed_examples, parse_guard, replay_per_batch, replay_pool,
+    GUARDS,
+    ActiveGuard,
+    guard_spec,
+    guarded_trainer,
+    mixed_examples,
+    parse_guard,
+    replay_per_batch,
+    replay_pool,
 )
-from sftlens.lora import lora_targets, require_peft, save_merged, with_lora
 from sftlens.io import atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
+from sftlens.lora import lora_targets, require_peft, save_merged, with_lora
 from sftlens.models import LOSS_FILE, RUN_FILE, load_model, model_fingerprint
-from sftlens.data.rows import data_manifest, read_split_rows
 
 IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
 SFT_KEYS = ("prompt", "completion")

@@ -13,10 +13,10 @@ import functools
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
 
 from tqdm import tqdm
 
@@ -137,10 +137,6 @@ def load_templates() -> dict[str, RelationTemplates]:
 
 def in_domain_relations() -> tuple[str, ...]:
     return tuple(r for r, t in load_templates().items() if t.domain == "in")
-
-
-def out_of_domain_relations() -> tuple[str, ...]:
-    return tuple(r for r, t in load_templates().items() if t.domain == "out")
 
 
 def parse_relations(spec: str | tuple[str, ...] | list[str] | None,

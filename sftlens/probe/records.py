@@ -105,7 +105,7 @@ class ProbeRecord:
         return row
 
     @classmethod
-    def from_row(cls, row: dict, where: str) -> "ProbeRecord":
+    def from_row(cls, row: dict, where: str) -> ProbeRecord:
         try:
             record = cls(
                 fact_id=str(row["fact_id"]), correct=int(row["correct"]), total=int(row["total"]),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -63,7 +63,7 @@ class GumbelMaxSampler:
             values.uniform_(generator=self.generators[row])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _noise_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="sftlens-noise")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sftlens.errors import SftlensError
 from sftlens.io import exclusive_writer
+from sftlens.markdown import markdown_table
 from sftlens.reporting.costs import DEFAULT_RATES, FIXED_SECONDS, WORK_UNITS
 from sftlens.reporting.provenance import code_version, machine
 from sftlens.study.engine.config import PRESETS, StudyConfig, load_study_config
@@ -18,7 +19,6 @@ from sftlens.study.engine.db import StudyDB
 from sftlens.study.engine.executors import make_executor
 from sftlens.study.engine.scheduler import Unit, run_units, units_to_run
 from sftlens.study.engine.units import build_units
-from sftlens.markdown import markdown_table
 
 
 def measured_rates(db: StudyDB) -> dict[str, float]:

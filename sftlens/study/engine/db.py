@@ -51,7 +51,7 @@ class StudyDB:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "StudyDB":
+    def __enter__(self) -> StudyDB:
         return self
 
     def __exit__(self, *exc) -> None:

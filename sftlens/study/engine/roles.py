@@ -8,8 +8,9 @@ respelling one re-keys every study.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping, TypedDict
+from typing import TypedDict
 
 PROBE = "probe"  # the probe: its store of per-fact samples
 SPLIT = "split"  # the split unit: its folder of training, test and dev sets

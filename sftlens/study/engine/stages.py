@@ -22,7 +22,6 @@ from sftlens.config import config_from_dict
 from sftlens.data import Fact, FactSet, fact_set_stats, first_per_relation, load_fact_set, load_facts
 from sftlens.evaluate import EvalConfig, evaluate_splits, summarize
 from sftlens.inject import InjectConfig, inject
-from sftlens.taught import TAUGHT_SUBSETS, inject_record, taught_facts
 from sftlens.io import atomic_write_jsonl, read_jsonl
 from sftlens.models import load_model
 from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe, run_probe
@@ -49,9 +48,9 @@ from sftlens.study.engine.params import (
 )
 from sftlens.study.engine.scheduler import DATA
 from sftlens.study.engine.units import select_facts
+from sftlens.taught import TAUGHT_SUBSETS, inject_record, taught_facts
 from sftlens.train import RUN_FILE, TrainConfig, train
 from sftlens.weights import METHODS, RepairConfig, repaired_models
-
 
 
 def study_facts(params) -> list[Fact]:

@@ -217,7 +217,7 @@ class GraphBuilder:
                          ControlParams(restore=config_to_dict(self.config.stages["restore"]), eval=eval_cfg, seed=seed,
                                        ratio_choice="best mean dev Acc (in-domain) over seeds, ratio > 0"),
                          deps, work=eval_rows + (size or train_rows))
-        for level, size, seed, train, name in analysed:
+        for level, size, _, train, name in analysed:
             for method, grid in self.config.repairs.items():
                 group = repairs.get((level, size, method))
                 if not group:
@@ -265,12 +265,12 @@ class GraphBuilder:
         recipe = self.config.stages["train"]
         examples = (size or self.n_facts["train"] // max(1, len(self.s.levels))) * recipe.epochs
         deps = {roles.SPLIT: self.split_key, roles.PROBE: probe.key}
-        for seed, train, name in members:
-            self._scored("guard-eval", f"guard-eval {name} plain", train, scored)
+        for _, train, member in members:
+            self._scored("guard-eval", f"guard-eval {member} plain", train, scored)
         (first, _, name), others = members[0], members[1:]
         for guard, values in self.config.guards.items():
             dev = {}
-            for i, value in enumerate(values):
+            for value in values:
                 params = GuardParams(**self.selection, set=train_set_name(level), size=size_name(size), seed=first,
                                      train=config_to_dict(dataclasses.replace(recipe, seed=first, guard=f"{guard}={value!r}")))
                 model = self.add("guard", f"guard {name} {guard}={value:g}", f"{GUARD_STAGES}:guard_unit", params,
@@ -310,7 +310,7 @@ class GraphBuilder:
                 dev.setdefault((level, size), {})[scores.key] = rate
                 own[(level, size, seed)][rate] = model
         tuned = []
-        for level, size, seed, train, name in models:
+        for level, size, seed, _, name in models:
             choice = dev[(level, size if s.rate_choice == "per-size" else largest)]
             mine = own[(level, size, seed)]
             params = TunedParams(set=train_set_name(level), size=size_name(size), seed=seed,
