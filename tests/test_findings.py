@@ -223,3 +223,14 @@ def test_kl_over_too_few_facts_is_not_tested():
             builder.unit("kl", {}, {"model": train}, {"kl": {"mean": kl, "n": 12}})
     (finding,) = [f for f in findings(builder.results(), samples=100) if f.claim == "C4"]
     assert finding.verdict == "not tested: the KL's test set has 12 facts (< 30)"
+
+
+def test_dropping_one_comparison_never_moves_another_interval():
+    builder = StudyBuilder()
+    grid(builder, {60: 0.6, 240: 0.4}, level=1)
+    both = builder.results()
+    grid(builder, {60: 0.3, 240: 0.5}, level=0)  # a C1 comparison tested before level 1's, and C2 ones
+    more = builder.results()
+    first = {f.comparison: f.effect for f in findings(both, samples=300) if f.claim == "C1"}
+    again = {f.comparison: f.effect for f in findings(more, samples=300) if f.claim == "C1"}
+    assert len(again) == 2 and all(again[c] == effect for c, effect in first.items())

@@ -262,3 +262,16 @@ def test_a_tiny_testbed_study_runs_on_the_taught_base_and_splits_taught_from_unt
         assert cells[5].split()[0] == str(sum(fixed[f] for f in forgotten))
         assert cells[6] == str(len(learned)) and cells[7].split()[0] == str(sum(fixed[f] for f in learned))
     assert "## Repairs on the taught facts" in markdown
+
+    # C1, C4 and C6 again on the taught facts alone: the view's correctness strings are the taught facts' own
+    from sftlens.study.report.taught_section import taught_view
+
+    view = {u["key"]: u for u in taught_view(load_results(study), study).units}
+    for name, unit in (("base", base_eval), ("sft", sft_eval)):
+        bits = view[unit["key"]]["result"]["test_bits"]
+        joined = "".join(bits[d][lv] for d in sorted(bits) for lv in sorted(bits[d], key=int))
+        assert joined == "".join("1" if right[name][f] else "0" for f in order if f in taught)
+        records = [r for r in view[unit["key"]]["result"]["records"] if r["split"] == "test"]
+        assert sum(r["n"] for r in records) == len(joined) and sum(r["correct"] for r in records) == joined.count("1")
+    for claim in ("C1", "C4", "C6"):
+        assert f"| {claim} | taught facts: " in markdown

@@ -120,8 +120,8 @@ class Claims:
     def sizes(self, level) -> list:
         return sorted({m["size"] for m in self.models if m["train_level"] == level}, key=size_sort_key)
 
-    def acc_gap(self, a: list[dict], b: list[dict], paired: bool = False) -> Estimate:
-        return arm_difference(self.facts, self.seeds, a, b, "in", self.levels, paired)
+    def acc_gap(self, a: list[dict], b: list[dict], key: str, paired: bool = False) -> Estimate:
+        return arm_difference(self.facts, self.seeds, a, b, "in", self.levels, paired, key=key)
 
     def n_text(self, *arms: list[dict]) -> str:
         seeds = " vs ".join(str(len(arm)) for arm in arms)
@@ -149,9 +149,9 @@ class Claims:
                                       "one training size only"))
                 continue
             big, small = _group(self.models, level, largest), _group(self.models, level, ref)
-            effect = self.acc_gap(big, small)
-            out.append(Finding("C1", f"{level_name(level)}: Acc({_size_text(big, largest)}) - Acc(n={ref})", effect,
-                               self.n_text(big, small), verdict(effect.low, effect.high, -1)))
+            label = f"{level_name(level)}: Acc({_size_text(big, largest)}) - Acc(n={ref})"
+            effect = self.acc_gap(big, small, f"C1 {label}")
+            out.append(Finding("C1", label, effect, self.n_text(big, small), verdict(effect.low, effect.high, -1)))
         return out
 
     def c2_training_level(self) -> list[Finding]:
@@ -171,9 +171,10 @@ class Claims:
                 continue
             mean_acc = {lv: np.mean([self.facts.acc(m["bits"], "in", self.levels)[0] for m in g]) for lv, g in full.items()}
             best, worst = max(mean_acc, key=mean_acc.get), min(mean_acc, key=mean_acc.get)
-            effect = self.acc_gap(full[best], full[worst])
-            out.append(Finding("C2", f"n={size}: Acc({level_name(best)}) - Acc({level_name(worst)}) (best - worst)",
-                               effect, self.n_text(full[best], full[worst]), verdict(effect.low, effect.high, +1)))
+            label = f"n={size}: Acc({level_name(best)}) - Acc({level_name(worst)}) (best - worst)"
+            effect = self.acc_gap(full[best], full[worst], f"C2 {label}")
+            out.append(Finding("C2", label, effect, self.n_text(full[best], full[worst]),
+                               verdict(effect.low, effect.high, +1)))
         return out
 
     def c3_subsets_vary(self) -> list[Finding]:
@@ -194,7 +195,8 @@ class Claims:
                 continue
             ranked = sorted(group, key=lambda m: self.facts.acc(m["bits"], "in", self.levels)[0])
             best, worst = ranked[-1], ranked[0]
-            effect = arm_difference(self.facts, self.seeds, [best], [worst], "in", self.levels, paired_seeds=True)
+            effect = arm_difference(self.facts, self.seeds, [best], [worst], "in", self.levels, paired_seeds=True,
+                                    key=f"C3 {label}")
             tags = f" ({level_name(best['train_level'])} seed {best['seed']} vs {level_name(worst['train_level'])} seed {worst['seed']})"
             out.append(Finding("C3", label + tags, effect, f"{describe_levels(self.records, 'in', self.levels)}; "
                                f"{len(group)} models", verdict(effect.low, effect.high, +1)))
@@ -221,7 +223,8 @@ class Claims:
                 continue
             big = np.array([p["kl"] for p in _group(points, level, sizes[-1])])
             small = np.array([p["kl"] for p in _group(points, level, ref)])
-            draws = (big[self.seeds.pick(len(big))].mean(axis=1) - small[self.seeds.pick(len(small))].mean(axis=1))
+            draws = (big[self.seeds.pick(len(big), ["C4", label, "big"])].mean(axis=1)
+                     - small[self.seeds.pick(len(small), ["C4", label, "small"])].mean(axis=1))
             effect = estimate(big.mean() - small.mean(), draws)
             out.append(Finding("C4", label, effect, f"{points[0]['n']} test facts; seeds {len(big)} vs {len(small)} "
                                "(mean KL per model)",
@@ -246,7 +249,7 @@ class Claims:
         if len(pairs) < 4:
             return not_tested("C4", label, "fewer than 4 models with KL and accuracy", "r")
         kl, accuracy = np.array(pairs).T
-        pick = self.seeds.rng.integers(0, len(kl), size=(self.samples, len(kl)))
+        pick = self.seeds.pick(len(kl), ["C4", label])
         draws = np.array([_pearson(kl[i], accuracy[i]) for i in pick])
         effect = estimate(_pearson(kl, accuracy), draws[~np.isnan(draws)])
         return Finding("C4", label, effect, f"{len(kl)} models (resampled)", verdict(effect.low, effect.high, -1), "r")
@@ -265,7 +268,8 @@ class Claims:
             zero = [r["zero_base"]["zero_base_share_of_relative_change"] for r in group if "zero_base" in r]
             for metric in metrics:
                 shares = np.array([r.get("shares_by_metric", {metric: r["shares"]})[metric][at] for r in group])
-                effect = estimate(shares.mean(), shares[self.seeds.pick(len(shares))].mean(axis=1))
+                key = ["C5", level, size, metric]
+                effect = estimate(shares.mean(), shares[self.seeds.pick(len(shares), key)].mean(axis=1))
                 note = ""
                 if metric == "relative" and zero and np.mean(zero) > 0.5:
                     note = f"; {100 * np.mean(zero):.1f} % of it sits on elements whose base value is exactly 0"
@@ -306,7 +310,8 @@ class Claims:
                     for s in group]
         before, after = arm(lambda s: s[field]["0"]), arm(lambda s: s[field][key])
         n = describe_levels(records, "in", levels).replace("test facts", f"{split} facts")
-        gain = arm_difference(self.facts, self.seeds, after, before, "in", levels, paired_seeds=True)
+        gain = arm_difference(self.facts, self.seeds, after, before, "in", levels, paired_seeds=True,
+                              key=f"C6 {name}, {split}: restored")
         rows = [Finding("C6", f"{name}, {split}: restored - fine-tuned", gain, f"{n}; {len(group)} seeds",
                         verdict(gain.low, gain.high, +1))]
         mine = controls.get((level, size), {})
@@ -314,7 +319,8 @@ class Claims:
         if not paired:
             return rows + [not_tested("C6", f"{name}, {split}: restored - random control", "no random control")]
         randoms = [{"bits": c[field], "scope": a["scope"]} for a, c in paired]
-        edge = arm_difference(self.facts, self.seeds, [a for a, _ in paired], randoms, "in", levels, paired_seeds=True)
+        edge = arm_difference(self.facts, self.seeds, [a for a, _ in paired], randoms, "in", levels, paired_seeds=True,
+                              key=f"C6 {name}, {split}: control")
         return rows + [Finding("C6", f"{name}, {split}: restored - random control", edge, f"{n}; {len(paired)} seeds",
                                verdict(edge.low, edge.high, +1))]
 

@@ -50,7 +50,7 @@ from sftlens.study.report.sections import (
     table5,
     table6,
 )
-from sftlens.study.report.taught_section import taught_sections
+from sftlens.study.report.taught_section import taught_claims, taught_sections
 
 EFFECT_FORMAT = {"pts": (100.0, 1, "+", " pts"), "KL": (1.0, 4, "+", ""), "r": (1.0, 2, "+", ""), "%": (100.0, 1, "", " %")}
 
@@ -69,10 +69,15 @@ def evidence_rows(found: list[Finding]) -> list[list[str]]:
     return [[f.claim, f.comparison, effect_text(f), f.n, f.verdict] for f in found]
 
 
-def findings_section(results: StudyResults, samples: int) -> tuple[Section, dict[str, list[Finding]]]:
-    """The claims on the study's models; with a tuned arm, on each arm and which verdicts the tuned
-    rate changes. Returns the section and the findings per arm ("tuned" first when there is one)."""
+def findings_section(results: StudyResults, samples: int, study_dir: Path | None = None
+                     ) -> tuple[Section, dict[str, list[Finding]]]:
+    """The claims on the study's models (on a taught base, C1, C4 and C6 again on the taught facts alone); with a
+    tuned arm, on each arm and which verdicts the tuned rate changes. Returns the section and the findings per arm
+    ("tuned" first when there is one)."""
     by_arm = dict(sorted(arm_findings(results, samples).items(), key=lambda kv: kv[0] != "tuned"))
+    if study_dir is not None:
+        views = {arm: arm_view(results, arm) if len(by_arm) > 1 else results for arm in by_arm}
+        by_arm = {arm: found + taught_claims(views[arm], study_dir, samples) for arm, found in by_arm.items()}
     claims = [[claim, text, EXPECTED[claim]] for claim, text in CLAIMS.items()]
     text = (f"Each claim of the paper, tested on this study. Effects with a 95 % percentile bootstrap interval "
             f"({samples} resamples; test facts resampled within each level, paired wherever the same facts are "
@@ -169,7 +174,7 @@ def sections(results: StudyResults, out: Path) -> tuple[list[Section], dict[str,
     def png(name: str) -> Path:
         return out / f"{name}.png"
 
-    found_section, found = findings_section(results, samples)
+    found_section, found = findings_section(results, samples, out.parent)
     shown = arm_view(results, "tuned") if "tuned" in arms(results) else results
     records, sweeps = eval_records(shown), restore_records(shown)
     selection, chosen = restoration(shown, records, png("restoration"), samples)

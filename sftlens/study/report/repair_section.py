@@ -72,8 +72,9 @@ def _cells(per_seed_records: list[list[dict]]) -> list[str]:
             mean_sd_text(*mean_spread([acc(rs, "in") for rs in train if acc(rs, "in") is not None]))]
 
 
-def _gains(group: _Group, repaired: list[dict], facts: FactDraws, seeds: SeedDraws) -> list[str]:
-    """Repaired minus plain SFT, paired over facts and seeds: in-domain, out-of-domain, training set."""
+def _gains(group: _Group, repaired: list[dict], facts: FactDraws, seeds: SeedDraws, arm: str) -> list[str]:
+    """Repaired minus plain SFT, paired over facts and seeds: in-domain, out-of-domain, training set (the seeds'
+    draws keyed by the arm and the cell)."""
     mine = [r for r in repaired if r["seed"] in group.by_seed]
     if not mine:
         return ["–"] * 3
@@ -86,7 +87,8 @@ def _gains(group: _Group, repaired: list[dict], facts: FactDraws, seeds: SeedDra
         by_seed = {r["seed"]: r for r in mine}
         after = group.arm(list(by_seed), split, lambda seed, by_seed=by_seed, split=split: by_seed[seed][f"{split}_bits"])
         before = group.arm(list(by_seed), split, lambda seed, split=split: group.bits(seed, split))
-        gain = arm_difference(facts, seeds, after, before, domain, levels, paired_seeds=True)
+        gain = arm_difference(facts, seeds, after, before, domain, levels, paired_seeds=True,
+                              key=[group.level, group.size, arm, split, domain])
         cells.append(interval_text(gain) + (f" {verdict(gain.low, gain.high, +1)}" if (split, domain) == ("test", "in") else ""))
     return cells
 
@@ -177,15 +179,15 @@ def repair_methods(results: StudyResults, path: Path, samples: int) -> Section |
         untuned = _fixed_rate_models(results, level, size) if tuned_candidates else []
         if untuned:
             rows.append([name, "plain SFT at [train]'s rate", _rate_text([fixed_rate], None), str(len(untuned)),
-                         *_cells([m["records"] for m in untuned]), *_gains(group, untuned, facts, seeds)])
+                         *_cells([m["records"] for m in untuned]), *_gains(group, untuned, facts, seeds, "untuned")])
         for method, reps in methods:
             rows.append([name, method, _value_text(method, [r["value"] for r in reps]), str(len(reps)),
-                         *_cells([r["records"] for r in reps]), *_gains(group, reps, facts, seeds)])
+                         *_cells([r["records"] for r in reps]), *_gains(group, reps, facts, seeds, method)])
         if lora_models:
             rate = _rate_text([lora_models[0]["value"]], sorted(lora[(level, size)]))
             rows.append([name, _lora_name(lora_models), rate, str(len(lora_models)),
                          *_cells([m["records"] for m in lora_models]),
-                         *_gains(group, lora_models, facts, seeds)])
+                         *_gains(group, lora_models, facts, seeds, "lora")])
         first = seeds_present[0]
         captions.append(f"{name}: in-domain test {acc_caption(group.records(first, 'test'), 'in')}; out-of-domain "
                         f"{acc_caption(group.records(first, 'test'), 'out')}; training set "

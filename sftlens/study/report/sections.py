@@ -278,23 +278,28 @@ def restoration(results: StudyResults, records: list[dict], path: Path, samples:
         test0 = [r for r in sweeps[0]["records"] if r["split"] == "test" and r["restore_ratio"] == 0]
         levels = acc_levels(test0, "in")
         arm = {f"{k}": [{"bits": s["test_bits"][k]} for s in sweeps] for k in sweeps[0]["test_bits"]}
-        curve = [(float(k), *_value_low_high(arm_acc(facts, seeds, models, "in", levels))) for k, models in arm.items()]
+        where = f"{level_name(level)}, n={size}"
+        curve = [(float(k), *_value_low_high(arm_acc(facts, seeds, models, "in", levels, key=[where, "top", k])))
+                 for k, models in arm.items()]
         panel = {"top (most changed)": curve}
         ctrl = controls.get((level, size), {})
         paired = [s for s in sweeps if ctrl.get(s["seed"], {}).get("test_bits")]
         random_cell = "–"
         if ratio and paired:
             randoms = [{"bits": ctrl[s["seed"]]["test_bits"]} for s in paired]
-            panel[f"random control ({len(paired)} seeds)"] = [(ratio, *_value_low_high(arm_acc(facts, seeds, randoms, "in", levels)))]
+            panel[f"random control ({len(paired)} seeds)"] = [
+                (ratio, *_value_low_high(arm_acc(facts, seeds, randoms, "in", levels, key=[where, "random"])))]
             before = [{"bits": s["test_bits"]["0"]} for s in paired]
-            random_cell = interval_text(arm_difference(facts, seeds, randoms, before, "in", levels, paired_seeds=True))
+            random_cell = interval_text(arm_difference(facts, seeds, randoms, before, "in", levels, paired_seeds=True,
+                                                       key=[where, "random - fine-tuned"]))
         panels.append((f"{level_name(level)}, n={size}", panel))
         references.append(base_acc(records, "in", levels))
         gain_cell = "–"
         if ratio:
             before = [{"bits": s["test_bits"]["0"]} for s in sweeps]
             after = [{"bits": s["test_bits"][f"{ratio:g}"]} for s in sweeps]
-            gain_cell = interval_text(arm_difference(facts, seeds, after, before, "in", levels, paired_seeds=True))
+            gain_cell = interval_text(arm_difference(facts, seeds, after, before, "in", levels, paired_seeds=True,
+                                                     key=[where, "restored - fine-tuned"]))
         before_acc = mean_sd_text(*mean_spread([acc(test_at(s, 0.0), "in") for s in sweeps]))
         after_acc = mean_sd_text(*mean_spread([acc(test_at(s, ratio), "in") for s in sweeps]))
         chosen_cell = f"{ratio:g} %" if ratio else "none: no restore ratios"

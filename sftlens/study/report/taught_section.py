@@ -5,17 +5,22 @@ level's facts of the two add up to the whole table's), and the repair methods sc
 test facts: of those the plain fine-tune forgot (right on the base, wrong after SFT), the share each
 repaired model answers right again, and of those it learned, the share kept. Those counts come from the
 units' correctness strings and the study's own files (the split's test files give the facts' order,
-the inject unit's record the taught ids). The bootstrapped sections (Findings, the restoration choice,
-Table 6, the repair-methods comparison) are reported on all facts only."""
+the inject unit's record the taught ids). The Findings test C1, C4 and C6 again on the taught test facts
+alone (`taught_claims`): on a taught base the harm sits there, and over all facts the many untaught ones can
+hide it. The other bootstrapped sections (the restoration choice, Table 6, the repair-methods comparison) are
+reported on all facts only."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+from sftlens.analysis.kl import KL_FILE
 from sftlens.probe import LEVELS
 from sftlens.reporting.page import Section
 from sftlens.study.engine.scheduler import unit_folder
+from sftlens.study.report.findings import Claims, Finding
 from sftlens.study.report.results import (
     StudyResults,
     taught_records,
@@ -90,3 +95,58 @@ def _overview(results: StudyResults, injected: dict) -> Section:
             for name, _ in TAUGHT_SUBSETS for r in by_subset.get(name, [])]
     return Section("Taught and untaught facts", text,
                    [("facts per mastery level of the taught base", header, rows)] if rows else [])
+
+
+# The claims about harm and its repair, which a taught base makes testable on the facts it was taught.
+TAUGHT_CLAIMS = ("C1", "C4", "C6")
+
+
+def taught_claims(results: StudyResults, study_dir: Path, samples: int) -> list[Finding]:
+    """C1, C4 and C6 on the taught test facts alone (comparisons named "taught facts: ..."); none without [inject]."""
+    view = taught_view(results, study_dir)
+    if view is None:
+        return []
+    found = Claims(view, samples)
+    return [dataclasses.replace(f, comparison=f"taught facts: {f.comparison}")
+            for f in (*found.c1_more_data(), *found.c4_kl(), *found.c6_restoration())]
+
+
+def taught_view(results: StudyResults, study_dir: Path) -> StudyResults | None:
+    """The study as if its test sets held only the taught facts: each eval, restore and control unit's test
+    correctness strings and test records cut to them (dev records kept: the ratios were chosen on all dev facts;
+    training-set strings dropped), each KL the mean over the taught facts of its per-fact file."""
+    injected = results.done("inject")
+    if not injected or not results.done("split"):
+        return None
+    taught = taught_facts(unit_folder(study_dir, "inject", injected[0]["key"]) / "model")
+    keep = {where: [f in taught for f in ids] for where, ids in test_order(results, study_dir).items()}
+
+    def cut(bits: dict) -> dict:
+        return {d: {lv: "".join(b for b, k in zip(s, keep[d, lv]) if k) for lv, s in levels.items()}
+                for d, levels in bits.items()}
+
+    def records(result: dict) -> list[dict]:
+        mine = [{k: v for k, v in r.items() if k != "taught"} for r in result.get("taught_records", [])
+                if r["taught"] and r["split"] == "test"]
+        return mine + [r for r in result["records"] if r["split"] == "dev"]
+
+    units = []
+    for unit in results.units:
+        result, kind = unit["result"], unit["kind"]
+        if unit["state"] != "done" or kind not in ("eval", "restore", "control", "kl"):
+            units.append(unit)
+            continue
+        result = {k: v for k, v in result.items() if k != "train_bits"}
+        if kind == "eval":
+            result.update(records=records(result), test_bits=cut(result["test_bits"]))
+        elif kind == "restore":
+            result.update(records=records(result), test_bits={r: cut(b) for r, b in result["test_bits"].items()})
+        elif kind == "control":
+            result["test_bits"] = cut(result["test_bits"])
+        else:
+            per_fact = json.loads((unit_folder(study_dir, "kl", unit["key"]) / KL_FILE).read_text())["facts"]
+            kls = [f["kl"] for f in per_fact if f["fact_id"] in taught]
+            result["kl"] = {**result["kl"], "mean": sum(kls) / len(kls) if kls else 0.0, "n": len(kls)}
+        units.append({**unit, "result": result})
+    return dataclasses.replace(results, units=units)
+
