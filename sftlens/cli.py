@@ -3,6 +3,10 @@
 `COMMANDS` is the one table of verbs: each names the module whose `add_cli(subparsers)` defines it
 and a one-line summary for `sftlens --help`. Only the module of the verb being run is imported, so
 `sftlens --help` does not import torch.
+
+Terminal output (`_terminal`): transformers' own bars ("Loading weights", "Writing model shards") are
+always off; `--quiet` (before or after the verb) turns off every progress bar and a verb's step lines,
+leaving warnings, errors and the verb's result lines.
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ COMMANDS = {
     "restore": ("sftlens.restore", "restore the most changed parameters to their base values"),
     "repair": ("sftlens.repair", "undo SFT's harm in weight space: restore, wise, dare, trim or spectral, for a sweep of values"),
     "study": ("sftlens.study", "the whole grid as one resumable study"),
-    "demo": ("sftlens.study", "the demo study on SmolLM2-135M (CPU), then its report"),
+    "demo": ("sftlens.demo", "minutes on a CPU: teach SmolLM2 facts, fine-tune it, audit what it forgot and the repairs"),
     "report": ("sftlens.study.report.page", "a study's report (HTML + Markdown), rebuilt from its database"),
     "audit": ("sftlens.audit", "audit a fine-tune made elsewhere against its base: forgotten, learned, which repair helps"),
 }
+
+
+QUIET_HELP = "no progress bars or step lines: only warnings, errors and the results"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -45,6 +52,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="What supervised fine-tuning did to your model's knowledge, and how to undo the harm.",
     )
     parser.add_argument("--version", action="version", version=f"sftlens {__version__}")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = {COMMANDS[command][0]} if command in COMMANDS else {m for m, _ in COMMANDS.values()}
     if command is not None and command not in COMMANDS:
@@ -57,7 +65,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                 loaded.add(module)
         else:
             subparsers.add_parser(name, help=summary)
+    for verb in _verb_parsers(parser):
+        # after the verb too; SUPPRESS: a verb's parser without the flag leaves the top-level value alone
+        verb.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     return parser
+
+
+def _verb_parsers(parser: argparse.ArgumentParser):
+    """Every verb's parser under `parser`, nested ones (`study run`) included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for verb in dict.fromkeys(action.choices.values()):  # an alias shares its verb's parser
+                yield verb
+                yield from _verb_parsers(verb)
 
 
 def _command(argv: list[str]) -> str | None:
@@ -68,6 +88,41 @@ def _command(argv: list[str]) -> str | None:
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _terminal(quiet: bool):
+    """The command's progress bars. transformers draws its own bars in `from_pretrained` ("Loading
+    weights") and `save_pretrained` ("Writing model shards"), whatever its loggers' level: off (its switch
+    turns off the hub's too, so downloads get theirs back). With `quiet`, every tqdm bar is off, whoever
+    draws it and whatever `disable` it is given (sftlens's, the Trainer's, the hub's). All as it was after
+    (`main` runs in-process in tests)."""
+    from huggingface_hub import utils as hub
+    from tqdm import std
+    from transformers.utils import logging as hf_logging
+
+    hub_bars, hf_bars = not hub.are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if hub_bars and not quiet:
+        hub.enable_progress_bars()
+    init = vars(std.tqdm)["__init__"]
+    if quiet:
+        unbound = std.tqdm.__init__
+
+        def silent(self, *args, **kwargs):
+            unbound(self, *args, **{**kwargs, "disable": True})
+
+        std.tqdm.__init__ = silent
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init
+        if hf_bars:
+            hf_logging.enable_progress_bar()  # the hub's too
+        if hub_bars:
+            hub.enable_progress_bars()
+        elif not hub.are_progress_bars_disabled():
+            hub.disable_progress_bars()
 
 
 def _one_writer(args):
@@ -85,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_command(argv)).parse_args(argv)
     try:
-        with _one_writer(args):
+        with _terminal(getattr(args, "quiet", False)), _one_writer(args):
             result = args.func(args)
     except SftlensError as err:
         print(f"sftlens: error: {err}", file=sys.stderr)

@@ -4,7 +4,10 @@ validates them from study files (unknown keys and wrong types are errors naming 
 Field metadata: ``help`` (flag help text); ``omit_unless`` = (other field, value): the field is a
 setting only while the other field has that value, and `config_to_dict` (hence every key and record
 built from it) leaves it out otherwise, so adding an option keeps the keys of runs that do not use it;
-``omit_if_default``: the field is left out while it holds its default (an option off by default).
+``omit_if_default``: the field is left out while it holds its default (an option off by default);
+``keyed`` = False: the field changes how a result is computed but not the result (a batch size, a
+checkpoint interval), so `keyed_dict` (what a stage's cache key is built from) leaves it out while
+`config_to_dict` (records, study unit parameters) keeps it.
 Supported field types: bool, int, float, str,
 ``X | None``, ``Literal[...]`` and ``tuple[X, ...]``.
 """
@@ -99,6 +102,16 @@ def _applies(config, f: dataclasses.Field) -> bool:
 
 def config_to_dict(config) -> dict:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init and _applies(config, f)}
+
+
+def keyed_dict(config) -> dict:
+    """`config_to_dict` without the fields marked ``keyed: False``: the settings a result depends on."""
+    unkeyed = {f.name for f in dataclasses.fields(config) if f.metadata.get("keyed", True) is False}
+    return {k: v for k, v in config_to_dict(config).items() if k not in unkeyed}
+
+
+# A field's metadata for a setting that cannot change a result (see the module docstring).
+NOT_KEYED = {"keyed": False}
 
 
 def _parse_list(elem_type):

@@ -11,39 +11,44 @@ model on its own training set (the paper's Table 5): any split JSONL works.
 `evaluate` keeps one folder per (model, test files, settings): predictions are appended batch by
 batch to a partial log keyed by those inputs, so an interrupted evaluation resumes where it
 stopped; the final predictions.jsonl and summary.json are written atomically.
+
+Records (long format, the input of every accuracy table): one dict per (domain, test level) with
+`domain`, `test_level`, `n`, `correct`, `accuracy` (0..1); callers add tags (`evaluate_splits`: `split`; a
+study: `sftlens.study.report.results`). Acc averages the levels with at least `MIN_N` = 30 facts
+(`acc_levels`; all present levels when none has). `summary.json`: `key`, `model`, `tests` (a manifest per
+file), `config`, `records`, `acc`, `micro` per domain; `predictions.jsonl`: fact_id, domain, level,
+answers, prediction, correct, source (in file order). `batch_size` is not keyed (`sftlens.config.keyed_dict`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sftlens.config import add_config_arguments, config_from_args, config_to_dict
+from sftlens.config import NOT_KEYED, add_config_arguments, config_from_args, config_to_dict, keyed_dict
 from sftlens.data import default_matcher, encode_prompt
 from sftlens.data.rows import data_manifest, read_split_rows
 from sftlens.decoding import decode
 from sftlens.errors import SftlensError
-from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
+from sftlens.io import JsonlAppender, KeyedOutput, atomic_write_jsonl, read_jsonl, stable_hash
 from sftlens.markdown import markdown_table
 from sftlens.models import load_model, model_fingerprint
 
 EVAL_KEYS = ("fact_id", "domain", "level", "answers", "prompt")
 SUMMARY_FILE = "summary.json"
 PREDICTIONS_FILE = "predictions.jsonl"
-# Settings that cannot change a prediction: results do not depend on the batch size.
-RESULT_NEUTRAL = ("batch_size",)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     max_new_tokens: int = field(default=16, metadata={"help": "longest generated answer, in tokens"})
-    batch_size: int = field(default=256, metadata={"help": "prompts decoded together"})
+    # Not keyed: no prediction depends on the batch size.
+    batch_size: int = field(default=256, metadata={"help": "prompts decoded together", **NOT_KEYED})
     dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
 
@@ -181,37 +186,8 @@ def load_test_rows(test_files: list[Path]) -> tuple[list[dict], list[dict]]:
 
 
 def _evaluation_key(model: str, manifests: list[dict], config: EvalConfig) -> str:
-    settings = {k: v for k, v in config_to_dict(config).items() if k not in RESULT_NEUTRAL}
     return stable_hash({"model_fingerprint": model_fingerprint(model),
-                        "tests": [(m["sha256"], m["count"]) for m in manifests], "config": settings})
-
-
-def _partial_name(key: str) -> str:
-    return f".predictions.{key}.partial.jsonl"
-
-
-def _check_out_dir(out_dir: Path, key: str) -> dict | None:
-    """The finished summary for `key`, None to (re)start; error if `out_dir` holds anything else."""
-    if not out_dir.exists():
-        return None
-    if not out_dir.is_dir():
-        raise SftlensError(f"{out_dir}: exists and is not a folder; choose another --out")
-    summary_path = out_dir / SUMMARY_FILE
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("key") != key:
-            raise SftlensError(f"{out_dir}: holds another evaluation (key {summary.get('key')}); "
-                               "choose another --out")
-        return summary
-    foreign = [p.name for p in out_dir.iterdir()
-               if not (p.name.startswith(".predictions.") and p.name.endswith(".partial.jsonl"))]
-    if foreign:
-        raise SftlensError(f"{out_dir}: holds files that are not an sftlens evaluation ({foreign[0]}); "
-                           "choose another --out")
-    for stale in out_dir.glob(".predictions.*.partial.jsonl"):
-        if stale.name != _partial_name(key):
-            stale.unlink()  # an interrupted evaluation of other inputs: our own scratch file
-    return None
+                        "tests": [(m["sha256"], m["count"]) for m in manifests], "config": keyed_dict(config)})
 
 
 def evaluate(model: str, test_files: list[Path], out_dir: Path, config: EvalConfig = EvalConfig(),
@@ -225,13 +201,14 @@ def evaluate(model: str, test_files: list[Path], out_dir: Path, config: EvalConf
         raise SftlensError("no test files given")
     rows, manifests = load_test_rows(test_files)
     key = _evaluation_key(model, manifests, config)
-    finished = _check_out_dir(out_dir, key)
+    output = KeyedOutput(out_dir, key, SUMMARY_FILE, what="an sftlens evaluation")
+    finished = output.finished()
     if finished is not None:
         if progress:
             print(f"{out_dir}: already evaluated, skipping")
         return finished["records"]
 
-    partial = out_dir / _partial_name(key)
+    partial = output.log(PREDICTIONS_FILE)
     done = {row["index"]: row["prediction"] for row in read_jsonl(partial)} if partial.is_file() else {}
     pending = [i for i in range(len(rows)) if i not in done]
     if pending:
@@ -248,8 +225,8 @@ def evaluate(model: str, test_files: list[Path], out_dir: Path, config: EvalConf
     records = summarize(predictions)
     domains = sorted({r["domain"] for r in records})
     atomic_write_jsonl(out_dir / PREDICTIONS_FILE, predictions)
-    atomic_write_json(out_dir / SUMMARY_FILE, {
-        "key": key, "model": model, "tests": manifests, "config": config_to_dict(config), "records": records,
+    output.write({  # summary.json last: it marks the evaluation finished
+        "model": model, "tests": manifests, "config": config_to_dict(config), "records": records,
         "acc": {d: acc_of(records, d) for d in domains}, "micro": {d: micro_of(records, d) for d in domains},
     })
     with contextlib.suppress(FileNotFoundError):

@@ -20,8 +20,9 @@ a probe that names a taught one, so mastery is measured on phrasings the model n
 
 The output is the fine-tuned HF folder plus `sftlens_inject.json` (key, model, config, `templates`,
 `facts`: the taught fact ids, `doses` and `fact_templates` per fact) and the statements it was taught
-on (read back by `sftlens.taught`). Work happens in a hidden sibling `.{out}.inject/` (the training run resumes from its checkpoints)
-and is renamed to `out` at the end; the same key again is a no-op, another run in `out` an error.
+on (read back by `sftlens.taught`). Work happens in a hidden sibling `.{out}.partial/` (`sftlens.io.KeyedOutput`;
+the training run resumes from its checkpoints) and is renamed to `out` at the end; the same key again is a
+no-op, another run in `out` an error.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from sftlens.config import add_config_arguments, config_from_args, config_to_dic
 from sftlens.data import Fact, add_fact_arguments, available_templates, facts_from_args
 from sftlens.data.rows import data_manifest
 from sftlens.errors import SftlensError
-from sftlens.io import atomic_write_json, atomic_write_jsonl, stable_hash
+from sftlens.io import KeyedOutput, atomic_write_json, atomic_write_jsonl, stable_hash
 from sftlens.taught import RECORD_FILE, inject_record
 
 STATEMENTS_FILE = "inject_statements.jsonl"
@@ -130,18 +131,6 @@ def _check_templates(facts: list[Fact], config: InjectConfig) -> None:
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def _finished_key(out_dir: Path) -> str | None:
-    """The key of the injected model in `out_dir`; None if absent or empty; error if anything else."""
-    if not out_dir.exists():
-        return None
-    record = inject_record(out_dir)
-    if record is not None:
-        return record.get("key")
-    if not out_dir.is_dir() or any(out_dir.iterdir()):
-        raise SftlensError(f"{out_dir}: holds something that is not an injected model; choose another --out")
-    return None
-
-
 def inject(model: str, facts: list[Fact], out_dir: str | os.PathLike, config: InjectConfig = InjectConfig(),
            progress: bool = True) -> Path:
     """Teach `model` the chosen facts of `facts` in statement form; return the injected model folder."""
@@ -154,24 +143,20 @@ def inject(model: str, facts: list[Fact], out_dir: str | os.PathLike, config: In
     out_dir = Path(out_dir)
     doses = taught_doses(facts, config)
     identity = {"model_fingerprint": model_fingerprint(model), "config": config_to_dict(config), "doses": doses}
-    key = stable_hash(identity)
-    finished = _finished_key(out_dir)
-    if finished == key:
+    output = KeyedOutput(out_dir, stable_hash(identity), RECORD_FILE, what="an injected model")
+    if output.done():
         if progress:
             print(f"{out_dir}: already injected, skipping")
         return out_dir
-    if finished is not None:
-        raise SftlensError(f"{out_dir}: holds another injected model (key {finished}); choose another --out")
 
     rows = statement_rows(sorted(facts, key=lambda f: f.id), doses, config)
-    work = out_dir.with_name(f".{out_dir.name}.inject")
-    work.mkdir(parents=True, exist_ok=True)
+    work = output.partial(say=print if progress else None)
     statements = work / STATEMENTS_FILE
     atomic_write_jsonl(statements, rows)
     staged = train(model, statements, work / "model", config.train_config(), progress=progress)
     run = json.loads((staged / RUN_FILE).read_text())
     record = {
-        "format": RECORD_FORMAT, "key": key, "model": model, **identity, "seed": config.seed,
+        "format": RECORD_FORMAT, "key": output.key, "model": model, **identity, "seed": config.seed,
         "templates": list(config.templates), "facts": list(doses), "candidates": len(facts),
         "fact_templates": {fid: fact_templates(fid, dose, config) for fid, dose in doses.items()},
         "statements": {**data_manifest(statements, rows), "path": STATEMENTS_FILE},
@@ -179,11 +164,7 @@ def inject(model: str, facts: list[Fact], out_dir: str | os.PathLike, config: In
     }
     shutil.copyfile(statements, staged / STATEMENTS_FILE)
     atomic_write_json(staged / RECORD_FILE, record)
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked by _finished_key
-    os.replace(staged, out_dir)
-    shutil.rmtree(work)
-    return out_dir
+    return output.publish(staged)
 
 
 def _run(args: argparse.Namespace) -> None:

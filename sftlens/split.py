@@ -8,10 +8,13 @@ in seeded order); a level smaller than a size gives a file of all its facts, fla
 manifest. Test and dev facts are divided by domain and level: all of them, or at most
 `eval_facts_per_level` per (domain, level), topic-balanced.
 
-Layout under the output folder (see ARCHITECTURE.md): `train/level{L}-n{N}-seed{S}.jsonl`,
-`train/mixed-n{N}-seed{S}.jsonl`, `test/{in,out}-level{L}.jsonl`, `dev/{in,out}-level{L}.jsonl`
-and `manifest.json`. The folder is written as a whole (temporary folder + rename); the manifest
-records a hash of the inputs, and a re-run with the same inputs leaves the folder untouched.
+Layout under the output folder: `train/level{L}-n{N}-seed{S}.jsonl` (size `all`: `-nall-`),
+`train/mixed-n{N}-seed{S}.jsonl`, `test/{in,out}-level{L}.jsonl`, `dev/{in,out}-level{L}.jsonl` (rows:
+`sftlens.data.rows`) and `manifest.json`: `format`, `inputs` (the hash of the inputs: the output's key),
+`config`, `train_available` {level: {relation: n}}, `sets` {name: {path, kind, size, fact_ids,
+composition, levels, level, requested, seed, short | domain}}. The folder is written as a whole (a
+`sftlens.io.KeyedOutput` keyed by `inputs`): a re-run with the same inputs leaves it untouched, other
+inputs replace it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from sftlens.config import add_config_arguments, config_from_args, config_to_dic
 from sftlens.data import Fact, add_fact_source_arguments, fact_set_from_args, parse_fact_id
 from sftlens.data.rows import split_row
 from sftlens.errors import SftlensError
-from sftlens.io import atomic_directory, atomic_write_json, atomic_write_jsonl, stable_hash
+from sftlens.io import KeyedOutput, atomic_write_json, atomic_write_jsonl, stable_hash
 from sftlens.markdown import markdown_table
 from sftlens.probe import LEVELS, ProbeRecord, load_probe
 
@@ -186,8 +189,9 @@ def build_splits(facts: Iterable[Fact], records: dict[str, ProbeRecord], config:
     levels = _levels_of(facts, records)
     out_dir = Path(out_dir)
     key = _inputs_key(facts, levels, config)
-    existing = _read_manifest(out_dir / MANIFEST)
-    if existing.get("inputs") == key:
+    output = KeyedOutput(out_dir, key, MANIFEST, stale="redo", key_field="inputs")
+    existing = output.finished()
+    if existing is not None:
         return existing
 
     train = [f for f in facts if f.split == "train" and f.domain == "in"]
@@ -213,7 +217,7 @@ def build_splits(facts: Iterable[Fact], records: dict[str, ProbeRecord], config:
         },
         "sets": sets,
     }
-    with atomic_directory(out_dir) as tmp:
+    with output.writing() as tmp:
         for name, rows in files.items():
             atomic_write_jsonl(set_file(tmp, set_path(name)), rows)
         atomic_write_json(tmp / MANIFEST, manifest)

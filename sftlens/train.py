@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from sftlens.config import add_config_arguments, config_from_args, config_to_dict
+from sftlens.config import NOT_KEYED, add_config_arguments, config_from_args, config_to_dict, keyed_dict
 from sftlens.data import add_fact_source_arguments, encode_prompt
 from sftlens.data.rows import data_manifest, read_split_rows
 from sftlens.errors import SftlensError
@@ -39,7 +37,7 @@ from sftlens.guards import (
     replay_per_batch,
     replay_pool,
 )
-from sftlens.io import atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
+from sftlens.io import KeyedOutput, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
 from sftlens.lora import lora_targets, require_peft, save_merged, with_lora
 from sftlens.models import LOSS_FILE, RUN_FILE, load_model, model_fingerprint
 
@@ -66,7 +64,8 @@ class TrainConfig:
     max_length: int | None = field(
         default=None, metadata={"help": "longest example in tokens (default: the model's context)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (mixed precision; weights stay fp32)"})
-    save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps (for resuming)"})
+    # Not keyed: resuming with another checkpoint interval continues the same run.
+    save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps (for resuming)", **NOT_KEYED})
     method: Literal["full", "lora"] = field(
         default="full", metadata={"help": "full-parameter SFT, or LoRA merged into the weights", **LORA_ONLY})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r", **LORA_ONLY})
@@ -110,11 +109,6 @@ class TrainConfig:
             replay_per_batch(value, self.batch_size)
         if name == "mofo" and not self.optimizer.startswith("adamw"):
             raise ValueError(f"guard mofo needs an Adam optimizer (its first moment), not {self.optimizer}")
-
-
-# Settings that change how a run is carried out but not its result; they stay out of the run key
-# so that, e.g., resuming with a different checkpoint interval continues the same run.
-RESULT_NEUTRAL = ("save_steps",)
 
 
 def encode_example(tokenizer, prompt: str, completion: str) -> dict:
@@ -225,7 +219,7 @@ def loss_log(log_history: list[dict]) -> list[dict]:
 
 
 def _run_identity(model: str, manifest: dict, config: TrainConfig, replay: list[dict] | None = None) -> dict:
-    settings = {k: v for k, v in config_to_dict(config).items() if k not in RESULT_NEUTRAL}
+    settings = keyed_dict(config)
     identity = {"model_fingerprint": model_fingerprint(model),
                 "data": {"sha256": manifest["sha256"], "count": manifest["count"]},
                 "config": settings}
@@ -236,36 +230,19 @@ def _run_identity(model: str, manifest: dict, config: TrainConfig, replay: list[
 
 def _finished_key(out_dir: Path) -> str | None:
     """The run key of a finished run in `out_dir`, None if absent or empty; error if foreign."""
-    if not out_dir.exists():
-        return None
-    if not out_dir.is_dir():
-        raise SftlensError(f"{out_dir}: exists and is not a folder; choose another --out")
-    run_file = out_dir / RUN_FILE
-    if run_file.is_file():
-        return json.loads(run_file.read_text())["key"]
-    if any(out_dir.iterdir()):
-        raise SftlensError(f"{out_dir}: holds files that are not an sftlens training run; choose another --out")
-    return None
+    return KeyedOutput(out_dir, record=RUN_FILE, what="an sftlens training run").finished_key()
 
 
 def _prepare_work_dir(work_dir: Path, key: str, progress: bool) -> Path | None:
     """Reuse a partial run with the same key (returning its last checkpoint), else start afresh."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    marker = work_dir / "run_key"
-    if work_dir.is_dir() and marker.is_file() and marker.read_text().strip() == key:
-        checkpoints = work_dir / "checkpoints"
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-        if last and progress:
-            print(f"resuming from {last}")
-        return Path(last) if last else None
-    if work_dir.exists():
-        if progress:
-            print(f"discarding {work_dir}: an interrupted run with other inputs")
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
-    marker.write_text(key + "\n")
-    return None
+    work_dir = KeyedOutput.staged_at(work_dir, key).partial(say=print if progress else None)
+    checkpoints = work_dir / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last and progress:
+        print(f"resuming from {last}")
+    return Path(last) if last else None
 
 
 def _finish(trainer, work_dir: Path, out_dir: Path, record: dict) -> None:
@@ -278,10 +255,8 @@ def _finish(trainer, work_dir: Path, out_dir: Path, record: dict) -> None:
     if trainer.is_world_process_zero():
         atomic_write_jsonl(staged / LOSS_FILE, loss_log(trainer.state.log_history))
         atomic_write_json(staged / RUN_FILE, record)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked by _finished_key; rename cannot replace a non-empty dir
-        os.replace(staged, out_dir)
-        shutil.rmtree(work_dir)
+        # `out_dir` is absent or empty (checked by _finished_key); the staging folder goes with the rename
+        KeyedOutput(out_dir, record["key"], RUN_FILE).publish(staged)
     trainer.accelerator.wait_for_everyone()
 
 

@@ -298,3 +298,29 @@ def load_folder(folder) -> dict[str, torch.Tensor]:
     for shard in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(shard))
     return tensors
+
+
+# --- audits ----------------------------------------------------------------------------------
+
+# Short answers that a random tiny model's outputs contain now and then: every transition occurs.
+AUDIT_ANSWERS = ["e", "a", "o", "t", "q", "in", "the", "s"]
+
+
+def audit_data(root: Path, per_file: int = 3) -> Path:
+    """An EntityQuestions-like data folder: `per_file` test facts per relation with AUDIT_ANSWERS."""
+    (root / "test").mkdir(parents=True)
+    for r, (relation, tpl) in enumerate(load_templates().items()):
+        records = [{"question": tpl.question.format(subject=f"Entity {relation} {i}"),
+                    "answers": [AUDIT_ANSWERS[(3 * i + r) % len(AUDIT_ANSWERS)]]} for i in range(per_file)]
+        (root / "test" / f"{relation}.test.json").write_text(json.dumps(records))
+    return root
+
+
+def audit_perturbed(model, scale: float, seed: int = 1):
+    """`model` with seeded noise of `scale` times each parameter's mean size added, in place: a
+    fine-tune that forgets and learns some of the audit's facts."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.abs().mean().clamp(min=1e-3))
+    return model

@@ -151,3 +151,14 @@ def tiny_pair(tmp_path, tiny_tokenizer):
     ft_model = assets.perturbed(tiny_model(seed=0, tokenizer=tiny_tokenizer)[0])
     ft_dir = save_model(ft_model, tok, tmp_path / "ft")
     return base_dir, ft_dir, {n: t.clone() for n, t in ft_model.state_dict().items()}
+
+
+@pytest.fixture
+def audit_pair(tmp_path, tiny_tokenizer, private_cache):
+    """(base folder, fine-tuned folder, data folder) of a tiny audit: 24 relations x 3 test facts."""
+    from tiny import save_model, tiny_model
+
+    model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
+    base = save_model(model, tok, tmp_path / "base")
+    ft = save_model(assets.audit_perturbed(model, 0.4), tok, tmp_path / "ft")
+    return base, ft, assets.audit_data(tmp_path / "eq")

@@ -3,6 +3,7 @@ module-level and inside functions alike (a function-level import is still an arr
 circle until the function runs)."""
 
 import ast
+import re
 from pathlib import Path
 
 import sftlens
@@ -106,3 +107,36 @@ def test_the_shared_floor_imports_neither_peer():
     upward = sorted((a, b) for a, targets in graph.items() if _under(a, "sftlens.reporting")
                     for b in targets if any(_under(b, peer) for peer in PEERS))
     assert upward == [], upward
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """The names a module defines or imports at its top level."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def test_architecture_md_names_only_what_exists():
+    """Every file path (`sftlens/...py`, `tests/...py`, `scripts/...py`) and every dotted `sftlens.x.y` the map
+    names exists: a module, or a top-level name of the module it is spelled under."""
+    text = (PACKAGE.parent / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    paths = set(re.findall(r"\b(?:sftlens|tests|scripts)/[\w/]+\.py\b", text))
+    assert len(paths) > 50
+    missing = sorted(p for p in paths if not (PACKAGE.parent / p).is_file())
+    assert missing == [], missing
+    known = modules()
+    dotted = set(re.findall(r"\bsftlens(?:\.\w+)+", text))
+    unknown = []
+    for name in sorted(dotted):
+        module = _owner(name, known)
+        rest = name[len(module) + 1:].split(".")[0] if module and name != module else None
+        if module is None or (rest and rest not in _top_level_names(known[module])):
+            unknown.append(name)
+    assert unknown == [], unknown

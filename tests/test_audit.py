@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from sftlens.audit import Audit, AuditConfig, run_audit
 from sftlens.audit.repairs import choose, objective
 from sftlens.audit.transitions import group_rates, mastery_matrix
 from sftlens.cli import main
-from sftlens.data import load_templates
 from sftlens.errors import SftlensError
 from sftlens.io import read_jsonl
 from sftlens.probe import ProbeConfig, load_probe
@@ -24,38 +22,17 @@ from sftlens.reporting.stats import mcnemar
 from sftlens.taught import RECORD_FILE
 from sftlens.weights import METHODS
 
+from assets import AUDIT_ANSWERS as LETTERS
 from tiny import save_model, tiny_model
 
-# Short answers that a random tiny model's outputs contain now and then: every transition occurs.
-LETTERS = ["e", "a", "o", "t", "q", "in", "the", "s"]
 PROBE = ProbeConfig(samples=2, templates=(0, 1), max_new_tokens=6)
 SETTINGS = AuditConfig(answer_tokens=6, min_slice=5, bootstrap=200, dev_share=0.4)
 CHAT = "{% for m in messages %}<bos>Q: {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} A:{% endif %}"
 
 
-def _data(root: Path, per_file: int = 3) -> Path:
-    (root / "test").mkdir(parents=True)
-    for r, (relation, tpl) in enumerate(load_templates().items()):
-        records = [{"question": tpl.question.format(subject=f"Entity {relation} {i}"),
-                    "answers": [LETTERS[(3 * i + r) % len(LETTERS)]]} for i in range(per_file)]
-        (root / "test" / f"{relation}.test.json").write_text(json.dumps(records))
-    return root
-
-
-def _perturbed(model, scale: float, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale * p.abs().mean().clamp(min=1e-3))
-    return model
-
-
 @pytest.fixture
-def pair(tmp_path, tiny_tokenizer, private_cache):
-    model, tok = tiny_model(seed=0, tokenizer=tiny_tokenizer)
-    base = save_model(model, tok, tmp_path / "base")
-    ft = save_model(_perturbed(model, 0.4), tok, tmp_path / "ft")
-    return base, ft, _data(tmp_path / "eq")
+def pair(audit_pair):
+    return audit_pair  # conftest.py: (base, fine-tuned, data folder)
 
 
 def _audit(pair, **kw) -> Audit:
@@ -166,6 +143,31 @@ def test_base_levels_equal_sftlens_probe(pair, tmp_path, capsys):
     assert {r["fact_id"]: r["base_level"] for r in rows} == {i: rec.level for i, rec in probed.items()}
     assert load_probe(next((out / "probe").glob("base-*"))) == probed
     assert any(r["base_level"] > 0 for r in rows)
+
+
+def test_the_cli_says_a_line_per_step_with_one_bar_each_and_nothing_but_results_with_quiet(pair, tmp_path, capfd):
+    base, ft, data = pair
+    flags = ["--base", str(base), "--finetuned", str(ft), "--data-dir", str(data), "--limit", "2", "--samples", "2",
+             "--templates", "0,1", "--max-new-tokens", "6", "--answer-tokens", "6", "--min-slice", "5",
+             "--bootstrap", "50"]
+    capfd.readouterr()
+    assert main(["audit", *flags, "--out", str(tmp_path / "loud")]) == 0
+    out, err = capfd.readouterr()
+    summary = json.loads((tmp_path / "loud" / "summary.json").read_text())
+    steps = ["probe base: 48 facts, levels 0-4: ", "probe finetuned: ", "greedy base: ", "greedy finetuned: ",
+             "first-token KL: mean ", "update concentration: the top 1 % ", *(f"repair {m}: " for m in summary["repairs"])]
+    assert all(f"\n{line}" in out for line in steps), out
+    assert "Loading weights" not in err and "Writing model shards" not in err
+    # one bar per step: the greedy answers' two, no weight pass's, none per repair value
+    assert len(re.findall(r"evaluate:\s+0%", err)) == 2 and "key histogram" not in err and "summaries" not in err
+    assert len(re.findall(r"repair wise on dev:\s+0%", err)) == 1
+    assert main(["--quiet", "audit", *flags, "--out", str(tmp_path / "quiet")]) == 0
+    out, err = capfd.readouterr()
+    a = summary["all"]
+    assert out.splitlines()[0] == f"48 facts: {a['kept']} kept, {a['forgotten']} forgotten, {a['learned']} learned, " \
+                                  f"{a['never']} never right"
+    assert str(tmp_path / "quiet" / "report" / "report.html") in out and "probe base" not in out and "| step |" not in out
+    assert not [mark for mark in ("█", "%|", "\r", "it/s") if mark in err], err
 
 
 def test_chat_prompts_use_each_models_template(pair, tmp_path):

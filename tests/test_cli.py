@@ -37,6 +37,33 @@ def test_data_stats_prints_counts(tiny_data_dir, capsys):
     assert "train: 24 records, 4 multi-answer, 0 unmatched" in out
 
 
+# What a tqdm bar leaves on a stream (a pipe, here): its bar, its percentage, a carriage return between updates.
+BAR_MARKS = ("█", "%|", "\r", "it/s")
+
+
+def test_quiet_before_or_after_the_verb_prints_no_progress_bar(tiny_model_dir, tiny_data_dir, tmp_path, capfd):
+    """transformers' own bars ("Loading weights") are never drawn; --quiet leaves no bar at all, only the
+    result lines, and puts every switch back as it was (main runs in-process here)."""
+    from tqdm import std
+    from transformers.utils import logging as hf_logging
+
+    init, library_bars = vars(std.tqdm)["__init__"], hf_logging.is_progress_bar_enabled()
+    probe = ["probe", "--model", str(tiny_model_dir), "--data-dir", str(tiny_data_dir), "--split", "test",
+             "--relations", "P17,P19", "--limit", "2", "--samples", "2", "--templates", "0", "--max-new-tokens", "4"]
+    capfd.readouterr()
+    assert main([*probe, "--store", str(tmp_path / "loud")]) == 0
+    out, err = capfd.readouterr()
+    assert "probing 4 facts" in err and "Loading weights" not in err  # sftlens's bar, not the library's
+    assert "store: " in out
+    for i, argv in enumerate((["--quiet", *probe], [*probe, "--quiet"])):
+        assert main([*argv, "--store", str(tmp_path / f"quiet{i}")]) == 0
+        out, err = capfd.readouterr()
+        assert not [mark for mark in BAR_MARKS if mark in err], err
+        assert out.startswith(f"store: {tmp_path / f'quiet{i}'} (4 facts of this selection)")
+    assert vars(std.tqdm)["__init__"] is init and hf_logging.is_progress_bar_enabled() == library_bars
+    assert build_parser("probe").parse_args(probe).quiet is False
+
+
 def test_errors_are_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "sftlens", "data", "stats", "--data-dir", str(tmp_path / "missing")],

@@ -6,9 +6,16 @@ from typing import Literal
 
 import pytest
 
-from sftlens.config import add_config_arguments, config_from_args, config_from_dict, config_to_dict
+from sftlens.config import (
+    NOT_KEYED,
+    add_config_arguments,
+    config_from_args,
+    config_from_dict,
+    config_to_dict,
+    keyed_dict,
+)
 from sftlens.errors import SftlensError
-from sftlens.io import JsonlAppender, atomic_directory, atomic_write_json, read_jsonl, stable_hash
+from sftlens.io import JsonlAppender, KeyedOutput, atomic_directory, atomic_write_json, read_jsonl, stable_hash
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,78 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
         atomic_write_json(tmp / "a.json", {"x": 1})
     assert json.loads((tmp_path / "out" / "a.json").read_text()) == {"x": 1}
     assert os.listdir(tmp_path) == ["out"]
+
+
+def test_keyed_folder_output_done_partial_publish(tmp_path):
+    out = KeyedOutput(tmp_path / "run", "k1", "record.json", what="an sftlens test run")
+    assert out.finished() is None and not out.done()
+    work = out.partial()
+    assert work == tmp_path / ".run.partial" and (work / "run_key").read_text() == "k1\n"
+    (work / "checkpoint").write_text("half")
+    assert out.partial() == work and (work / "checkpoint").is_file()  # the same key resumes
+    said = []
+    other = KeyedOutput(tmp_path / "run", "k2", "record.json")
+    assert other.partial(say=said.append) == work and not (work / "checkpoint").exists()  # another key: cleared
+    assert said == [f"discarding {work}: an interrupted run with other inputs"]
+    staged = work / "model"
+    staged.mkdir()
+    atomic_write_json(staged / "record.json", {"key": "k2", "x": 1})
+    assert other.publish(staged) == tmp_path / "run" and os.listdir(tmp_path) == ["run"]
+    assert other.finished() == {"key": "k2", "x": 1} and other.done()
+    with pytest.raises(SftlensError, match=r"run: holds another test run \(key k2\); choose another --out"):
+        out.done()
+    assert not KeyedOutput(tmp_path / "run", "k1", "record.json", stale="redo").done()  # a cache: redone
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / ".notes.k1.partial.jsonl").write_text("")  # a partial log is no foreign file
+    assert KeyedOutput(foreign, "k1", "record.json").finished() is None
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(SftlensError, match=r"mine: holds files that are not an sftlens test run \(notes.txt\)"):
+        KeyedOutput(foreign, "k1", "record.json", what="an sftlens test run").done()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SftlensError, match="file: exists and is not a folder"):
+        KeyedOutput(tmp_path / "file", "k1", "record.json").done()
+
+
+def test_keyed_writing_replaces_a_stale_output_whole_or_leaves_nothing(tmp_path):
+    out = KeyedOutput(tmp_path / "sets", "new", "manifest.json", stale="redo", key_field="inputs")
+    (tmp_path / "sets").mkdir()
+    atomic_write_json(tmp_path / "sets" / "manifest.json", {"inputs": "old"})
+    (tmp_path / "sets" / "stale.jsonl").write_text("")
+    with pytest.raises(RuntimeError):
+        with out.writing() as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError
+    assert sorted(os.listdir(tmp_path / "sets")) == ["manifest.json", "stale.jsonl"] and len(os.listdir(tmp_path)) == 1
+    with out.writing() as tmp:
+        atomic_write_json(tmp / "manifest.json", {"inputs": "new"})
+    assert os.listdir(tmp_path / "sets") == ["manifest.json"] and out.finished() == {"inputs": "new"}
+
+
+def test_keyed_json_output_and_its_partial_log(tmp_path):
+    step = KeyedOutput(tmp_path / "steps" / "greedy.json", "aa11", stale="redo")
+    assert step.finished() is None
+    log = step.log()
+    assert log == tmp_path / "steps" / ".greedy.aa11.partial.jsonl"
+    log.parent.mkdir()
+    (log.parent / ".greedy.bb22.partial.jsonl").write_text("")  # another key's log: removed
+    (log.parent / ".greedy-base.bb22.partial.jsonl").write_text("")  # another file's: kept
+    log.write_text("")
+    assert step.log() == log and sorted(os.listdir(log.parent)) == [".greedy-base.bb22.partial.jsonl", log.name]
+    assert step.write({"answers": 1}) == {"key": "aa11", "answers": 1}
+    assert step.finished() == {"key": "aa11", "answers": 1}
+    (tmp_path / "steps" / "greedy.json").write_text("{torn")
+    assert step.finished() is None  # unreadable: redone
+
+
+def test_keyed_dict_leaves_out_the_fields_marked_not_keyed():
+    @dataclass(frozen=True)
+    class Run:
+        lr: float = 1e-5
+        batch_size: int = field(default=8, metadata={"help": "x", **NOT_KEYED})
+
+    assert config_to_dict(Run()) == {"lr": 1e-5, "batch_size": 8}
+    assert keyed_dict(Run(batch_size=3)) == keyed_dict(Run()) == {"lr": 1e-5}
 
 
 def test_jsonl_appender_drops_a_torn_tail(tmp_path):

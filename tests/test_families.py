@@ -13,15 +13,16 @@ from safetensors.torch import load_file
 
 from sftlens.analysis.deltas import DeltasConfig, concentration
 from sftlens.analysis.kl import KLConfig, compute_kl, kl_prompts
-from sftlens.data import encode_prompt
+from sftlens.data import encode_prompt, sft_prompt
 from sftlens.errors import SftlensError
 from sftlens.evaluate import EvalConfig, evaluate, evaluate_model
 from sftlens.lora import default_lora_targets, lora_targets, with_lora
-from sftlens.models import load_model
+from sftlens.models import load_model, model_fingerprint
 from sftlens.probe import ProbeConfig, probe_facts
 from sftlens.train import RUN_FILE, TrainConfig, train
-from sftlens.weights import METHODS, RepairConfig, repair_sweep, repaired_models
+from sftlens.weights import METHODS, RepairConfig, open_pair, repair_sweep, repaired_models
 from sftlens.weights.checkpoints import in_region
+from sftlens.weights.guided import fisher_diagonals, write_importances
 from sftlens.weights.selection import change, target_count
 from sftlens.weights.spectral import kept_rank
 
@@ -46,7 +47,7 @@ TARGETS = {"llama": LLAMA_PROJECTIONS, "qwen2": LLAMA_PROJECTIONS, "mistral": LL
            "gpt2": ("c_attn", "c_proj", "c_fc")}
 FULL = TrainConfig(learning_rate=1e-2, batch_size=4)
 LORA = TrainConfig(method="lora", learning_rate=1e-2, batch_size=4, lora_rank=4, lora_alpha=8)
-VALUES = {"restore": 100, "wise": 0.5, "dare": 0.5, "trim": 50, "spectral": 1.0}  # one value per method, none neutral
+VALUES = {"restore": 100, "wise": 0.5, "dare": 0.5, "trim": 50, "spectral": 1.0, "guided": 100}  # none neutral
 
 
 @pytest.fixture(params=FAMILIES)
@@ -263,17 +264,26 @@ def test_every_repair_method_edits_the_body_only_and_loads(family, folders, tmp_
 
     base_dir, ft_dir = folders.base(family), folders.finetuned(family, "full")
     base, ft = load_file(base_dir / "model.safetensors"), load_file(ft_dir / "model.safetensors")
-    model, _ = loaded(ft_dir)  # each in-memory edit rewrites the whole region, so one model serves all
+    model, tokenizer = loaded(ft_dir)  # each in-memory edit rewrites the whole region, so one model serves all
+    # the guided repair's importances: every checkpoint tensor found among the model's parameters (renamed or tied)
+    names = open_pair(base_dir, ft_dir).region_names("all")
+    facts = {"forgotten": [(sft_prompt("Which country is Paris in?"), "France")],
+             "learned": [(sft_prompt("Which country is Rome in?"), "Italy")]}
+    fishers, counts = fisher_diagonals(model, tokenizer, facts, names, progress=False)
+    assert counts == {"forgotten": 1, "learned": 1}
+    assert all(sum(bool(t.gt(0).any()) for t in f.values()) > len(names) // 2 for f in fishers.values())
+    importances = write_importances(tmp_path / "importances.safetensors", fishers, counts, family,
+                                    model_fingerprint(str(ft_dir)))
+    configs = {m: RepairConfig(method=m, importances=str(importances) if m == "guided" else None) for m in METHODS}
     for method in METHODS:
         value = VALUES[method]
-        folder = repair_sweep(base_dir, ft_dir, (value,), RepairConfig(method=method), tmp_path / method,
-                              progress=False)[value]
+        folder = repair_sweep(base_dir, ft_dir, (value,), configs[method], tmp_path / method, progress=False)[value]
         got = load_file(folder / "model.safetensors")
         for name in base:
             b, f, g = base[name], ft[name], got[name]
             if not in_region(name, "body"):
                 assert torch.equal(g, f), (method, name)
-            elif method == "restore":  # 100 % of the body restored
+            elif method in ("restore", "guided"):  # 100 % of the body restored
                 assert torch.equal(g, b), name
             elif method == "wise":
                 assert torch.equal(g, torch.lerp(b, f, 0.5)), name
@@ -296,7 +306,7 @@ def test_every_repair_method_edits_the_body_only_and_loads(family, folders, tmp_
         names = module_names(written, got)
         state = written.state_dict()
         assert all(torch.equal(state[names[n]], got[n]) for n in got), method
-        ((_, edited),) = repaired_models(model, base_dir, ft_dir, (value,), RepairConfig(method=method), progress=False)
+        ((_, edited),) = repaired_models(model, base_dir, ft_dir, (value,), configs[method], progress=False)
         assert all(torch.equal(t, state[n]) for n, t in edited.state_dict().items()), method
 
 

@@ -114,8 +114,10 @@ def test_a_guards_study_chooses_on_dev_and_reports_prevention_beside_cure(tiny_m
     assert all(f.split == "train" for f in facts if f.id in pool)
 
     # the report: the plain row's kept share recomputed from the units' correctness strings
-    report = write_report(study)
+    report = write_report(study, page=tmp_path / "page.md")
     text = report["markdown"].read_text()
+    assert report["page"].read_text().startswith("# Results: ")
+    assert report["page"].read_text().splitlines()[2].startswith("**Answer (a rule fixed in code before the run): ")
     assert "## Prevention and cure" in text and text.index("## Prevention and cure") < text.index("## Findings")
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     for arm in ("plain SFT", *(f"guard {g}" for g in GUARDS), "LoRA", "repair wise", "repair restore"):

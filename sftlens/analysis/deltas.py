@@ -4,6 +4,10 @@ The share of the total change held by the k % most changed elements, for a sweep
 exact streamed selection of `sftlens.weights.selection` (two passes for the whole sweep) and one
 more pass for the sums (float64). `zero_base_mass` checks the de-quantisation artefact of the
 relative metric.
+
+`concentration(base, ft, config, ratios)` -> `ratios`, `selected`, `shares`, `elements`,
+`total_change` and per-tensor `tensors`; `zero_base_mass(base, ft, region)` -> the share of the relative
+change held by elements whose base value is exactly 0.
 """
 
 from __future__ import annotations

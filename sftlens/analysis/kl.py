@@ -9,12 +9,17 @@ The paper prompts with the relation's mapping template of highest probe success 
 only facts whose base completion starts with the answer; both are settings here (prompt style,
 `answer_within`), and the template per relation is an argument, so the core does not need a
 probe.
+
+`first_token_kl(ft_model, base_model, tokenizer, prompts, top_k)` takes a prompt as a string or a
+(fine-tuned, base) pair, `KL_CHUNK` prompts at a time, so memory does not grow with the facts;
+`compute_kl(base, ft, test_file, KLConfig, templates, out_dir)` -> {`summary`: n, mean, median, std, q25,
+q75, min, max; `facts`: [{fact_id, kl}]}, cached in `out_dir/kl.json` by its inputs (`batch_size` not
+keyed). Figure 5 is drawn by the study report.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,13 +28,13 @@ from typing import Literal
 
 import torch
 
-from sftlens.config import add_config_arguments, config_from_args, config_to_dict
+from sftlens.config import NOT_KEYED, add_config_arguments, config_from_args, config_to_dict, keyed_dict
 from sftlens.data import Fact, default_matcher, encode_prompt, load_fact_set, load_templates, sft_prompt
 from sftlens.data.facts import RelationTemplates
 from sftlens.data.rows import data_manifest, read_split_rows
 from sftlens.errors import SftlensError
 from sftlens.evaluate import generate_answers
-from sftlens.io import atomic_write_json, stable_hash
+from sftlens.io import KeyedOutput, stable_hash
 from sftlens.models import load_model, model_fingerprint
 from sftlens.probe import best_templates, load_probe
 
@@ -47,7 +52,7 @@ class KLConfig:
     answer_within: int = field(
         default=0, metadata={"help": "keep only facts whose greedy base completion of this many tokens "
                                      "contains the answer (the paper's filter; 0 = keep all)"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per forward pass"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per forward pass", **NOT_KEYED})
     dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
 
@@ -188,25 +193,21 @@ def compute_kl(base: str, finetuned: str, test_file: str | Path, config: KLConfi
     templates = dict(templates or {})
     identity = {"base": model_fingerprint(base), "finetuned": model_fingerprint(finetuned),
                 "test": data_manifest(Path(test_file), rows),
-                "config": {k: v for k, v in config_to_dict(config).items() if k != "batch_size"},
+                "config": keyed_dict(config),
                 "templates": templates}
     if relations is not None:  # only then: the paper's relations keep their keys
         used = {r["relation"] for r in rows}
         identity["topics"] = {t: [rel.question, *rel.mapping_templates] for t, rel in relations.items() if t in used}
-    key = stable_hash(identity)
-    target = Path(out_dir) / KL_FILE if out_dir is not None else None
-    if target is not None and target.is_file():
-        cached = json.loads(target.read_text())
-        if cached.get("key") == key:
-            return cached
+    output = KeyedOutput(Path(out_dir) / KL_FILE, stable_hash(identity), stale="redo") if out_dir is not None else None
+    cached = output.finished() if output else None
+    if cached is not None:
+        return cached
     ft_model, tokenizer = load_model(finetuned, dtype=config.dtype, device=config.device)
     base_model, _ = load_model(base, dtype=config.dtype, device=config.device)
-    result = {"key": key, "base": base, "finetuned": finetuned, "test": str(test_file),
+    result = {"base": base, "finetuned": finetuned, "test": str(test_file),
               "config": config_to_dict(config), "templates": templates,
               **kl_for_models(ft_model, base_model, tokenizer, rows, config, templates, relations)}
-    if target is not None:
-        atomic_write_json(target, result)
-    return result
+    return output.write(result) if output else {"key": stable_hash(identity), **result}
 
 
 def _templates_from_probe(store: str, test_file: str) -> dict[str, int]:

@@ -4,6 +4,7 @@
     DIR/probe/{role}-{model}-{key}/  probe stores (`sftlens.probe.run_probe`: resumable fact by fact)
     DIR/steps/greedy-{role}.json     greedy answers (a partial log resumes a killed step)
     DIR/steps/kl.json, deltas.json   first-token KL per fact; update concentration, zero-base check
+    DIR/steps/importances.safetensors  the guided repair's fact importances (dev facts only; key inside)
     DIR/repairs/{dev,test}/M-V.json  a repair value's answers on the dev (every candidate) or test
                                      facts (the value chosen on dev)
     DIR/facts.jsonl, summary.json    per fact; everything the report reads
@@ -14,8 +15,8 @@ A step whose file holds its key is skipped; a changed input changes the key and 
 
 from __future__ import annotations
 
-import contextlib
-import json
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,14 +29,16 @@ from sftlens.audit.prompts import prompt_tokenizer, question_prompt, require_cha
 from sftlens.audit.transitions import transition
 from sftlens.errors import SftlensError
 from sftlens.evaluate import EvalConfig, evaluate_model
-from sftlens.io import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
+from sftlens.io import JsonlAppender, KeyedOutput, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
 from sftlens.models import load_model, load_tokenizer, model_fingerprint
-from sftlens.probe import ProbeConfig, best_templates, default_store, run_probe
+from sftlens.probe import LEVELS, ProbeConfig, best_templates, default_store, run_probe
 from sftlens.taught import held_out_templates
-from sftlens.weights import METHODS, RepairConfig, repair_sweep, repaired_models
+from sftlens.weights import METHODS, RepairConfig, open_pair, repair_sweep, repaired_models
+from sftlens.weights.guided import KINDS, Importances, fisher_diagonals, write_importances
 from sftlens.weights.selection import DEFAULT_RATIOS
 
 ROLES = ("base", "finetuned")
+IMPORTANCES = "importances.safetensors"
 METRICS = ("absolute", "relative", "relative_nonzero")
 FORMAT = 1
 
@@ -57,6 +60,12 @@ class Context:
     probe: ProbeConfig
     progress: bool = True
     models: dict = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # method -> why it was not run (one line)
+    announce: Callable[[str], None] | None = None  # receives a line per finished step (the CLI: print)
+
+    def tell(self, line: str) -> None:
+        if self.announce is not None:
+            self.announce(line)
 
     @property
     def settings(self):
@@ -81,6 +90,15 @@ class Context:
             self.models["edited"] = self.models.pop("finetuned", None) or \
                 load_model(self.folders["finetuned"], dtype=self.audit.probe.dtype)
         return self.models["edited"]
+
+    @property
+    def importances(self) -> Path:
+        return self.out / "steps" / IMPORTANCES
+
+    def repair_config(self, method: str) -> RepairConfig:
+        """A method's config: its defaults, and this audit's importances where it reads them."""
+        reads = "importances" in METHODS[method].settings
+        return RepairConfig(method=method, importances=str(self.importances) if reads else None)
 
     def rows(self, role: str) -> list[dict]:
         """Evaluation rows of the facts with `role`'s prompts; `level` is a placeholder (the audit
@@ -117,12 +135,9 @@ def prepare(audit: Audit, out: str | Path, progress: bool = True) -> Context:
 # --- steps ----------------------------------------------------------------------------------
 
 
-def _cached(path: Path, key: str) -> dict | None:
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-        data = json.loads(path.read_text())
-        if data.get("key") == key:
-            return data
-    return None
+def step_output(path: Path, key: str) -> KeyedOutput:
+    """A step's JSON file: done when it holds `key`; another key (a changed input) re-runs the step."""
+    return KeyedOutput(path, key, stale="redo")
 
 
 def probe_store(ctx: Context, role: str) -> Path:
@@ -140,9 +155,11 @@ def greedy_key(ctx: Context, role: str, rows: list[dict], edit: dict | None = No
                         "dtype": ctx.audit.probe.dtype, "rows": [(r["fact_id"], r["prompt"], r["answers"]) for r in rows]})
 
 
-def _answers(ctx: Context, path: Path, key: str, model, tokenizer, rows: list[dict]) -> dict:
-    """Greedy answers of `rows`, resumable: finished batches go to a partial log first."""
-    partial = path.with_name(f".{path.stem}.{key}.partial.jsonl")
+def _answers(ctx: Context, output: KeyedOutput, model, tokenizer, rows: list[dict], progress: bool | None = None) -> dict:
+    """Greedy answers of `rows`, resumable: finished batches go to a partial log first; a bar of
+    their own unless `progress` is False (default: the audit's)."""
+    progress = ctx.progress if progress is None else progress
+    partial = output.log()
     done = {r["fact_id"]: r for r in read_jsonl(partial)} if partial.is_file() else {}
     todo = [r for r in rows if r["fact_id"] not in done]
     if todo:
@@ -151,28 +168,30 @@ def _answers(ctx: Context, path: Path, key: str, model, tokenizer, rows: list[di
                 for _, p in batch:
                     log.write({"fact_id": p["fact_id"], "answer": p["prediction"], "correct": p["correct"]})
 
-            for p in evaluate_model(model, tokenizer, todo, ctx.eval_config(), ctx.progress, on_batch=persist):
+            for p in evaluate_model(model, tokenizer, todo, ctx.eval_config(), progress, on_batch=persist):
                 done[p["fact_id"]] = {"fact_id": p["fact_id"], "answer": p["prediction"], "correct": p["correct"]}
-    result = {"key": key, "answers": {r["fact_id"]: done[r["fact_id"]]["answer"] for r in rows},
-              "correct": {r["fact_id"]: bool(done[r["fact_id"]]["correct"]) for r in rows}}
-    atomic_write_json(path, result)
+    result = output.write({"answers": {r["fact_id"]: done[r["fact_id"]]["answer"] for r in rows},
+                           "correct": {r["fact_id"]: bool(done[r["fact_id"]]["correct"]) for r in rows}})
     partial.unlink(missing_ok=True)
     return result
 
 
+def greedy_output(ctx: Context, role: str) -> KeyedOutput:
+    return step_output(ctx.out / "steps" / f"greedy-{role}.json", greedy_key(ctx, role, ctx.rows(role)))
+
+
 def greedy_step(ctx: Context, role: str) -> dict:
-    rows = ctx.rows(role)
-    path, key = ctx.out / "steps" / f"greedy-{role}.json", greedy_key(ctx, role, rows)
-    cached = _cached(path, key)
+    output = greedy_output(ctx, role)
+    cached = output.finished()
     if cached is not None:
         return cached
     model, tokenizer = ctx.model(role)
-    return _answers(ctx, path, key, model, prompt_tokenizer(tokenizer, ctx.settings.prompt), rows)
+    return _answers(ctx, output, model, prompt_tokenizer(tokenizer, ctx.settings.prompt), ctx.rows(role))
 
 
-def kl_step(ctx: Context, base_records: dict) -> dict:
-    """The paper's first-token top-k KL per fact (plain: each relation's best probe template for
-    both models; chat: each model's chat-rendered question)."""
+def kl_output(ctx: Context, base_records: dict) -> KeyedOutput:
+    """The KL step's file, keyed by both models, the prompts (each relation's best template by the base's
+    probe records) and the facts."""
     templates = best_templates(base_records, ctx.facts)
     chat = ctx.settings.prompt == "chat"
     # Question-only facts' plain prompts are keyed, as they were the bare question before the QA format
@@ -182,37 +201,122 @@ def kl_step(ctx: Context, base_records: dict) -> dict:
                        "dtype": ctx.audit.probe.dtype,
                        "templates": templates, "prompts": ctx.prompts if chat else None,
                        "facts": [(f.id, f.question) for f in ctx.facts], **({"asked": asked} if asked else {})})
-    path = ctx.out / "steps" / "kl.json"
-    cached = _cached(path, key)
+    return step_output(ctx.out / "steps" / "kl.json", key)
+
+
+def kl_step(ctx: Context, base_records: dict) -> dict:
+    """The paper's first-token top-k KL per fact (plain: each relation's best probe template for
+    both models; chat: each model's chat-rendered question)."""
+    output = kl_output(ctx, base_records)
+    cached = output.finished()
     if cached is not None:
         return cached
+    templates = best_templates(base_records, ctx.facts)
+    chat = ctx.settings.prompt == "chat"
     (ft, tokenizer), (base, _) = ctx.model("finetuned"), ctx.model("base")
     if chat:
         pairs = list(zip(ctx.prompts["finetuned"], ctx.prompts["base"]))
     else:  # a fact's own topic templates: a fact set's as well as the paper's
         pairs = [(p, p) for p in (f.probe_prompt(templates.get(f.relation, 0)) for f in ctx.facts)]
     values = first_token_kl(ft, base, prompt_tokenizer(tokenizer, ctx.settings.prompt), pairs, ctx.settings.kl_top_k)
-    result = {"key": key, "style": "chat" if chat else "template", "summary": summarize_kl(values),
-              "facts": [{"fact_id": f.id, "kl": v} for f, v in zip(ctx.facts, values)]}
-    atomic_write_json(path, result)
-    return result
+    return output.write({"style": "chat" if chat else "template", "summary": summarize_kl(values),
+                         "facts": [{"fact_id": f.id, "kl": v} for f, v in zip(ctx.facts, values)]})
+
+
+def deltas_output(ctx: Context) -> KeyedOutput:
+    key = stable_hash({"format": FORMAT, "models": ctx.fingerprints, "ratios": list(DEFAULT_RATIOS)})
+    return step_output(ctx.out / "steps" / "deltas.json", key)
 
 
 def deltas_step(ctx: Context) -> dict:
     """Update concentration under the three metrics, and the zero-base diagnostic."""
-    key = stable_hash({"format": FORMAT, "models": ctx.fingerprints, "ratios": list(DEFAULT_RATIOS)})
-    path = ctx.out / "steps" / "deltas.json"
-    cached = _cached(path, key)
+    output = deltas_output(ctx)
+    cached = output.finished()
     if cached is not None:
         return cached
+    from tqdm.auto import tqdm
+
     base, ft = ctx.folders["base"], ctx.folders["finetuned"]
     by_metric = {}
-    for metric in METRICS:
-        full = concentration(base, ft, DeltasConfig(metric=metric), DEFAULT_RATIOS, ctx.progress)
-        by_metric[metric] = {k: full[k] for k in ("ratios", "selected", "shares", "elements", "total_change")}
-    result = {"key": key, "concentration": by_metric, "zero_base": zero_base_mass(base, ft)}
-    atomic_write_json(path, result)
-    return result
+    # one bar for the step (each metric's passes, then the zero-base pass), not one per pass
+    with tqdm(total=len(METRICS) + 1, desc="update concentration", unit="step", disable=not ctx.progress) as bar:
+        for metric in METRICS:
+            full = concentration(base, ft, DeltasConfig(metric=metric), DEFAULT_RATIOS, progress=False)
+            by_metric[metric] = {k: full[k] for k in ("ratios", "selected", "shares", "elements", "total_change")}
+            bar.update()
+        zero_base = zero_base_mass(base, ft)
+        bar.update()
+    return output.write({"concentration": by_metric, "zero_base": zero_base})
+
+
+def importance_facts(ctx: Context, greedy: dict) -> dict[str, list[tuple[str, str, str]]]:
+    """The facts the guided repair weighs, from the dev slice only (no test fact ever enters): each
+    kind -> (fact id, the fine-tuned model's prompt, the answer whose likelihood counts): forgotten facts
+    with the base model's greedy answer (judged right), learned ones with the fine-tune's."""
+    facts: dict[str, list[tuple[str, str, str]]] = {kind: [] for kind in KINDS}
+    for f, prompt in zip(ctx.facts, ctx.prompts["finetuned"]):
+        if ctx.slice_of[f.id] != "dev":
+            continue
+        moved = transition(greedy["base"]["correct"][f.id], greedy["finetuned"]["correct"][f.id])
+        if moved in facts:
+            role = "base" if moved == "forgotten" else "finetuned"
+            facts[moved].append((f.id, prompt, greedy[role]["answers"][f.id]))
+    return facts
+
+
+def importance_key(ctx: Context, facts: dict) -> str:
+    return stable_hash({"format": FORMAT, "models": ctx.fingerprints, "dtype": ctx.audit.probe.dtype,
+                        "prompt": ctx.settings.prompt, "facts": facts})
+
+
+def importance_skip(ctx: Context, facts: dict) -> str | None:
+    """Why the guided repair cannot run (one line), or None."""
+    empty = next((kind for kind in KINDS if not facts[kind]), None)
+    if empty is None:
+        return None
+    dev = sum(v == "dev" for v in ctx.slice_of.values())
+    return (f"guided repair skipped: no {empty} fact among the {dev} dev facts (greedy: "
+            f"{'right on the base, wrong on the fine-tune' if empty == 'forgotten' else 'wrong on the base, right on the fine-tune'})")
+
+
+def stored_importances_key(path: Path) -> str | None:
+    try:
+        return Importances.open(path).key
+    except SftlensError:  # none yet, or unreadable: computed (again)
+        return None
+
+
+def importance_plan(ctx: Context) -> tuple[int | None, bool]:
+    """For the plan: (facts the importance step has left to pass over, None while the greedy answers it
+    needs are not there; whether the guided repair will be skipped)."""
+    greedy = {role: greedy_output(ctx, role).finished() for role in ROLES}
+    if not all(greedy.values()):
+        return None, False
+    facts = importance_facts(ctx, greedy)
+    if importance_skip(ctx, facts) is not None:
+        return 0, True
+    done = stored_importances_key(ctx.importances) == importance_key(ctx, facts)
+    return 0 if done else sum(map(len, facts.values())), False
+
+
+def importance_step(ctx: Context, greedy: dict) -> None:
+    """Fact importances of the dev slice for the guided repair (`sftlens.weights.guided`), in one
+    pass of the fine-tuned model over its forgotten and learned dev facts; reused while the key (models,
+    facts, prompts, answers, dtype) holds. No forgotten or no learned dev fact: the method is skipped."""
+    facts = importance_facts(ctx, greedy)
+    reason = importance_skip(ctx, facts)
+    if reason is not None:
+        ctx.skipped["guided"] = reason
+        return
+    key = importance_key(ctx, facts)
+    if stored_importances_key(ctx.importances) == key:
+        return
+    model, tokenizer = ctx.model("finetuned")
+    names = open_pair(ctx.folders["base"], ctx.folders["finetuned"]).region_names("all")
+    pairs = {kind: [(prompt, answer) for _, prompt, answer in facts[kind]] for kind in KINDS}
+    fishers, counts = fisher_diagonals(model, prompt_tokenizer(tokenizer, ctx.settings.prompt), pairs, names,
+                                       ctx.progress)
+    write_importances(ctx.importances, fishers, counts, key, ctx.fingerprints["finetuned"])
 
 
 def fact_rows(ctx: Context, probes: dict, greedy: dict, kl: dict) -> list[dict]:
@@ -233,28 +337,34 @@ def fact_rows(ctx: Context, probes: dict, greedy: dict, kl: dict) -> list[dict]:
     return rows
 
 
-def repair_targets(ctx: Context, method: str, values, part: str) -> tuple[list[dict], RepairConfig, dict, dict]:
-    """(rows of the `part` slice, the method's config, each value's file and key)."""
+def repair_targets(ctx: Context, method: str, values, part: str) -> tuple[list[dict], RepairConfig, dict]:
+    """(rows of the `part` slice, the method's config, each value's output)."""
     rows = [row for row in ctx.rows("finetuned") if ctx.slice_of[row["fact_id"]] == part]
-    config = RepairConfig(method=method)
-    paths = {v: ctx.out / "repairs" / part / f"{method}-{v:g}.json" for v in values}
-    keys = {v: greedy_key(ctx, "finetuned", rows, {"base": ctx.fingerprints["base"], "method": method,
-                                                    "settings": config.settings(), "value": v}) for v in values}
-    return rows, config, paths, keys
+    config = ctx.repair_config(method)
+    outputs = {v: step_output(ctx.out / "repairs" / part / f"{method}-{v:g}.json",
+                              greedy_key(ctx, "finetuned", rows, {"base": ctx.fingerprints["base"], "method": method,
+                                                                  "settings": config.settings(), "value": v}))
+               for v in values}
+    return rows, config, outputs
 
 
 def repair_answers(ctx: Context, method: str, values, part: str) -> dict[float, dict]:
     """Each value's answers on the facts of `part` (dev or test), every unfinished value in one
     in-memory sweep of the fine-tuned model (`Context.edited`)."""
-    rows, config, paths, keys = repair_targets(ctx, method, values, part)
-    done = {v: c for v in values if (c := _cached(paths[v], keys[v])) is not None}
+    rows, config, outputs = repair_targets(ctx, method, values, part)
+    done = {v: c for v in values if (c := outputs[v].finished()) is not None}
     todo = [v for v in values if v not in done]
     if todo:
+        from tqdm.auto import tqdm
+
         model, tokenizer = ctx.edited()
         tokenizer = prompt_tokenizer(tokenizer, ctx.settings.prompt)
-        for value, edited in repaired_models(model, ctx.folders["base"], ctx.folders["finetuned"], todo, config,
-                                             ctx.progress):
-            done[value] = _answers(ctx, paths[value], keys[value], edited, tokenizer, rows)
+        # one bar per method and slice (a value: its weight passes and answers), not one per pass and value
+        with tqdm(total=len(todo), desc=f"repair {method} on {part}", unit="value", disable=not ctx.progress) as bar:
+            for value, edited in repaired_models(model, ctx.folders["base"], ctx.folders["finetuned"], todo, config,
+                                                 progress=False):
+                done[value] = _answers(ctx, outputs[value], edited, tokenizer, rows, progress=False)
+                bar.update()
     return {v: done[v] for v in values}
 
 
@@ -265,6 +375,8 @@ def repair_step(ctx: Context, rows: list[dict]) -> dict:
     test = [r for r in rows if r["slice"] == "test"]
     out = {}
     for method, values in ctx.values.items():
+        if method in ctx.skipped:
+            continue
         on_dev = repair_answers(ctx, method, values, "dev")
         scores = {v: rp.objective(dev, on_dev[v]["correct"], s.objective) for v in values}
         chosen = rp.choose(scores, method)
@@ -273,14 +385,21 @@ def repair_step(ctx: Context, rows: list[dict]) -> dict:
                        "dev_scores": {f"{v:g}": scores[v] for v in values}, "chosen": chosen,
                        "test": rp.held_out_scores(test, on_test["correct"], s.bootstrap, ctx.audit.probe.seed),
                        "correct": {**on_dev[chosen]["correct"], **on_test["correct"]}}
+        recovered = out[method]["test"]["recovered"]
+        ctx.tell(f"repair {method}: {METHODS[method].knob} = {chosen:g} chosen on dev ({s.objective} "
+                 f"{100 * scores[chosen]:+.1f} %); test: "
+                 + ("no forgotten fact" if recovered is None else f"{100 * recovered.value:.0f} % of "
+                    f"{out[method]['test']['forgotten_n']} forgotten facts recovered"))
     return out
 
 
 def write_best(ctx: Context, repairs: dict) -> Path:
     """The repaired model of the method with the best dev objective (ties: METHODS order), as an HF folder."""
-    method = max(repairs, key=lambda m: (repairs[m]["dev_scores"][f"{repairs[m]['chosen']:g}"], -list(METHODS).index(m)))
+    from sftlens.audit.summary import best_repair
+
+    method = best_repair(repairs)
     value = repairs[method]["chosen"]
-    folder = repair_sweep(ctx.folders["base"], ctx.folders["finetuned"], [value], RepairConfig(method=method),
+    folder = repair_sweep(ctx.folders["base"], ctx.folders["finetuned"], [value], ctx.repair_config(method),
                           ctx.out / "best", ctx.progress)[value]
     atomic_write_json(ctx.out / "best" / "chosen.json", {
         "folder": folder.name, "method": method, "value": value, "objective": ctx.settings.objective,
@@ -297,13 +416,26 @@ def run_steps(ctx: Context, best: bool = False) -> dict:
     """Every step in order (finished ones skipped); returns the summary the report reads."""
     from sftlens.audit.summary import summarize_audit
 
-    probes = {role: probe_step(ctx, role) for role in ROLES}
-    greedy = {role: greedy_step(ctx, role) for role in ROLES}
+    probes, greedy = {}, {}
+    for role in ROLES:
+        probes[role] = probe_step(ctx, role)
+        levels = Counter(r.level for r in probes[role].values())
+        ctx.tell(f"probe {role}: {len(probes[role])} facts, levels 0-4: {' / '.join(str(levels[lv]) for lv in LEVELS)}")
+    for role in ROLES:
+        greedy[role] = greedy_step(ctx, role)
+        ctx.tell(f"greedy {role}: {sum(greedy[role]['correct'].values())} of {len(ctx.facts)} facts answered right")
     kl = kl_step(ctx, probes["base"])
+    if kl["summary"]["n"]:
+        ctx.tell(f"first-token KL: mean {kl['summary']['mean']:.4f}, median {kl['summary']['median']:.4f} "
+                 f"over {kl['summary']['n']} facts")
     ctx.release("base")
     deltas = deltas_step(ctx)
+    top = deltas["concentration"]["relative"]
+    ctx.tell(f"update concentration: the top {top['ratios'][0]:g} % of elements hold "
+             f"{100 * top['shares'][0]:.1f} % of the relative change")
     rows = fact_rows(ctx, probes, greedy, kl)
     atomic_write_jsonl(ctx.out / "facts.jsonl", rows)
+    importance_step(ctx, greedy)
     repairs = repair_step(ctx, rows)
     ctx.models.clear()
     summary = summarize_audit(ctx, rows, kl, deltas, repairs)

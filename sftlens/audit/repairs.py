@@ -16,6 +16,7 @@ from sftlens.errors import SftlensError
 from sftlens.evaluate import acc_levels, acc_of, summarize
 from sftlens.io import stable_hash
 from sftlens.reporting.bootstrap import FactDraws, SeedDraws, arm_difference
+from sftlens.reporting.choice import best_mean, least_edit
 from sftlens.reporting.stats import mcnemar
 from sftlens.weights import METHODS, parse_values
 
@@ -23,7 +24,9 @@ from sftlens.weights import METHODS, parse_values
 # middle value, taken by a budget of 1 or 3, is the Gavish-Donoho threshold itself).
 LADDERS = {"restore": (1, 3, 5, 10, 20, 40), "wise": (0.9, 0.75, 0.6, 0.5, 0.4, 0.25),
            "dare": (0.1, 0.3, 0.5, 0.6, 0.75, 0.9), "trim": (80, 50, 30, 20, 10, 5),
-           "spectral": (0.5, 0.75, 1, 1.5, 2, 3)}
+           "spectral": (0.5, 0.75, 1, 1.5, 2, 3),
+           # restore's ratios: the guided repair differs from restore's top-k only in what it ranks by
+           "guided": (1, 3, 5, 10, 20, 40)}
 OBJECTIVES = {"recovered": "forgotten facts recovered minus learned facts lost (share of dev facts)",
               "acc": "the paper's Acc on the dev facts (mean over base levels, averaged over domains)"}
 
@@ -78,8 +81,7 @@ def objective(rows: list[dict], repaired: dict[str, bool], name: str) -> float:
 
 def choose(scores: dict[float, float], method: str) -> float:
     """The value with the best score; ties: the least edit (nearest the neutral value), then the smaller."""
-    neutral = METHODS[method].neutral
-    return min(scores, key=lambda v: (-scores[v], abs(v - neutral), v))
+    return best_mean({v: [s] for v, s in scores.items()}, least_edit(METHODS[method].neutral))
 
 
 def bits(rows: list[dict], correct) -> dict[str, dict[str, str]]:

@@ -1,8 +1,9 @@
 """The audit report (`sftlens audit`): transitions, forgotten/learned by base level, the repair
-table, KL and update concentration, and the recall of forgotten taught facts when a list of them
-is given. Built from the audit folder alone (summary.json, facts.jsonl, audit.json) as `Section`s
-of the report layer the study report shares (`sftlens.reporting.page`: one Markdown and
-self-contained HTML writer).
+table, KL and update concentration, the recall of forgotten taught facts when a list of them
+is given, and every fact in an explorer (the HTML page: filters, search, sorting). Built from the
+audit folder alone (summary.json, facts.jsonl, audit.json, the best repair's answers under repairs/)
+as `Section`s of the report layer the study report shares (`sftlens.reporting.page`: one Markdown
+and self-contained HTML writer).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from sftlens.analysis.deltas import zero_base_note
+from sftlens.audit.summary import best_repair
 from sftlens.audit.transitions import TRANSITIONS, row_shares
 from sftlens.errors import SftlensError
 from sftlens.io import read_jsonl
 from sftlens.probe import LEVELS
 from sftlens.probe.tables import prompt_lines
 from sftlens.reporting.bootstrap import Estimate
+from sftlens.reporting.explorer import Column, Filter, explorer_html
 from sftlens.reporting.figures import figure_panels, save_figure
 from sftlens.reporting.page import Section, interval_text, write_page, write_sections
 from sftlens.taught import RECORD_FILE, taught_facts
@@ -128,7 +131,7 @@ def repair_section(summary: dict) -> Section:
             "answers right again; learned kept: learned test facts it still answers right; Acc: the paper's (mean over "
             "base levels) on test, with the gain over the fine-tune, paired over facts (95 % bootstrap); McNemar p: "
             "exact two-sided test of the model against the fine-tune on the same test facts (right for one, wrong for "
-            "the other).")
+            "the other)." + "".join(f" {why[0].upper()}{why[1:]}." for why in summary.get("skipped_repairs", {}).values()))
     dev = [[m, ", ".join(f"{v}: {100 * s:+.1f}" if objective["name"] == "recovered" else f"{v}: {100 * s:.1f}"
                          for v, s in sorted(r["dev_scores"].items(), key=lambda item: float(item[0]))), f"{r['chosen']:g}"]
            for m, r in summary["repairs"].items()]
@@ -192,6 +195,58 @@ def focus_section(summary: dict, facts: list[dict], focus: list[str], source: st
               f"recall of forgotten taught facts (%, n={len(forgotten)})"], rows)])
 
 
+def best_repair_answers(audit_dir: Path, summary: dict, facts: list[dict]) -> tuple[str, dict[str, str]] | None:
+    """(the best repair's name and value, its greedy answer per fact): the method `best_repair` picks, at
+    its dev-chosen value, on dev and test facts (its answer files under DIR/repairs/); None without them."""
+    if not summary.get("repairs"):
+        return None
+    method = best_repair(summary["repairs"])
+    r = summary["repairs"][method]
+    answers = {}
+    for part in sorted({f["slice"] for f in facts}):
+        path = audit_dir / "repairs" / part / f"{method}-{r['chosen']:g}.json"
+        try:
+            answers.update(json.loads(path.read_text())["answers"])
+        except (OSError, json.JSONDecodeError, KeyError):
+            return None
+    return f"{method} ({r['knob']} = {r['chosen']:g})", answers
+
+
+def facts_section(summary: dict, facts: list[dict], audit_dir: Path) -> Section:
+    """Every audited fact in one explorer (HTML page only): filters, search, sortable columns."""
+    repair = best_repair_answers(audit_dir, summary, facts)
+    right = summary["repairs"][best_repair(summary["repairs"])]["correct"] if repair else {}
+    rows = [{"fact_id": f["fact_id"], "relation": f["relation"], "domain": f["domain"], "slice": f["slice"],
+             "question": f["question"], "gold": " | ".join(f["answers"]),
+             "base_answer": f["base_answer"], "base_correct": f["base_correct"],
+             "finetuned_answer": f["finetuned_answer"], "finetuned_correct": f["finetuned_correct"],
+             **({"repair_answer": repair[1].get(f["fact_id"]), "repair_correct": right.get(f["fact_id"])}
+                if repair else {}),
+             "base_level": f["base_level"], "finetuned_level": f["finetuned_level"], "transition": f["transition"],
+             "kl": f.get("kl")} for f in facts]
+    columns = [Column("fact_id", "fact"), Column("relation", "relation"), Column("domain", "domain"),
+               Column("slice", "slice"), Column("question", "question"), Column("gold", "gold answers"),
+               Column("base_answer", "base answer", right="base_correct"),
+               Column("finetuned_answer", "fine-tuned answer", right="finetuned_correct"),
+               *([Column("repair_answer", f"best repair: {repair[0]}", right="repair_correct")] if repair else []),
+               Column("base_level", "base level", numeric=True), Column("finetuned_level", "fine-tuned level", numeric=True),
+               Column("transition", "transition"), Column("kl", "first-token KL", numeric=True, digits=4)]
+    filters = [Filter("transition", "transition", TRANSITIONS),
+               Filter("relation", "relation", tuple(sorted({f["relation"] for f in facts}))),
+               Filter("domain", "domain", tuple(sorted({f["domain"] for f in facts}))),
+               Filter("base_level", "base level", tuple(sorted({f["base_level"] for f in facts})))]
+    text = (f"Every audited fact ({len(facts)}; DIR/facts.jsonl holds the same rows): its gold answers (with aliases), "
+            "each model's greedy answer (✓ right, ✗ wrong)"
+            + (f", the best repair's ({repair[0]}: the best dev objective; dev facts took part in choosing it)"
+               if repair else "")
+            + ", both mastery levels, the transition and the first-token KL. In the HTML report: filter by transition, "
+            "relation, domain and base level, search any words of a row, click a column header to sort (again: "
+            "reversed).")
+    html = explorer_html("facts", rows, columns, filters, search=["fact_id", "question", "gold", "base_answer",
+                                                                  "finetuned_answer", "repair_answer"], row_id="fact_id")
+    return Section("Every fact", text, html=html)
+
+
 def header_lines(record: dict, audit_dir: Path, page: Path | None) -> list[str]:
     sessions = record.get("sessions", [])
     if not sessions:
@@ -225,6 +280,7 @@ def write_audit_report(audit_dir: str | Path, page: str | Path | None = None,
     try:
         summary = json.loads((audit_dir / "summary.json").read_text())
         record = json.loads((audit_dir / "audit.json").read_text())
+        facts = read_jsonl(audit_dir / "facts.jsonl")
     except (OSError, json.JSONDecodeError) as err:
         raise SftlensError(f"{audit_dir}: not a finished audit ({err})") from None
     out = audit_dir / "report"
@@ -232,7 +288,8 @@ def write_audit_report(audit_dir: str | Path, page: str | Path | None = None,
              movement_section(summary)]
     focus = focus_ids(audit_dir, record, focus_file)
     if focus is not None:
-        parts.append(focus_section(summary, read_jsonl(audit_dir / "facts.jsonl"), *focus))
+        parts.append(focus_section(summary, facts, *focus))
+    parts.append(facts_section(summary, facts, audit_dir))
     audit = summary["audit"]
     title = f"sftlens audit: {audit['finetuned']} against {audit['base']} ({summary['facts']} facts)"
     paths = write_sections(title, parts, out)

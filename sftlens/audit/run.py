@@ -15,8 +15,10 @@ from sftlens.audit.engine import (
     FORMAT,
     ROLES,
     Context,
-    _cached,
-    greedy_key,
+    deltas_output,
+    greedy_output,
+    importance_plan,
+    kl_output,
     prepare,
     probe_store,
     repair_targets,
@@ -31,6 +33,7 @@ from sftlens.markdown import markdown_table
 from sftlens.probe import ProbeConfig, load_probe, template_indices
 from sftlens.reporting.costs import DEFAULT_RATES
 from sftlens.reporting.provenance import code_version, machine
+from sftlens.weights import METHODS
 from sftlens.weights.checkpoints import open_pair
 
 RECORD = "audit.json"
@@ -59,11 +62,13 @@ def run_audit(audit: Audit, out: str | Path, *, write_best: bool = False, progre
               announce: Callable[[str], None] | None = None) -> dict:
     """Check everything, run every unfinished step, write the report (DIR/report/, and `page`);
     returns the summary (DIR/summary.json) with the report's files under `report`. `announce`
-    receives the plan (the work left and its estimated time) before anything runs."""
+    receives the plan (the work left and its estimated time) before anything runs, then a line per
+    finished step; `progress`: the steps' bars."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SftlensError(f"{out}: exists and is not a folder; choose another --out")
     ctx = prepare(audit, out, progress)
+    ctx.announce = announce
     if announce is not None:
         announce(plan_text(ctx))
     record = read_record(out)
@@ -78,8 +83,8 @@ def run_audit(audit: Audit, out: str | Path, *, write_best: bool = False, progre
     return {**summary, "report": write_audit_report(out, page, focus)}
 
 
-def _stored_facts(store: Path) -> set[str]:
-    return set(load_probe(store)) if (store / "probe.json").is_file() else set()
+def _stored_records(store: Path) -> dict:
+    return load_probe(store) if (store / "probe.json").is_file() else {}
 
 
 def plan_rows(ctx: Context) -> list[list]:
@@ -89,28 +94,42 @@ def plan_rows(ctx: Context) -> list[list]:
     draws = len(template_indices(ctx.facts, ctx.probe)) * ctx.audit.probe.samples
     n = len(ctx.facts)
     rows = []
+    # Finished work is what the steps themselves would skip: the same outputs and keys (`sftlens.io.KeyedOutput`).
+    stored = {role: _stored_records(probe_store(ctx, role)) for role in ROLES}
+    ids = sorted({f.id for f in ctx.facts})
     for role in ROLES:
-        todo = n - len(_stored_facts(probe_store(ctx, role)) & {f.id for f in ctx.facts})
+        todo = len(ids) - len(set(stored[role]) & set(ids))
         rows.append([f"probe {role}", todo * draws, "samples", todo * draws * DEFAULT_RATES["probe"] * scale])
     for role in ROLES:
-        done = _cached(ctx.out / "steps" / f"greedy-{role}.json", greedy_key(ctx, role, ctx.rows(role)))
-        work = 0 if done else n
+        work = 0 if greedy_output(ctx, role).done() else n
         rows.append([f"greedy {role}", work, "answers", work * DEFAULT_RATES["eval"] * scale])
-    kl_done = (ctx.out / "steps" / "kl.json").is_file()
+    # KL's key needs the base's probe records (each relation's best template): not done until they are all there
+    kl_done = all(i in stored["base"] for i in ids) and kl_output(ctx, {i: stored["base"][i] for i in ids}).done()
     kl_work = 0 if kl_done else 2 * n
     rows.append(["first-token KL", kl_work, "forward passes", kl_work * DEFAULT_RATES["kl"] * scale])
-    deltas_done = (ctx.out / "steps" / "deltas.json").is_file()
+    deltas_done = deltas_output(ctx).done()
     rows.append(["update concentration", 0 if deltas_done else DELTAS_PASSES, "weight passes",
                  0 if deltas_done else DEFAULT_RATES["deltas"] * scale])
+    # the guided repair's importances: a forward and backward per forgotten or learned dev fact (a training
+    # example's rate); until the greedy answers are there, every dev fact bounds them
+    dev = sum(v == "dev" for v in ctx.slice_of.values())
+    importance_work, guided_skipped = importance_plan(ctx)
+    guided_ready = importance_work == 0 and not guided_skipped
+    work = dev if importance_work is None else importance_work
+    rows.append(["fact importances (guided)", work, "forward+backward passes", work * DEFAULT_RATES["train"] * scale])
     for part, kind in (("dev", "repair"), ("test", "repaired")):
         work = 0
         for method, values in ctx.values.items():
+            if "importances" in METHODS[method].settings and not guided_ready:  # not keyed before its importances
+                work += 0 if guided_skipped else sum(v == part for v in ctx.slice_of.values()) * \
+                    (len(values) if part == "dev" else 1)
+                continue
             if part == "test":
                 work += 0 if any((ctx.out / "repairs" / "test").glob(f"{method}-*.json")) else \
                     sum(v == "test" for v in ctx.slice_of.values())
                 continue
-            facts, _, paths, keys = repair_targets(ctx, method, values, part)
-            work += sum(len(facts) for v in values if _cached(paths[v], keys[v]) is None)
+            facts, _, outputs = repair_targets(ctx, method, values, part)
+            work += sum(len(facts) for v in values if not outputs[v].done())
         rows.append([f"repairs on {part}", work, "answers", work * DEFAULT_RATES[kind] * scale])
     return rows
 
@@ -166,11 +185,15 @@ def _run(args: argparse.Namespace) -> None:
     if args.plan:
         print(plan_text(prepare(audit, args.out)))
         return
-    summary = run_audit(audit, args.out, write_best=args.write_best, page=args.page, focus=args.focus_facts, announce=print,
-                        command=" ".join(["sftlens", *sys.argv[1:]]) if sys.argv[1:2] == ["audit"] else None)
+    quiet = getattr(args, "quiet", False)  # sftlens --quiet: the result lines only
+    summary = run_audit(audit, args.out, write_best=args.write_best, page=args.page, focus=args.focus_facts,
+                        progress=not quiet, announce=None if quiet else print,
+                        command=" ".join(["sftlens", *sys.argv[1:]]) if "audit" in sys.argv[1:3] else None)
     a = summary["all"]
     print(f"{summary['facts']} facts: {a['kept']} kept, {a['forgotten']} forgotten, {a['learned']} learned, "
           f"{a['never']} never right")
+    for reason in summary.get("skipped_repairs", {}).values():
+        print(reason)
     for path in summary["report"].values():
         print(path)
     if "best" in summary:

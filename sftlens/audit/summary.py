@@ -1,4 +1,10 @@
-"""The audit's summary: everything its report shows, as plain JSON (`DIR/summary.json`)."""
+"""The audit's summary: everything its report shows, as plain JSON (`DIR/summary.json`).
+
+Besides the rates and repairs: `probe_prompts` (topic -> its probe prompt, stated under the report's
+transitions) and exact McNemar p-values (`sftlens.reporting.stats.mcnemar`): `mcnemar_p` of forgotten
+against learned per group (`all`, `by_level`, `by_domain`, `by_relation`), each repair's `test.mcnemar_p`
+against the fine-tune, `reference_mcnemar_p.base` (base against fine-tune on test).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from sftlens.audit.transitions import group_rates, mastery_matrix, rates_by, tra
 from sftlens.probe import probe_prompts
 from sftlens.reporting.bootstrap import Estimate
 from sftlens.reporting.stats import mcnemar
+from sftlens.weights import METHODS
 
 
 def plain(value):
@@ -20,6 +27,13 @@ def plain(value):
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def best_repair(repairs: dict) -> str:
+    """The method whose dev-chosen value scored best on the dev objective (ties: the first in `METHODS`
+    order; summary.json's keys are sorted): the model `--write-best` writes, the report's best repair."""
+    order = list(METHODS)
+    return max(repairs, key=lambda m: (repairs[m]["dev_scores"][f"{repairs[m]['chosen']:g}"], -order.index(m)))
 
 
 def summarize_audit(ctx, rows: list[dict], kl: dict, deltas: dict, repairs: dict) -> dict:
@@ -43,7 +57,7 @@ def summarize_audit(ctx, rows: list[dict], kl: dict, deltas: dict, repairs: dict
         "kl": {"style": kl["style"], "top_k": s.kl_top_k, **kl["summary"]},
         "deltas": {k: v for k, v in deltas.items() if k != "key"},
         "objective": {"name": s.objective, "text": OBJECTIVES[s.objective], "budget": s.candidates},
-        "repairs": repairs, "references": references,
+        "repairs": repairs, "skipped_repairs": ctx.skipped, "references": references,
         # the base against the fine-tune on the test slice the repairs are scored on
         "reference_mcnemar_p": {"base": mcnemar(on_test["forgotten"], on_test["learned"])},
     })

@@ -5,6 +5,14 @@ valid objects of multi-valued relations, not aliases. The subject is recovered b
 relation's question template; questions that do not match are reported, never dropped silently.
 Fact ids are `relation/split/index` (index in the file), stable across runs and machines: subjects
 are ambiguous, so the question text could not serve as a key.
+
+A `Fact`: `id`, `relation`, `subject`, `answers` (valid objects, not aliases), `split`, `domain` (`in`/`out`),
+`question`, `aliases` (per answer; a fact set's own), `templates` (its topic's; None = the paper's).
+`probe_prompt(t)` is mapping template t filled in (a question-only topic, `question_only`: its one
+template `{question}`, asked as `sft_prompt(question)`, since a bare question is continued by a newline,
+not answered); `accepted_answers` = answers then aliases. A `FactSet`: `facts`, `templates` (topic ->
+`RelationTemplates`; empty = the paper's), `name`; `select(relations, splits, limit)` (a split the set
+lacks is an error), `domains()`. The `entityquestions` importer writes `load_facts`' facts exactly.
 """
 
 from __future__ import annotations

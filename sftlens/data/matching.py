@@ -6,6 +6,9 @@ Normalisation folds case (casefold), compatibility forms (NFKC: full-width lette
 accents (so "Sao Paulo" matches "São Paulo") and runs of whitespace. Punctuation is kept: the
 rule is containment, and "St. Petersburg" must stay distinct from "St Petersburg" only where the
 synonym table says nothing.
+
+Use: `default_matcher().is_correct(output, answers, aliases=None)`, `aliases` mapping a fact's table
+answer to the strings that count as it (`Fact.alias_table()`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,12 @@
 """The split-row format: the JSONL rows `sftlens split` writes (training, test and dev alike) and every
 stage reads (train, evaluate, kl, inject's statements): `split_row` writes one, `read_split_rows` is
 the one reader (errors name file and line), `data_manifest` records a file a run read (path, sha256,
-count). Below the stages that write and read rows, so none of them imports another for the format."""
+count). Below the stages that write and read rows, so none of them imports another for the format.
+
+A row: `fact_id, relation, domain, level, question, answers, prompt, completion` (`ROW_KEYS`;
+`completion` uses the first answer; `answers` is `Fact.accepted_answers`, so a fact set's aliases follow
+the answers and every row reader accepts them).
+"""
 
 from __future__ import annotations
 

@@ -1,18 +1,24 @@
 """Mastery records and levels (paper Section 3.1): the probe's settings, one fact's counts and the
-level they give."""
+level they give.
+
+`ProbeRecord(fact_id, correct, total, template_correct, template_ids)`, `.R`, `.level`; `template_ids`
+(an optional 5th field of a store line) names the mapping templates when `ProbeConfig.templates` is a
+subset. `mastery_level(correct, total)`: 0 if correct == 0, else ceil(4 * correct / total) in integers.
+`ProbeConfig` holds the paper's defaults (samples 10, temperature 0.7, max_new_tokens 32, all templates,
+seed 0); `keyed_settings` is the store key's part (`batch_size` is not keyed; `question_prompt` enters only
+when chat); `FAST_PROBE` is a CPU demo preset.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sftlens.config import config_to_dict
+from sftlens.config import NOT_KEYED, keyed_dict
 from sftlens.errors import SftlensError
 from sftlens.models import parse_dtype
 
 LEVELS = (0, 1, 2, 3, 4)
-# Settings that cannot change a result stay out of the store key.
-UNKEYED_SETTINGS = ("batch_size",)
 
 
 @dataclass(frozen=True)
@@ -24,8 +30,10 @@ class ProbeConfig:
         default=(), metadata={"help": "mapping-template indices to use, 0-based (default: all 21)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of every sampled continuation"})
+    # Not keyed: no sample depends on the batch size.
     batch_size: int = field(
-        default=0, metadata={"help": "prompts per generate call, each expanded to --samples sequences (0 = auto)"}
+        default=0, metadata={"help": "prompts per generate call, each expanded to --samples sequences (0 = auto)",
+                             **NOT_KEYED}
     )
     stop_at_newline: bool = field(
         default=False,
@@ -57,9 +65,7 @@ class ProbeConfig:
     def keyed_settings(self, device: str = "cpu") -> dict:
         """The settings a result depends on: the store key. `auto` dtype is resolved for `device`
         (fp32 on CPU, bf16 on GPU), as the two give different samples."""
-        settings = config_to_dict(self)
-        for name in UNKEYED_SETTINGS:
-            settings.pop(name)
+        settings = keyed_dict(self)
         settings["templates"] = list(self.templates)
         settings["dtype"] = str(parse_dtype(self.dtype, device.split(":")[0])).removeprefix("torch.")
         return settings

@@ -3,6 +3,7 @@
 - `bootstrap`: the paired percentile bootstrap (`FactDraws`, `SeedDraws`, `arm_difference`, `arm_acc`,
   `Estimate`) and the verdict rule (`verdict`: holds / reversed / inconclusive);
 - `stats`: exact tests on paired outcomes (McNemar);
+- `choice`: the dev-choice rule (`best_mean`: best mean score, ties by a tie order; `least_edit`);
 - `page`: report pages (`Section`; `write_sections`: Markdown + self-contained HTML; `write_page`: a results
   page; `numeric_columns`, `interval_text`);
 - `figures`: the figure layer (Agg figures, atomic PNGs: `plot_series`, `plot_bands`, `figure_panels`,

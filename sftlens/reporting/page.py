@@ -1,6 +1,7 @@
 """Report pages, the one writer of the study report and the audit report: a report is a list of
-`Section`s (title, text, tables, a figure), written as Markdown with the PNGs beside it and as a
-self-contained HTML page (`write_sections`), or as a results page headed by a preamble (`write_page`).
+`Section`s (title, text, tables, a figure, and raw HTML the HTML page alone shows: an explorer),
+written as Markdown with the PNGs beside it and as a self-contained HTML page (`write_sections`), or as a
+results page headed by a preamble (`write_page`).
 Text columns are left-aligned, numbers right-aligned (`numeric_columns`); `interval_text` is the one
 spelling of a bootstrap estimate in a cell."""
 
@@ -23,6 +24,7 @@ class Section:
     text: str = ""
     tables: list[tuple[str, list[str], list[list[str]]]] = field(default_factory=list)  # (caption, header, rows)
     figure: Path | None = None
+    html: str = ""  # raw HTML after the tables, in the HTML page only (an interactive part: `sftlens.reporting.explorer`)
 
 
 def interval_text(estimate, scale: float = 100.0, digits: int = 1, sign: str = "+") -> str:
@@ -60,6 +62,8 @@ def _html(title: str, parts: list[Section]) -> str:
             body += ["<tr>" + "".join(f"<td{_align(n)}>{esc(str(c))}</td>" for c, n in zip(row, numeric)) + "</tr>"
                      for row in rows]
             body.append("</table>")
+        if s.html:
+            body.append(s.html)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.num{text-align:right}"
              "caption{font-style:italic}img{max-width:100%}")

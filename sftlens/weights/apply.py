@@ -25,9 +25,15 @@ from pathlib import Path
 import torch
 
 from sftlens.errors import SftlensError
-from sftlens.io import atomic_directory, atomic_write_json, atomic_write_text, stable_hash
+from sftlens.io import KeyedOutput, atomic_write_json, atomic_write_text, stable_hash
 from sftlens.models import LOSS_FILE, RUN_FILE
-from sftlens.weights.checkpoints import Checkpoint, CheckpointPair, assert_finite, open_pair
+from sftlens.weights.checkpoints import (
+    Checkpoint,
+    CheckpointPair,
+    assert_finite,
+    open_pair,
+    tensors_by_checkpoint_name,
+)
 from sftlens.weights.methods import Edit, RepairConfig, method_of, parse_values
 
 _RECORDS = {"restore": ("restore.json", "restored.tsv", "restored")}
@@ -57,13 +63,9 @@ def sweep_key(pair: CheckpointPair, config: RepairConfig, value: float) -> str:
     return stable_hash({**inputs, "method": config.method, "value": value})
 
 
-def _is_done(folder: Path, manifest: str, key: str) -> bool:
-    path = folder / manifest
-    if not (path.is_file() and (folder / "config.json").is_file()):
-        return False
-    with contextlib.suppress(json.JSONDecodeError, KeyError):
-        return json.loads(path.read_text())["key"] == key
-    return False
+def _output(folder: Path, manifest: str, key: str) -> KeyedOutput:
+    """A value's folder: its manifest holds the key; a folder with another key (or anything else) is redone."""
+    return KeyedOutput(folder, key, manifest, stale="redo")
 
 
 def _check_outputs(pair: CheckpointPair, targets: list[Path]) -> None:
@@ -181,12 +183,13 @@ def repair_sweep(base, finetuned, values, config: RepairConfig, out_root: str | 
     _check_outputs(pair, [Path(out_root), *folders.values()])
     manifest_file, table_file, count = record_names(config.method)
     keys = {v: sweep_key(pair, config, v) for v in values}
-    todo = tuple(v for v in values if not _is_done(folders[v], manifest_file, keys[v]))
+    outputs = {v: _output(folders[v], manifest_file, keys[v]) for v in values}
+    todo = tuple(v for v in values if not (outputs[v].done() and (folders[v] / "config.json").is_file()))
     if not todo:
         return folders
     edit = method.edit(pair, todo, config, progress)
     with contextlib.ExitStack() as stack:
-        temps = [stack.enter_context(atomic_directory(folders[v])) for v in todo]
+        temps = [stack.enter_context(outputs[v].writing()) for v in todo]
         counts = write_shards(pair, edit, temps, progress)
         for i, (v, tmp) in enumerate(zip(todo, temps)):
             _copy_side_files(pair.finetuned.root, tmp)
@@ -196,24 +199,11 @@ def repair_sweep(base, finetuned, values, config: RepairConfig, out_root: str | 
     return folders
 
 
-def _state_by_checkpoint_name(model) -> dict[str, torch.Tensor]:
-    """The model's tensors under the names its checkpoint files use as well as its own: transformers
-    renames some on loading (GPT-NeoX's `embed_out` is `lm_head` in memory). Only renamed entries that
-    are the model's own tensor objects count: a tensor its conversion rebuilt (fused experts) would take
-    a write without editing the model, so it stays missing and the edit is refused."""
-    state = model.state_dict()
-    from transformers.core_model_loading import revert_weight_conversion
-
-    own = {id(tensor) for tensor in state.values()}
-    saved = revert_weight_conversion(model, dict(state))
-    return {**state, **{name: tensor for name, tensor in saved.items() if id(tensor) in own}}
-
-
 def apply_in_memory(model, pair: CheckpointPair, edit: Edit, i: int):
     """Write value i of `edit` into the region tensors of a loaded fine-tuned `model` (in place;
     returned). Every region tensor is rewritten from the two checkpoints, so calls for different
     values can follow each other on the same model; the other tensors are left as they are."""
-    state = _state_by_checkpoint_name(model)
+    state = tensors_by_checkpoint_name(model)
     missing = [n for n in edit.names if n not in state]
     if missing:
         raise SftlensError(f"the model has no tensor {missing[0]} of {pair.finetuned.root}")

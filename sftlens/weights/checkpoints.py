@@ -215,6 +215,20 @@ def open_pair(base: str | Path, finetuned: str | Path) -> CheckpointPair:
     return CheckpointPair(open_checkpoint(base), open_checkpoint(finetuned))
 
 
+def tensors_by_checkpoint_name(model, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names its checkpoint files use as well as its own: transformers
+    renames some on loading (GPT-NeoX's `embed_out` is `lm_head` in memory). Only renamed entries that
+    are the model's own tensor objects count: a tensor its conversion rebuilt (fused experts) would take
+    a write without editing the model (or hold no gradient), so it stays missing and the caller refuses it.
+    `keep_vars`: the parameters themselves (their `.grad`), not detached views."""
+    state = model.state_dict(keep_vars=keep_vars)
+    from transformers.core_model_loading import revert_weight_conversion
+
+    own = {id(tensor) for tensor in state.values()}
+    saved = revert_weight_conversion(model, dict(state))
+    return {**state, **{name: tensor for name, tensor in saved.items() if id(tensor) in own}}
+
+
 def progress_bar(items, desc: str, enabled: bool):
     """A tensor-by-tensor progress bar over `items` (a pass over a checkpoint)."""
     from tqdm.auto import tqdm

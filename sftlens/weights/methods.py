@@ -9,7 +9,9 @@ loaded model. Outside the region every tensor stays the fine-tuned one.
 
 Adding a method = one function below (~30 lines) and one `METHODS` entry naming its knob, the
 knob's range, its neutral value (the one that gives back the fine-tuned model bit for bit) and the
-`RepairConfig` settings it reads (they, and only they, enter its outputs' keys).
+`RepairConfig` settings it reads (they, and only they, enter its outputs' keys). The methods are
+data-free but one: `guided` reads per-element fact importances from a file (`RepairConfig.importances`,
+see `sftlens.weights.guided`), and the file's key, not its path, enters its keys.
 
 Arithmetic: a mix of base b and fine-tuned f with weight w is `torch.lerp(b, f, w)` in fp32 (fp64
 for fp64 weights), rounded to the tensor's dtype; lerp computes b + w (f - b) for w < 0.5 and
@@ -27,6 +29,7 @@ import torch
 
 from sftlens.errors import SftlensError
 from sftlens.weights.checkpoints import CheckpointPair, Chunk, assert_finite, check_region
+from sftlens.weights.guided import Importances, score_source
 from sftlens.weights.selection import (
     Selection,
     SelectionConfig,
@@ -34,7 +37,6 @@ from sftlens.weights.selection import (
     parse_ratios,
     random_keys,
     select,
-    tensor_keys,
 )
 from sftlens.weights.spectral import spectral_blocks
 
@@ -56,12 +58,14 @@ class RepairConfig:
     """Which repair, and the settings it reads. Per method (defaults in brackets):
     restore: metric [relative], scope [global], strategy [top], seed, region;
     trim: metric [absolute], scope [tensor] (TIES trims each tensor), region;
-    dare: seed (of the drop mask), region; wise, spectral: region. Settings a method does not read are
-    ignored (and do not enter its keys); `region` defaults to the layers without norms for all."""
+    dare: seed (of the drop mask), region; wise, spectral: region; guided: importances (required), region.
+    Settings a method does not read are ignored (and do not enter its keys); `region` defaults to the
+    layers without norms for all."""
 
-    method: Literal["restore", "wise", "dare", "trim", "spectral"] = field(
-        default="restore", metadata={"help": "restore (the paper), wise (WiSE-FT), dare (DARE), trim (TIES' trim) "
-                                             "or spectral (Gavish-Donoho hard threshold of each matrix's update)"})
+    method: Literal["restore", "wise", "dare", "trim", "spectral", "guided"] = field(
+        default="restore", metadata={"help": "restore (the paper), wise (WiSE-FT), dare (DARE), trim (TIES' trim), "
+                                             "spectral (Gavish-Donoho hard threshold of each matrix's update) or "
+                                             "guided (the top changes weighted by forgotten/learned fact importances)"})
     metric: Literal["relative", "absolute", "relative_nonzero"] | None = field(
         default=None, metadata={"help": "restore/trim: rank elements by this change "
                                         "(default: relative for restore, absolute for trim)"})
@@ -74,6 +78,9 @@ class RepairConfig:
     strategy: Literal["top", "bottom", "random"] = field(
         default="top", metadata={"help": "restore: the largest changes, the smallest, or a seeded random set"})
     seed: int = field(default=0, metadata={"help": "restore: seed of the random strategy; dare: seed of the drop mask"})
+    importances: str | None = field(
+        default=None, metadata={"help": "guided: the fact importances file (an audit writes "
+                                        "DIR/steps/importances.safetensors)", "omit_unless": ("method", "guided")})
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -87,13 +94,23 @@ class RepairConfig:
                 "strategy": defaults.get("strategy", self.strategy), "seed": self.seed}
 
     def settings(self) -> dict:
-        """The method's settings with its defaults filled in: what enters its outputs' keys."""
+        """The method's settings with its defaults filled in: what enters its outputs' keys (the
+        importances: the file's own key, so a moved file keeps its outputs' keys)."""
         resolved = self._resolved()
+        if "importances" in METHODS[self.method].settings:
+            resolved["importances"] = self.importances_file().key
         return {name: resolved[name] for name in METHODS[self.method].settings}
 
     def selection(self) -> SelectionConfig:
         """The selection of restore and trim."""
         return SelectionConfig(**self._resolved())
+
+    def importances_file(self) -> Importances:
+        """The importances the guided repair reads (one-line errors: none given, missing, not one)."""
+        if self.importances is None:
+            raise SftlensError(f"the {self.method} repair needs fact importances: --importances FILE (an audit "
+                               "writes DIR/steps/importances.safetensors)")
+        return Importances.open(self.importances)
 
 
 def mix(base: torch.Tensor, finetuned: torch.Tensor, weight: float) -> torch.Tensor:
@@ -115,7 +132,7 @@ def selection_edit(pair: CheckpointPair, selection: Selection, reset_selected: b
 
     def tensor(name: str, which: Sequence[int]) -> Blocks:
         cutter = selection.cutter(name)
-        for chunk, _, keys in tensor_keys(pair, name, selection.config):
+        for chunk, _, keys in selection.keys(pair, name):
             resets = [cutter.mask(i, keys) if reset_selected else ~cutter.mask(i, keys) for i in which]
             yield (chunk, [torch.where(reset, chunk.base, chunk.finetuned) for reset in resets],
                    [int(torch.count_nonzero(reset)) for reset in resets])
@@ -186,6 +203,22 @@ def spectral(pair: CheckpointPair, values: tuple[float, ...], config: RepairConf
     return Edit(values, pair.region_names(config.region), tensor)
 
 
+def guided(pair: CheckpointPair, values: tuple[float, ...], config: RepairConfig, progress: bool) -> Edit:
+    """Fact-guided restoration: the exactly floor(n k / 100) region elements of the top score
+    |f - b| Fbar_forgotten / (Fbar_learned + eps) take their base values (`sftlens.weights.guided`:
+    the formula, the importances); k = 0, the neutral value, selects nothing (f bit for bit)."""
+    names = pair.region_names(config.region)
+    score = score_source(config.importances_file(), pair, names)
+    ranked = SelectionConfig(metric="absolute", scope="global", region=config.region, strategy="top")  # metric unused
+    positive = tuple(v for v in values if v > 0)
+    found = select(pair, positive, ranked, progress, score) if positive else None
+    zeros = [None] * (len(values) - len(positive))  # k = 0, sorted first: no element
+    cuts = {n: zeros + (found.cuts[n] if found else []) for n in names}
+    selection = Selection(ranked, tuple(values), names, {n: pair.numel(n) for n in names}, cuts,
+                          found.passes if found else 0, score)
+    return selection_edit(pair, selection)
+
+
 @dataclass(frozen=True)
 class Method:
     """A method, its knob and the knob's range (`closed`: whether each end is allowed)."""
@@ -219,6 +252,9 @@ METHODS: dict[str, Method] = {
                    {"metric": "absolute", "scope": "tensor", "strategy": "top"}),
     # c scales the Gavish-Donoho threshold: c = 1 (the default sweep) is DG-Hard itself
     "spectral": Method(spectral, "c", 0, math.inf, (True, False), 0.0, ("region",), default_values=(1.0,)),
+    # k as restore's ratio; the importances come from facts (an audit's dev slice), so values are required
+    "guided": Method(guided, "k", 0, 100, (False, True), 0.0, ("region", "importances"),
+                     {"metric": "absolute", "scope": "global", "strategy": "top"}),
 }
 
 
@@ -232,6 +268,6 @@ def parse_values(method: str, values) -> tuple[float, ...]:
     """A sweep's values of `method`'s knob: sorted, de-duplicated, each in the knob's range
     (restore: ratios in (0, 100], as `parse_ratios`)."""
     spec = method_of(method)
-    if method == "restore":
+    if method in ("restore", "guided"):
         return parse_ratios(values)
     return parse_numbers(values, f"{method} {spec.knob}", spec.admits, spec.interval, f"{method} {spec.knob} values")

@@ -1,7 +1,10 @@
 """Exact streamed selection: which elements of a checkpoint pair are "the k % most changed".
 
 Every per-element change is computed in fp32: absolute |new - old| or relative
-|new - old| / (|old| + 1e-8) (the paper's published code ranks by the relative one).
+|new - old| / (|old| + 1e-8) (the paper's published code ranks by the relative one). A caller may
+rank by a quantity of its own instead (`Score`: a function of the tensor name and the chunk, e.g.
+the guided repair's |new - old| weighted by stored fact importances, `sftlens.weights.guided`);
+it is computed chunk by chunk like the change, so the selection stays exact and streamed.
 
 Selection without a flat copy of the model
 ------------------------------------------
@@ -30,7 +33,7 @@ memory is a few copies of one chunk, whatever the size of the model or of its la
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
@@ -47,6 +50,11 @@ _HIGH_SHIFT = 11
 _N_HIGH = 1 << 20  # keys are non-negative int32: 20 high bits, 11 low bits
 _N_LOW = 1 << _HIGH_SHIFT
 _MAX_KEY = 0x7FFFFFFF
+
+# A per-element quantity of a chunk to rank by in place of the config's metric: (tensor name, chunk) ->
+# a fresh contiguous fp32 tensor of the chunk's shape, every element >= +0 (NaN-free), so its int32 bit
+# patterns order like its values.
+Score = Callable[[str, Chunk], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -145,9 +153,9 @@ def selection_keys(delta: torch.Tensor, name: str, strategy: str, seed: int, off
 
 
 def chunk_keys(pair: CheckpointPair, name: str, chunk: Chunk, config: SelectionConfig,
-               check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(change, keys) of one chunk of a tensor."""
-    delta = change(chunk.base, chunk.finetuned, config.metric)
+               check_finite: bool = False, score: Score | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(change, keys) of one chunk of a tensor; the change is `score`'s when one is given."""
+    delta = change(chunk.base, chunk.finetuned, config.metric) if score is None else score(name, chunk)
     if check_finite:
         # a NaN/Inf in either input makes the change non-finite, so its sum screens both
         total = delta.sum()
@@ -156,11 +164,11 @@ def chunk_keys(pair: CheckpointPair, name: str, chunk: Chunk, config: SelectionC
     return delta, selection_keys(delta, name, config.strategy, config.seed, chunk.offset)
 
 
-def tensor_keys(pair: CheckpointPair, name: str, config: SelectionConfig,
-                check_finite: bool = False) -> Iterator[tuple[Chunk, torch.Tensor, torch.Tensor]]:
+def tensor_keys(pair: CheckpointPair, name: str, config: SelectionConfig, check_finite: bool = False,
+                score: Score | None = None) -> Iterator[tuple[Chunk, torch.Tensor, torch.Tensor]]:
     """(chunk, change, keys) of every chunk of one tensor, in flat order."""
     for chunk in pair.chunks(name):
-        yield chunk, *chunk_keys(pair, name, chunk, config, check_finite)
+        yield chunk, *chunk_keys(pair, name, chunk, config, check_finite, score)
 
 
 # --- exact thresholds --------------------------------------------------------------------------
@@ -260,14 +268,14 @@ def _boundaries(high: torch.Tensor, ks: list[int], lows_of) -> tuple[list[_Bound
 
 
 def tensor_cuts(pair: CheckpointPair, name: str, config: SelectionConfig,
-                ratios: tuple[float, ...]) -> tuple[list[Cut | None], int]:
+                ratios: tuple[float, ...], score: Score | None = None) -> tuple[list[Cut | None], int]:
     """Per-tensor scope: each ratio's floor(numel * k / 100) largest keys of this tensor, and how
     many passes over it that took (a tensor read in one chunk is read once, its keys kept)."""
     single = len(row_blocks(pair.base.shapes[name])) == 1
-    kept = [keys for _, _, keys in tensor_keys(pair, name, config, check_finite=True)] if single else None
+    kept = [keys for _, _, keys in tensor_keys(pair, name, config, True, score)] if single else None
 
     def key_chunks(check_finite: bool = False):
-        return iter(kept) if kept else (keys for _, _, keys in tensor_keys(pair, name, config, check_finite))
+        return iter(kept) if kept else (keys for _, _, keys in tensor_keys(pair, name, config, check_finite, score))
 
     high = sum(_high_histogram(keys) for keys in key_chunks(check_finite=True))
 
@@ -290,6 +298,7 @@ class Selection:
     numel: dict[str, int]
     cuts: dict[str, list[Cut | None]]  # name -> one cut per ratio
     passes: int
+    score: Score | None = None  # what was ranked in place of config.metric (see `select`)
 
     @property
     def total(self) -> int:
@@ -302,25 +311,31 @@ class Selection:
         return sum(target_count(self.numel[n], self.ratios[ratio_index]) for n in self.names)
 
     def cutter(self, name: str) -> TensorCuts:
-        """Feed it tensor `name`'s key chunks in flat order; it gives each ratio's mask."""
+        """Feed it tensor `name`'s key chunks in flat order (`keys`); it gives each ratio's mask."""
         return TensorCuts(self.cuts[name])
 
+    def keys(self, pair: CheckpointPair, name: str) -> Iterator[tuple[Chunk, torch.Tensor, torch.Tensor]]:
+        """(chunk, ranked quantity, keys) of every chunk of tensor `name`, as the selection ranked them."""
+        return tensor_keys(pair, name, self.config, score=self.score)
 
-def select(pair: CheckpointPair, ratios, config: SelectionConfig, progress: bool = True) -> Selection:
-    """The exact selection of every ratio of a sweep, found in a constant number of passes."""
+
+def select(pair: CheckpointPair, ratios, config: SelectionConfig, progress: bool = True,
+           score: Score | None = None) -> Selection:
+    """The exact selection of every ratio of a sweep, found in a constant number of passes; `score`
+    ranks a quantity of the caller's in place of `config.metric` (the strategy still applies)."""
     ratios = parse_ratios(ratios)
     names = pair.region_names(config.region)
     numel = {n: pair.numel(n) for n in names}
     if config.scope == "tensor":
         cuts, passes = {}, 1
         for name in progress_bar(names, "thresholds per tensor", progress):
-            cuts[name], tensor_passes = tensor_cuts(pair, name, config, ratios)
+            cuts[name], tensor_passes = tensor_cuts(pair, name, config, ratios, score)
             passes = max(passes, tensor_passes)
-        return Selection(config, ratios, names, numel, cuts, passes=passes)
+        return Selection(config, ratios, names, numel, cuts, passes=passes, score=score)
 
     high = torch.zeros(_N_HIGH, dtype=torch.long)
     for name in progress_bar(names, "pass 1: key histogram", progress):
-        for _, _, keys in tensor_keys(pair, name, config, check_finite=True):
+        for _, _, keys in tensor_keys(pair, name, config, check_finite=True, score=score):
             high += _high_histogram(keys)
 
     def boundary_histograms(bins: list[int]):
@@ -331,7 +346,7 @@ def select(pair: CheckpointPair, ratios, config: SelectionConfig, progress: bool
         slot = _bin_slots(bins)
         counts = torch.zeros(len(names), len(bins), _N_LOW, dtype=torch.int32)
         for row, name in enumerate(progress_bar(names, "pass 2: boundary refinement", progress)):
-            for _, _, keys in tensor_keys(pair, name, config):
+            for _, _, keys in tensor_keys(pair, name, config, score=score):
                 counts[row] += _low_histograms(keys, slot, len(bins))
         return counts.sum(0, dtype=torch.long), dict(zip(names, counts))
 
@@ -348,4 +363,4 @@ def select(pair: CheckpointPair, ratios, config: SelectionConfig, progress: bool
             take = min(remaining, equal)
             remaining -= take
             cuts[name].append(Cut(boundary.threshold, None if take == equal else take))
-    return Selection(config, ratios, names, numel, cuts, passes=2 if any(ks) else 1)
+    return Selection(config, ratios, names, numel, cuts, passes=2 if any(ks) else 1, score=score)

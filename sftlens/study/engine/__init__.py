@@ -4,9 +4,8 @@
 gives the units it reads), `units` (the unit graph), `stages` (what each unit runs), `choice` (the dev
 choices units make: restore ratio, repair value, learning rate), `scheduler` (`Unit` and its key, the
 unit folder layout, scheduling, resume), `db` (the SQLite state), `executors` (local, Ray), `commands`
-(the `study` and `demo` verbs, `plan`; a session's provenance and the plan's rates: `sftlens.reporting`).
+(the `study` verb, `plan`; a session's provenance and the plan's rates: `sftlens.reporting`).
 
 The dependency points one way: the report (`sftlens.study.report`) reads the engine (`db`, `params`,
-`choice`, the unit folder layout); the engine does not import the report, but for `commands.run_demo`,
-which writes the demo's report once its study has run.
+`choice`, the unit folder layout); the engine never imports the report.
 """

@@ -1,16 +1,17 @@
 """The dev choices a study's units make, and the report reads back: the restore ratio (control), a
 repair method's value (repaired), the learning rate (tuned; the report's choice among LoRA's rates).
 
-Each picks the candidate with the best mean in-domain dev Acc over the seeds of a (level, size). The
-engine applies them while it runs (`stages`); the report (`sftlens.study.report.results`, `sections`,
-`findings`) reads the same rules here, so the dependency points from the report to the engine only.
+Each picks the candidate with the best mean in-domain dev Acc over the seeds of a (level, size), by the
+rule the audit's repair choice uses too (`sftlens.reporting.choice.best_mean`; ties: the smaller rate or
+ratio, or the least edit, `least_edit`). The engine applies them while it runs (`stages`); the report
+(`sftlens.study.report.results`, `sections`, `findings`) reads the same rules here, so the dependency points
+from the report to the engine only.
 """
 
 from __future__ import annotations
 
-import statistics
-
 from sftlens.evaluate import acc_of
+from sftlens.reporting.choice import best_mean, least_edit
 
 
 def acc(records: list[dict], domain: str, levels: list[int] | None = None) -> float | None:
@@ -36,11 +37,6 @@ def chosen_ratio(sweep_results: list[dict], domain: str = "in") -> float:
     return best_mean(by_ratio, lambda ratio: ratio)
 
 
-def best_mean(scores: dict[float, list[float]], tie_order) -> float:
-    """The candidate with the best mean score; among equals, the first in `tie_order`."""
-    return max(sorted(scores, key=tie_order), key=lambda value: statistics.fmean(scores[value]))
-
-
 def chosen_value(sweep_results: list[dict], neutral: float, domain: str = "in") -> float:
     """The repair value with the best mean dev Acc over the seeds of one (level, size); ties: the one
     closest to the method's neutral value (the least edit)."""
@@ -52,7 +48,7 @@ def chosen_value(sweep_results: list[dict], neutral: float, domain: str = "in") 
                 by_value.setdefault(value, []).append(score)
     if not by_value:
         raise ValueError("no dev evaluation to choose a repair value from")
-    return best_mean(by_value, lambda v: abs(v - neutral))
+    return best_mean(by_value, least_edit(neutral))  # values lie on one side of neutral: the nearest
 
 
 def rate_dev_curve(candidates: dict[float, list[dict]]) -> dict[float, list[float]]:
@@ -75,4 +71,4 @@ def chosen_guard_value(candidates: dict[float, list[dict]], neutral: float) -> f
     curve = {value: scores for value, scores in rate_dev_curve(candidates).items() if scores}
     if not curve:
         raise ValueError("no in-domain dev evaluation to choose a guard value from")
-    return best_mean(curve, lambda value: (abs(value - neutral), value))
+    return best_mean(curve, least_edit(neutral))

@@ -1,4 +1,11 @@
-"""`sftlens study run|plan` and `sftlens demo` (the demo study, then its report)."""
+"""`sftlens study run|plan` (the paper's demo study: `sftlens study run demo`, then `sftlens report`).
+
+One writer: `run_study` holds the study folder's `exclusive_writer` lock for the whole run; a second
+run on the folder fails at once naming the holder; `plan` and `report` only read. A failed unit records
+one line (`label (kind stage): cause [traceback: units/{kind}/{key}/error.log]`). `study.db` meta
+`sessions`: per `study run` the command, code version (git commit, `+dirty`), machine, load average at
+start and end, wall seconds.
+"""
 
 from __future__ import annotations
 
@@ -139,21 +146,6 @@ def _plan(args) -> None:
     print(plan(_study_config(args), Path(args.out), args.data_dir, args.list))
 
 
-def run_demo(out: Path, data_dir: str | None, executor: str = "local", address: str | None = None) -> Path:
-    from sftlens.study.report.page import write_report  # the engine's one use of the report: the demo's
-
-    start = time.perf_counter()
-    run_study(load_study_config("demo"), out, data_dir, executor, address)
-    paths = write_report(out)
-    print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")
-    return paths["html"]
-
-
-def _demo(args) -> None:
-    html = run_demo(Path(args.out), args.data_dir, args.executor, args.address)
-    print(html)
-
-
 def add_cli(subparsers) -> None:
     study = subparsers.add_parser("study", help="the whole grid as one resumable study")
     sub = study.add_subparsers(dest="study_command", metavar="ACTION", required=True)
@@ -165,9 +157,3 @@ def add_cli(subparsers) -> None:
     _add_common(plan_parser)
     plan_parser.add_argument("--list", action="store_true", help="list every unit still to run")
     plan_parser.set_defaults(func=_plan)
-    demo = subparsers.add_parser("demo", help="the demo study on SmolLM2-135M (CPU), then its report")
-    demo.add_argument("--out", default="runs/demo", help="study directory (default: runs/demo)")
-    demo.add_argument("--data-dir", help="EntityQuestions folder (default: $SFTLENS_DATA_DIR)")
-    demo.add_argument("--executor", choices=("local", "ray"), default="local")
-    demo.add_argument("--address", help="Ray cluster address")
-    demo.set_defaults(func=_demo)

@@ -5,6 +5,16 @@ kind's record of `sftlens.study.engine.params`) plus the runtime values (`Runtim
 `out` its artefact folder, `deps` maps a role (`sftlens.study.engine.roles`) to the dependency's folder and
 result. A result is small JSON (records, counts, per-fact correctness) that the driver stores in the
 study database, so the report needs nothing else.
+
+Unit results (what the report reads): eval -> `records` + `test_bits` ({domain: {level: "0101..."}},
+facts in split-file order, the same for every model: the paired bootstraps' input); restore -> `records`
+(test both domains, in-domain dev, own training set; ratio 0's test records are its eval unit's) +
+`test_bits`/`train_bits` per ratio; control -> `ratio`, `records`, `test_bits`, `train_bits`; repair ->
+`method`, `records` (dev, tagged `repair_value`); repaired -> `method`, `value`, `records` (test, train),
+`test_bits`, `train_bits`; lora-eval -> `records` (test, dev, train), `test_bits`, `train_bits`;
+tune-eval -> `records` (dev, in-domain); tuned -> train's result + `learning_rate`, `linked`; deltas ->
+`shares`, `shares_by_metric` (relative, absolute, relative_nonzero), `zero_base`; kl -> `kl` summary; on a
+taught base, eval and restore add `taught_records`. The guards' units: `sftlens.study.engine.guard_stages`.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from sftlens.config import config_from_dict
 from sftlens.data import Fact, FactSet, fact_set_stats, first_per_relation, load_fact_set, load_facts
 from sftlens.evaluate import EvalConfig, evaluate_splits, summarize
 from sftlens.inject import InjectConfig, inject
-from sftlens.io import atomic_write_jsonl, read_jsonl
+from sftlens.io import KeyedOutput, atomic_write_jsonl, read_jsonl
 from sftlens.models import load_model
 from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe, run_probe
 from sftlens.restore import RestoreConfig, restore_in_memory, restored_models
@@ -168,19 +178,16 @@ def tuned_unit(params, out: Path, deps) -> dict:
 
 def _link_folder(source: Path, target: Path) -> None:
     """`target` as a copy of `source` made of hard links (copies across file systems), renamed into
-    place whole, so a killed unit leaves no half folder under the name."""
-    partial = target.with_name(f".{target.name}.partial")
-    for stale in (partial, target):
-        shutil.rmtree(stale, ignore_errors=True)
-
+    place whole (`sftlens.io.KeyedOutput.writing`: the unit's key is its folder's), so a killed unit leaves no
+    half folder under the name."""
     def link(src: str, dst: str) -> None:
         try:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(source, partial, copy_function=link)
-    partial.rename(target)
+    with KeyedOutput(target, stale="redo").writing() as staging:
+        shutil.copytree(source, staging, copy_function=link, dirs_exist_ok=True)
 
 
 def eval_config(params) -> EvalConfig:

@@ -10,6 +10,16 @@ taught is the study's base model.
 `build_units` expands a StudyConfig into units in dependency order. Keys hash the settings a
 unit's result depends on (the model's weight fingerprint, the data files' bytes, the stage
 config) and its dependencies' keys; paths and the device are runtime values outside the key.
+
+Facts: `[study] facts`/`in_domain` (or `[data]`, or `study run --facts`) put a fact set in place of the
+data folder: `Runtime.facts` (outside keys) tells `stages.study_facts` where to read, and
+`FactSelection.data` is the set's fingerprint (its bytes and in-domain choice); `GraphBuilder.check_fact_set`
+refuses a set the study cannot use. A taught base (`[inject]`): the inject unit (`InjectParams`: the
+probe's fact selection, the base fingerprint, `InjectConfig`) comes first and every other unit depends on
+it in the role `base`; the engine gives such a unit that unit's model folder as its runtime `model`. The
+tuned arm reuses a `[train]` unit at its own rate and hard-links a candidate of the same set, size and
+seed (`stages.tuned_unit`); the budget rule (every arm tuned on dev gets as many candidates) is
+`config._check_rate_arms`. The eval batch size is a runtime value too (`sftlens.config.keyed_dict`).
 """
 
 from __future__ import annotations
@@ -18,11 +28,10 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-from sftlens.config import config_to_dict
+from sftlens.config import config_to_dict, keyed_dict
 from sftlens.data import FactSet, data_dir_from, first_per_relation, load_fact_set, load_facts, parse_relations
 from sftlens.data.factset import fingerprint as fact_set_fingerprint
 from sftlens.errors import SftlensError
-from sftlens.evaluate import RESULT_NEUTRAL
 from sftlens.guards import guard_work
 from sftlens.models import model_fingerprint
 from sftlens.study.engine import roles
@@ -153,7 +162,7 @@ class GraphBuilder:
                          {roles.PROBE: probe.key})
         eval_rows = self.evaluated_rows("test")
         dev_rows = self.evaluated_rows("dev")
-        eval_cfg = {k: v for k, v in config_to_dict(self.config.stages["eval"]).items() if k not in RESULT_NEUTRAL}
+        eval_cfg = keyed_dict(self.config.stages["eval"])
         self.split_key, self.eval_cfg = split.key, eval_cfg
         self.add("eval", "eval base", "eval_unit", EvalParams(eval=eval_cfg, splits=["test", "dev"]),
                  {roles.SPLIT: split.key}, work=eval_rows + dev_rows)

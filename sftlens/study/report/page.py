@@ -26,7 +26,7 @@ from sftlens.study.report.findings import (
     verdict_changes,
     verdict_word,
 )
-from sftlens.study.report.prevention_section import prevention_section
+from sftlens.study.report.prevention_section import answer_of, prevention_section
 from sftlens.study.report.repair_section import repair_methods
 from sftlens.study.report.results import (
     StudyResults,
@@ -200,7 +200,9 @@ def write_report(study_dir: str | Path, page: str | Path | None = None) -> dict[
     paths = write_sections(f"sftlens study report: {results.source} ({model})", parts, out)
     if page is not None:
         page = Path(page)
-        preamble = [*run_header(results, study_dir, page), "", "**Summary of the verdicts at this scale** "
+        prevention = next((p for p in parts if p.title == "Prevention and cure"), None)
+        answer = [f"**{answer_of(prevention)}**", ""] if prevention else []
+        preamble = [*answer, *run_header(results, study_dir, page), "", "**Summary of the verdicts at this scale** "
                     "(generated from the Findings table below):", "", *verdict_summary(found)]
         paths["page"] = write_page(page, f"Results: {results.source} study of {model}", parts, preamble)
     return paths

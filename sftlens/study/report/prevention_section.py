@@ -143,6 +143,11 @@ def _arms(results: StudyResults) -> list[Arm]:
     return arms
 
 
+def _train_n(plain: Arm) -> str:
+    sizes = {len(_train_vector(result)) for result in plain.models.values()}
+    return "/".join(map(str, sorted(sizes))) or "?"
+
+
 def _megabytes(n: int) -> str:
     return f"{n / 2**20:,.0f} MB" if n else "0"
 
@@ -182,7 +187,8 @@ def prevention_section(results: StudyResults, study_dir: Path, path: Path, sampl
     arms = _arms(results)
     plain = arms[0]
     header = ["arm", "chosen value", "seeds", f"taught kept (% of {len(facts.kept)})", "forgotten (%)",
-              f"taught level 4 right (% of {len(facts.level4)})", "learned: own training facts right (%)",
+              f"taught level 4 right (% of {len(facts.level4)})",
+              f"learned: own training facts right (% of {_train_n(plain)} per seed)",
               f"untaught in-domain right (% of {len(facts.untaught['in'])})",
               f"untaught out-of-domain right (% of {len(facts.untaught['out'])})",
               "kept vs plain (pts)", "learned vs plain (pts)", "more kept", "time vs plain SFT", "extra memory"]
@@ -208,10 +214,9 @@ def prevention_section(results: StudyResults, study_dir: Path, path: Path, sampl
             cells += [interval_text(gain), interval_text(cost), word]
         table.append(cells + [_time(arm, plain), arm.extra if arm is not plain else "0"])
         if facts.kept and seeds:
-            points.append((arm.name, _own_interval(learned, samples, arm.name, "learned"),
+            points.append((arm, _own_interval(learned, samples, arm.name, "learned"),
                            _own_interval(kept, samples, arm.name, "kept")))
-    text = (f"Answer (rule fixed in code before the run): {_answer(scored, 'guard', 'guard')}; "
-            f"{_answer(scored, 'repair', 'repair')}. "
+    text = (f"{ANSWER}{_answer(scored, 'guard', 'guard')}; {_answer(scored, 'repair', 'repair')}.{END}"
             "Plain SFT, each training-time guard (`sftlens.guards`) at the value its seed-0 candidates chose on "
             "in-domain dev (then trained on the other seeds), LoRA at its dev-chosen rate and each repair of plain "
             "SFT at its dev-chosen value, scored on the same facts. Kept: of the taught test facts (both domains) the "
@@ -219,6 +224,14 @@ def prevention_section(results: StudyResults, study_dir: Path, path: Path, sampl
             "plain SFT: paired bootstrap 95 % CIs over facts and seeds; more kept: holds / reversed / inconclusive "
             "by the Findings' rule. A guard that keeps facts by learning less shows a negative learned gain.")
     return Section("Prevention and cure", text, [("", header, table)], _figure(points, path))
+
+
+ANSWER, END = "Answer (a rule fixed in code before the run): ", "\n"  # the answer is the text's first line
+
+
+def answer_of(section: Section) -> str:
+    """The answer sentence a "Prevention and cure" section opens with (a results page repeats it first)."""
+    return section.text.split(END, 1)[0]
 
 
 def _own_interval(vectors: list[np.ndarray], samples: int, name: str, metric: str) -> Estimate:
@@ -230,14 +243,18 @@ def _own_interval(vectors: list[np.ndarray], samples: int, name: str, metric: st
                     np.stack(per_seed)[pick, np.arange(samples)[:, None]].mean(axis=1))
 
 
-def _figure(points: list[tuple[str, Estimate, Estimate]], path: Path) -> Path:
-    """Knowledge kept against knowledge learned, one point per arm with its 95 % intervals."""
+MARKERS = {"plain": "s", "guard": "o", "lora": "D", "repair": "^"}
+
+
+def _figure(points: list[tuple[Arm, Estimate, Estimate]], path: Path) -> Path:
+    """Knowledge kept against knowledge learned, one point per arm with its 95 % intervals (marker: the arm's kind)."""
     figure, (ax,) = figure_panels(1, width=7.0)
-    for name, learned, kept in points:
+    for arm, learned, kept in points:
         ax.errorbar([100 * learned.value], [100 * kept.value],
                     xerr=[[100 * (learned.value - learned.low)], [100 * (learned.high - learned.value)]],
                     yerr=[[100 * (kept.value - kept.low)], [100 * (kept.high - kept.value)]],
-                    marker="s" if name == "plain SFT" else "o", capsize=3, linestyle="none", label=name)
+                    marker=MARKERS[arm.kind], capsize=3, linestyle="none", label=f"{arm.name} ({arm.value})"
+                    if arm.value != "-" else arm.name)
     ax.set_xlabel("learned: own training facts right (%)")
     ax.set_ylabel("kept: taught facts the base knew, still right (%)")
     ax.set_title("Prevention and cure: knowledge kept vs learned")

@@ -9,6 +9,10 @@ Every evaluation record gets the study's tags: `train_level` (0-4, "mixed", or "
 The report's side of the engine/report seam: it reads the engine's database and unit parameters, and
 Acc and the dev choices (the rules the units applied) from `sftlens.study.engine.choice`; the engine
 never reads this module.
+
+Arms: `arm_view(results, "fixed" | "tuned")` keeps the units reading one arm's models (`train` /
+`tuned`); `findings.arm_findings` tests the claims per arm and `verdict_changes` pairs each comparison
+across the arms; with a tuned arm the paper's tables read the tuned view.
 """
 
 from __future__ import annotations
