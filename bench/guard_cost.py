@@ -4,11 +4,11 @@
 Each run loads SmolLM2-135M in fp32 on the CPU, trains one epoch at batch 8 and saves the model folder; every
 guard runs at a value inside its range (replay at 0.25 of each batch, so its run reads 4/3 the examples).
 Reported per run: wall seconds (load + train + save), the training loop's seconds (`train_seconds` of the run
-record), both relative to plain SFT, the memory the guard declares it holds beyond plain SFT, and the
-process's peak RSS growth during the run. Runs alternate plain / guard so that drift in the machine's load
-hits both. Run it alone on a quiet machine; `uptime` is printed before and after.
+record), both relative to plain SFT, and the memory the guard declares it holds beyond plain SFT (the process's
+resident memory keeps what earlier runs freed, so it cannot tell one run's peak). Runs alternate plain / guard
+so that drift in the machine's load hits both. Run it alone on a quiet machine; `uptime` is printed before and after.
 
-    python bench/guard_cost.py                 # 64 examples (8 steps) per run: ~5 min on 2 idle cores
+    python bench/guard_cost.py                 # 64 examples (8 steps) per run: ~3 min on 2 idle cores
     python bench/guard_cost.py --examples 240
 """
 
@@ -37,20 +37,14 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "entityquestions"
 VALUES = {"replay": 0.25, "l2": 1.0, "kl": 1.0, "freeze": 0.5, "mofo": 0.2}
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def one_run(rows_file: Path, out: Path, guard: str | None, replay: list[dict] | None) -> dict:
-    started, before = time.perf_counter(), rss_bytes()
+    started = time.perf_counter()
     folder = train("smollm2-135m", rows_file, out, TrainConfig(learning_rate=1e-4, guard=guard), progress=False,
                    replay=replay)
     record = json.loads((folder / RUN_FILE).read_text())
     return {"guard": guard or "plain", "wall_s": time.perf_counter() - started,
             "train_s": record["train_seconds"], "steps": record["steps"],
-            "declared_extra_mb": record.get("guard", {}).get("extra_bytes", 0) / 2**20,
-            "rss_growth_mb": (rss_bytes() - before) / 2**20}
+            "declared_extra_mb": record.get("guard", {}).get("extra_bytes", 0) / 2**20}
 
 
 def main() -> None:

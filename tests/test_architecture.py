@@ -4,6 +4,7 @@ circle until the function runs)."""
 
 import ast
 import re
+import runpy
 from pathlib import Path
 
 import sftlens
@@ -29,27 +30,13 @@ def _owner(name: str, known: dict) -> str | None:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the sftlens modules it imports anywhere in its file. `from a import b` is an arrow to
-    the module `a.b` when there is one, else to `a`; relative imports are resolved."""
-    known = modules()
-    graph = {name: set() for name in known}
-    for name, path in known.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([base] if base else []))
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
-            else:
-                continue
-            for target in targets:
-                owner = _owner(target, known) if target.split(".")[0] == "sftlens" else None
-                if owner and owner != name:
-                    graph[name].add(owner)
+    """Module -> the sftlens modules it imports anywhere in its file, as `scripts/import_graph.py` draws it
+    (`from a import b` is an arrow to the module `a.b` when there is one, else to `a`; relative imports resolved)."""
+    script = runpy.run_path(str(PACKAGE.parent / "scripts" / "import_graph.py"))
+    mods, packages = script["sources"](None)
+    graph: dict[str, set[str]] = {name: set() for name in mods}
+    for a, b in script["arrows"](mods, packages):
+        graph[a].add(b)
     return graph
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sftlens.audit import Audit, AuditConfig, engine, run_audit
+from sftlens.audit import Audit, AuditConfig, engine, importances, run_audit
 from sftlens.audit.repairs import choose
 from sftlens.cli import main
 from sftlens.data import load_templates, sft_prompt
@@ -290,7 +290,7 @@ def test_no_test_fact_enters_the_importances(audited, tmp_path):
     audit, out, _ = audited
     ctx = engine.prepare(audit, out, progress=False)
     greedy = _greedy(out)
-    facts = engine.importance_facts(ctx, greedy)
+    facts = importances.importance_facts(ctx, greedy)
     assert all(ctx.slice_of[i] == "dev" for kind in facts.values() for i, _, _ in kind)
     pair = open_pair(ctx.folders["base"], ctx.folders["finetuned"])
     names = pair.region_names("body")
@@ -315,8 +315,8 @@ def test_no_test_fact_enters_the_importances(audited, tmp_path):
     right = not edited["base"]["correct"][test_id]
     edited["base"]["correct"][test_id], edited["finetuned"]["correct"][test_id] = right, not right
     edited["base"]["answers"][test_id] = edited["finetuned"]["answers"][test_id] = "changed"
-    assert engine.importance_facts(changed, edited) == facts
-    engine.importance_step(changed, edited)
+    assert importances.importance_facts(changed, edited) == facts
+    importances.importance_step(changed, edited)
     assert Importances.open(changed.importances).key == Importances.open(ctx.importances).key
     original, recomputed = load_file(ctx.importances), load_file(changed.importances)
     assert original.keys() == recomputed.keys() and all(torch.equal(original[k], recomputed[k]) for k in original)
@@ -324,8 +324,8 @@ def test_no_test_fact_enters_the_importances(audited, tmp_path):
     # ... while a dev fact's answer does enter (the test above has power)
     dev_id = facts["forgotten"][0][0]
     edited["base"]["answers"][dev_id] = "another answer"
-    assert engine.importance_key(changed, engine.importance_facts(changed, edited)) != \
-        engine.importance_key(ctx, facts)
+    assert importances.importance_key(changed, importances.importance_facts(changed, edited)) != \
+        importances.importance_key(ctx, facts)
 
 
 def test_no_forgotten_or_learned_dev_fact_skips_guided_in_one_line(audited, monkeypatch, capsys):
@@ -335,13 +335,13 @@ def test_no_forgotten_or_learned_dev_fact_skips_guided_in_one_line(audited, monk
     for fact_id, where in ctx.slice_of.items():  # no dev fact learned: the fine-tune is wrong wherever the base is
         if where == "dev" and not greedy["base"]["correct"][fact_id]:
             greedy["finetuned"]["correct"][fact_id] = False
-    facts = engine.importance_facts(ctx, greedy)
+    facts = importances.importance_facts(ctx, greedy)
     assert facts["learned"] == [] and facts["forgotten"]
-    reason = engine.importance_skip(ctx, facts)
+    reason = importances.importance_skip(ctx, facts)
     assert reason.startswith("guided repair skipped: no learned fact among the") and "\n" not in reason
     # through the whole audit (the other steps cached): no crash, guided left out, the reason in the summary
-    real = engine.importance_facts
-    monkeypatch.setattr(engine, "importance_facts", lambda c, g: {**real(c, g), "forgotten": []})
+    real = importances.importance_facts
+    monkeypatch.setattr(importances, "importance_facts", lambda c, g: {**real(c, g), "forgotten": []})
     summary = run_audit(audit, out, progress=False)
     assert "guided" not in summary["repairs"] and set(summary["repairs"]) == set(METHODS) - {"guided"}
     assert summary["skipped_repairs"]["guided"].startswith("guided repair skipped: no forgotten fact")

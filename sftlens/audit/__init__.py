@@ -21,7 +21,7 @@ other audits keep their probe keys); a fine-tune of an injected base is probed w
 templates (`engine.Context.probe`). Slices: per domain, facts in `stable_hash([seed, id])` order, the
 first round(dev_share n) to dev; candidates: `repairs.LADDERS` per method (a budget of k takes k evenly
 spread); the choice on dev: best objective, ties the least edit (`sftlens.reporting.choice`). The guided
-repair's importances come from the dev facts alone (`engine.importance_step`: forgotten ones with the base's
+repair's importances come from the dev facts alone (`importances.importance_step`: forgotten ones with the base's
 greedy answer, learned ones with the fine-tune's, each asked with the fine-tune's prompt; one pass, keyed,
 `steps/importances.safetensors`); no forgotten or no learned dev fact skips it (`summary.skipped_repairs`).
 """

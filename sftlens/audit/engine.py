@@ -10,12 +10,12 @@
     DIR/facts.jsonl, summary.json    per fact; everything the report reads
     DIR/best/                        with --write-best: the chosen repaired model and how it was chosen
 
-A step whose file holds its key is skipped; a changed input changes the key and re-runs the step.
+A step whose file holds its key is skipped; a changed input changes the key and re-runs the step. The guided
+repair's importance step lives in `sftlens.audit.importances`; the steps run in order in `sftlens.audit.run`.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,12 +29,11 @@ from sftlens.audit.prompts import prompt_tokenizer, question_prompt, require_cha
 from sftlens.audit.transitions import transition
 from sftlens.errors import SftlensError
 from sftlens.evaluate import EvalConfig, evaluate_model
-from sftlens.io import JsonlAppender, KeyedOutput, atomic_write_json, atomic_write_jsonl, read_jsonl, stable_hash
+from sftlens.io import JsonlAppender, KeyedOutput, atomic_write_json, read_jsonl, stable_hash
 from sftlens.models import load_model, load_tokenizer, model_fingerprint
-from sftlens.probe import LEVELS, ProbeConfig, best_templates, default_store, run_probe
+from sftlens.probe import ProbeConfig, best_templates, default_store, run_probe
 from sftlens.taught import held_out_templates
-from sftlens.weights import METHODS, RepairConfig, open_pair, repair_sweep, repaired_models
-from sftlens.weights.guided import KINDS, Importances, fisher_diagonals, write_importances
+from sftlens.weights import METHODS, RepairConfig, repair_sweep, repaired_models
 from sftlens.weights.selection import DEFAULT_RATIOS
 
 ROLES = ("base", "finetuned")
@@ -249,76 +248,6 @@ def deltas_step(ctx: Context) -> dict:
     return output.write({"concentration": by_metric, "zero_base": zero_base})
 
 
-def importance_facts(ctx: Context, greedy: dict) -> dict[str, list[tuple[str, str, str]]]:
-    """The facts the guided repair weighs, from the dev slice only (no test fact ever enters): each
-    kind -> (fact id, the fine-tuned model's prompt, the answer whose likelihood counts): forgotten facts
-    with the base model's greedy answer (judged right), learned ones with the fine-tune's."""
-    facts: dict[str, list[tuple[str, str, str]]] = {kind: [] for kind in KINDS}
-    for f, prompt in zip(ctx.facts, ctx.prompts["finetuned"]):
-        if ctx.slice_of[f.id] != "dev":
-            continue
-        moved = transition(greedy["base"]["correct"][f.id], greedy["finetuned"]["correct"][f.id])
-        if moved in facts:
-            role = "base" if moved == "forgotten" else "finetuned"
-            facts[moved].append((f.id, prompt, greedy[role]["answers"][f.id]))
-    return facts
-
-
-def importance_key(ctx: Context, facts: dict) -> str:
-    return stable_hash({"format": FORMAT, "models": ctx.fingerprints, "dtype": ctx.audit.probe.dtype,
-                        "prompt": ctx.settings.prompt, "facts": facts})
-
-
-def importance_skip(ctx: Context, facts: dict) -> str | None:
-    """Why the guided repair cannot run (one line), or None."""
-    empty = next((kind for kind in KINDS if not facts[kind]), None)
-    if empty is None:
-        return None
-    dev = sum(v == "dev" for v in ctx.slice_of.values())
-    return (f"guided repair skipped: no {empty} fact among the {dev} dev facts (greedy: "
-            f"{'right on the base, wrong on the fine-tune' if empty == 'forgotten' else 'wrong on the base, right on the fine-tune'})")
-
-
-def stored_importances_key(path: Path) -> str | None:
-    try:
-        return Importances.open(path).key
-    except SftlensError:  # none yet, or unreadable: computed (again)
-        return None
-
-
-def importance_plan(ctx: Context) -> tuple[int | None, bool]:
-    """For the plan: (facts the importance step has left to pass over, None while the greedy answers it
-    needs are not there; whether the guided repair will be skipped)."""
-    greedy = {role: greedy_output(ctx, role).finished() for role in ROLES}
-    if not all(greedy.values()):
-        return None, False
-    facts = importance_facts(ctx, greedy)
-    if importance_skip(ctx, facts) is not None:
-        return 0, True
-    done = stored_importances_key(ctx.importances) == importance_key(ctx, facts)
-    return 0 if done else sum(map(len, facts.values())), False
-
-
-def importance_step(ctx: Context, greedy: dict) -> None:
-    """Fact importances of the dev slice for the guided repair (`sftlens.weights.guided`), in one
-    pass of the fine-tuned model over its forgotten and learned dev facts; reused while the key (models,
-    facts, prompts, answers, dtype) holds. No forgotten or no learned dev fact: the method is skipped."""
-    facts = importance_facts(ctx, greedy)
-    reason = importance_skip(ctx, facts)
-    if reason is not None:
-        ctx.skipped["guided"] = reason
-        return
-    key = importance_key(ctx, facts)
-    if stored_importances_key(ctx.importances) == key:
-        return
-    model, tokenizer = ctx.model("finetuned")
-    names = open_pair(ctx.folders["base"], ctx.folders["finetuned"]).region_names("all")
-    pairs = {kind: [(prompt, answer) for _, prompt, answer in facts[kind]] for kind in KINDS}
-    fishers, counts = fisher_diagonals(model, prompt_tokenizer(tokenizer, ctx.settings.prompt), pairs, names,
-                                       ctx.progress)
-    write_importances(ctx.importances, fishers, counts, key, ctx.fingerprints["finetuned"])
-
-
 def fact_rows(ctx: Context, probes: dict, greedy: dict, kl: dict) -> list[dict]:
     """One row per fact: both models' levels, greedy answers and correctness, transition, slice, KL."""
     kl_of = {r["fact_id"]: r["kl"] for r in kl["facts"]}
@@ -410,36 +339,3 @@ def write_best(ctx: Context, repairs: dict) -> Path:
         "rule": "per method the candidate with the best dev objective (ties: the least edit); across methods the best "
                 "of those (ties: the first method)"})
     return folder
-
-
-def run_steps(ctx: Context, best: bool = False) -> dict:
-    """Every step in order (finished ones skipped); returns the summary the report reads."""
-    from sftlens.audit.summary import summarize_audit
-
-    probes, greedy = {}, {}
-    for role in ROLES:
-        probes[role] = probe_step(ctx, role)
-        levels = Counter(r.level for r in probes[role].values())
-        ctx.tell(f"probe {role}: {len(probes[role])} facts, levels 0-4: {' / '.join(str(levels[lv]) for lv in LEVELS)}")
-    for role in ROLES:
-        greedy[role] = greedy_step(ctx, role)
-        ctx.tell(f"greedy {role}: {sum(greedy[role]['correct'].values())} of {len(ctx.facts)} facts answered right")
-    kl = kl_step(ctx, probes["base"])
-    if kl["summary"]["n"]:
-        ctx.tell(f"first-token KL: mean {kl['summary']['mean']:.4f}, median {kl['summary']['median']:.4f} "
-                 f"over {kl['summary']['n']} facts")
-    ctx.release("base")
-    deltas = deltas_step(ctx)
-    top = deltas["concentration"]["relative"]
-    ctx.tell(f"update concentration: the top {top['ratios'][0]:g} % of elements hold "
-             f"{100 * top['shares'][0]:.1f} % of the relative change")
-    rows = fact_rows(ctx, probes, greedy, kl)
-    atomic_write_jsonl(ctx.out / "facts.jsonl", rows)
-    importance_step(ctx, greedy)
-    repairs = repair_step(ctx, rows)
-    ctx.models.clear()
-    summary = summarize_audit(ctx, rows, kl, deltas, repairs)
-    if best:
-        summary["best"] = str(write_best(ctx, repairs).relative_to(ctx.out))
-    atomic_write_json(ctx.out / "summary.json", summary)
-    return summary

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,25 +17,64 @@ from sftlens.audit.engine import (
     ROLES,
     Context,
     deltas_output,
+    deltas_step,
+    fact_rows,
     greedy_output,
-    importance_plan,
+    greedy_step,
     kl_output,
+    kl_step,
     prepare,
+    probe_step,
     probe_store,
+    repair_step,
     repair_targets,
-    run_steps,
+    write_best,
 )
+from sftlens.audit.importances import importance_plan, importance_step
 from sftlens.audit.report import write_audit_report
+from sftlens.audit.summary import summarize_audit
 from sftlens.config import add_config_arguments, config_from_dict
 from sftlens.data import add_fact_source_arguments
 from sftlens.errors import SftlensError
-from sftlens.io import atomic_write_json
+from sftlens.io import atomic_write_json, atomic_write_jsonl
 from sftlens.markdown import markdown_table
-from sftlens.probe import ProbeConfig, load_probe, template_indices
+from sftlens.probe import LEVELS, ProbeConfig, load_probe, template_indices
 from sftlens.reporting.costs import DEFAULT_RATES
 from sftlens.reporting.provenance import code_version, machine
 from sftlens.weights import METHODS
 from sftlens.weights.checkpoints import open_pair
+
+
+def run_steps(ctx: Context, best: bool = False) -> dict:
+    """Every step in order (finished ones skipped); returns the summary the report reads."""
+    probes, greedy = {}, {}
+    for role in ROLES:
+        probes[role] = probe_step(ctx, role)
+        levels = Counter(r.level for r in probes[role].values())
+        ctx.tell(f"probe {role}: {len(probes[role])} facts, levels 0-4: {' / '.join(str(levels[lv]) for lv in LEVELS)}")
+    for role in ROLES:
+        greedy[role] = greedy_step(ctx, role)
+        ctx.tell(f"greedy {role}: {sum(greedy[role]['correct'].values())} of {len(ctx.facts)} facts answered right")
+    kl = kl_step(ctx, probes["base"])
+    if kl["summary"]["n"]:
+        ctx.tell(f"first-token KL: mean {kl['summary']['mean']:.4f}, median {kl['summary']['median']:.4f} "
+                 f"over {kl['summary']['n']} facts")
+    ctx.release("base")
+    deltas = deltas_step(ctx)
+    top = deltas["concentration"]["relative"]
+    ctx.tell(f"update concentration: the top {top['ratios'][0]:g} % of elements hold "
+             f"{100 * top['shares'][0]:.1f} % of the relative change")
+    rows = fact_rows(ctx, probes, greedy, kl)
+    atomic_write_jsonl(ctx.out / "facts.jsonl", rows)
+    importance_step(ctx, greedy)
+    repairs = repair_step(ctx, rows)
+    ctx.models.clear()
+    summary = summarize_audit(ctx, rows, kl, deltas, repairs)
+    if best:
+        summary["best"] = str(write_best(ctx, repairs).relative_to(ctx.out))
+    atomic_write_json(ctx.out / "summary.json", summary)
+    return summary
+
 
 RECORD = "audit.json"
 # The rates are SmolLM2-135M's on this project's 2-core CPU (`sftlens.reporting.costs`); a larger

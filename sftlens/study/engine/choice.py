@@ -37,6 +37,9 @@ def chosen_ratio(sweep_results: list[dict], domain: str = "in") -> float:
     return best_mean(by_ratio, lambda ratio: ratio)
 
 
+VALUE_CHOICE = "best mean dev Acc (in-domain) over seeds; ties: the least edit"  # in words, part of unit keys
+
+
 def chosen_value(sweep_results: list[dict], neutral: float, domain: str = "in") -> float:
     """The repair value with the best mean dev Acc over the seeds of one (level, size); ties: the one
     closest to the method's neutral value (the least edit)."""

@@ -13,8 +13,9 @@ from sftlens.data.rows import read_split_rows
 from sftlens.guards import GUARDS, guard_spec, known_rows, parse_guard
 from sftlens.study.engine import roles
 from sftlens.study.engine.choice import chosen_guard_value
+from sftlens.study.engine.inputs import probe_records, study_facts, training_file
 from sftlens.study.engine.params import GuardedParams, GuardParams
-from sftlens.study.engine.stages import probe_records, study_facts, train_model, training_file
+from sftlens.study.engine.stages import train_model
 from sftlens.train import TrainConfig
 
 

@@ -20,7 +20,6 @@ taught base, eval and restore add `taught_records`. The guards' units: `sftlens.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -29,22 +28,22 @@ from pathlib import Path
 from sftlens.analysis.deltas import DeltasConfig, concentration, write_concentration, zero_base_mass
 from sftlens.analysis.kl import KLConfig, compute_kl
 from sftlens.config import config_from_dict
-from sftlens.data import Fact, FactSet, fact_set_stats, first_per_relation, load_fact_set, load_facts
+from sftlens.data import fact_set_stats
 from sftlens.evaluate import EvalConfig, evaluate_splits, summarize
 from sftlens.inject import InjectConfig, inject
 from sftlens.io import KeyedOutput, atomic_write_jsonl, read_jsonl
 from sftlens.models import load_model
-from sftlens.probe import ProbeConfig, best_templates, level_counts, load_probe, run_probe
+from sftlens.probe import ProbeConfig, best_templates, level_counts, run_probe
 from sftlens.restore import RestoreConfig, restore_in_memory, restored_models
 from sftlens.split import SplitConfig, build_splits, eval_files, eval_set, set_file, set_path
 from sftlens.split import train_set as split_train_set
 from sftlens.study.engine import roles
 from sftlens.study.engine.choice import chosen_rate, chosen_ratio, chosen_value
+from sftlens.study.engine.inputs import fact_set, probe_records, split_folder, study_facts, training_file
 from sftlens.study.engine.params import (
     ControlParams,
     DeltasParams,
     EvalParams,
-    FactSelection,
     InjectParams,
     KLParams,
     ProbeParams,
@@ -57,29 +56,9 @@ from sftlens.study.engine.params import (
     TunedParams,
 )
 from sftlens.study.engine.scheduler import DATA
-from sftlens.study.engine.units import select_facts
 from sftlens.taught import TAUGHT_SUBSETS, inject_record, taught_facts
 from sftlens.train import RUN_FILE, TrainConfig, train
 from sftlens.weights import METHODS, RepairConfig, repaired_models
-
-
-def study_facts(params) -> list[Fact]:
-    """The facts a study probes: per split its relations, the first N per relation if limited."""
-    selection, runtime = FactSelection.of(params), Runtime.of(params)
-    facts: list[Fact] = []
-    for split, relations in selection.relations.items():
-        if runtime.facts:
-            facts += select_facts(_fact_set(runtime.facts, runtime.in_domain), split, relations, selection.limit(split))
-            continue
-        loaded = load_facts(runtime.data_dir, splits=(split,), relations=tuple(relations)).facts
-        facts += first_per_relation(loaded, selection.limit(split))
-    return facts
-
-
-@functools.lru_cache(maxsize=2)
-def _fact_set(path: str, in_domain: str | None) -> FactSet:
-    return load_fact_set(path, in_domain)
-
 
 # --- inject, probe and split -------------------------------------------------------------------
 
@@ -100,11 +79,11 @@ def probe_unit(params, out: Path, deps) -> dict:
     config = config_from_dict(ProbeConfig, p.probe, "probe")
     records = run_probe(runtime.model, study_facts(params), config, out / "store", progress=True,
                         device=runtime.device_or_none)
-    fact_set = _fact_set(runtime.facts, runtime.in_domain) if runtime.facts else None
-    domains = fact_set.domains() if fact_set else None
+    facts = fact_set(runtime.facts, runtime.in_domain) if runtime.facts else None
+    domains = facts.domains() if facts else None
     result = {"facts": len(records), "level_counts": level_counts(records.values(), domains)}
-    if fact_set:
-        stats = fact_set_stats(fact_set)
+    if facts:
+        stats = fact_set_stats(facts)
         result["fact_set"] = {key: stats[key] for key in ("name", "facts", "topics", "splits", "domains")}
     taught = taught_facts(runtime.model)
     if taught is not None:
@@ -112,14 +91,6 @@ def probe_unit(params, out: Path, deps) -> dict:
             name: level_counts((r for r in records.values() if (r.fact_id in taught) == flag), domains)
             for name, flag in TAUGHT_SUBSETS}
     return result
-
-
-def probe_records(deps: roles.Deps):
-    return load_probe(roles.dep_dir(deps, roles.PROBE) / "store")
-
-
-def _split_folder(deps: roles.Deps) -> Path:
-    return roles.dep_dir(deps, roles.SPLIT) / DATA
 
 
 def split_unit(params, out: Path, deps) -> dict:
@@ -151,10 +122,6 @@ def train_model(params, p: TrainParams, config: TrainConfig, out: Path, deps, re
         result["guard"] = {**{k: v for k, v in guard.items() if k != "replayed"},
                            **({"replayed": len(guard["replayed"])} if "replayed" in guard else {})}
     return result
-
-
-def training_file(p: TrainParams, deps) -> Path:
-    return set_file(_split_folder(deps), set_path(split_train_set(p.set, p.size, p.seed)))
 
 
 def tuned_unit(params, out: Path, deps) -> dict:
@@ -216,7 +183,7 @@ def eval_unit(params, out: Path, deps) -> dict:
     rows = {}
     for split in p.splits:  # `dev-in`: the in-domain dev facts only, tagged split "dev"
         name, _, domain = split.partition("-")
-        rows[name] = load_rows(eval_files(_split_folder(deps), name, domain or None))
+        rows[name] = load_rows(eval_files(split_folder(deps), name, domain or None))
     records, predictions = evaluate_splits(model, tokenizer, rows, config, {})
     for split, split_predictions in predictions.items():
         atomic_write_jsonl(out / f"predictions-{split}.jsonl", split_predictions)
@@ -256,8 +223,8 @@ def kl_unit(params, out: Path, deps) -> dict:
     if config.device is None and runtime.device_or_none:
         config = dataclasses.replace(config, device=runtime.device_or_none)
     templates = best_templates(probe_records(deps), study_facts(params))
-    test_file = _kl_test_file(_split_folder(deps), p.test_set, out)
-    relations = _fact_set(runtime.facts, runtime.in_domain).templates if runtime.facts else None
+    test_file = _kl_test_file(split_folder(deps), p.test_set, out)
+    relations = fact_set(runtime.facts, runtime.in_domain).templates if runtime.facts else None
     result = compute_kl(runtime.model, model_path(params, deps), test_file, config, templates, out, relations)
     return {"kl": result["summary"], "test_set": p.test_set}
 
@@ -297,12 +264,12 @@ def _bits_by_level(predictions: list[dict]) -> dict[str, dict[str, str]]:
 
 def _own_train_rows(deps: roles.Deps) -> list[dict]:
     """The rows of the training set the unit's model was fine-tuned on."""
-    return read_jsonl(set_file(_split_folder(deps), roles.dep_result(deps, roles.MODEL)["train_set"]))
+    return read_jsonl(set_file(split_folder(deps), roles.dep_result(deps, roles.MODEL)["train_set"]))
 
 
 def _sweep_rows(dev_domain: str, deps: roles.Deps) -> dict[str, list[dict]]:
     """Test (both domains), dev of the domain the ratio is chosen on, and the model's training set."""
-    folder = _split_folder(deps)
+    folder = split_folder(deps)
     return {"test": load_rows(eval_files(folder, "test")), "dev": load_rows(eval_files(folder, "dev", dev_domain)),
             "train": _own_train_rows(deps)}
 
@@ -359,7 +326,7 @@ def control_unit(params, out: Path, deps) -> dict:
     finetuned = model_path(params, deps)
     model, tokenizer = _unit_model(finetuned, eval_cfg, runtime)
     restore_in_memory(model, runtime.model, finetuned, ratio, restore_cfg)
-    rows = {"test": load_rows(eval_files(_split_folder(deps), "test")), "train": _own_train_rows(deps)}
+    rows = {"test": load_rows(eval_files(split_folder(deps), "test")), "train": _own_train_rows(deps)}
     records, bits, _ = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
     return {"ratio": ratio, "records": records, "test_bits": bits["test"], "train_bits": bits["train"]}
 

@@ -32,17 +32,16 @@ from sftlens.config import config_to_dict, keyed_dict
 from sftlens.data import FactSet, data_dir_from, first_per_relation, load_fact_set, load_facts, parse_relations
 from sftlens.data.factset import fingerprint as fact_set_fingerprint
 from sftlens.errors import SftlensError
-from sftlens.guards import guard_work
 from sftlens.models import model_fingerprint
 from sftlens.study.engine import roles
+from sftlens.study.engine.choice import VALUE_CHOICE
 from sftlens.study.engine.config import StudyConfig
+from sftlens.study.engine.guard_units import guard_arm
 from sftlens.study.engine.params import (
     ControlParams,
     DeltasParams,
     EvalParams,
     FactSelection,
-    GuardedParams,
-    GuardParams,
     InjectParams,
     KLParams,
     ProbeParams,
@@ -57,13 +56,11 @@ from sftlens.study.engine.params import (
 )
 from sftlens.study.engine.scheduler import STAGES, Unit
 
-VALUE_CHOICE = "best mean dev Acc (in-domain) over seeds; ties: the least edit"
 RATE_CHOICE = {  # how the tuned arm's rate is chosen, in words (part of a tuned unit's key)
     "largest": "best mean dev Acc (in-domain) over seeds at the training set's largest size; ties: the smaller",
     "per-size": "best mean dev Acc (in-domain) over seeds at the model's own size; ties: the smaller",
 }
 TUNED = "tuned-"  # the tuned arm's models: `tuned-level0-n240-seed0`
-GUARD_STAGES = "sftlens.study.engine.guard_stages"
 
 
 def data_fingerprint(data_dir: Path, relations_by_split: dict[str, tuple[str, ...]]) -> str:
@@ -215,7 +212,8 @@ class GraphBuilder:
             self.lora_arm(level, size, seed, name.removeprefix(TUNED), eval_rows + dev_rows / 2 + own_rows)
             guarded.setdefault((level, size), []).append((seed, train, name.removeprefix(TUNED)))
         for (level, size), members in guarded.items():
-            self.guard_arm(level, size, members, probe, eval_rows + dev_rows / 2 + (size or train_rows))
+            guard_arm(self, (train_set_name(level), size_name(size)), size or train_rows, members, probe,
+                      eval_rows + dev_rows / 2 + (size or train_rows))
         if s.random_control:
             for level, size, seed, train, name in analysed:
                 group = sweeps.get((level, size))
@@ -263,40 +261,6 @@ class GraphBuilder:
         lora = dataclasses.replace(self.config.stages["train"], method="lora")
         self.candidates("lora", lora, self.s.lora_learning_rates, level, size, seed, name,
                         ("scored_unit", ["test", "dev-in", "train"], scored), {})
-
-    def guard_arm(self, level, size, members: list[tuple], probe: Unit, scored: float) -> None:
-        """Per guard of `[guards]`: [train]'s recipe with the guard at each value on the first seed's training
-        set (`guard`, scored by `guard-eval` on test, in-domain dev and the training set), then on every other
-        seed at the value those candidates chose on dev (`guarded`, scored alike); the plain models get the
-        same scoring, so every arm of "Prevention and cure" is measured alike."""
-        if not self.config.guards:
-            return
-        recipe = self.config.stages["train"]
-        examples = (size or self.n_facts["train"] // max(1, len(self.s.levels))) * recipe.epochs
-        deps = {roles.SPLIT: self.split_key, roles.PROBE: probe.key}
-        for _, train, member in members:
-            self._scored("guard-eval", f"guard-eval {member} plain", train, scored)
-        (first, _, name), others = members[0], members[1:]
-        for guard, values in self.config.guards.items():
-            dev = {}
-            for value in values:
-                params = GuardParams(**self.selection, set=train_set_name(level), size=size_name(size), seed=first,
-                                     train=config_to_dict(dataclasses.replace(recipe, seed=first, guard=f"{guard}={value!r}")))
-                model = self.add("guard", f"guard {name} {guard}={value:g}", f"{GUARD_STAGES}:guard_unit", params,
-                                 deps, work=examples * guard_work(guard, value), prune=("model",))
-                dev[self._scored("guard-eval", f"guard-eval {name} {guard}={value:g}", model, scored).key] = value
-            for seed, _, seed_name in others:
-                params = GuardedParams(**self.selection, set=train_set_name(level), size=size_name(size), seed=seed,
-                                       train=config_to_dict(dataclasses.replace(recipe, seed=seed)), guard=guard,
-                                       value_choice=VALUE_CHOICE, dev={roles.dev_role(i): v for i, v in enumerate(dev.values())})
-                model = self.add("guarded", f"guarded {seed_name} {guard}", f"{GUARD_STAGES}:guarded_unit", params,
-                                 {**deps, **{roles.dev_role(i): key for i, key in enumerate(dev)}},
-                                 work=examples * guard_work(guard, max(values)), prune=("model",))
-                self._scored("guard-eval", f"guard-eval {seed_name} {guard}", model, scored)
-
-    def _scored(self, kind: str, label: str, model: Unit, work: float) -> Unit:
-        return self.add(kind, label, "scored_unit", EvalParams(eval=self.eval_cfg, splits=["test", "dev-in", "train"]),
-                        {roles.MODEL: model.key, roles.SPLIT: self.split_key}, work=work)
 
     def tuned_arm(self, models: list[tuple], split: Unit, train_rows: int) -> list[tuple]:
         """[train]'s recipe at each of `learning_rates` on every training set and seed at the sizes
