@@ -182,6 +182,8 @@ def sections(results: StudyResults, out: Path) -> tuple[list[Section], dict[str,
     parts = [found_section, table1(shown), figure2(records, png("figure2")), table2(records, size),
              figure4(records, png("figure4")), figure5(shown, png("figure5")), table3(shown), table4(sweeps),
              table5(sweeps), selection, table6(records, sweeps, chosen, size)]
+    # a section whose every table came out empty and which has no figure (e.g. Table 4 without a restoration sweep)
+    parts = [p for p in parts if not p.tables or p.figure or any(rows for _, _, rows in p.tables)]
     repairs = repair_methods(results, png("repairs"), samples)
     prevention = prevention_section(results, out.parent, png("prevention"), samples)
     # with guards, the answer to the study's question comes first

@@ -159,6 +159,10 @@ def repair_methods(results: StudyResults, path: Path, samples: int) -> Section |
     if not repaired and not lora:
         return None
     groups = {key: _Group(*key, sweeps) for key, sweeps in sweep_groups(results).items()}
+    if not groups:  # plain SFT's scores on test, dev and its training set come from the restoration sweep's ratio 0
+        return Section("Repair methods", "Not shown: this study has no restoration sweep (study.restore_ratios is "
+                       "empty), which this table reads plain SFT's scores from. With [guards], \"Prevention and "
+                       "cure\" compares every repair with plain SFT on the same facts.")
     facts, seeds = FactDraws(max(samples, 1), 2), SeedDraws(max(samples, 1), 3)
     study, fixed_rate = results.config.get("study", {}), results.config.get("train", {}).get("learning_rate")
     tuned, tuned_candidates = tuned_rates(results), study.get("learning_rates") or []
