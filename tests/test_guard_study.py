@@ -126,6 +126,31 @@ def test_a_guards_study_chooses_on_dev_and_reports_prevention_beside_cure(tiny_m
     own = [statistics.fmean(int(b) for levels in u["result"]["train_bits"].values() for b in "".join(levels.values()))
            for u in plain_units]
     assert f"| {100 * statistics.fmean(own):.1f} |" in rows["plain SFT"]
+    # and its taught-facts-kept share, by hand from the prediction order of the split's test files
+    from sftlens.taught import taught_facts
+
+    inject = next(u for u in units if u["kind"] == "inject")
+    taught = taught_facts(study / "units" / "inject" / inject["key"] / "model")
+    split = next(u for u in units if u["kind"] == "split")
+    order = []
+    for path in sorted((study / "units" / "split" / split["key"] / "data" / "test").glob("*.jsonl")):
+        order += [(path.stem.split("-level")[0], path.stem.split("-level")[1], json.loads(line)["fact_id"])
+                  for line in path.read_text().splitlines()]
+
+    def right(result: dict) -> dict:
+        by_group: dict = {}
+        for domain, level, fact in order:
+            by_group.setdefault((domain, level), []).append(fact)
+        return {f: b == "1" for (d, lv), facts in by_group.items() for f, b in zip(facts, result["test_bits"][d][lv])}
+
+    base = right(next(u for u in units if u["kind"] == "eval" and "model" not in u["spec"]["deps"])["result"])
+    known = [f for f in base if f in taught and base[f]]
+    cells = [c.strip() for c in rows["plain SFT"].strip("|").split("|")]
+    if known:
+        kept = statistics.fmean(statistics.fmean(right(u["result"])[f] for f in known) for u in plain_units)
+        assert cells[3] == f"{100 * kept:.1f}"
+    else:  # a tiny base may answer no taught fact right: then nothing is claimed about keeping them
+        assert cells[3] == cells[4] == "n/a" and "(% of 0)" in text
 
 
 def test_guard_grids_are_checked_before_anything_runs(tmp_path):
