@@ -3,6 +3,7 @@ and the embedded SmolLM2 (integration tests only)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -162,3 +163,16 @@ def audit_pair(tmp_path, tiny_tokenizer, private_cache):
     base = save_model(model, tok, tmp_path / "base")
     ft = save_model(assets.audit_perturbed(model, 0.4), tok, tmp_path / "ft")
     return base, ft, assets.audit_data(tmp_path / "eq")
+
+
+@pytest.fixture
+def known_data_dir(tiny_data_dir):
+    """The tiny data with every other fact answered "e": a random tiny model's samples nearly always contain it,
+    so the taught base knows facts at level 4 (replay's pool), as a real base knows some."""
+    for path in tiny_data_dir.glob("*/*.json"):
+        records = json.loads(path.read_text())
+        for i, record in enumerate(records):
+            if i % 2 == 0:
+                record["answers"] = ["e"]
+        path.write_text(json.dumps(records))
+    return tiny_data_dir

@@ -52,19 +52,6 @@ mofo = {{ values = [0.1, 0.5] }}
 """
 
 
-@pytest.fixture
-def known_data_dir(tiny_data_dir):
-    """The tiny data with every other fact answered "e": a random tiny model's samples nearly always contain it,
-    so the taught base knows facts at level 4 (replay's pool), as a real base knows some."""
-    for path in tiny_data_dir.glob("*/*.json"):
-        records = json.loads(path.read_text())
-        for i, record in enumerate(records):
-            if i % 2 == 0:
-                record["answers"] = ["e"]
-        path.write_text(json.dumps(records))
-    return tiny_data_dir
-
-
 def _dev_acc(result: dict) -> float:
     """In-domain dev Acc by hand: the mean over levels of each level's share right."""
     dev = [r for r in result["records"] if r["split"] == "dev" and r["domain"] == "in"]

@@ -243,3 +243,22 @@ def test_a_config_without_guard_keeps_its_dict_and_so_its_keys():
     assert "guard" not in config_to_dict(TrainConfig())
     assert config_to_dict(TrainConfig(guard="l2=1"))["guard"] == "l2=1.0"
     assert parse_guard("mofo=0.25") == ("mofo", 0.25)
+
+
+def test_the_cli_replays_the_known_training_facts_of_a_probe_store(tiny_model_dir, known_data_dir, sft20, tmp_path):
+    from sftlens.data import load_facts
+    from sftlens.probe import ProbeConfig, run_probe
+
+    facts = load_facts(known_data_dir, splits=("train",), relations=("P17", "P19", "P106")).facts
+    store = tmp_path / "store"
+    records = run_probe(str(tiny_model_dir), facts, ProbeConfig(samples=2, templates=(0,), max_new_tokens=4), store,
+                        progress=False)
+    own = {row["fact_id"] for row in json.loads(f"[{','.join(sft20.read_text().splitlines())}]")}
+    known = {f for f, r in records.items() if r.level == 4 and f not in own}
+    assert known  # the "e" answers: a random model's samples contain them
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(sft20), "--out", str(out), "--learning-rate",
+                 "1e-3", "--guard", "replay=0.25", "--probe-store", str(store), "--data-dir", str(known_data_dir)]) == 0
+    run = json.loads((out / RUN_FILE).read_text())
+    assert run["replay"]["count"] == len(known) and set(run["guard"]["replayed"]) <= known
+    assert run["steps"] == math.ceil(20 / 6)
