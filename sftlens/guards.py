@@ -66,7 +66,7 @@ GUARDS: dict[str, Guard] = {
     "freeze": Guard("share f of the lowest transformer blocks frozen, with the embeddings", 0, 1, False, False, 0.0,
                     "less: no gradient or optimizer state for the frozen tensors", 0),
     "mofo": Guard("share a of each tensor's elements updated per step (largest |Adam first moment|)", 0, 1, True,
-                  False, 1.0, "a copy of the trained weights; a sort of each tensor's moments per step", 1),
+                  False, 1.0, "a copy of the trained weights; an exact top-k selection over each tensor's moments per step", 1),
 }
 
 
