@@ -137,12 +137,17 @@ def replay_order(n_sft: int, pool: int, batch_size: int, per_batch: int, seed: i
     return order
 
 
+def replays(config) -> bool:
+    """Whether a TrainConfig's run mixes replayed rows into its batches (replay at a value above 0)."""
+    if config.guard is None:
+        return False
+    name, value = parse_guard(config.guard)
+    return name == "replay" and replay_per_batch(value, config.batch_size) > 0
+
+
 def replay_pool(config, replay: list[dict] | None, sft_path: Path) -> list[dict] | None:
     """The known facts a replaying run mixes in (None for any other run); a missing pool is an error."""
-    if config.guard is None:
-        return None
-    name, value = parse_guard(config.guard)
-    if name != "replay" or replay_per_batch(value, config.batch_size) == 0:
+    if not replays(config):
         return None
     if not replay:
         raise SftlensError(f"guard {config.guard}: no known facts to replay for {sft_path} "

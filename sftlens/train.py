@@ -333,11 +333,10 @@ def _guard_from_args(args: argparse.Namespace) -> str | None:
 def _replay_from_args(args: argparse.Namespace, config: TrainConfig) -> list[dict] | None:
     """The known training facts of --probe-store (read with the fact source flags), for --guard replay."""
     from sftlens.data import fact_set_from_args
-    from sftlens.guards import known_rows
+    from sftlens.guards import known_rows, replays
     from sftlens.probe import load_probe
 
-    if not (config.guard or "").startswith("replay=") or replay_per_batch(parse_guard(config.guard)[1],
-                                                                           config.batch_size) == 0:
+    if not replays(config):
         if args.probe_store:
             raise SftlensError("--probe-store is read by --guard replay only")
         return None
