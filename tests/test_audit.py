@@ -12,15 +12,18 @@ import numpy as np
 import pytest
 
 from sftlens.audit import Audit, AuditConfig, run_audit
+from sftlens.audit.engine import prepare
 from sftlens.audit.repairs import choose, objective
 from sftlens.audit.transitions import group_rates, mastery_matrix
 from sftlens.cli import main
 from sftlens.errors import SftlensError
+from sftlens.evaluate import evaluate_model
 from sftlens.io import read_jsonl
+from sftlens.models import load_model
 from sftlens.probe import ProbeConfig, load_probe
 from sftlens.reporting.stats import mcnemar
 from sftlens.taught import RECORD_FILE
-from sftlens.weights import METHODS
+from sftlens.weights import METHODS, repaired_models
 
 from assets import AUDIT_ANSWERS as LETTERS
 from tiny import save_model, tiny_model
@@ -60,16 +63,26 @@ def test_transitions_and_choices_equal_brute_force(pair, tmp_path):
         sum(not r["finetuned_correct"] for r in right) / len(right))
     for relation, group in summary["by_relation"]:
         assert group["n"] == sum(r["relation"] == relation for r in rows)
-    # the dev choice of every method is the brute-force argmax over its dev records (ties: least edit)
+    # the dev choice of every method is the brute-force argmax over every dev fact answered by every
+    # candidate (the slow path: the audit answers only the forgotten and learned ones; ties: least edit)
     dev = [r for r in rows if r["slice"] == "dev"]
+    moved = {r["fact_id"] for r in dev if r["transition"] in ("forgotten", "learned")}
+    assert moved and len(moved) < len(dev)
+    ctx = prepare(_audit(pair), out, progress=False)
+    model, tokenizer = load_model(ctx.folders["finetuned"])
+    dev_rows = [r for r in ctx.rows("finetuned") if ctx.slice_of[r["fact_id"]] == "dev"]
     assert set(summary["repairs"]) == set(METHODS)
     for method, result in summary["repairs"].items():
         scores = {}
-        for value in result["candidates"]:
-            record = json.loads((out / "repairs" / "dev" / f"{method}-{value:g}.json").read_text())
-            recovered = sum(r["transition"] == "forgotten" and record["correct"][r["fact_id"]] for r in dev)
-            lost = sum(r["transition"] == "learned" and not record["correct"][r["fact_id"]] for r in dev)
+        for value, edited in repaired_models(model, ctx.folders["base"], ctx.folders["finetuned"],
+                                             result["candidates"], ctx.repair_config(method), progress=False):
+            right = {p["fact_id"]: p["correct"] for p in evaluate_model(edited, tokenizer, dev_rows,
+                                                                         ctx.eval_config(), progress=False)}
+            recovered = sum(r["transition"] == "forgotten" and right[r["fact_id"]] for r in dev)
+            lost = sum(r["transition"] == "learned" and not right[r["fact_id"]] for r in dev)
             scores[value] = (recovered - lost) / len(dev)
+            record = json.loads((out / "repairs" / "dev" / f"{method}-{value:g}.json").read_text())
+            assert record["correct"] == {i: right[i] for i in moved}
         best = max(scores.values())
         ties = [v for v in scores if scores[v] == best]
         assert result["chosen"] == min(ties, key=lambda v: (abs(v - METHODS[method].neutral), v))

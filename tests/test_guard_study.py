@@ -43,6 +43,7 @@ restore = {{ values = [5, 20] }}
 wise = {{ values = [0.5, 0.75] }}
 dare = {{ values = [0.3, 0.6] }}
 trim = {{ values = [20, 50] }}
+guided = {{ values = [5, 20] }}
 [guards]
 replay = {{ values = [0.25, 0.5] }}
 l2 = {{ values = [0.1, 10.0] }}
@@ -106,6 +107,10 @@ def test_a_guards_study_chooses_on_dev_and_reports_prevention_beside_cure(tiny_m
     assert report["page"].read_text().startswith("# Results: ")
     assert report["page"].read_text().splitlines()[2].startswith("**Answer (a rule fixed in code before the run): ")
     assert "## Prevention and cure" in text and text.index("## Prevention and cure") < text.index("## Findings")
+    # the tiny base answers no dev fact right: nothing forgotten to weigh, so each model's guided repair is skipped,
+    # said in one line, and is no arm
+    assert "- Skipped (nothing to report): importance level0-n8-seed0: no forgotten fact among its 20 in-domain dev " \
+           "facts" in report["page"].read_text() and "| repair guided " not in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     for arm in ("plain SFT", *(f"guard {g}" for g in GUARDS), "LoRA", "repair wise", "repair restore"):
         assert arm in rows, arm
@@ -151,3 +156,51 @@ def test_guard_grids_are_checked_before_anything_runs(tmp_path):
         path.write_text(f'extends = "guards"\n[study]\nlora_learning_rates = []\n[guards]\n{table}\n')
         with pytest.raises(SftlensError, match=re.escape(message)):
             load_study_config(str(path))
+
+
+def test_the_guided_repair_in_a_study_weighs_dev_facts_only_and_is_an_arm_of_prevention_and_cure(
+        tiny_model_dir, known_data_dir, tmp_path, monkeypatch):
+    """The tiny base answers no dev fact right, so nothing is forgotten (the first test: every guided unit is
+    skipped, in one line on the page). Here the weighing names two dev facts forgotten and two learned
+    (their gold answers), so the importances, the guided repair's sweeps and its arm run for real; what the
+    unit hands it must be the in-domain dev facts and nothing else."""
+    import sftlens.study.engine.importance_stage as stage
+    from sftlens.study.engine.commands import run_study
+    from sftlens.study.engine.config import load_study_config
+    from sftlens.study.report.page import write_report
+    from sftlens.study.report.results import load_results
+    from sftlens.weights.guided import Importances
+
+    seen = []
+
+    def weighed(rows, answers):
+        seen.append([r["fact_id"] for r in rows])
+        return {"forgotten": [(r["prompt"], r["answers"][0]) for r in rows[:2]],
+                "learned": [(r["prompt"], r["answers"][0]) for r in rows[2:4]]}
+
+    monkeypatch.setattr(stage, "weighed_facts", weighed)
+    study_file = tmp_path / "guards.toml"
+    study_file.write_text(TINY_GUARDS.format(model=tiny_model_dir, data=known_data_dir)
+                          .replace("seeds = [0, 1]", "seeds = [0]"))
+    study = tmp_path / "study"
+    run_study(load_study_config(str(study_file)), study, progress=False)
+    results = load_results(study)
+    assert not [u["label"] for u in results.units if u["state"] != "done"] and not results.skipped()
+    weighing = [u for u in results.units if u["kind"] == "importance"]
+    assert len(weighing) == 1 and weighing[0]["result"] == {"dev": len(seen[0]), "forgotten": 2, "learned": 2}
+    # the rows weighed: exactly the split's in-domain dev facts, no test or training fact
+    split = next(u for u in results.units if u["kind"] == "split")
+    dev_in = [json.loads(line)["fact_id"]
+              for path in sorted((study / "units" / "split" / split["key"] / "data" / "dev").glob("in-*.jsonl"))
+              for line in path.read_text().splitlines()]
+    assert seen == [dev_in] and all("/dev/" in i for i in dev_in)
+    importances = Importances.open(study / "units" / "importance" / weighing[0]["key"] / "importances.safetensors")
+    assert importances.counts == {"forgotten": 2, "learned": 2}
+    # the guided repair's units read it (its key is their dependency's) and its dev-chosen value is an arm
+    guided = [u for u in results.units if u["kind"] in ("repair", "repaired") and "guided" in u["label"]]
+    assert len(guided) == 2 and all(u["spec"]["deps"]["importances"] == weighing[0]["key"] for u in guided)
+    repaired = next(u for u in guided if u["kind"] == "repaired")
+    assert repaired["result"]["value"] in (5.0, 20.0)
+    text = write_report(study)["markdown"].read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| repair guided "))
+    assert f"| {repaired['result']['value']:g} |" in row

@@ -202,11 +202,13 @@ def test_bad_input_is_one_line(tmp_path, capsys, private_cache):
         assert (folder / "model.safetensors").read_bytes() == (tmp_path / "out" / f"guided-{k:g}" / "model.safetensors").read_bytes()
     with pytest.raises(SftlensError, match="needs fact importances"):
         RepairConfig(method="guided").settings()
-    # studies do not compute importances: refused when the study file is read
+    # a study computes each model's importances itself: a file of one's own is refused when the study file is read
     from sftlens.study.engine.config import repair_grids
 
-    with pytest.raises(SftlensError, match="studies do not compute"):
-        repair_grids({"guided": {"values": [1, 5]}}, "study.toml")
+    assert repair_grids({"guided": {"values": [1, 5]}}, "study.toml")["guided"].params() == {"method": "guided",
+                                                                                             "region": "body"}
+    with pytest.raises(SftlensError, match="repairs.guided.importances: a study computes each fine-tuned model's"):
+        repair_grids({"guided": {"values": [1, 5], "importances": "mine.safetensors"}}, "study.toml")
 
 
 # --- the audit -------------------------------------------------------------------------------

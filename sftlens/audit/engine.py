@@ -16,7 +16,9 @@ repair's importance step lives in `sftlens.audit.importances`; the steps run in 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -61,10 +63,20 @@ class Context:
     models: dict = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # method -> why it was not run (one line)
     announce: Callable[[str], None] | None = None  # receives a line per finished step (the CLI: print)
+    seconds: dict[str, float] = field(default_factory=dict)  # step (the plan's names) -> wall seconds this session
 
     def tell(self, line: str) -> None:
         if self.announce is not None:
             self.announce(line)
+
+    @contextmanager
+    def timed(self, step: str):
+        """Adds the block's wall seconds to `step`'s: the session record keeps them, to measure the plan's rates."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
 
     @property
     def settings(self):
@@ -266,9 +278,11 @@ def fact_rows(ctx: Context, probes: dict, greedy: dict, kl: dict) -> list[dict]:
     return rows
 
 
-def repair_targets(ctx: Context, method: str, values, part: str) -> tuple[list[dict], RepairConfig, dict]:
-    """(rows of the `part` slice, the method's config, each value's output)."""
-    rows = [row for row in ctx.rows("finetuned") if ctx.slice_of[row["fact_id"]] == part]
+def repair_targets(ctx: Context, method: str, values, part: str,
+                   ids: set[str] | None = None) -> tuple[list[dict], RepairConfig, dict]:
+    """(rows of the `part` slice, or of its facts in `ids`, the method's config, each value's output)."""
+    rows = [row for row in ctx.rows("finetuned")
+            if ctx.slice_of[row["fact_id"]] == part and (ids is None or row["fact_id"] in ids)]
     config = ctx.repair_config(method)
     outputs = {v: step_output(ctx.out / "repairs" / part / f"{method}-{v:g}.json",
                               greedy_key(ctx, "finetuned", rows, {"base": ctx.fingerprints["base"], "method": method,
@@ -277,13 +291,15 @@ def repair_targets(ctx: Context, method: str, values, part: str) -> tuple[list[d
     return rows, config, outputs
 
 
-def repair_answers(ctx: Context, method: str, values, part: str) -> dict[float, dict]:
-    """Each value's answers on the facts of `part` (dev or test), every unfinished value in one
-    in-memory sweep of the fine-tuned model (`Context.edited`)."""
-    rows, config, outputs = repair_targets(ctx, method, values, part)
+def repair_answers(ctx: Context, method: str, values, part: str, ids: set[str] | None = None) -> dict[float, dict]:
+    """Each value's answers on the facts of `part` (dev or test; only those in `ids` if given), every
+    unfinished value in one in-memory sweep of the fine-tuned model (`Context.edited`)."""
+    rows, config, outputs = repair_targets(ctx, method, values, part, ids)
     done = {v: c for v in values if (c := outputs[v].finished()) is not None}
     todo = [v for v in values if v not in done]
-    if todo:
+    if todo and not rows:  # no fact to answer: no model to edit
+        done.update({v: outputs[v].write({"answers": {}, "correct": {}}) for v in todo})
+    elif todo:
         from tqdm.auto import tqdm
 
         model, tokenizer = ctx.edited()
@@ -297,19 +313,28 @@ def repair_answers(ctx: Context, method: str, values, part: str) -> dict[float, 
     return {v: done[v] for v in values}
 
 
+def objective_ids(ctx: Context, rows: list[dict]) -> set[str]:
+    """The dev facts the objective reads (`repairs.objective_facts`): the only ones candidates answer."""
+    return {r["fact_id"] for r in rp.objective_facts([r for r in rows if r["slice"] == "dev"], ctx.settings.objective)}
+
+
 def repair_step(ctx: Context, rows: list[dict]) -> dict:
-    """Per method: every candidate on dev, the objective's choice, its scores on test."""
+    """Per method: every candidate on the dev facts its objective reads, the objective's choice, its
+    scores on test (`correct`: the chosen value's answers, dev facts read and every test fact)."""
     s = ctx.settings
     dev = [r for r in rows if r["slice"] == "dev"]
     test = [r for r in rows if r["slice"] == "test"]
+    read = objective_ids(ctx, rows)
     out = {}
     for method, values in ctx.values.items():
         if method in ctx.skipped:
             continue
-        on_dev = repair_answers(ctx, method, values, "dev")
+        with ctx.timed("repairs on dev"):
+            on_dev = repair_answers(ctx, method, values, "dev", read)
         scores = {v: rp.objective(dev, on_dev[v]["correct"], s.objective) for v in values}
         chosen = rp.choose(scores, method)
-        on_test = repair_answers(ctx, method, [chosen], "test")[chosen]
+        with ctx.timed("repairs on test"):
+            on_test = repair_answers(ctx, method, [chosen], "test")[chosen]
         out[method] = {"knob": METHODS[method].knob, "candidates": list(values),
                        "dev_scores": {f"{v:g}": scores[v] for v in values}, "chosen": chosen,
                        "test": rp.held_out_scores(test, on_test["correct"], s.bootstrap, ctx.audit.probe.seed),

@@ -67,8 +67,16 @@ def slices(facts, dev_share: float, seed: int, min_slice: int) -> dict[str, str]
     return out
 
 
+def objective_facts(rows: list[dict], name: str) -> list[dict]:
+    """The rows `objective` reads, so the only ones a candidate is answered on: every one for Acc;
+    for recovered those whose greedy correctness differs between the two models (a fact both answer
+    right, or both wrong, can be neither recovered nor lost). The objective still divides by all rows."""
+    return rows if name == "acc" else [r for r in rows if r["base_correct"] != r["finetuned_correct"]]
+
+
 def objective(rows: list[dict], repaired: dict[str, bool], name: str) -> float:
-    """The objective of a repaired model whose answers on `rows` are right where `repaired` says."""
+    """The objective of a repaired model whose answers are right where `repaired` says; `repaired`
+    needs only the facts of `objective_facts`, `rows` are all the slice's facts."""
     if name == "recovered":
         recovered = sum(r["base_correct"] and not r["finetuned_correct"] and repaired[r["fact_id"]] for r in rows)
         lost = sum(r["finetuned_correct"] and not r["base_correct"] and not repaired[r["fact_id"]] for r in rows)

@@ -179,43 +179,47 @@ def read_focus(path: str | Path) -> list[str]:
 def focus_section(summary: dict, facts: list[dict], focus: list[str], source: str) -> Section:
     by_id = {r["fact_id"]: r for r in facts}
     mine = [by_id[i] for i in dict.fromkeys(focus) if i in by_id]
-    forgotten = [r for r in mine if r["transition"] == "forgotten"]
-    rows = [["base model", _pct(sum(r["base_correct"] for r in mine), len(mine)), "–"],
-            ["fine-tuned", _pct(sum(r["finetuned_correct"] for r in mine), len(mine)), _pct(0, len(forgotten))]]
+    held_out = [r for r in mine if r["slice"] == "test"]
+
+    def row(name: str, group: list[dict], right) -> list:
+        forgotten = [r for r in group if r["transition"] == "forgotten"]
+        return [name, len(group), _pct(sum(right(r) for r in group), len(group)), len(forgotten),
+                _pct(sum(right(r) for r in forgotten), len(forgotten))]
+
+    rows = [row("base model", mine, lambda r: r["base_correct"]),
+            row("fine-tuned", mine, lambda r: r["finetuned_correct"])]
     for method, r in summary["repairs"].items():
-        right = r["correct"]
-        rows.append([f"{method} ({r['knob']} = {r['chosen']:g})", _pct(sum(right[x["fact_id"]] for x in mine), len(mine)),
-                     _pct(sum(right[x["fact_id"]] for x in forgotten), len(forgotten))])
+        rows.append(row(f"{method} ({r['knob']} = {r['chosen']:g})", held_out,
+                        lambda x, right=r["correct"]: right[x["fact_id"]]))
+    forgotten = sum(r["transition"] == "forgotten" for r in mine)
     text = (f"Taught facts ({source}): {len(mine)} of the {len(set(focus))} listed are among the audited facts; the "
-            f"fine-tune forgot {len(forgotten)} of them (greedy right -> wrong). Recall: share answered right (greedy); "
+            f"fine-tune forgot {forgotten} of them (greedy right -> wrong). Recall: share answered right (greedy); "
             "recall of forgotten taught facts: share of those the fine-tune forgot that the model answers right. Repairs "
-            "at their dev-chosen values, on dev and test facts alike (dev facts took part in choosing the value).")
+            "at their dev-chosen values, on the held-out test facts only (the dev facts chose the value).")
     return Section("Recall of forgotten taught facts", text, [
-        ("", ["model", f"recall of taught facts (%, n={len(mine)})",
-              f"recall of forgotten taught facts (%, n={len(forgotten)})"], rows)])
+        ("", ["model", "taught facts (n)", "recall of taught facts (%)", "forgotten taught facts (n)",
+              "recall of forgotten taught facts (%)"], rows)])
 
 
-def best_repair_answers(audit_dir: Path, summary: dict, facts: list[dict]) -> tuple[str, dict[str, str]] | None:
-    """(the best repair's name and value, its greedy answer per fact): the method `best_repair` picks, at
-    its dev-chosen value, on dev and test facts (its answer files under DIR/repairs/); None without them."""
+def best_repair_answers(audit_dir: Path, summary: dict) -> tuple[str, dict[str, str]] | None:
+    """(the best repair's name and value, its greedy answer per test fact): the method `best_repair` picks,
+    at its dev-chosen value (its answer file under DIR/repairs/test/); None without it."""
     if not summary.get("repairs"):
         return None
     method = best_repair(summary["repairs"])
     r = summary["repairs"][method]
-    answers = {}
-    for part in sorted({f["slice"] for f in facts}):
-        path = audit_dir / "repairs" / part / f"{method}-{r['chosen']:g}.json"
-        try:
-            answers.update(json.loads(path.read_text())["answers"])
-        except (OSError, json.JSONDecodeError, KeyError):
-            return None
-    return f"{method} ({r['knob']} = {r['chosen']:g})", answers
+    path = audit_dir / "repairs" / "test" / f"{method}-{r['chosen']:g}.json"
+    try:
+        return f"{method} ({r['knob']} = {r['chosen']:g})", json.loads(path.read_text())["answers"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return None
 
 
 def facts_section(summary: dict, facts: list[dict], audit_dir: Path) -> Section:
     """Every audited fact in one explorer (HTML page only): filters, search, sortable columns."""
-    repair = best_repair_answers(audit_dir, summary, facts)
+    repair = best_repair_answers(audit_dir, summary)  # test facts only: a dev fact's cells stay empty
     right = summary["repairs"][best_repair(summary["repairs"])]["correct"] if repair else {}
+    right = {i: right[i] for i in repair[1]} if repair else {}
     rows = [{"fact_id": f["fact_id"], "relation": f["relation"], "domain": f["domain"], "slice": f["slice"],
              "question": f["question"], "gold": " | ".join(f["answers"]),
              "base_answer": f["base_answer"], "base_correct": f["base_correct"],
@@ -228,7 +232,7 @@ def facts_section(summary: dict, facts: list[dict], audit_dir: Path) -> Section:
                Column("slice", "slice"), Column("question", "question"), Column("gold", "gold answers"),
                Column("base_answer", "base answer", right="base_correct"),
                Column("finetuned_answer", "fine-tuned answer", right="finetuned_correct"),
-               *([Column("repair_answer", f"best repair: {repair[0]}", right="repair_correct")] if repair else []),
+               *([Column("repair_answer", f"best repair: {repair[0]}, test facts", right="repair_correct")] if repair else []),
                Column("base_level", "base level", numeric=True), Column("finetuned_level", "fine-tuned level", numeric=True),
                Column("transition", "transition"), Column("kl", "first-token KL", numeric=True, digits=4)]
     filters = [Filter("transition", "transition", TRANSITIONS),
@@ -237,7 +241,8 @@ def facts_section(summary: dict, facts: list[dict], audit_dir: Path) -> Section:
                Filter("base_level", "base level", tuple(sorted({f["base_level"] for f in facts})))]
     text = (f"Every audited fact ({len(facts)}; DIR/facts.jsonl holds the same rows): its gold answers (with aliases), "
             "each model's greedy answer (✓ right, ✗ wrong)"
-            + (f", the best repair's ({repair[0]}: the best dev objective; dev facts took part in choosing it)"
+            + (f", the best repair's on the held-out test facts ({repair[0]}: the best dev objective; the dev facts "
+               "chose it)"
                if repair else "")
             + ", both mastery levels, the transition and the first-token KL. In the HTML report: filter by transition, "
             "relation, domain and base level, search any words of a row, click a column header to sort (again: "

@@ -12,12 +12,12 @@ this project's machine. The study's plan (`sftlens.study.engine.commands`) and t
 DEFAULT_RATES = {"probe": 0.040, "split": 0.0, "train": 0.14, "eval": 0.037, "kl": 0.02, "deltas": 16.0,
                  "restore": 0.047, "control": 0.045, "repair": 0.047, "repaired": 0.045, "lora": 0.11,
                  "lora-eval": 0.043, "inject": 0.14, "tune": 0.14, "tune-eval": 0.037, "tuned": 0.14,
-                 "guard": 0.14, "guarded": 0.14, "guard-eval": 0.043}
+                 "guard": 0.14, "guarded": 0.14, "guard-eval": 0.043, "importance": 0.037}
 FIXED_SECONDS = {"probe": 5, "split": 2, "train": 8, "eval": 4, "kl": 3, "deltas": 0, "restore": 6, "control": 6,
                  "repair": 6, "repaired": 6, "lora": 8, "lora-eval": 6, "inject": 8, "tune": 8, "tune-eval": 4,
-                 "tuned": 2, "guard": 8, "guarded": 8, "guard-eval": 6}
+                 "tuned": 2, "guard": 8, "guarded": 8, "guard-eval": 6, "importance": 12}
 WORK_UNITS = {"probe": "samples", "split": "-", "train": "examples", "eval": "generations", "kl": "prompts",
               "deltas": "models", "restore": "generations", "control": "generations", "repair": "generations",
               "repaired": "generations", "lora": "examples", "lora-eval": "generations", "inject": "statements",
               "tune": "examples", "tune-eval": "generations", "tuned": "examples",
-              "guard": "examples", "guarded": "examples", "guard-eval": "generations"}
+              "guard": "examples", "guarded": "examples", "guard-eval": "generations", "importance": "generations"}

@@ -102,23 +102,35 @@ def fisher_diagonals(model, tokenizer, facts: dict[str, list[tuple[str, str]]], 
     sums = {kind: {n: torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device) for n in names}
             for kind in facts}
     counts = dict.fromkeys(facts, 0)
+    kind_now = [None]
+    # Each parameter's square goes into the sums the moment its gradient is complete, and the gradient is
+    # dropped: never a whole model's gradients at once (memory: the model, the sums, one tensor's gradient).
+    names_of: dict[int, list[str]] = {}
+    for n in names:  # a tied tensor: every checkpoint name it has, from its one gradient
+        names_of.setdefault(id(params[n]), []).append(n)
+
+    def accumulate(param: torch.nn.Parameter) -> None:
+        square = param.grad.float().square()
+        for n in names_of[id(param)]:
+            sums[kind_now[0]][n].add_(square)
+        param.grad = None
+
+    handles = [params[group[0]].register_post_accumulate_grad_hook(accumulate) for group in names_of.values()]
     try:
         with torch.enable_grad(), tqdm(total=sum(map(len, facts.values())), desc="fact importances", unit="fact",
                                        disable=not progress) as bar:
             for kind, pairs in facts.items():
+                kind_now[0] = kind
                 for prompt, answer in pairs:
                     prompt_ids, answer_ids = fact_tokens(tokenizer, prompt, answer)
                     bar.update()
                     if not answer_ids:
                         continue
-                    model.zero_grad(set_to_none=True)
                     answer_log_likelihood(model, prompt_ids, answer_ids).backward()
-                    for n in names:
-                        grad = params[n].grad
-                        if grad is not None:
-                            sums[kind][n].add_(grad.float().square())
                     counts[kind] += 1
     finally:
+        for handle in handles:
+            handle.remove()
         model.zero_grad(set_to_none=True)
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])

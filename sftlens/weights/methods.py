@@ -93,13 +93,15 @@ class RepairConfig:
                 "scope": self.scope or defaults.get("scope", "global"), "region": self.region,
                 "strategy": defaults.get("strategy", self.strategy), "seed": self.seed}
 
-    def settings(self) -> dict:
+    def settings(self, importances: bool = True) -> dict:
         """The method's settings with its defaults filled in: what enters its outputs' keys (the
-        importances: the file's own key, so a moved file keeps its outputs' keys)."""
+        importances: the file's own key, so a moved file keeps its outputs' keys; left out with
+        `importances=False`, for a caller that keys the file otherwise: a study's importance unit)."""
         resolved = self._resolved()
-        if "importances" in METHODS[self.method].settings:
+        read = [n for n in METHODS[self.method].settings if importances or n != "importances"]
+        if "importances" in read:
             resolved["importances"] = self.importances_file().key
-        return {name: resolved[name] for name in METHODS[self.method].settings}
+        return {name: resolved[name] for name in read}
 
     def selection(self) -> SelectionConfig:
         """The selection of restore and trim."""

@@ -141,8 +141,9 @@ class RepairGrid:
     values: tuple[float, ...]
 
     def params(self) -> dict:
-        """What enters a repair unit's key: the method and the settings it reads."""
-        return {"method": self.config.method, **self.config.settings()}
+        """What enters a repair unit's key: the method and the settings it reads (the guided repair's
+        importances through its importance unit, a dependency whose key is part of the unit's)."""
+        return {"method": self.config.method, **self.config.settings(importances=False)}
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ def _check_rate_arms(study: StudySettings, train, repairs: dict, guards: dict, s
 def repair_grids(raw: dict, spec: str) -> dict[str, RepairGrid]:
     """The `[repairs]` tables: method -> its settings and values; every method gets as many values
     as the others, so each has the same number of dev evaluations to choose with."""
-    from sftlens.weights import METHODS, RepairConfig, parse_values
+    from sftlens.weights import RepairConfig, parse_values
 
     if not isinstance(raw, dict):
         raise SftlensError(f"{spec}: repairs: expected tables like wise = {{ values = [0.5, 0.75] }}, got {raw!r}")
@@ -300,10 +301,9 @@ def repair_grids(raw: dict, spec: str) -> dict[str, RepairGrid]:
         if "method" in settings:
             raise SftlensError(f"{spec}: {where}.method: the table's name is the method; remove the key")
         config = config_from_dict(RepairConfig, {"method": method, **settings}, where)
-        if "importances" in METHODS[method].settings:
-            raise SftlensError(f"{spec}: {where}: the {method} repair needs fact importances of each fine-tuned "
-                               "model's forgotten and learned dev facts, which studies do not compute; compare it "
-                               "with `sftlens audit`")
+        if settings.get("importances") is not None:
+            raise SftlensError(f"{spec}: {where}.importances: a study computes each fine-tuned model's importances "
+                               "itself (its importance units); remove the key")
         if not isinstance(table["values"], list):
             raise SftlensError(f"{spec}: {where}.values: expected a list of numbers, got {table['values']!r}")
         try:

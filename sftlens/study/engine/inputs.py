@@ -1,5 +1,6 @@
 """What the study's units read from the study: its facts (a fact set's read once per process), the probe unit's
-records, the split unit's folder and a model's training file. `stages` and `guard_stages` both read them here."""
+records, the split unit's folder, a model's training file and its fact importances (the guided repair's). `stages`,
+`guard_stages` and `importance_stage` read them here."""
 
 from __future__ import annotations
 
@@ -44,3 +45,11 @@ def split_folder(deps: roles.Deps) -> Path:
 
 def training_file(p: TrainParams, deps) -> Path:
     return set_file(split_folder(deps), set_path(split_train_set(p.set, p.size, p.seed)))
+
+
+IMPORTANCES_FILE = "importances.safetensors"  # under the importance unit's folder
+
+
+def importances_path(deps: roles.Deps) -> str | None:
+    """The importances file of a unit's `importances` dependency (the guided repair's), if it has one."""
+    return str(roles.dep_dir(deps, roles.IMPORTANCES) / IMPORTANCES_FILE) if roles.IMPORTANCES in deps else None

@@ -124,6 +124,12 @@ class RepairParams(UnitParams):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ImportanceParams(UnitParams):
+    eval: dict  # EvalConfig: how both models answer the dev facts
+    dev: str  # the dev domain whose forgotten and learned facts are weighed
+
+
+@dataclass(frozen=True, kw_only=True)
 class RepairedParams(UnitParams):
     repair: dict
     eval: dict

@@ -39,7 +39,14 @@ from sftlens.split import SplitConfig, build_splits, eval_files, eval_set, set_f
 from sftlens.split import train_set as split_train_set
 from sftlens.study.engine import roles
 from sftlens.study.engine.choice import chosen_rate, chosen_ratio, chosen_value
-from sftlens.study.engine.inputs import fact_set, probe_records, split_folder, study_facts, training_file
+from sftlens.study.engine.inputs import (
+    fact_set,
+    importances_path,
+    probe_records,
+    split_folder,
+    study_facts,
+    training_file,
+)
 from sftlens.study.engine.params import (
     ControlParams,
     DeltasParams,
@@ -167,7 +174,7 @@ def model_path(params, deps: roles.Deps) -> str:
     return str(roles.dep_dir(deps, roles.MODEL) / "model") if roles.MODEL in deps else Runtime.of(params).model
 
 
-def _unit_model(path: str, eval_cfg: EvalConfig, runtime: Runtime):
+def unit_model(path: str, eval_cfg: EvalConfig, runtime: Runtime):
     """(model, tokenizer) at `path` as a unit evaluates it: [eval]'s dtype, its device or the study's."""
     return load_model(path, dtype=eval_cfg.dtype, device=eval_cfg.device or runtime.device_or_none)
 
@@ -179,7 +186,7 @@ def load_rows(files: list[Path]) -> list[dict]:
 def eval_unit(params, out: Path, deps) -> dict:
     p = EvalParams.of(params)
     config = eval_config(params)
-    model, tokenizer = _unit_model(model_path(params, deps), config, Runtime.of(params))
+    model, tokenizer = unit_model(model_path(params, deps), config, Runtime.of(params))
     rows = {}
     for split in p.splits:  # `dev-in`: the in-domain dev facts only, tagged split "dev"
         name, _, domain = split.partition("-")
@@ -290,7 +297,7 @@ def restore_unit(params, out: Path, deps) -> dict:
     eval_cfg = eval_config(params)
     restore_cfg = config_from_dict(RestoreConfig, p.restore, "restore")
     finetuned = model_path(params, deps)
-    model, tokenizer = _unit_model(finetuned, eval_cfg, runtime)
+    model, tokenizer = unit_model(finetuned, eval_cfg, runtime)
     rows = _sweep_rows(p.dev, deps)
     # ratio 0 is the fine-tuned model itself, already scored on test by its eval unit
     unrestored = roles.dep_result(deps, roles.EVAL)
@@ -324,7 +331,7 @@ def control_unit(params, out: Path, deps) -> dict:
     eval_cfg = eval_config(params)
     restore_cfg = dataclasses.replace(config_from_dict(RestoreConfig, p.restore, "restore"), strategy="random", seed=p.seed)
     finetuned = model_path(params, deps)
-    model, tokenizer = _unit_model(finetuned, eval_cfg, runtime)
+    model, tokenizer = unit_model(finetuned, eval_cfg, runtime)
     restore_in_memory(model, runtime.model, finetuned, ratio, restore_cfg)
     rows = {"test": load_rows(eval_files(split_folder(deps), "test")), "train": _own_train_rows(deps)}
     records, bits, _ = _evaluate_splits(model, tokenizer, rows, eval_cfg, ratio)
@@ -335,7 +342,7 @@ def scored_unit(params, out: Path, deps) -> dict:
     """A model on test, in-domain dev and its own training set, with per-fact correctness on test and
     training set: a LoRA candidate of the repair comparison (the report picks its rate on dev)."""
     runtime, eval_cfg = Runtime.of(params), eval_config(params)
-    model, tokenizer = _unit_model(model_path(params, deps), eval_cfg, runtime)
+    model, tokenizer = unit_model(model_path(params, deps), eval_cfg, runtime)
     records, predictions = evaluate_splits(model, tokenizer, _sweep_rows("in", deps), eval_cfg, {})
     return {"records": records, "test_bits": _bits_by_level(predictions["test"]),
             "train_bits": _bits_by_level(predictions["train"])}
@@ -344,17 +351,25 @@ def scored_unit(params, out: Path, deps) -> dict:
 # --- repair methods ------------------------------------------------------------------------------
 
 
-def _repair_config(repair: dict) -> RepairConfig:
-    return config_from_dict(RepairConfig, repair, "repair")
+def _skipped(deps: roles.Deps) -> str | None:
+    """Why the model's guided repair is skipped (its importance unit found nothing to weigh), or None."""
+    return roles.dep_result(deps, roles.IMPORTANCES).get("skipped") if roles.IMPORTANCES in deps else None
+
+
+def _repair_config(repair: dict, deps: roles.Deps) -> RepairConfig:
+    """The unit's repair, reading its model's fact importances where the method does (guided)."""
+    return config_from_dict(RepairConfig, {**repair, "importances": importances_path(deps)}, "repair")
 
 
 def repair_unit(params, out: Path, deps) -> dict:
     """Every value of one repair method on the in-domain dev facts: what the method's choice sees."""
     p, runtime = RepairParams.of(params), Runtime.of(params)
+    if skipped := _skipped(deps):
+        return {"method": p.repair["method"], "records": [], "skipped": skipped}
     eval_cfg = eval_config(params)
-    config = _repair_config(p.repair)
+    config = _repair_config(p.repair, deps)
     finetuned = model_path(params, deps)
-    model, tokenizer = _unit_model(finetuned, eval_cfg, runtime)
+    model, tokenizer = unit_model(finetuned, eval_cfg, runtime)
     dev = {"dev": _sweep_rows(p.dev, deps)["dev"]}
     records = []
     for value, repaired in repaired_models(model, runtime.model, finetuned, p.values, config):
@@ -366,11 +381,13 @@ def repaired_unit(params, out: Path, deps) -> dict:
     """The method at the value its dev sweeps chose for this (level, size) over all seeds, on test
     and on the model's own training set, with per-fact correctness for the paired bootstraps."""
     p, runtime = RepairedParams.of(params), Runtime.of(params)
+    if skipped := _skipped(deps):
+        return {"method": p.repair["method"], "skipped": skipped}
     eval_cfg = eval_config(params)
-    config = _repair_config(p.repair)
+    config = _repair_config(p.repair, deps)
     value = chosen_value(roles.sweep_results(deps), METHODS[config.method].neutral)
     finetuned = model_path(params, deps)
-    model, tokenizer = _unit_model(finetuned, eval_cfg, runtime)
+    model, tokenizer = unit_model(finetuned, eval_cfg, runtime)
     rows = {k: v for k, v in _sweep_rows("in", deps).items() if k != "dev"}
     (_, repaired), = repaired_models(model, runtime.model, finetuned, [value], config)
     records, predictions = evaluate_splits(repaired, tokenizer, rows, eval_cfg, {"repair_value": value})

@@ -1,5 +1,6 @@
 """The study's unit graph: probe -> split -> train -> eval, kl, deltas, restore sweep -> control, and
-per repair method: repair (its values on dev) -> repaired (the dev-chosen value on test and train);
+per repair method: repair (its values on dev) -> repaired (the dev-chosen value on test and train), and per
+analysed model an importance unit (its forgotten and learned dev facts' importances) that the guided repair reads;
 with `lora_learning_rates`, per analysed training set and rate: lora (LoRA SFT) -> lora-eval; with
 `learning_rates`, per training set, seed and rate at the sizes the rate is chosen at: tune ([train]'s
 recipe at that rate) -> tune-eval (in-domain dev), then per model of the grid: tuned (the recipe at the
@@ -42,6 +43,7 @@ from sftlens.study.engine.params import (
     DeltasParams,
     EvalParams,
     FactSelection,
+    ImportanceParams,
     InjectParams,
     KLParams,
     ProbeParams,
@@ -55,12 +57,14 @@ from sftlens.study.engine.params import (
     UnitParams,
 )
 from sftlens.study.engine.scheduler import STAGES, Unit
+from sftlens.weights import METHODS
 
 RATE_CHOICE = {  # how the tuned arm's rate is chosen, in words (part of a tuned unit's key)
     "largest": "best mean dev Acc (in-domain) over seeds at the training set's largest size; ties: the smaller",
     "per-size": "best mean dev Acc (in-domain) over seeds at the model's own size; ties: the smaller",
 }
 TUNED = "tuned-"  # the tuned arm's models: `tuned-level0-n240-seed0`
+IMPORTANCE_STAGE = "sftlens.study.engine.importance_stage"
 
 
 def data_fingerprint(data_dir: Path, relations_by_split: dict[str, tuple[str, ...]]) -> str:
@@ -165,6 +169,7 @@ class GraphBuilder:
                  {roles.SPLIT: split.key}, work=eval_rows + dev_rows)
         sweeps: dict[tuple, list[Unit]] = {}
         repairs: dict[tuple, list[Unit]] = {}
+        importances: dict[tuple, dict[str, str]] = {}  # (model key, method) -> its importances dependency
         guarded: dict[tuple, list[tuple]] = {}  # (level, size) -> its analysed models, for the guards' arm
         models: list[tuple[int | None, int | None, int, Unit, str]] = []
         train_rows = self.n_facts["train"] // max(1, len(s.levels))
@@ -204,11 +209,13 @@ class GraphBuilder:
                                   dev="in"),
                     {**deps, roles.EVAL: evaluation.key},
                     work=len(ratios) * (eval_rows + dev_rows / 2 + own_rows) + dev_rows / 2 + own_rows))
+            weighed = self.importance(name, deps, eval_cfg, dev_rows / 2)
             for method, grid in self.config.repairs.items():
                 unit = self.add("repair", f"repair {method} {name}", "repair_unit",
                                 RepairParams(repair=grid.params(), values=list(grid.values), eval=eval_cfg, dev="in"),
-                                deps, work=len(grid.values) * dev_rows / 2)
+                                {**deps, **weighed.get(method, {})}, work=len(grid.values) * dev_rows / 2)
                 repairs.setdefault((level, size, method), []).append(unit)
+                importances[train.key, method] = weighed.get(method, {})
             self.lora_arm(level, size, seed, name.removeprefix(TUNED), eval_rows + dev_rows / 2 + own_rows)
             guarded.setdefault((level, size), []).append((seed, train, name.removeprefix(TUNED)))
         for (level, size), members in guarded.items():
@@ -229,11 +236,22 @@ class GraphBuilder:
                 group = repairs.get((level, size, method))
                 if not group:
                     continue
-                deps = {roles.MODEL: train.key, roles.SPLIT: split.key, **roles.sweep_roles(u.key for u in group)}
+                deps = {roles.MODEL: train.key, roles.SPLIT: split.key, **roles.sweep_roles(u.key for u in group),
+                        **importances[train.key, method]}
                 self.add("repaired", f"repaired {method} {name}", "repaired_unit",
                          RepairedParams(repair=grid.params(), eval=eval_cfg, value_choice=VALUE_CHOICE),
                          deps, work=eval_rows + (size or train_rows))
         return self.units
+
+    def importance(self, name: str, deps: dict, eval_cfg: dict, dev_rows: float) -> dict[str, dict[str, str]]:
+        """The fact importances of one analysed model, if a repair method reads them (guided): method ->
+        its `importances` dependency. One unit per model, whatever reads it."""
+        readers = [m for m in self.config.repairs if "importances" in METHODS[m].settings]
+        if not readers:
+            return {}
+        unit = self.add("importance", f"importance {name}", f"{IMPORTANCE_STAGE}:importance_unit",
+                        ImportanceParams(eval=eval_cfg, dev="in"), deps, work=2 * dev_rows)
+        return {m: {roles.IMPORTANCES: unit.key} for m in readers}
 
     def candidates(self, kind: str, recipe, rates: tuple[float, ...], level, size, seed: int, name: str,
                    scoring: tuple[str, list[str], float], reuse: dict[float, Unit]) -> list[tuple[float, Unit, Unit]]:

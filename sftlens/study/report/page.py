@@ -157,6 +157,8 @@ def run_header(results: StudyResults, study_dir: Path, page: Path) -> list[str]:
         f"- Study run: `{sessions[0]['command']}` ({len(sessions)} session(s)), started {started}",
         f"- Wall time: **{wall / 60:.1f} min** (sum over sessions); units: "
         + ", ".join(f"{n} {state}" for state, n in sorted(units.items())),
+        *(["- Skipped (nothing to report): " + "; ".join(f"{label}: {why}" for label, why in skipped.items())]
+          if (skipped := results.skipped()) else []),
         f"- Machine: {sessions[-1]['machine']}",
         f"- Code: sftlens at git commit `{codes}`",
         f"- This page: `sftlens report {study_dir} --page {page}`, by sftlens `{code_version()}` (every number below "

@@ -6,8 +6,8 @@ value, measured alike on the same facts and seeds:
   still answers right (100 - forgotten %); and the share right of the taught facts at probe level 4;
 - what the fine-tune was for: the share of its own training facts it answers right (learned), and of the
   untaught test facts, in-domain and out-of-domain;
-- cost: training time relative to plain SFT's (the units' wall seconds; a repair's: its dev sweep), and the
-  memory a guard holds beyond plain SFT.
+- cost: training time relative to plain SFT's (the units' wall seconds; a repair's: its dev sweep, the guided
+  repair's with its importance unit), and the memory a guard holds beyond plain SFT.
 
 Each arm's kept and learned points are compared with plain SFT's by a paired bootstrap over facts (one draw of the
 test facts shared by every seed; each seed's own training facts) and seeds (paired by seed), its draws seeded by the
@@ -28,6 +28,7 @@ from sftlens.io import stable_hash
 from sftlens.reporting.bootstrap import Estimate, estimate, verdict
 from sftlens.reporting.figures import figure_panels, save_figure
 from sftlens.reporting.page import Section, interval_text
+from sftlens.study.engine import roles
 from sftlens.study.engine.choice import chosen_guard_value
 from sftlens.study.engine.scheduler import unit_folder
 from sftlens.study.report.results import StudyResults, chosen_models, rate_candidates, test_correct, test_order
@@ -139,7 +140,9 @@ def _arms(results: StudyResults) -> list[Arm]:
             arms.append(arm)
         arm.models[results.model_tags(unit)["seed"]] = unit["result"]
         sweeps = [keys[k] for role, k in unit["spec"]["deps"].items() if role.startswith("sweep")]
-        arm.seconds.append(sum(s["seconds"] or 0 for s in sweeps) / max(1, len(sweeps)))
+        weighed = unit["spec"]["deps"].get(roles.IMPORTANCES)  # the guided repair's importance unit
+        arm.seconds.append(sum(s["seconds"] or 0 for s in sweeps) / max(1, len(sweeps))
+                           + ((keys[weighed]["seconds"] or 0) if weighed else 0))
     return arms
 
 

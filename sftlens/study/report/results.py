@@ -52,7 +52,17 @@ class StudyResults:
     sessions: list[dict] = field(default_factory=list)  # each `study run`: command, code, machine, wall time
 
     def done(self, kind: str) -> list[dict]:
-        return [u for u in self.units if u["kind"] == kind and u["state"] == "done"]
+        """The finished units of `kind` with something to report (not `skipped`: see `skipped`)."""
+        return [u for u in self.units if u["kind"] == kind and u["state"] == "done" and not self._skipped(u)]
+
+    def skipped(self) -> dict[str, str]:
+        """label -> why: finished units with nothing to report (a guided repair without a forgotten or a
+        learned dev fact to weigh)."""
+        return {u["label"]: reason for u in self.units if u["state"] == "done" and (reason := self._skipped(u))}
+
+    @staticmethod
+    def _skipped(unit: dict) -> str | None:
+        return (unit.get("result") or {}).get("skipped")
 
     def by_key(self) -> dict[str, dict]:
         return {u["key"]: u for u in self.units}
