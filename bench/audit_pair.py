@@ -1,12 +1,13 @@
 """Audit throughput: `sftlens audit` on a base/fine-tune pair against the naive baseline, in one run.
 
 The audit (probe both models, greedy answers, KL, update concentration, every repair method swept on
-dev and scored on test) is timed end to end with its peak RSS beyond the two models. The baseline
+dev and scored on test) is timed end to end with its peak RSS beyond the two models, and each step's
+measured seconds stand beside the plan's estimate made before it ran (`sftlens audit --plan`). The baseline
 answers the same facts the naive way, one `generate` call per fact and model (greedy, the same
 prompts and token budget), and must give the same answers. By default the pair is the embedded
 SmolLM2-135M and a fine-tune made here on 60 training facts (about half a minute).
 
-    python bench/audit_pair.py --facts-per-relation 42          # >= 1,000 facts: the target (<= 15 min, 2 cores)
+    python bench/audit_pair.py --facts-per-relation 42          # 1,008 facts: the target (<= 5 min, 2 cores)
     python bench/audit_pair.py --facts-per-relation 1           # a smoke run (a few minutes)
     python bench/audit_pair.py --skip-baseline                  # the audit's time and memory only
     python bench/audit_pair.py --base B --finetuned F ...       # any pair
@@ -31,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sftlens.audit import Audit, AuditConfig, run_audit  # noqa: E402
+from sftlens.audit.engine import prepare  # noqa: E402
+from sftlens.audit.run import plan_rows  # noqa: E402
 from sftlens.data import encode_prompt  # noqa: E402
 from sftlens.io import read_jsonl  # noqa: E402
 from sftlens.models import load_model  # noqa: E402
@@ -89,13 +92,16 @@ def main() -> None:
                       probe=ProbeConfig(samples=2, templates=(0, 1), max_new_tokens=8, stop_at_newline=True),
                       settings=AuditConfig(answer_tokens=16, min_slice=5))
         out = Path(args.out or work / "audit")
+        # the plan's estimate before anything runs (`--plan`), against the steps' measured seconds after
+        planned = {step: seconds for step, _, _, seconds in plan_rows(prepare(audit, out, progress=False))}
         before = rss_mb()
         start = time.perf_counter()
         summary = run_audit(audit, out, progress=False)
         wall = time.perf_counter() - start
         peak = rss_mb()
         rows = read_jsonl(out / "facts.jsonl")
-        folders = json.loads((out / "audit.json").read_text())["folders"]
+        record = json.loads((out / "audit.json").read_text())
+        folders, measured = record["folders"], record["sessions"][-1]["steps"]
         model_mb = sum(f.stat().st_size for role in folders for f in Path(folders[role]).glob("*.safetensors")) / 2**20
         naive, naive_s = {}, 0.0
         for role, key in () if args.skip_baseline else (("base", "base_prompt"), ("finetuned", "finetuned_prompt")):
@@ -108,6 +114,9 @@ def main() -> None:
             "peak_beyond_two_models_mb": round(peak - before - model_mb),
             "naive_generate_greedy_only_s": round(naive_s, 1), "naive_answers_identical": same,
             "cpu_threads": torch.get_num_threads(),
+            "plan_s": round(sum(planned.values()), 1), "plan_vs_wall": round(sum(planned.values()) / wall, 2),
+            "steps": {step: {"measured_s": measured.get(step, 0.0), "planned_s": round(planned[step], 1)}
+                      for step in planned},
         }, indent=2))
 
 

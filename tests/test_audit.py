@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from sftlens.audit import Audit, AuditConfig, run_audit
 from sftlens.audit.engine import prepare
 from sftlens.audit.repairs import choose, objective
+from sftlens.audit.run import plan_rows
 from sftlens.audit.transitions import group_rates, mastery_matrix
 from sftlens.cli import main
 from sftlens.errors import SftlensError
@@ -101,6 +103,13 @@ def test_transitions_and_choices_equal_brute_force(pair, tmp_path):
     report = (out / "report" / "report.html").read_text()
     assert '<td class="num">' in report and "<td>wise</td>" in report
     assert "McNemar p vs fine-tuned" in report and "Probe prompt: mapping templates filled in" in report
+    # the plan counts the answers and edits the repairs make: with their outputs gone, exactly a re-run's
+    shutil.rmtree(out / "repairs")
+    plan = {step: (work, unit) for step, work, unit, _ in plan_rows(ctx)}
+    values = sum(len(r["candidates"]) for r in summary["repairs"].values())
+    assert plan["repairs on dev"] == (values * len(moved), f"answers ({values} edits)")
+    assert plan["repairs on test"] == (len(METHODS) * len(test), f"answers ({len(METHODS)} edits)")
+    assert plan["fact importances (guided)"][0] == 0  # its file is still there
 
 
 def test_synthetic_rates_and_objectives_equal_brute_force():

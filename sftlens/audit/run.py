@@ -40,7 +40,7 @@ from sftlens.errors import SftlensError
 from sftlens.io import atomic_write_json, atomic_write_jsonl
 from sftlens.markdown import markdown_table
 from sftlens.probe import LEVELS, ProbeConfig, load_probe, template_indices
-from sftlens.reporting.costs import DEFAULT_RATES
+from sftlens.reporting.costs import AUDIT_RATES, RATES_FROM
 from sftlens.reporting.provenance import code_version, machine
 from sftlens.weights import METHODS
 from sftlens.weights.checkpoints import open_pair
@@ -83,9 +83,9 @@ def run_steps(ctx: Context, best: bool = False) -> dict:
 
 
 RECORD = "audit.json"
-# The rates are SmolLM2-135M's on this project's 2-core CPU (`sftlens.reporting.costs`); a larger
-# model scales them by its parameter count. Update concentration is the study's deltas unit (3 metrics
-# x (2 selection passes + 1 sum pass) + the zero-base pass).
+# The rates are SmolLM2-135M's on this project's 2-core CPU (`sftlens.reporting.costs.AUDIT_RATES`); a larger
+# model scales them by its parameter count. Update concentration: 3 metrics x (2 selection passes + 1 sum
+# pass) + the zero-base pass.
 REFERENCE_PARAMETERS = 134.5e6
 DELTAS_PASSES = 10
 # Before the greedy answers, the share of dev facts whose correctness differs between the two models (the
@@ -151,10 +151,11 @@ def dev_facts_read(ctx: Context) -> set[str] | None:
 
 
 def plan_rows(ctx: Context) -> list[list]:
-    """(step, work to run, estimated seconds) for every step; finished work counts as none."""
+    """(step, work to run, its unit, estimated seconds) for every step; finished work counts as none."""
     pair = open_pair(ctx.folders["base"], ctx.folders["finetuned"])
     scale = sum(pair.numel(n) for n in pair.base.shapes) / REFERENCE_PARAMETERS
     draws = len(template_indices(ctx.facts, ctx.probe)) * ctx.audit.probe.samples
+    tokens = ctx.audit.probe.max_new_tokens
     n = len(ctx.facts)
     rows = []
     # Finished work is what the steps themselves would skip: the same outputs and keys (`sftlens.io.KeyedOutput`).
@@ -162,43 +163,58 @@ def plan_rows(ctx: Context) -> list[list]:
     ids = sorted({f.id for f in ctx.facts})
     for role in ROLES:
         todo = len(ids) - len(set(stored[role]) & set(ids))
-        rows.append([f"probe {role}", todo * draws, "samples", todo * draws * DEFAULT_RATES["probe"] * scale])
+        rows.append([f"probe {role}", todo * draws, "samples", todo * draws * tokens * AUDIT_RATES["probe"] * scale])
     for role in ROLES:
         work = 0 if greedy_output(ctx, role).done() else n
-        rows.append([f"greedy {role}", work, "answers", work * DEFAULT_RATES["eval"] * scale])
+        rows.append([f"greedy {role}", work, "answers", work * AUDIT_RATES["answer"] * scale])
     # KL's key needs the base's probe records (each relation's best template): not done until they are all there
     kl_done = all(i in stored["base"] for i in ids) and kl_output(ctx, {i: stored["base"][i] for i in ids}).done()
     kl_work = 0 if kl_done else 2 * n
-    rows.append(["first-token KL", kl_work, "forward passes", kl_work * DEFAULT_RATES["kl"] * scale])
+    rows.append(["first-token KL", kl_work, "forward passes", kl_work * AUDIT_RATES["kl"] * scale])
     deltas_done = deltas_output(ctx).done()
     rows.append(["update concentration", 0 if deltas_done else DELTAS_PASSES, "weight passes",
-                 0 if deltas_done else DEFAULT_RATES["deltas"] * scale])
-    # the guided repair's importances: a forward and backward per forgotten or learned dev fact (a training
-    # example's rate); until the greedy answers are there, every dev fact bounds them
+                 0 if deltas_done else AUDIT_RATES["deltas"] * scale])
+    # The dev facts whose correctness differs between the models: the facts the objective reads and the guided
+    # repair weighs. Until the greedy answers are there, their number is READ_SHARE's estimate.
     dev = sum(v == "dev" for v in ctx.slice_of.values())
+    read = dev_facts_read(ctx)
+    moved = round(READ_SHARE * dev) if read is None else len(read)
     importance_work, guided_skipped = importance_plan(ctx)
     guided_ready = importance_work == 0 and not guided_skipped
-    work = dev if importance_work is None else importance_work
-    rows.append(["fact importances (guided)", work, "forward+backward passes", work * DEFAULT_RATES["train"] * scale])
-    read = dev_facts_read(ctx)
-    share = 1 if ctx.settings.objective == "acc" else READ_SHARE
-    read_n = round(share * dev) if read is None else len(read)
-    for part, kind in (("dev", "repair"), ("test", "repaired")):
-        work = 0
-        for method, values in ctx.values.items():
-            if "importances" in METHODS[method].settings and not guided_ready:  # not keyed before its importances
-                work += 0 if guided_skipped else (len(values) * read_n if part == "dev" else len(ctx.facts) - dev)
-                continue
-            if part == "test":
-                work += 0 if any((ctx.out / "repairs" / "test").glob(f"{method}-*.json")) else len(ctx.facts) - dev
-                continue
-            if read is None:
-                work += len(values) * read_n
-                continue
-            facts, _, outputs = repair_targets(ctx, method, values, part, read)
-            work += sum(len(facts) for v in values if not outputs[v].done())
-        rows.append([f"repairs on {part}", work, "answers", work * DEFAULT_RATES[kind] * scale])
+    work = moved if importance_work is None else importance_work
+    rows.append(["fact importances (guided)", work, "forward+backward passes", work * AUDIT_RATES["importance"] * scale])
+    for part in ("dev", "test"):
+        answers, edits = repair_work(ctx, part, read, dev if ctx.settings.objective == "acc" else moved,
+                                     guided_ready, guided_skipped)
+        rows.append([f"repairs on {part}", answers, f"answers ({edits} edits)",
+                     (answers * AUDIT_RATES["answer"] + edits * AUDIT_RATES["edit"]) * scale])
     return rows
+
+
+def repair_work(ctx: Context, part: str, read: set[str] | None, read_n: int, guided_ready: bool,
+                guided_skipped: bool) -> tuple[int, int]:
+    """(greedy answers, edited models) the repairs on `part` have left: on dev every candidate of every method
+    on the facts the objective reads (`read`; before the greedy answers, `read_n` of them), on test each
+    method's chosen value on every test fact."""
+    answers = edits = 0
+    test = len(ctx.facts) - sum(v == "dev" for v in ctx.slice_of.values())
+    for method, values in ctx.values.items():
+        if "importances" in METHODS[method].settings and not guided_ready:  # not keyed before its importances
+            if not guided_skipped:
+                answers += len(values) * read_n if part == "dev" else test
+                edits += len(values) if part == "dev" else 1
+            continue
+        if part == "test":
+            done = any((ctx.out / "repairs" / "test").glob(f"{method}-*.json"))
+            answers, edits = answers + (0 if done else test), edits + (0 if done else 1)
+            continue
+        if read is None:
+            answers, edits = answers + len(values) * read_n, edits + (len(values) if read_n else 0)
+            continue
+        facts, _, outputs = repair_targets(ctx, method, values, part, read)
+        todo = [v for v in values if not outputs[v].done()] if facts else []
+        answers, edits = answers + len(facts) * len(todo), edits + len(todo)
+    return answers, edits
 
 
 def plan_text(ctx: Context) -> str:
@@ -210,7 +226,7 @@ def plan_text(ctx: Context) -> str:
     methods = ", ".join(f"{m} ({', '.join(f'{v:g}' for v in vs)})" for m, vs in ctx.values.items())
     dev = sum(v == "dev" for v in ctx.slice_of.values())
     return (f"audit of {len(ctx.facts)} facts ({dev} dev, {len(ctx.facts) - dev} test); candidates: {methods}\n{table}\n"
-            "(rates: SmolLM2-135M on a 2-core CPU, scaled by parameter count)")
+            f"(rates: {RATES_FROM}; scaled by parameter count)")
 
 
 # --- CLI ------------------------------------------------------------------------------------

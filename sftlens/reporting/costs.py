@@ -21,3 +21,12 @@ WORK_UNITS = {"probe": "samples", "split": "-", "train": "examples", "eval": "ge
               "repaired": "generations", "lora": "examples", "lora-eval": "generations", "inject": "statements",
               "tune": "examples", "tune-eval": "generations", "tuned": "examples",
               "guard": "examples", "guarded": "examples", "guard-eval": "generations", "importance": "generations"}
+
+# An audit's steps (`sftlens audit --plan`), measured from the per-step seconds an audit records
+# (`DIR/audit.json` sessions[].steps) of `bench/audit_pair.py --facts-per-relation 42` (1,008 facts, probe 2
+# templates x 2 samples of at most 8 tokens, answers of 16): seconds per sampled token (samples x max new
+# tokens), greedy answer (the two models' and every repair's), KL forward pass, forgotten or learned dev fact
+# weighed (guided), edited model (a repair value applied in memory: its weight passes) and the whole update
+# concentration step.
+RATES_FROM = "SmolLM2-135M fp32, this project's 2-core Intel Xeon, bench/audit_pair.py of 2026-12-06"
+AUDIT_RATES = {"probe": 0.0022, "answer": 0.039, "kl": 0.0134, "importance": 0.17, "edit": 2.6, "deltas": 12.0}
