@@ -386,3 +386,33 @@ def test_an_injected_base_and_its_fine_tune_are_probed_on_the_same_held_out_temp
     stores = {p.name.split("-")[0]: json.loads((p / "probe.json").read_text())["settings"]["templates"]
               for p in (tmp_path / "audit" / "probe").iterdir()}
     assert stores == {"base": [19, 20], "finetuned": [19, 20]}
+
+
+def test_a_kl_step_killed_mid_way_resumes_its_finished_chunks_and_ends_identical(pair, tmp_path, monkeypatch):
+    import sftlens.audit.engine as engine
+
+    monkeypatch.setattr(engine, "KL_CHUNK", 16)  # 72 facts: five chunks
+    whole = tmp_path / "whole"
+    run_audit(_audit(pair), whole, progress=False)
+    real, chunks = engine.first_token_kl, []
+
+    def killed_after(n):
+        def kl(ft, base, tokenizer, pairs, top_k):
+            if len(chunks) == n:
+                raise KeyboardInterrupt
+            chunks.append(pairs)
+            return real(ft, base, tokenizer, pairs, top_k)
+        return kl
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(engine, "first_token_kl", killed_after(2))
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(_audit(pair), killed, progress=False)
+    assert not (killed / "steps" / "kl.json").exists() and len(read_jsonl(next((killed / "steps").glob(".kl.*")))) == 32
+    first = list(chunks)
+    monkeypatch.setattr(engine, "first_token_kl", killed_after(10**6))
+    run_audit(_audit(pair), killed, progress=False)
+    assert len(chunks) == 5 and chunks[:2] == first  # only the three unfinished chunks were computed again
+    assert not list((killed / "steps").glob(".kl.*"))
+    for name in ("steps/kl.json", "facts.jsonl", "summary.json"):
+        assert (killed / name).read_text() == (whole / name).read_text(), name

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sftlens.analysis.deltas import DeltasConfig, concentration, zero_base_mass
-from sftlens.analysis.kl import first_token_kl, summarize_kl
+from sftlens.analysis.kl import KL_CHUNK, first_token_kl, summarize_kl
 from sftlens.audit import repairs as rp
 from sftlens.audit.checks import check_pair
 from sftlens.audit.config import Audit
@@ -225,13 +225,29 @@ def kl_step(ctx: Context, base_records: dict) -> dict:
     templates = best_templates(base_records, ctx.facts)
     chat = ctx.settings.prompt == "chat"
     (ft, tokenizer), (base, _) = ctx.model("finetuned"), ctx.model("base")
+    tokenizer = prompt_tokenizer(tokenizer, ctx.settings.prompt)
     if chat:
         pairs = list(zip(ctx.prompts["finetuned"], ctx.prompts["base"]))
     else:  # a fact's own topic templates: a fact set's as well as the paper's
         pairs = [(p, p) for p in (f.probe_prompt(templates.get(f.relation, 0)) for f in ctx.facts)]
-    values = first_token_kl(ft, base, prompt_tokenizer(tokenizer, ctx.settings.prompt), pairs, ctx.settings.kl_top_k)
-    return output.write({"style": "chat" if chat else "template", "summary": summarize_kl(values),
-                         "facts": [{"fact_id": f.id, "kl": v} for f, v in zip(ctx.facts, values)]})
+    # Resumable chunk by chunk: a finished chunk's values go to a partial log; the chunks are fixed by position,
+    # so a resumed run batches every prompt as an uninterrupted one does (the same values, bit for bit).
+    partial = output.log()
+    done = {r["fact_id"]: r["kl"] for r in read_jsonl(partial)} if partial.is_file() else {}
+    with JsonlAppender(partial) as log:
+        for start in range(0, len(pairs), KL_CHUNK):
+            facts = ctx.facts[start:start + KL_CHUNK]
+            if all(f.id in done for f in facts):
+                continue
+            values = first_token_kl(ft, base, tokenizer, pairs[start:start + KL_CHUNK], ctx.settings.kl_top_k)
+            for f, v in zip(facts, values):
+                log.write({"fact_id": f.id, "kl": v})
+                done[f.id] = v
+    values = [done[f.id] for f in ctx.facts]
+    result = output.write({"style": "chat" if chat else "template", "summary": summarize_kl(values),
+                           "facts": [{"fact_id": f.id, "kl": v} for f, v in zip(ctx.facts, values)]})
+    partial.unlink(missing_ok=True)
+    return result
 
 
 def deltas_output(ctx: Context) -> KeyedOutput:

@@ -182,7 +182,8 @@ def plan_rows(ctx: Context) -> list[list]:
     importance_work, guided_skipped = importance_plan(ctx)
     guided_ready = importance_work == 0 and not guided_skipped
     work = moved if importance_work is None else importance_work
-    rows.append(["fact importances (guided)", work, "forward+backward passes", work * AUDIT_RATES["importance"] * scale])
+    rows.append(["fact importances (guided)", work, "forward+backward passes",
+                 (work * AUDIT_RATES["importance"] + (AUDIT_RATES["importance_file"] if work else 0)) * scale])
     for part in ("dev", "test"):
         answers, edits = repair_work(ctx, part, read, dev if ctx.settings.objective == "acc" else moved,
                                      guided_ready, guided_skipped)
