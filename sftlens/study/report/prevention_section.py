@@ -262,5 +262,6 @@ def _figure(points: list[tuple[Arm, Estimate, Estimate]], path: Path) -> Path:
     ax.set_ylabel("kept: taught facts the base knew, still right (%)")
     ax.set_title("Prevention and cure: knowledge kept vs learned")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    if points:  # none: no taught fact the base knew, so no point to draw (the table says n/a)
+        ax.legend(fontsize="small", loc="best")
     return save_figure(figure, path)
