@@ -403,3 +403,17 @@ def test_the_engine_imports_no_report_module():
             "for m in pkgutil.iter_modules(engine.__path__): importlib.import_module(f'sftlens.study.engine.{m.name}')\n"
             "print(sorted(m for m in sys.modules if m.startswith('sftlens.study.report')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_every_unit_kind_is_declared_once_with_a_function_its_parameters_and_its_costs():
+    import importlib
+
+    from sftlens.reporting.costs import DEFAULT_RATES, FIXED_SECONDS
+    from sftlens.study.engine.kinds import KINDS
+    from sftlens.study.engine.params import UnitParams
+
+    assert set(KINDS) == set(DEFAULT_RATES) == set(FIXED_SECONDS)
+    for kind, declared in KINDS.items():
+        module, name = declared.fn.split(":")
+        assert callable(getattr(importlib.import_module(module), name)), kind
+        assert issubclass(declared.params, UnitParams) and declared.work, kind

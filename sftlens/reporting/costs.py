@@ -16,11 +16,6 @@ DEFAULT_RATES = {"probe": 0.040, "split": 0.0, "train": 0.14, "eval": 0.037, "kl
 FIXED_SECONDS = {"probe": 5, "split": 2, "train": 8, "eval": 4, "kl": 3, "deltas": 0, "restore": 6, "control": 6,
                  "repair": 6, "repaired": 6, "lora": 8, "lora-eval": 6, "inject": 8, "tune": 8, "tune-eval": 4,
                  "tuned": 2, "guard": 8, "guarded": 8, "guard-eval": 6, "importance": 12}
-WORK_UNITS = {"probe": "samples", "split": "-", "train": "examples", "eval": "generations", "kl": "prompts",
-              "deltas": "models", "restore": "generations", "control": "generations", "repair": "generations",
-              "repaired": "generations", "lora": "examples", "lora-eval": "generations", "inject": "statements",
-              "tune": "examples", "tune-eval": "generations", "tuned": "examples",
-              "guard": "examples", "guarded": "examples", "guard-eval": "generations", "importance": "generations"}
 
 # An audit's steps (`sftlens audit --plan`), measured from the per-step seconds an audit records
 # (`DIR/audit.json` sessions[].steps) of `bench/audit_pair.py --facts-per-relation 42` (1,008 facts, probe 2

@@ -19,11 +19,12 @@ from pathlib import Path
 from sftlens.errors import SftlensError
 from sftlens.io import exclusive_writer
 from sftlens.markdown import markdown_table
-from sftlens.reporting.costs import DEFAULT_RATES, FIXED_SECONDS, WORK_UNITS
+from sftlens.reporting.costs import DEFAULT_RATES, FIXED_SECONDS
 from sftlens.reporting.provenance import code_version, machine
 from sftlens.study.engine.config import PRESETS, StudyConfig, load_study_config
 from sftlens.study.engine.db import StudyDB
 from sftlens.study.engine.executors import make_executor
+from sftlens.study.engine.kinds import KINDS
 from sftlens.study.engine.scheduler import Unit, run_units, units_to_run
 from sftlens.study.engine.units import build_units
 
@@ -41,7 +42,7 @@ def measured_rates(db: StudyDB) -> dict[str, float]:
 
 
 def estimate_seconds(unit: Unit, rates: dict[str, float]) -> float:
-    return FIXED_SECONDS.get(unit.kind, 0) + unit.work * rates.get(unit.kind, DEFAULT_RATES.get(unit.kind, 0.0))
+    return KINDS[unit.kind].seconds(unit.kind, unit.work, rates)
 
 
 def plan_table(units: list[Unit], todo: list[Unit], rates: dict[str, float], measured: set[str]) -> str:
@@ -53,7 +54,7 @@ def plan_table(units: list[Unit], todo: list[Unit], rates: dict[str, float], mea
         seconds = sum(estimate_seconds(u, rates) for u in todo_kind)
         total_seconds += seconds
         work = sum(u.work for u in todo_kind)
-        rows.append([kind, sum(u.kind == kind for u in units), len(todo_kind), f"{work:,.0f} {WORK_UNITS.get(kind, '')}",
+        rows.append([kind, sum(u.kind == kind for u in units), len(todo_kind), f"{work:,.0f} {KINDS[kind].work}",
                      _duration(seconds), "this study" if kind in measured else "default (135M, 2 CPUs)"])
     rows.append(["**all**", len(units), len(todo), "", _duration(total_seconds), ""])
     return markdown_table(["unit", "total", "to run", "work to run", "est. time", "rate from"], rows, "lrrrrl")

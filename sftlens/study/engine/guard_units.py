@@ -14,8 +14,6 @@ from sftlens.study.engine.choice import VALUE_CHOICE
 from sftlens.study.engine.params import EvalParams, GuardedParams, GuardParams
 from sftlens.study.engine.scheduler import Unit
 
-GUARD_STAGES = "sftlens.study.engine.guard_stages"
-
 
 def guard_arm(builder, names: tuple[str, str], rows: int, members: list[tuple], probe: Unit, scored: float) -> None:
     """Per guard of `[guards]`: [train]'s recipe with the guard at each value on the first seed's training
@@ -35,19 +33,19 @@ def guard_arm(builder, names: tuple[str, str], rows: int, members: list[tuple], 
         for value in values:
             params = GuardParams(**builder.selection, set=names[0], size=names[1], seed=first,
                                  train=config_to_dict(dataclasses.replace(recipe, seed=first, guard=f"{guard}={value!r}")))
-            model = builder.add("guard", f"guard {name} {guard}={value:g}", f"{GUARD_STAGES}:guard_unit", params,
-                                deps, work=examples * guard_work(guard, value), prune=("model",))
+            model = builder.add("guard", f"guard {name} {guard}={value:g}", params, deps,
+                                work=examples * guard_work(guard, value), prune=("model",))
             dev[_scored(builder, "guard-eval", f"guard-eval {name} {guard}={value:g}", model, scored).key] = value
         for seed, _, seed_name in others:
             params = GuardedParams(**builder.selection, set=names[0], size=names[1], seed=seed,
                                    train=config_to_dict(dataclasses.replace(recipe, seed=seed)), guard=guard,
                                    value_choice=VALUE_CHOICE, dev={roles.dev_role(i): v for i, v in enumerate(dev.values())})
-            model = builder.add("guarded", f"guarded {seed_name} {guard}", f"{GUARD_STAGES}:guarded_unit", params,
+            model = builder.add("guarded", f"guarded {seed_name} {guard}", params,
                                 {**deps, **{roles.dev_role(i): key for i, key in enumerate(dev)}},
                                 work=examples * guard_work(guard, max(values)), prune=("model",))
             _scored(builder, "guard-eval", f"guard-eval {seed_name} {guard}", model, scored)
 
 
 def _scored(builder, kind: str, label: str, model: Unit, work: float) -> Unit:
-    return builder.add(kind, label, "scored_unit", EvalParams(eval=builder.eval_cfg, splits=["test", "dev-in", "train"]),
+    return builder.add(kind, label, EvalParams(eval=builder.eval_cfg, splits=["test", "dev-in", "train"]),
                        {roles.MODEL: model.key, roles.SPLIT: builder.split_key}, work=work)

@@ -38,6 +38,7 @@ from sftlens.study.engine import roles
 from sftlens.study.engine.choice import VALUE_CHOICE
 from sftlens.study.engine.config import StudyConfig
 from sftlens.study.engine.guard_units import guard_arm
+from sftlens.study.engine.kinds import KINDS
 from sftlens.study.engine.params import (
     ControlParams,
     DeltasParams,
@@ -56,7 +57,7 @@ from sftlens.study.engine.params import (
     TunedParams,
     UnitParams,
 )
-from sftlens.study.engine.scheduler import STAGES, Unit
+from sftlens.study.engine.scheduler import Unit
 from sftlens.weights import METHODS
 
 RATE_CHOICE = {  # how the tuned arm's rate is chosen, in words (part of a tuned unit's key)
@@ -64,7 +65,6 @@ RATE_CHOICE = {  # how the tuned arm's rate is chosen, in words (part of a tuned
     "per-size": "best mean dev Acc (in-domain) over seeds at the model's own size; ties: the smaller",
 }
 TUNED = "tuned-"  # the tuned arm's models: `tuned-level0-n240-seed0`
-IMPORTANCE_STAGE = "sftlens.study.engine.importance_stage"
 
 
 def data_fingerprint(data_dir: Path, relations_by_split: dict[str, tuple[str, ...]]) -> str:
@@ -111,11 +111,14 @@ class GraphBuilder:
         self.runtime = Runtime(model=self.s.model, data_dir=str(self.data_dir or ""), device=device,
                                eval_batch_size=config.stages["eval"].batch_size, **facts)
 
-    def add(self, kind: str, label: str, fn: str, params: UnitParams, deps: dict | None = None, work: float = 0.0,
+    def add(self, kind: str, label: str, params: UnitParams, deps: dict | None = None, work: float = 0.0,
             prune: tuple[str, ...] = ()) -> Unit:
+        """A unit of `kind` (its function and parameter type: `kinds.KINDS`)."""
+        declared = KINDS[kind]
+        if not isinstance(params, declared.params):
+            raise TypeError(f"a {kind} unit takes {declared.params.__name__}, not {type(params).__name__}")
         deps = {**(deps or {}), **({roles.BASE: self.base.key} if self.base else {})}
-        fn = fn if ":" in fn else f"{STAGES}:{fn}"
-        unit = Unit(kind, label, fn, params.to_params(), deps, self.runtime.to_params(), work=work,
+        unit = Unit(kind, label, declared.fn, params.to_params(), deps, self.runtime.to_params(), work=work,
                     prune=prune, **self.res)
         self.units.append(unit)
         return unit
@@ -146,26 +149,26 @@ class GraphBuilder:
         self.n_facts = counts
         if self.config.inject is not None:
             self.base = self.inject(model_fingerprint(self.s.model), sum(counts.values()))
-        return self.add("probe", "probe", "probe_unit", params, work=sum(counts.values()) * _probe_samples(probe_cfg))
+        return self.add("probe", "probe", params, work=sum(counts.values()) * _probe_samples(probe_cfg))
 
     def inject(self, fingerprint: str, facts: int) -> Unit:
         """The unit teaching the study's facts to its base model (statements x epochs as its work)."""
         inject = self.config.inject
         statements = facts * inject.share * sum(inject.doses) / len(inject.doses)
-        return self.add("inject", "inject", "inject_unit",
+        return self.add("inject", "inject",
                         InjectParams(**self.selection, model_fingerprint=fingerprint, inject=config_to_dict(inject)),
                         work=statements * inject.epochs)
 
     def build(self) -> list[Unit]:
         s = self.s
         probe = self.probe()
-        split = self.add("split", "split", "split_unit", SplitParams(grid=self.grid_params(), **self.selection),
+        split = self.add("split", "split", SplitParams(grid=self.grid_params(), **self.selection),
                          {roles.PROBE: probe.key})
         eval_rows = self.evaluated_rows("test")
         dev_rows = self.evaluated_rows("dev")
         eval_cfg = keyed_dict(self.config.stages["eval"])
         self.split_key, self.eval_cfg = split.key, eval_cfg
-        self.add("eval", "eval base", "eval_unit", EvalParams(eval=eval_cfg, splits=["test", "dev"]),
+        self.add("eval", "eval base", EvalParams(eval=eval_cfg, splits=["test", "dev"]),
                  {roles.SPLIT: split.key}, work=eval_rows + dev_rows)
         sweeps: dict[tuple, list[Unit]] = {}
         repairs: dict[tuple, list[Unit]] = {}
@@ -179,7 +182,7 @@ class GraphBuilder:
                     name = f"{train_set_name(level)}-n{size_name(size)}-seed{seed}"
                     train_cfg = config_to_dict(self.config.stages["train"]) | {"seed": seed}
                     train = self.add(
-                        "train", f"train {name}", "train_unit",
+                        "train", f"train {name}",
                         TrainParams(set=train_set_name(level), size=size_name(size), seed=seed, train=train_cfg),
                         {roles.SPLIT: split.key}, work=(size or train_rows) * self.config.stages["train"].epochs,
                         prune=("model",),
@@ -190,28 +193,28 @@ class GraphBuilder:
         analysed_keys = {train.key for *_, train, _ in analysed}
         for level, size, seed, train, name in (*models, *(analysed if s.learning_rates else ())):
             deps = {roles.MODEL: train.key, roles.SPLIT: split.key}
-            evaluation = self.add("eval", f"eval {name}", "eval_unit", EvalParams(eval=eval_cfg, splits=["test"]),
+            evaluation = self.add("eval", f"eval {name}", EvalParams(eval=eval_cfg, splits=["test"]),
                                   deps, work=eval_rows)
             if s.kl:
-                self.add("kl", f"kl {name}", "kl_unit",
+                self.add("kl", f"kl {name}",
                          KLParams(kl=config_to_dict(self.config.stages["kl"]), test_set=s.kl_test_set, **self.selection),
                          {**deps, roles.PROBE: probe.key}, work=self.kl_rows())
             if level is None or size not in s.analysis_sizes or train.key not in analysed_keys:
                 continue
-            self.add("deltas", f"deltas {name}", "deltas_unit",
+            self.add("deltas", f"deltas {name}",
                      DeltasParams(deltas=config_to_dict(self.config.stages["deltas"]), ratios=list(s.concentration_ratios)),
                      {roles.MODEL: train.key}, work=1)
             ratios, own_rows = list(s.restore_ratios), size or train_rows
             if ratios:  # none: restoration is left out (or compared as a repair method, `[repairs] restore`)
                 sweeps.setdefault((level, size), []).append(self.add(
-                    "restore", f"restore {name}", "restore_unit",
+                    "restore", f"restore {name}",
                     RestoreParams(restore=config_to_dict(self.config.stages["restore"]), ratios=ratios, eval=eval_cfg,
                                   dev="in"),
                     {**deps, roles.EVAL: evaluation.key},
                     work=len(ratios) * (eval_rows + dev_rows / 2 + own_rows) + dev_rows / 2 + own_rows))
             weighed = self.importance(name, deps, eval_cfg, dev_rows / 2)
             for method, grid in self.config.repairs.items():
-                unit = self.add("repair", f"repair {method} {name}", "repair_unit",
+                unit = self.add("repair", f"repair {method} {name}",
                                 RepairParams(repair=grid.params(), values=list(grid.values), eval=eval_cfg, dev="in"),
                                 {**deps, **weighed.get(method, {})}, work=len(grid.values) * dev_rows / 2)
                 repairs.setdefault((level, size, method), []).append(unit)
@@ -227,7 +230,7 @@ class GraphBuilder:
                 if not group:
                     continue
                 deps = {roles.MODEL: train.key, roles.SPLIT: split.key, **roles.sweep_roles(u.key for u in group)}
-                self.add("control", f"control {name}", "control_unit",
+                self.add("control", f"control {name}",
                          ControlParams(restore=config_to_dict(self.config.stages["restore"]), eval=eval_cfg, seed=seed,
                                        ratio_choice="best mean dev Acc (in-domain) over seeds, ratio > 0"),
                          deps, work=eval_rows + (size or train_rows))
@@ -238,7 +241,7 @@ class GraphBuilder:
                     continue
                 deps = {roles.MODEL: train.key, roles.SPLIT: split.key, **roles.sweep_roles(u.key for u in group),
                         **importances[train.key, method]}
-                self.add("repaired", f"repaired {method} {name}", "repaired_unit",
+                self.add("repaired", f"repaired {method} {name}",
                          RepairedParams(repair=grid.params(), eval=eval_cfg, value_choice=VALUE_CHOICE),
                          deps, work=eval_rows + (size or train_rows))
         return self.units
@@ -249,26 +252,24 @@ class GraphBuilder:
         readers = [m for m in self.config.repairs if "importances" in METHODS[m].settings]
         if not readers:
             return {}
-        unit = self.add("importance", f"importance {name}", f"{IMPORTANCE_STAGE}:importance_unit",
-                        ImportanceParams(eval=eval_cfg, dev="in"), deps, work=2 * dev_rows)
+        unit = self.add("importance", f"importance {name}", ImportanceParams(eval=eval_cfg, dev="in"), deps, work=2 * dev_rows)
         return {m: {roles.IMPORTANCES: unit.key} for m in readers}
 
     def candidates(self, kind: str, recipe, rates: tuple[float, ...], level, size, seed: int, name: str,
-                   scoring: tuple[str, list[str], float], reuse: dict[float, Unit]) -> list[tuple[float, Unit, Unit]]:
+                   scoring: tuple[list[str], float], reuse: dict[float, Unit]) -> list[tuple[float, Unit, Unit]]:
         """`recipe` on one training set and seed at each candidate learning rate (a `kind` unit; a rate
         in `reuse` reads that model instead), each scored by a `{kind}-eval` unit (`scoring`: its
-        function, splits and work): [(rate, model, scores)]."""
-        fn, splits, scored = scoring
+        splits and work): [(rate, model, scores)]."""
+        splits, scored = scoring
         examples = (size or self.n_facts["train"] // max(1, len(self.s.levels))) * recipe.epochs
         out = []
         for rate in rates:
             label = f"{name} lr{rate:g}"
             model = reuse.get(rate) or self.add(
-                kind, f"{kind} {label}", "train_unit",
-                TrainParams(set=train_set_name(level), size=size_name(size), seed=seed,
+                kind, f"{kind} {label}", TrainParams(set=train_set_name(level), size=size_name(size), seed=seed,
                             train=config_to_dict(dataclasses.replace(recipe, learning_rate=rate, seed=seed))),
                 {roles.SPLIT: self.split_key}, work=examples, prune=("model",))
-            scores = self.add(f"{kind}-eval", f"{kind}-eval {label}", fn, EvalParams(eval=self.eval_cfg, splits=splits),
+            scores = self.add(f"{kind}-eval", f"{kind}-eval {label}", EvalParams(eval=self.eval_cfg, splits=splits),
                               {roles.MODEL: model.key, roles.SPLIT: self.split_key}, work=scored)
             out.append((rate, model, scores))
         return out
@@ -278,7 +279,7 @@ class GraphBuilder:
         scored on test, in-domain dev and its training set (the report picks the rate on dev)."""
         lora = dataclasses.replace(self.config.stages["train"], method="lora")
         self.candidates("lora", lora, self.s.lora_learning_rates, level, size, seed, name,
-                        ("scored_unit", ["test", "dev-in", "train"], scored), {})
+                        (["test", "dev-in", "train"], scored), {})
 
     def tuned_arm(self, models: list[tuple], split: Unit, train_rows: int) -> list[tuple]:
         """[train]'s recipe at each of `learning_rates` on every training set and seed at the sizes
@@ -297,7 +298,7 @@ class GraphBuilder:
             if s.rate_choice == "largest" and size != largest:
                 continue
             for rate, model, scores in self.candidates("tune", recipe, s.learning_rates, level, size, seed, name,
-                                                       ("eval_unit", ["dev-in"], dev_rows), paper):
+                                                       (["dev-in"], dev_rows), paper):
                 dev.setdefault((level, size), {})[scores.key] = rate
                 own[(level, size, seed)][rate] = model
         tuned = []
@@ -311,7 +312,7 @@ class GraphBuilder:
             deps = {roles.SPLIT: split.key, **{roles.dev_role(i): key for i, key in enumerate(choice)},
                     **{roles.candidate_role(i): unit.key for i, unit in enumerate(mine.values())}}
             work = 0 if len(mine) == len(s.learning_rates) else (size or train_rows) * recipe.epochs
-            unit = self.add("tuned", f"tuned {name}", "tuned_unit", params, deps, work=work, prune=("model",))
+            unit = self.add("tuned", f"tuned {name}", params, deps, work=work, prune=("model",))
             tuned.append((level, size, seed, unit, f"{TUNED}{name}"))
         return tuned
 
