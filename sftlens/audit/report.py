@@ -186,7 +186,8 @@ def focus_section(summary: dict, facts: list[dict], focus: list[str], source: st
         return [name, len(group), _pct(sum(right(r) for r in group), len(group)), len(forgotten),
                 _pct(sum(right(r) for r in forgotten), len(forgotten))]
 
-    rows = [row("base model", mine, lambda r: r["base_correct"]),
+    base = row("base model", mine, lambda r: r["base_correct"])
+    rows = [[*base[:4], "–"],  # every forgotten fact is right on the base, by definition
             row("fine-tuned", mine, lambda r: r["finetuned_correct"])]
     for method, r in summary["repairs"].items():
         rows.append(row(f"{method} ({r['knob']} = {r['chosen']:g})", held_out,

@@ -155,7 +155,6 @@ def plan_rows(ctx: Context) -> list[list]:
     pair = open_pair(ctx.folders["base"], ctx.folders["finetuned"])
     scale = sum(pair.numel(n) for n in pair.base.shapes) / REFERENCE_PARAMETERS
     draws = len(template_indices(ctx.facts, ctx.probe)) * ctx.audit.probe.samples
-    tokens = ctx.audit.probe.max_new_tokens
     n = len(ctx.facts)
     rows = []
     # Finished work is what the steps themselves would skip: the same outputs and keys (`sftlens.io.KeyedOutput`).
@@ -163,7 +162,7 @@ def plan_rows(ctx: Context) -> list[list]:
     ids = sorted({f.id for f in ctx.facts})
     for role in ROLES:
         todo = len(ids) - len(set(stored[role]) & set(ids))
-        rows.append([f"probe {role}", todo * draws, "samples", todo * draws * tokens * AUDIT_RATES["probe"] * scale])
+        rows.append([f"probe {role}", todo * draws, "samples", todo * draws * AUDIT_RATES["probe"] * scale])
     for role in ROLES:
         work = 0 if greedy_output(ctx, role).done() else n
         rows.append([f"greedy {role}", work, "answers", work * AUDIT_RATES["answer"] * scale])

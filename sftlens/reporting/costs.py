@@ -19,12 +19,13 @@ FIXED_SECONDS = {"probe": 5, "split": 2, "train": 8, "eval": 4, "kl": 3, "deltas
 
 # An audit's steps (`sftlens audit --plan`), measured from the per-step seconds an audit records
 # (`DIR/audit.json` sessions[].steps) of `bench/audit_pair.py --facts-per-relation 42` (1,008 facts, probe 2
-# templates x 2 samples of at most 8 tokens, answers of 16) at commit 66e44d8, alone: seconds per sampled token
-# (samples x max new tokens: 142.3 s / 64,512), greedy answer (the two models' and every repair's, a model load
+# templates x 2 samples of at most 8 tokens, answers of 16) at commit 66e44d8, alone: seconds per sample (142.3 s
+# / 8,064; not per token: samples end at a newline or once they name the answer, so the testbed audit's 16-token
+# samples took 15.3 ms each against these 8-token ones' 17.6), greedy answer (the two models' and every repair's, a model load
 # included), KL forward pass (29.1 s / 2,016), edited model (a repair value applied in memory, its weight passes:
 # from the repair steps' 252 + 4,236 answers and 18 + 6 edits, 70.6 s and 172.9 s), the whole update
 # concentration step, and the guided repair's importances: a forward and backward per forgotten or learned dev
 # fact (train's rate) plus writing its file (two fp32 copies of the model; 6.7 s with 14 facts).
 RATES_FROM = "SmolLM2-135M fp32, this project's 2-core Intel Xeon, bench/audit_pair.py of 2026-12-06"
-AUDIT_RATES = {"probe": 0.0022, "answer": 0.038, "kl": 0.0144, "edit": 3.4, "deltas": 12.7, "importance": 0.15,
+AUDIT_RATES = {"probe": 0.0176, "answer": 0.038, "kl": 0.0144, "edit": 3.4, "deltas": 12.7, "importance": 0.15,
                "importance_file": 4.6}
