@@ -46,10 +46,12 @@ class StudyBuilder:
     def model(self, level, size: int, seed: int, accuracy: dict[int, float], examples: int | None = None,
               kl: float | None = None, kind: str = "train") -> str:
         train = self.unit(kind, {"set": f"level{level}" if level != "mixed" else "mixed", "size": str(size),
-                                    "seed": seed, "train": {}}, {}, {"examples": examples or size})
+                                    "seed": seed, "train": {}}, {},
+                          {"train_set": f"train/level{level}-n{size}-seed{seed}.jsonl", "examples": examples or size,
+                           "steps": (examples or size) // 8, "train_loss": 1.0})
         self.unit("eval", {}, {"model": train}, self.eval_result(accuracy))
         if kl is not None:
-            self.unit("kl", {}, {"model": train}, {"kl": {"mean": kl, "n": 80}})
+            self.unit("kl", {}, {"model": train}, {"kl": {"mean": kl, "n": 80}, "test_set": "in-level1"})
         return train
 
     def results(self, **study) -> StudyResults:
@@ -186,7 +188,7 @@ def test_concentration_uses_the_threshold_and_names_the_zero_base_artefact():
     for seed in (0, 1):
         train = builder.model(0, 240, seed, {0: 0.3, 1: 0.3})
         builder.unit("deltas", {}, {"model": train}, {
-            "ratios": [1.0, 5.0], "shares": [0.999, 0.9995], "metric": "relative",
+            "ratios": [1.0, 5.0], "shares": [0.999, 0.9995], "elements": 1000, "metric": "relative",
             "shares_by_metric": {"relative": [0.999, 0.9995], "absolute": [0.017 + seed * 0.001, 0.08]},
             "zero_base": {"zero_base_share_of_relative_change": 0.998, "zero_base_share_of_elements": 0.0003,
                           "elements": 1000, "zero_base_elements": 3}})
@@ -220,7 +222,7 @@ def test_kl_over_too_few_facts_is_not_tested():
     for size, kl in ((60, 0.1), (240, 0.9)):
         for seed in (0, 1, 2):
             train = builder.model(0, size, seed, {0: 0.5, 1: 0.5})
-            builder.unit("kl", {}, {"model": train}, {"kl": {"mean": kl, "n": 12}})
+            builder.unit("kl", {}, {"model": train}, {"kl": {"mean": kl, "n": 12}, "test_set": "in-level1"})
     (finding,) = [f for f in findings(builder.results(), samples=100) if f.claim == "C4"]
     assert finding.verdict == "not tested: the KL's test set has 12 facts (< 30)"
 

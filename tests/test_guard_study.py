@@ -1,6 +1,7 @@
 """The guards' arm of a study (`[guards]`, preset `guards`): candidates on the first seed, the dev-chosen value on
 the others, every arm scored alike, and the report's "Prevention and cure" against values recomputed by hand."""
 
+import dataclasses
 import json
 import re
 import statistics
@@ -77,6 +78,11 @@ def test_a_guards_study_chooses_on_dev_and_reports_prevention_beside_cure(tiny_m
     units, keys = results.units, results.by_key()
     failed = [u["label"] for u in units if u["state"] != "done"]
     assert not failed
+    # every kind's real result is what its declaration says (`sftlens.study.engine.kinds`): read typed, nothing left over
+    assert {u["kind"] for u in units} >= {"inject", "probe", "split", "train", "eval", "deltas", "importance", "repair",
+                                          "repaired", "lora", "lora-eval", "guard", "guarded", "guard-eval"}
+    for unit in units:
+        assert dataclasses.asdict(results.outcome(unit)).items() >= unit["result"].items(), unit["label"]
 
     candidates = [u for u in units if u["kind"] == "guard"]
     guarded = [u for u in units if u["kind"] == "guarded"]

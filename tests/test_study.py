@@ -417,3 +417,6 @@ def test_every_unit_kind_is_declared_once_with_a_function_its_parameters_and_its
         module, name = declared.fn.split(":")
         assert callable(getattr(importlib.import_module(module), name)), kind
         assert issubclass(declared.params, UnitParams) and declared.work, kind
+    # a result with a field its kind does not declare is refused, naming it: the declaration owns the names
+    with pytest.raises(ValueError, match="a RepairedOutcome has no field 'restore_ratio'"):
+        KINDS["repaired"].result.of({"method": "wise", "restore_ratio": 0.5})

@@ -69,15 +69,16 @@ def describe_levels(records: list[dict], domain: str, levels: list[int]) -> str:
 
 def fine_tuned(results: StudyResults) -> list[dict]:
     """Each evaluated fine-tuned model: tags, test records and bits, training examples."""
-    train = {u["key"]: u["result"] for kind in ARMS for u in results.done(kind)}  # either arm's models
+    train = {u["key"]: results.outcome(u) for kind in ARMS for u in results.done(kind)}  # either arm's models
     out = []
     for unit in results.done("eval"):
-        tags = results.model_tags(unit)
-        if tags["train_level"] == "base" or "test_bits" not in unit["result"]:
+        tags, evaluated = results.model_tags(unit), results.outcome(unit)
+        if tags["train_level"] == "base" or not evaluated.test_bits:
             continue
-        records = [r for r in unit["result"]["records"] if r["split"] == "test"]
-        examples = train.get(unit["spec"]["deps"]["model"], {}).get("examples")
-        out.append({**tags, "records": records, "bits": unit["result"]["test_bits"], "examples": examples})
+        records = [r for r in evaluated.records if r["split"] == "test"]
+        model = train.get(unit["spec"]["deps"]["model"])
+        out.append({**tags, "records": records, "bits": evaluated.test_bits,
+                    "examples": model.examples if model else None})
     return out
 
 
@@ -205,7 +206,7 @@ class Claims:
     def c4_kl(self) -> list[Finding]:
         """C4: KL(largest) - KL(240 or nearest) per level (the paper: > 0 past 240), bootstrap over
         seeds; and the correlation across models of KL with accuracy on the KL's facts (the paper: < 0)."""
-        points = [{**self.results.model_tags(u), "kl": u["result"]["kl"]["mean"], "n": u["result"]["kl"].get("n", 0)}
+        points = [{**self.results.model_tags(u), "kl": (kl := self.results.outcome(u).kl)["mean"], "n": kl.get("n", 0)}
                   for u in self.results.done("kl")]
         points = [p for p in points if p["train_level"] != "base"]
         if not points:
@@ -257,17 +258,17 @@ class Claims:
     def c5_concentration(self) -> list[Finding]:
         """C5: share of the total change held by the top 1 % of elements, per metric, mean over seeds
         (bootstrap over seeds); holds when above CONCENTRATED_SHARE."""
-        units = [(self.results.model_tags(u), u["result"]) for u in self.results.done("deltas")]
-        if not units or 1.0 not in units[0][1]["ratios"]:
+        units = [(self.results.model_tags(u), self.results.outcome(u)) for u in self.results.done("deltas")]
+        if not units or 1.0 not in units[0][1].ratios:
             return [not_tested("C5", "top-1 % share of the change", "no update statistics at 1 %", "%")]
         out = []
-        at = units[0][1]["ratios"].index(1.0)
+        at = units[0][1].ratios.index(1.0)
         for level, size in sorted({(t["train_level"], t["size"]) for t, _ in units}, key=lambda k: (str(k[0]), size_sort_key(k[1]))):
             group = [r for t, r in units if t["train_level"] == level and t["size"] == size]
-            metrics = group[0].get("shares_by_metric") or {group[0].get("metric", "relative"): group[0]["shares"]}
-            zero = [r["zero_base"]["zero_base_share_of_relative_change"] for r in group if "zero_base" in r]
+            metrics = group[0].shares_by_metric or {group[0].metric: group[0].shares}
+            zero = [r.zero_base["zero_base_share_of_relative_change"] for r in group if r.zero_base]
             for metric in metrics:
-                shares = np.array([r.get("shares_by_metric", {metric: r["shares"]})[metric][at] for r in group])
+                shares = np.array([(r.shares_by_metric or {metric: r.shares})[metric][at] for r in group])
                 key = ["C5", level, size, metric]
                 effect = estimate(shares.mean(), shares[self.seeds.pick(len(shares), key)].mean(axis=1))
                 note = ""

@@ -88,7 +88,7 @@ def _facts(results: StudyResults, study_dir: Path) -> Facts | None:
         return None
     taught = taught_facts(unit_folder(study_dir, "inject", injected[0]["key"]) / "model")
     order = test_order(results, study_dir)
-    right = test_correct(base[0]["result"]["test_bits"], order)
+    right = test_correct(results.outcome(base[0]).test_bits, order)
     ids = [f for fs in order.values() for f in fs]
     return Facts(order, [f for f in ids if f in taught and right[f]],
                  [f for (_, level), fs in order.items() if level == "4" for f in fs if f in taught],
@@ -119,10 +119,10 @@ def _arms(results: StudyResults) -> list[Arm]:
         value = chosen_guard_value(by_value, GUARDS[name].neutral)
         chosen = by_value[value]
         arm = Arm(f"guard {name}", f"{value:g}", {m["seed"]: m for m in chosen}, [m["model"]["seconds"] for m in chosen],
-                  _megabytes(chosen[0]["model"]["result"]["guard"]["extra_bytes"]))
+                  _megabytes(results.outcome(chosen[0]["model"]).guard["extra_bytes"]))
         for unit, model in guarded.get(name, []):
-            if model["result"]["value"] != value:  # the units chose by the same rule: a mismatch is a defect
-                raise ValueError(f"guarded unit {model['label']} chose {model['result']['value']}, the report {value}")
+            if results.outcome(model).value != value:  # the units chose by the same rule: a mismatch is a defect
+                raise ValueError(f"guarded unit {model['label']} chose {results.outcome(model).value}, the report {value}")
             arm.models[model["spec"]["params"]["seed"]] = unit["result"]
             arm.seconds.append(model["seconds"])
         arms.append(arm)
@@ -133,10 +133,10 @@ def _arms(results: StudyResults) -> list[Arm]:
             arms.append(Arm("LoRA" if len(groups) == 1 else f"LoRA ({level}, n={size})", f"lr {chosen[0]['value']:g}",
                             {m["seed"]: m for m in chosen}, [m["seconds"] for m in chosen], "adapters only", kind="lora"))
     for unit in results.done("repaired"):
-        method = unit["result"]["method"]
+        method = results.outcome(unit).method
         arm = next((a for a in arms if a.name == f"repair {method}"), None)
         if arm is None:
-            arm = Arm(f"repair {method}", f"{unit['result']['value']:g}", {}, kind="repair", extra="the base weights")
+            arm = Arm(f"repair {method}", f"{results.outcome(unit).value:g}", {}, kind="repair", extra="the base weights")
             arms.append(arm)
         arm.models[results.model_tags(unit)["seed"]] = unit["result"]
         sweeps = [keys[k] for role, k in unit["spec"]["deps"].items() if role.startswith("sweep")]

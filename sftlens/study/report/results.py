@@ -26,6 +26,8 @@ from sftlens.io import read_jsonl
 from sftlens.split import eval_files
 from sftlens.study.engine.choice import acc, chosen_rate
 from sftlens.study.engine.db import StudyDB
+from sftlens.study.engine.kinds import KINDS
+from sftlens.study.engine.outcomes import Outcome
 from sftlens.study.engine.params import TrainParams
 from sftlens.study.engine.scheduler import DATA, unit_folder
 
@@ -67,6 +69,11 @@ class StudyResults:
     def by_key(self) -> dict[str, dict]:
         return {u["key"]: u for u in self.units}
 
+    @staticmethod
+    def outcome(unit: dict) -> Outcome:
+        """A finished unit's result as its kind declares it (`sftlens.study.engine.kinds`)."""
+        return KINDS[unit["kind"]].result.of(unit["result"])
+
     def model_tags(self, unit: dict) -> dict:
         """The training set, size and seed of the model a unit read (the base model: train_level "base")."""
         model_key = unit["spec"]["deps"].get("model")
@@ -76,7 +83,7 @@ class StudyResults:
 
     def counts(self) -> list[dict]:
         probe = self.done("probe")
-        return probe[0]["result"]["level_counts"] if probe else []
+        return self.outcome(probe[0]).level_counts if probe else []
 
 
 def train_tags(params: dict) -> dict:
@@ -132,7 +139,7 @@ def eval_records(results: StudyResults) -> list[dict]:
     for unit in results.done("eval"):
         tags = results.model_tags(unit)
         strategy = "base" if tags["train_level"] == "base" else "sft"
-        out += [{**r, **tags, "restore_ratio": 0.0, "strategy": strategy} for r in unit["result"]["records"]]
+        out += [{**r, **tags, "restore_ratio": 0.0, "strategy": strategy} for r in results.outcome(unit).records]
     return out
 
 
@@ -142,7 +149,7 @@ def restore_records(results: StudyResults) -> list[dict]:
     for kind, strategy in (("restore", "restore"), ("control", "random")):
         for unit in results.done(kind):
             tags = results.model_tags(unit)
-            out += [{**r, **tags, "strategy": strategy} for r in unit["result"]["records"]]
+            out += [{**r, **tags, "strategy": strategy} for r in results.outcome(unit).records]
     return out
 
 
@@ -173,7 +180,7 @@ def repair_groups(results: StudyResults) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for unit in results.done("repaired"):
         tags = results.model_tags(unit)
-        key = (unit["result"]["method"], tags["train_level"], tags["size"])
+        key = (results.outcome(unit).method, tags["train_level"], tags["size"])
         groups.setdefault(key, []).append({**unit["result"], "seed": tags["seed"]})
     return {k: sorted(v, key=lambda s: s["seed"]) for k, v in groups.items()}
 
@@ -183,8 +190,9 @@ def repair_dev_curves(results: StudyResults) -> dict[tuple, dict[float, list[flo
     curves: dict[tuple, dict[float, list[float]]] = {}
     for unit in results.done("repair"):
         tags = results.model_tags(unit)
-        curve = curves.setdefault((unit["result"]["method"], tags["train_level"], tags["size"]), {})
-        records = unit["result"]["records"]
+        outcome = results.outcome(unit)
+        curve = curves.setdefault((outcome.method, tags["train_level"], tags["size"]), {})
+        records = outcome.records
         for value in sorted({r["repair_value"] for r in records}):
             score = acc([r for r in records if r["repair_value"] == value], "in")
             if score is not None:
@@ -246,7 +254,7 @@ def tuned_rates(results: StudyResults) -> dict[tuple, dict]:
     rates: dict[tuple, dict] = {}
     for unit in results.done("tuned"):
         tags = train_tags(unit["spec"]["params"])
-        rates.setdefault((tags["train_level"], tags["size"]), {})[tags["seed"]] = unit["result"]["learning_rate"]
+        rates.setdefault((tags["train_level"], tags["size"]), {})[tags["seed"]] = results.outcome(unit).learning_rate
     return rates
 
 
@@ -258,7 +266,7 @@ def taught_records(results: StudyResults, taught: bool) -> list[dict]:
         tags = results.model_tags(unit)
         strategy = "base" if tags["train_level"] == "base" else "sft"
         out += [{**r, **tags, "restore_ratio": 0.0, "strategy": strategy}
-                for r in unit["result"].get("taught_records", []) if r["taught"] == taught]
+                for r in results.outcome(unit).taught_records or [] if r["taught"] == taught]
     return out
 
 
@@ -269,7 +277,7 @@ def taught_restore_records(results: StudyResults, taught: bool) -> list[dict]:
     for unit in results.done("restore"):
         tags = results.model_tags(unit)
         out += [{**r, **tags, "strategy": "restore"}
-                for r in unit["result"].get("taught_records", []) if r["taught"] == taught]
+                for r in results.outcome(unit).taught_records or [] if r["taught"] == taught]
     return out
 
 

@@ -73,11 +73,11 @@ def table1(results: StudyResults) -> Section:
     tables = [("", ["set", *(f"level {i}" for i in LEVELS), "total"], rows)]
     split = results.done("split")
     short = [[name, str(entry["size"]), str(entry["requested"])]
-             for name, entry in (split[0]["result"]["sets"].items() if split else []) if entry.get("short")]
+             for name, entry in (results.outcome(split[0]).sets.items() if split else []) if entry.get("short")]
     if short:
         tables.append(("training sets short of their size (a level with fewer facts than asked: all it has)",
                        ["training set", "facts", "requested"], short))
-    evaluated = [[name, str(entry["size"])] for name, entry in (split[0]["result"]["sets"].items() if split else [])
+    evaluated = [[name, str(entry["size"])] for name, entry in (results.outcome(split[0]).sets.items() if split else [])
                  if entry.get("kind") == "test"]
     if evaluated:
         tables.append(("test facts evaluated per domain and level (after the study's per-level cap)",
@@ -89,7 +89,7 @@ def table1(results: StudyResults) -> Section:
 def _fact_set_text(results: StudyResults) -> str:
     """Which fact set the study read, when it was not EntityQuestions."""
     probe = results.done("probe")
-    source = probe[0]["result"].get("fact_set") if probe else None
+    source = results.outcome(probe[0]).fact_set if probe else None
     if not source:
         return ""
     counts = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
@@ -158,7 +158,7 @@ def figure4(records: list[dict], out: Path) -> Section:
 
 
 def kl_points(results: StudyResults) -> list[dict]:
-    return [{**results.model_tags(u), "kl": u["result"]["kl"]["mean"], "n": u["result"]["kl"].get("n")}
+    return [{**results.model_tags(u), "kl": (kl := results.outcome(u).kl)["mean"], "n": kl.get("n")}
             for u in results.done("kl")]
 
 
@@ -185,11 +185,11 @@ def figure5(results: StudyResults, out: Path) -> Section:
 def table3(results: StudyResults) -> Section:
     """Table 3 under every metric the deltas units measured, and the zero-base diagnostic: the share
     of the relative change held by elements whose base value is exactly 0."""
-    units = [(results.model_tags(u), u["result"]) for u in results.done("deltas")]
+    units = [(results.model_tags(u), results.outcome(u)) for u in results.done("deltas")]
     if not units:
         return Section("Table 3: update concentration", "No update statistics in this study.")
-    ratios = units[0][1]["ratios"]
-    metrics = list(units[0][1].get("shares_by_metric") or {units[0][1].get("metric", "relative"): None})
+    ratios = units[0][1].ratios
+    metrics = list(units[0][1].shares_by_metric or {units[0][1].metric: None})
     tables, zero_rows, zero_shares = [], [], []
     for size in sizes_of([t for t, _ in units]):
         for metric in metrics:
@@ -198,10 +198,10 @@ def table3(results: StudyResults) -> Section:
                 group = [r for t, r in units if t["train_level"] == lv and t["size"] == size]
                 if not group:
                     continue
-                shares = [r.get("shares_by_metric", {metric: r["shares"]})[metric] for r in group]
+                shares = [(r.shares_by_metric or {metric: r.shares})[metric] for r in group]
                 rows.append([level_name(lv), str(len(group)),
                              *(mean_sd_text(*mean_spread([s[i] for s in shares]), digits=2) for i in range(len(ratios)))])
-                zeros = [r["zero_base"] for r in group if "zero_base" in r]
+                zeros = [r.zero_base for r in group if r.zero_base]
                 if zeros and metric == metrics[0]:
                     zero_shares += [z["zero_base_share_of_relative_change"] for z in zeros]
                     zero_rows.append([level_name(lv), str(size), f"{zeros[0]['zero_base_elements']:,} of {zeros[0]['elements']:,} "

@@ -19,6 +19,7 @@ from pathlib import Path
 from sftlens.analysis.kl import KL_FILE
 from sftlens.probe import LEVELS
 from sftlens.reporting.page import Section
+from sftlens.study.engine.outcomes import InjectOutcome
 from sftlens.study.engine.scheduler import unit_folder
 from sftlens.study.report.findings import Claims, Finding
 from sftlens.study.report.results import (
@@ -37,7 +38,7 @@ def taught_sections(results: StudyResults, out: Path, size) -> list[Section]:
     injected = results.done("inject")
     if not injected:
         return []
-    parts = [_overview(results, injected[0]["result"])]
+    parts = [_overview(results, results.outcome(injected[0]))]
     for name, flag in TAUGHT_SUBSETS:
         records, sweeps = taught_records(results, flag), taught_restore_records(results, flag)
         subset = [figure2(records, out / f"figure2-{name}.png"), table2(records, size)] if records else []
@@ -52,14 +53,15 @@ def taught_sections(results: StudyResults, out: Path, size) -> list[Section]:
 def _repairs_on_taught_facts(results: StudyResults, study_dir: Path, injected: dict, repaired: list[dict]) -> Section:
     taught = taught_facts(unit_folder(study_dir, injected["kind"], injected["key"]) / "model")
     order = test_order(results, study_dir)
-    plain = {u["spec"]["deps"].get("model"): test_correct(u["result"]["test_bits"], order)
+    plain = {u["spec"]["deps"].get("model"): test_correct(results.outcome(u).test_bits, order)
              for u in results.done("eval")}
     base = plain.pop(None)
     groups: dict[tuple, list[int]] = {}
     for unit in repaired:
-        sft, fixed = plain[unit["spec"]["deps"]["model"]], test_correct(unit["result"]["test_bits"], order)
+        repair = results.outcome(unit)
+        sft, fixed = plain[unit["spec"]["deps"]["model"]], test_correct(repair.test_bits, order)
         tags = results.model_tags(unit)
-        counts = groups.setdefault((unit["result"]["method"], tags["train_level"], tags["size"]), [0] * 5)
+        counts = groups.setdefault((repair.method, tags["train_level"], tags["size"]), [0] * 5)
         for fact in taught & fixed.keys():
             forgotten, learned = base[fact] and not sft[fact], sft[fact] and not base[fact]
             counts[0] += base[fact]
@@ -82,14 +84,14 @@ def _share(part: int, whole: int) -> str:
     return f"{part} ({100 * part / whole:.0f} %)" if whole else str(part)
 
 
-def _overview(results: StudyResults, injected: dict) -> Section:
-    text = (f"The base model was taught {injected['taught']} of the study's {injected['candidates']} facts in "
-            f"statement form ({injected['statements']} statements in mapping templates {injected['templates']}, "
-            f"{injected['steps']} steps, final loss {injected['train_loss']:.4f}) before probing; the probe used "
+def _overview(results: StudyResults, injected: InjectOutcome) -> Section:
+    text = (f"The base model was taught {injected.taught} of the study's {injected.candidates} facts in "
+            f"statement form ({injected.statements} statements in mapping templates {injected.templates}, "
+            f"{injected.steps} steps, final loss {injected.train_loss:.4f}) before probing; the probe used "
             "only the other templates. Below, Figure 2 and Tables 2, 4 and 5 again over the taught facts and over the "
             "others.")
     probe = results.done("probe")
-    by_subset = probe[0]["result"].get("level_counts_taught", {}) if probe else {}
+    by_subset = (results.outcome(probe[0]).level_counts_taught or {}) if probe else {}
     header = ["facts", "set", *(f"level {i}" for i in LEVELS), "total"]
     rows = [[name, r["set"], *(str(r[f"level{i}"]) for i in LEVELS), str(r["total"])]
             for name, _ in TAUGHT_SUBSETS for r in by_subset.get(name, [])]
