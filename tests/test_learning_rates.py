@@ -33,7 +33,7 @@ def dev_record(level: int, correct: int, n: int = 30) -> dict:
                        st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=3),
                        min_size=1))
 def test_the_rate_choice_is_the_argmax_of_the_mean_dev_acc_ties_the_smaller(scores):
-    candidates = {rate: [{"records": [dev_record(0, a), dev_record(1, b)]} for a, b in seeds]
+    candidates = {rate: [[dev_record(0, a), dev_record(1, b)] for a, b in seeds]  # each seed's records
                   for rate, seeds in scores.items()}
     mean = {rate: statistics.fmean((a / 30 + b / 30) / 2 for a, b in seeds) for rate, seeds in scores.items()}
     best = max(mean.values())
@@ -41,7 +41,7 @@ def test_the_rate_choice_is_the_argmax_of_the_mean_dev_acc_ties_the_smaller(scor
 
 
 def test_no_dev_scores_choose_no_rate():
-    assert chosen_rate({1e-4: [{"records": []}]}) is None
+    assert chosen_rate({1e-4: [[]]}) is None
 
 
 @pytest.mark.parametrize("text, message", [

@@ -26,9 +26,9 @@ def guard_unit(params, out: Path, deps) -> dict:
 
 def guarded_unit(params, out: Path, deps) -> dict:
     p = GuardedParams.of(params)
-    by_value: dict[float, list[dict]] = {}
+    by_value: dict[float, list[list[dict]]] = {}
     for role, value in p.dev.items():
-        by_value.setdefault(value, []).append(roles.dep_result(deps, role))
+        by_value.setdefault(value, []).append(roles.dep_result(deps, role)["records"])
     value = chosen_guard_value(by_value, GUARDS[p.guard].neutral)
     config = dataclasses.replace(config_from_dict(TrainConfig, p.train, "train"), guard=guard_spec(p.guard, value))
     return {**_guarded_train(params, p, config, out, deps), "value": value}

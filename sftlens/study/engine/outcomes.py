@@ -89,7 +89,7 @@ class DeltasOutcome(Outcome):
 class RestoreOutcome(Outcome):
     records: list
     test_bits: dict  # ratio -> Bits
-    train_bits: dict  # ratio -> Bits
+    train_bits: dict = field(default_factory=dict)  # ratio -> Bits (none in the report's taught-facts view)
     taught_records: list | None = None
 
 

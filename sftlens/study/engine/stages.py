@@ -136,9 +136,9 @@ def tuned_unit(params, out: Path, deps) -> dict:
     (`sftlens.study.engine.choice.chosen_rate`). A candidate trained on this very set, size and seed at that
     rate is the same run, so its folder is linked rather than trained again."""
     p = TunedParams.of(params)
-    by_rate: dict[float, list[dict]] = {}
+    by_rate: dict[float, list[list[dict]]] = {}
     for role, rate in p.dev.items():
-        by_rate.setdefault(rate, []).append(roles.dep_result(deps, role))
+        by_rate.setdefault(rate, []).append(roles.dep_result(deps, role)["records"])
     rate = chosen_rate(by_rate)
     if rate is None:
         raise ValueError("no in-domain dev evaluation to choose a learning rate from")
@@ -324,7 +324,7 @@ def restore_unit(params, out: Path, deps) -> dict:
 def control_unit(params, out: Path, deps) -> dict:
     """Random restoration at the ratio the dev split chose for this (level, size) over all its
     seeds: does restoring the *most changed* elements matter, or would any elements do?"""
-    ratio = chosen_ratio(roles.sweep_results(deps))
+    ratio = chosen_ratio([result["records"] for result in roles.sweep_results(deps)])
     if ratio == 0:
         return {"ratio": 0.0, "records": [], "test_bits": {}}
     p, runtime = ControlParams.of(params), Runtime.of(params)
@@ -385,7 +385,7 @@ def repaired_unit(params, out: Path, deps) -> dict:
         return {"method": p.repair["method"], "skipped": skipped}
     eval_cfg = eval_config(params)
     config = _repair_config(p.repair, deps)
-    value = chosen_value(roles.sweep_results(deps), METHODS[config.method].neutral)
+    value = chosen_value([result["records"] for result in roles.sweep_results(deps)], METHODS[config.method].neutral)
     finetuned = model_path(params, deps)
     model, tokenizer = unit_model(finetuned, eval_cfg, runtime)
     rows = {k: v for k, v in _sweep_rows("in", deps).items() if k != "dev"}

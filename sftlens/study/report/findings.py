@@ -286,11 +286,11 @@ class Claims:
             return [not_tested("C6", "restoration gain", "no restoration sweep in this study")]
         out = []
         for (level, size), group in sweeps.items():
-            if not any(r["restore_ratio"] for sweep in group for r in sweep["records"]):
+            if not any(r["restore_ratio"] for sweep in group for r in sweep.outcome.records):
                 out.append(not_tested("C6", f"{level_name(level)}, n={size}: restored - fine-tuned",
                                       "the sweep has no restore ratios (restoration may take part in Repair methods)"))
                 continue
-            ratio = chosen_ratio(group)
+            ratio = chosen_ratio([sweep.outcome.records for sweep in group])
             name = f"{level_name(level)}, n={size}, restore {ratio:g} % (dev-chosen)"
             for split in ("test", "train"):
                 out += self._restoration_rows(name, split, group, controls, level, size, ratio)
@@ -299,27 +299,27 @@ class Claims:
     def _restoration_rows(self, name, split, group, controls, level, size, ratio) -> list[Finding]:
         key = f"{ratio:g}"
         field = f"{split}_bits"
-        if ratio == 0 or any(field not in s or key not in s[field] for s in group):
+        if ratio == 0 or any(key not in getattr(s.outcome, field) for s in group):
             return [not_tested("C6", f"{name}, {split}", f"no {split} evaluation at the chosen ratio")]
-        records = [r for r in group[0]["records"] if r["split"] == split and r["restore_ratio"] == 0]
+        records = [r for r in group[0].outcome.records if r["split"] == split and r["restore_ratio"] == 0]
         levels = decisive_levels(records, "in")
         if not levels:
             return [not_tested("C6", f"{name}, {split}", f"no {split} level with {MIN_N} facts")]
 
         def arm(bits_of) -> list[dict]:
-            return [{"bits": bits_of(s), "scope": f"{split}-{level}-{size}-{s['seed']}" if split == "train" else "test"}
+            return [{"bits": bits_of(s), "scope": f"{split}-{level}-{size}-{s.seed}" if split == "train" else "test"}
                     for s in group]
-        before, after = arm(lambda s: s[field]["0"]), arm(lambda s: s[field][key])
+        before, after = arm(lambda s: getattr(s.outcome, field)["0"]), arm(lambda s: getattr(s.outcome, field)[key])
         n = describe_levels(records, "in", levels).replace("test facts", f"{split} facts")
         gain = arm_difference(self.facts, self.seeds, after, before, "in", levels, paired_seeds=True,
                               key=f"C6 {name}, {split}: restored")
         rows = [Finding("C6", f"{name}, {split}: restored - fine-tuned", gain, f"{n}; {len(group)} seeds",
                         verdict(gain.low, gain.high, +1))]
         mine = controls.get((level, size), {})
-        paired = [(a, mine[s["seed"]]) for a, s in zip(after, group) if field in mine.get(s["seed"], {})]
+        paired = [(a, mine[s.seed]) for a, s in zip(after, group) if s.seed in mine and getattr(mine[s.seed], field)]
         if not paired:
             return rows + [not_tested("C6", f"{name}, {split}: restored - random control", "no random control")]
-        randoms = [{"bits": c[field], "scope": a["scope"]} for a, c in paired]
+        randoms = [{"bits": getattr(c, field), "scope": a["scope"]} for a, c in paired]
         edge = arm_difference(self.facts, self.seeds, [a for a, _ in paired], randoms, "in", levels, paired_seeds=True,
                               key=f"C6 {name}, {split}: control")
         return rows + [Finding("C6", f"{name}, {split}: restored - random control", edge, f"{n}; {len(paired)} seeds",

@@ -30,8 +30,9 @@ from sftlens.reporting.figures import figure_panels, save_figure
 from sftlens.reporting.page import Section, interval_text
 from sftlens.study.engine import roles
 from sftlens.study.engine.choice import chosen_guard_value
+from sftlens.study.engine.outcomes import Outcome
 from sftlens.study.engine.scheduler import unit_folder
-from sftlens.study.report.results import StudyResults, chosen_models, rate_candidates, test_correct, test_order
+from sftlens.study.report.results import Seeded, StudyResults, chosen_models, rate_candidates, test_correct, test_order
 from sftlens.taught import taught_facts
 
 
@@ -39,7 +40,7 @@ from sftlens.taught import taught_facts
 class Arm:
     name: str
     value: str  # the chosen value, as text
-    models: dict  # seed -> a scored result (test_bits, train_bits)
+    models: dict  # seed -> a scored outcome (its test_bits, train_bits)
     seconds: list = field(default_factory=list)  # the training (or repair) units' wall seconds
     extra: str = "-"  # memory beyond plain SFT
     kind: str = "guard"  # plain | guard | lora | repair
@@ -54,13 +55,13 @@ class Facts:
     level4: list[str]  # taught, probe level 4
     untaught: dict  # domain -> untaught fact ids
 
-    def vector(self, result: dict, ids: list[str]) -> np.ndarray:
-        correct = test_correct(result["test_bits"], self.order)
+    def vector(self, result: Outcome, ids: list[str]) -> np.ndarray:
+        correct = test_correct(result.test_bits, self.order)
         return np.array([correct[f] for f in ids], dtype=float)
 
 
-def _train_vector(result: dict) -> np.ndarray:
-    bits = "".join(s for levels in result["train_bits"].values() for _, s in sorted(levels.items()))
+def _train_vector(result: Outcome) -> np.ndarray:
+    bits = "".join(s for levels in result.train_bits.values() for _, s in sorted(levels.items()))
     return np.frombuffer(bits.encode("ascii"), dtype=np.uint8) - ord("0")
 
 
@@ -100,45 +101,46 @@ def _arms(results: StudyResults) -> list[Arm]:
     keys = results.by_key()
     model_of = {u["key"]: keys[u["spec"]["deps"]["model"]] for u in results.done("guard-eval")}
     plain = Arm("plain SFT", "-", {}, kind="plain")
-    candidates: dict[str, dict[float, list[dict]]] = {}
+    candidates: dict[str, dict[float, list[tuple[Seeded, dict]]]] = {}  # guard -> value -> (scores, model unit)
     guarded: dict[str, list[tuple[dict, dict]]] = {}
     for unit in results.done("guard-eval"):
         model = model_of[unit["key"]]
         seed = model["spec"]["params"]["seed"]
         if model["kind"] in ("train", "tuned"):
-            plain.models[seed] = unit["result"]
+            plain.models[seed] = results.outcome(unit)
             plain.seconds.append(model["seconds"])
         elif model["kind"] == "guard":
             name, value = parse_guard(model["spec"]["params"]["train"]["guard"])
-            candidates.setdefault(name, {}).setdefault(value, []).append(
-                {**unit["result"], "seed": seed, "model": model})
+            candidates.setdefault(name, {}).setdefault(value, []).append((Seeded(seed, results.outcome(unit)), model))
         else:
             guarded.setdefault(model["spec"]["params"]["guard"], []).append((unit, model))
     arms = [plain]
     for name, by_value in candidates.items():
-        value = chosen_guard_value(by_value, GUARDS[name].neutral)
+        value = chosen_guard_value({v: [s.outcome.records for s, _ in ms] for v, ms in by_value.items()},
+                                   GUARDS[name].neutral)
         chosen = by_value[value]
-        arm = Arm(f"guard {name}", f"{value:g}", {m["seed"]: m for m in chosen}, [m["model"]["seconds"] for m in chosen],
-                  _megabytes(results.outcome(chosen[0]["model"]).guard["extra_bytes"]))
+        arm = Arm(f"guard {name}", f"{value:g}", {s.seed: s.outcome for s, _ in chosen},
+                  [model["seconds"] for _, model in chosen],
+                  _megabytes(results.outcome(chosen[0][1]).guard["extra_bytes"]))
         for unit, model in guarded.get(name, []):
             if results.outcome(model).value != value:  # the units chose by the same rule: a mismatch is a defect
                 raise ValueError(f"guarded unit {model['label']} chose {results.outcome(model).value}, the report {value}")
-            arm.models[model["spec"]["params"]["seed"]] = unit["result"]
+            arm.models[model["spec"]["params"]["seed"]] = results.outcome(unit)
             arm.seconds.append(model["seconds"])
         arms.append(arm)
     groups = rate_candidates(results, "lora-eval")
     for (level, size), by_rate in groups.items():
         chosen = chosen_models(by_rate)
         if chosen:
-            arms.append(Arm("LoRA" if len(groups) == 1 else f"LoRA ({level}, n={size})", f"lr {chosen[0]['value']:g}",
-                            {m["seed"]: m for m in chosen}, [m["seconds"] for m in chosen], "adapters only", kind="lora"))
+            arms.append(Arm("LoRA" if len(groups) == 1 else f"LoRA ({level}, n={size})", f"lr {chosen[0].value:g}",
+                            {m.seed: m.outcome for m in chosen}, [m.seconds for m in chosen], "adapters only", kind="lora"))
     for unit in results.done("repaired"):
         method = results.outcome(unit).method
         arm = next((a for a in arms if a.name == f"repair {method}"), None)
         if arm is None:
             arm = Arm(f"repair {method}", f"{results.outcome(unit).value:g}", {}, kind="repair", extra="the base weights")
             arms.append(arm)
-        arm.models[results.model_tags(unit)["seed"]] = unit["result"]
+        arm.models[results.model_tags(unit)["seed"]] = results.outcome(unit)
         sweeps = [keys[k] for role, k in unit["spec"]["deps"].items() if role.startswith("sweep")]
         weighed = unit["spec"]["deps"].get(roles.IMPORTANCES)  # the guided repair's importance unit
         arm.seconds.append(sum(s["seconds"] or 0 for s in sweeps) / max(1, len(sweeps))

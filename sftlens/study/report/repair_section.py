@@ -15,8 +15,10 @@ from sftlens.reporting.bootstrap import FactDraws, SeedDraws, arm_difference, ve
 from sftlens.reporting.figures import plot_bands
 from sftlens.reporting.page import Section, interval_text
 from sftlens.study.engine.choice import acc, rate_dev_curve
+from sftlens.study.engine.outcomes import EvalOutcome
 from sftlens.study.report.findings import fine_tuned
 from sftlens.study.report.results import (
+    Seeded,
     StudyResults,
     arm_view,
     chosen_models,
@@ -50,15 +52,15 @@ def _scope(split: str, level, size, seed) -> str:
 class _Group:
     """Plain SFT of one (train level, size): its seeds' bits and records, from the restore sweeps."""
 
-    def __init__(self, level, size, sweeps: list[dict]):
+    def __init__(self, level, size, sweeps: list[Seeded]):
         self.level, self.size = level, size
-        self.by_seed = {s["seed"]: s for s in sweeps}
+        self.by_seed = {s.seed: s.outcome for s in sweeps}
 
     def records(self, seed, split: str) -> list[dict]:
-        return [r for r in self.by_seed[seed]["records"] if r["split"] == split and r["restore_ratio"] == 0.0]
+        return [r for r in self.by_seed[seed].records if r["split"] == split and r["restore_ratio"] == 0.0]
 
     def bits(self, seed, split: str) -> dict:
-        return self.by_seed[seed][f"{split}_bits"]["0"]
+        return getattr(self.by_seed[seed], f"{split}_bits")["0"]
 
     def arm(self, seeds: list, split: str, bits_of) -> list[dict]:
         return [{"bits": bits_of(seed), "scope": _scope(split, self.level, self.size, seed)} for seed in seeds]
@@ -72,20 +74,21 @@ def _cells(per_seed_records: list[list[dict]]) -> list[str]:
             mean_sd_text(*mean_spread([acc(rs, "in") for rs in train if acc(rs, "in") is not None]))]
 
 
-def _gains(group: _Group, repaired: list[dict], facts: FactDraws, seeds: SeedDraws, arm: str) -> list[str]:
+def _gains(group: _Group, repaired: list[Seeded], facts: FactDraws, seeds: SeedDraws, arm: str) -> list[str]:
     """Repaired minus plain SFT, paired over facts and seeds: in-domain, out-of-domain, training set (the seeds'
     draws keyed by the arm and the cell)."""
-    mine = [r for r in repaired if r["seed"] in group.by_seed]
+    mine = [r for r in repaired if r.seed in group.by_seed]
     if not mine:
         return ["–"] * 3
     cells = []
     for split, domain in (("test", "in"), ("test", "out"), ("train", "in")):
-        levels = acc_levels(group.records(mine[0]["seed"], split), domain)
-        if not levels or f"{split}_bits" not in mine[0]:
+        levels = acc_levels(group.records(mine[0].seed, split), domain)
+        if not levels or not getattr(mine[0].outcome, f"{split}_bits"):
             cells.append("–")
             continue
-        by_seed = {r["seed"]: r for r in mine}
-        after = group.arm(list(by_seed), split, lambda seed, by_seed=by_seed, split=split: by_seed[seed][f"{split}_bits"])
+        by_seed = {r.seed: r.outcome for r in mine}
+        after = group.arm(list(by_seed), split,
+                          lambda seed, by_seed=by_seed, split=split: getattr(by_seed[seed], f"{split}_bits"))
         before = group.arm(list(by_seed), split, lambda seed, split=split: group.bits(seed, split))
         gain = arm_difference(facts, seeds, after, before, domain, levels, paired_seeds=True,
                               key=[group.level, group.size, arm, split, domain])
@@ -118,7 +121,8 @@ def _figure(results: StudyResults, groups: dict, path: Path) -> Path | None:
             lines[f"{level_name(level)}, n={size}"] = _band(points)
         panels.append((f"{method} ({METHODS[method].knob}; neutral {neutral:g})", lines))
     for kind, title in (("tune-eval", "full SFT (learning rate)"), ("lora-eval", "LoRA SFT (learning rate)")):
-        lines = {f"{level_name(level)}, n={size}": _band(rate_dev_curve(candidates))
+        lines = {f"{level_name(level)}, n={size}": _band(rate_dev_curve({rate: [m.outcome.records for m in models]
+                                                                          for rate, models in candidates.items()}))
                  for (level, size), candidates in rate_candidates(results, kind).items()}
         if lines:
             panels.append((title, lines))
@@ -133,8 +137,8 @@ def _band(points: dict[float, list]) -> list[tuple]:
             for mean, sd, _ in [mean_spread([s for s in scores if s is not None])]]
 
 
-def _lora_name(models: list[dict]) -> str:
-    recipe = models[0]["recipe"]
+def _lora_name(models: list[Seeded]) -> str:
+    recipe = models[0].recipe
     return f"LoRA SFT (r={recipe['lora_rank']}, alpha={recipe['lora_alpha']})"
 
 
@@ -146,10 +150,10 @@ def _rate_text(rates: list[float], candidates: list[float] | None) -> str:
     return f"lr = {chosen} (tuned on dev among {' / '.join(f'{r:g}' for r in candidates)})"
 
 
-def _fixed_rate_models(results: StudyResults, level, size) -> list[dict]:
+def _fixed_rate_models(results: StudyResults, level, size) -> list[Seeded]:
     """Full SFT at [train]'s own rate on one (level, size): its seeds' test records and bits."""
     models = [m for m in fine_tuned(arm_view(results, "fixed")) if (m["train_level"], m["size"]) == (level, size)]
-    return [{"seed": m["seed"], "records": m["records"], "test_bits": m["bits"]}
+    return [Seeded(m["seed"], EvalOutcome(records=m["records"], test_bits=m["bits"]))
             for m in sorted(models, key=lambda m: m["seed"])]
 
 
@@ -183,14 +187,14 @@ def repair_methods(results: StudyResults, path: Path, samples: int) -> Section |
         untuned = _fixed_rate_models(results, level, size) if tuned_candidates else []
         if untuned:
             rows.append([name, "plain SFT at [train]'s rate", _rate_text([fixed_rate], None), str(len(untuned)),
-                         *_cells([m["records"] for m in untuned]), *_gains(group, untuned, facts, seeds, "untuned")])
+                         *_cells([m.outcome.records for m in untuned]), *_gains(group, untuned, facts, seeds, "untuned")])
         for method, reps in methods:
-            rows.append([name, method, _value_text(method, [r["value"] for r in reps]), str(len(reps)),
-                         *_cells([r["records"] for r in reps]), *_gains(group, reps, facts, seeds, method)])
+            rows.append([name, method, _value_text(method, [r.outcome.value for r in reps]), str(len(reps)),
+                         *_cells([r.outcome.records for r in reps]), *_gains(group, reps, facts, seeds, method)])
         if lora_models:
-            rate = _rate_text([lora_models[0]["value"]], sorted(lora[(level, size)]))
+            rate = _rate_text([lora_models[0].value], sorted(lora[(level, size)]))
             rows.append([name, _lora_name(lora_models), rate, str(len(lora_models)),
-                         *_cells([m["records"] for m in lora_models]),
+                         *_cells([m.outcome.records for m in lora_models]),
                          *_gains(group, lora_models, facts, seeds, "lora")])
         first = seeds_present[0]
         captions.append(f"{name}: in-domain test {acc_caption(group.records(first, 'test'), 'in')}; out-of-domain "

@@ -114,22 +114,34 @@ def level_n(records: list[dict], domain: str) -> dict[int, int]:
     return {r["test_level"]: r["n"] for r in records if r["domain"] == domain}
 
 
-def sweep_groups(results: StudyResults) -> dict[tuple, list[dict]]:
+@dataclass(frozen=True)
+class Seeded:
+    """A finished unit's typed result and the seed of the model it read; a learning-rate candidate's also its
+    rate (`value`), recipe and training seconds."""
+
+    seed: int
+    outcome: Outcome
+    value: float | None = None
+    recipe: dict | None = None
+    seconds: float | None = None
+
+
+def sweep_groups(results: StudyResults) -> dict[tuple, list[Seeded]]:
     """(train level, size) -> the restoration sweeps of its seeds, in seed order."""
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[Seeded]] = {}
     for unit in results.done("restore"):
         tags = results.model_tags(unit)
-        groups.setdefault((tags["train_level"], tags["size"]), []).append({**unit["result"], "seed": tags["seed"]})
-    return {k: sorted(v, key=lambda s: s["seed"]) for k, v in
+        groups.setdefault((tags["train_level"], tags["size"]), []).append(Seeded(tags["seed"], results.outcome(unit)))
+    return {k: sorted(v, key=lambda s: s.seed) for k, v in
             sorted(groups.items(), key=lambda kv: (size_sort_key(kv[0][1]), str(kv[0][0])))}
 
 
-def controls_of(results: StudyResults) -> dict[tuple, dict]:
-    """(train level, size) -> {seed: random-control result}."""
-    controls: dict[tuple, dict] = {}
+def controls_of(results: StudyResults) -> dict[tuple, dict[int, Outcome]]:
+    """(train level, size) -> {seed: random-control outcome}."""
+    controls: dict[tuple, dict[int, Outcome]] = {}
     for unit in results.done("control"):
         tags = results.model_tags(unit)
-        controls.setdefault((tags["train_level"], tags["size"]), {})[tags["seed"]] = unit["result"]
+        controls.setdefault((tags["train_level"], tags["size"]), {})[tags["seed"]] = results.outcome(unit)
     return controls
 
 
@@ -175,14 +187,13 @@ def level_acc_over_seeds(records: list[dict], domain: str, test_level: int, **ma
 
 
 
-def repair_groups(results: StudyResults) -> dict[tuple, list[dict]]:
+def repair_groups(results: StudyResults) -> dict[tuple, list[Seeded]]:
     """(method, train level, size) -> the dev-chosen repairs of its seeds ("repaired" results), in seed order."""
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[Seeded]] = {}
     for unit in results.done("repaired"):
-        tags = results.model_tags(unit)
-        key = (results.outcome(unit).method, tags["train_level"], tags["size"])
-        groups.setdefault(key, []).append({**unit["result"], "seed": tags["seed"]})
-    return {k: sorted(v, key=lambda s: s["seed"]) for k, v in groups.items()}
+        tags, outcome = results.model_tags(unit), results.outcome(unit)
+        groups.setdefault((outcome.method, tags["train_level"], tags["size"]), []).append(Seeded(tags["seed"], outcome))
+    return {k: sorted(v, key=lambda s: s.seed) for k, v in groups.items()}
 
 
 def repair_dev_curves(results: StudyResults) -> dict[tuple, dict[float, list[float]]]:
@@ -200,26 +211,25 @@ def repair_dev_curves(results: StudyResults) -> dict[tuple, dict[float, list[flo
     return curves
 
 
-def rate_candidates(results: StudyResults, kind: str) -> dict[tuple, dict[float, list[dict]]]:
+def rate_candidates(results: StudyResults, kind: str) -> dict[tuple, dict[float, list[Seeded]]]:
     """(train level, size) -> {learning rate: the scored candidates of its seeds (seed order)}; `kind`:
     the scoring units, `lora-eval` (LoRA SFT) or `tune-eval` ([train]'s recipe, in-domain dev only)."""
-    groups: dict[tuple, dict[float, list[dict]]] = {}
+    groups: dict[tuple, dict[float, list[Seeded]]] = {}
     keys = results.by_key()
     for unit in results.done(kind):
         tags = results.model_tags(unit)
         recipe = TrainParams.of(keys[unit["spec"]["deps"]["model"]]["spec"]["params"]).train
         rate = recipe["learning_rate"]
         groups.setdefault((tags["train_level"], tags["size"]), {}).setdefault(rate, []).append(
-            {**unit["result"], "seed": tags["seed"], "value": rate, "recipe": recipe,
-             "seconds": keys[unit["spec"]["deps"]["model"]]["seconds"]})
-    return {k: {rate: sorted(models, key=lambda m: m["seed"]) for rate, models in v.items()} for k, v in groups.items()}
+            Seeded(tags["seed"], results.outcome(unit), rate, recipe, keys[unit["spec"]["deps"]["model"]]["seconds"]))
+    return {k: {rate: sorted(models, key=lambda m: m.seed) for rate, models in v.items()} for k, v in groups.items()}
 
 
 
 
-def chosen_models(candidates: dict[float, list[dict]]) -> list[dict]:
+def chosen_models(candidates: dict[float, list[Seeded]]) -> list[Seeded]:
     """The candidates at the chosen rate (each seed's model)."""
-    rate = chosen_rate(candidates)
+    rate = chosen_rate({rate: [m.outcome.records for m in models] for rate, models in candidates.items()})
     return [] if rate is None else candidates[rate]
 
 

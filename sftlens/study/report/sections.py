@@ -18,6 +18,7 @@ from sftlens.reporting.figures import plot_bands, plot_series
 from sftlens.reporting.page import Section, interval_text
 from sftlens.study.engine.choice import acc, chosen_ratio
 from sftlens.study.report.results import (
+    Seeded,
     StudyResults,
     acc_over_seeds,
     controls_of,
@@ -273,31 +274,31 @@ def restoration(results: StudyResults, records: list[dict], path: Path, samples:
     facts, seeds = FactDraws(max(samples, 1), 0), SeedDraws(max(samples, 1), 1)
     rows, chosen, panels, references = [], {}, [], []
     for (level, size), sweeps in sweep_groups(results).items():
-        ratio = chosen_ratio(sweeps)
+        ratio = chosen_ratio([s.outcome.records for s in sweeps])
         chosen[(level, size)] = ratio
-        test0 = [r for r in sweeps[0]["records"] if r["split"] == "test" and r["restore_ratio"] == 0]
+        test0 = [r for r in sweeps[0].outcome.records if r["split"] == "test" and r["restore_ratio"] == 0]
         levels = acc_levels(test0, "in")
-        arm = {f"{k}": [{"bits": s["test_bits"][k]} for s in sweeps] for k in sweeps[0]["test_bits"]}
+        arm = {f"{k}": [{"bits": s.outcome.test_bits[k]} for s in sweeps] for k in sweeps[0].outcome.test_bits}
         where = f"{level_name(level)}, n={size}"
         curve = [(float(k), *_value_low_high(arm_acc(facts, seeds, models, "in", levels, key=[where, "top", k])))
                  for k, models in arm.items()]
         panel = {"top (most changed)": curve}
         ctrl = controls.get((level, size), {})
-        paired = [s for s in sweeps if ctrl.get(s["seed"], {}).get("test_bits")]
+        paired = [s for s in sweeps if s.seed in ctrl and ctrl[s.seed].test_bits]
         random_cell = "–"
         if ratio and paired:
-            randoms = [{"bits": ctrl[s["seed"]]["test_bits"]} for s in paired]
+            randoms = [{"bits": ctrl[s.seed].test_bits} for s in paired]
             panel[f"random control ({len(paired)} seeds)"] = [
                 (ratio, *_value_low_high(arm_acc(facts, seeds, randoms, "in", levels, key=[where, "random"])))]
-            before = [{"bits": s["test_bits"]["0"]} for s in paired]
+            before = [{"bits": s.outcome.test_bits["0"]} for s in paired]
             random_cell = interval_text(arm_difference(facts, seeds, randoms, before, "in", levels, paired_seeds=True,
                                                        key=[where, "random - fine-tuned"]))
         panels.append((f"{level_name(level)}, n={size}", panel))
         references.append(base_acc(records, "in", levels))
         gain_cell = "–"
         if ratio:
-            before = [{"bits": s["test_bits"]["0"]} for s in sweeps]
-            after = [{"bits": s["test_bits"][f"{ratio:g}"]} for s in sweeps]
+            before = [{"bits": s.outcome.test_bits["0"]} for s in sweeps]
+            after = [{"bits": s.outcome.test_bits[f"{ratio:g}"]} for s in sweeps]
             gain_cell = interval_text(arm_difference(facts, seeds, after, before, "in", levels, paired_seeds=True,
                                                      key=[where, "restored - fine-tuned"]))
         before_acc = mean_sd_text(*mean_spread([acc(test_at(s, 0.0), "in") for s in sweeps]))
@@ -320,8 +321,8 @@ def _value_low_high(estimate) -> tuple[float, float, float]:
     return estimate.value, estimate.low, estimate.high
 
 
-def test_at(sweep: dict, ratio: float) -> list[dict]:
-    return [r for r in sweep["records"] if r["split"] == "test" and r["restore_ratio"] == ratio]
+def test_at(sweep: Seeded, ratio: float) -> list[dict]:
+    return [r for r in sweep.outcome.records if r["split"] == "test" and r["restore_ratio"] == ratio]
 
 
 def table6(records: list[dict], sweeps: list[dict], chosen: dict, size) -> Section:
