@@ -127,28 +127,30 @@ def taught_view(results: StudyResults, study_dir: Path) -> StudyResults | None:
         return {d: {lv: "".join(b for b, k in zip(s, keep[d, lv]) if k) for lv, s in levels.items()}
                 for d, levels in bits.items()}
 
-    def records(result: dict) -> list[dict]:
-        mine = [{k: v for k, v in r.items() if k != "taught"} for r in result.get("taught_records", [])
+    def records(outcome) -> list[dict]:
+        mine = [{k: v for k, v in r.items() if k != "taught"} for r in outcome.taught_records or []
                 if r["taught"] and r["split"] == "test"]
-        return mine + [r for r in result["records"] if r["split"] == "dev"]
+        return mine + [r for r in outcome.records if r["split"] == "dev"]
 
     units = []
     for unit in results.units:
-        result, kind = unit["result"], unit["kind"]
+        kind = unit["kind"]
         if unit["state"] != "done" or kind not in ("eval", "restore", "control", "kl"):
             units.append(unit)
             continue
-        result = {k: v for k, v in result.items() if k != "train_bits"}
+        outcome = results.outcome(unit)
         if kind == "eval":
-            result.update(records=records(result), test_bits=cut(result["test_bits"]))
+            outcome = dataclasses.replace(outcome, records=records(outcome), test_bits=cut(outcome.test_bits), train_bits={})
         elif kind == "restore":
-            result.update(records=records(result), test_bits={r: cut(b) for r, b in result["test_bits"].items()})
+            outcome = dataclasses.replace(outcome, records=records(outcome), train_bits={},
+                                          test_bits={r: cut(b) for r, b in outcome.test_bits.items()})
         elif kind == "control":
-            result["test_bits"] = cut(result["test_bits"])
+            outcome = dataclasses.replace(outcome, test_bits=cut(outcome.test_bits), train_bits={})
         else:
             per_fact = json.loads((unit_folder(study_dir, "kl", unit["key"]) / KL_FILE).read_text())["facts"]
             kls = [f["kl"] for f in per_fact if f["fact_id"] in taught]
-            result["kl"] = {**result["kl"], "mean": sum(kls) / len(kls) if kls else 0.0, "n": len(kls)}
-        units.append({**unit, "result": result})
+            outcome = dataclasses.replace(outcome, kl={**outcome.kl, "mean": sum(kls) / len(kls) if kls else 0.0,
+                                                       "n": len(kls)})
+        units.append({**unit, "result": dataclasses.asdict(outcome)})
     return dataclasses.replace(results, units=units)
 
