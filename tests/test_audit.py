@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -400,7 +401,7 @@ def test_a_kl_step_killed_mid_way_resumes_its_finished_chunks_and_ends_identical
         def kl(ft, base, tokenizer, pairs, top_k):
             if len(chunks) == n:
                 raise KeyboardInterrupt
-            chunks.append(pairs)
+            chunks.append(list(pairs))
             return real(ft, base, tokenizer, pairs, top_k)
         return kl
 
@@ -409,10 +410,29 @@ def test_a_kl_step_killed_mid_way_resumes_its_finished_chunks_and_ends_identical
     with pytest.raises(KeyboardInterrupt):
         run_audit(_audit(pair), killed, progress=False)
     assert not (killed / "steps" / "kl.json").exists() and len(read_jsonl(next((killed / "steps").glob(".kl.*")))) == 32
-    first = list(chunks)
+    done = [pair for chunk in chunks for pair in chunk]
+    chunks.clear()
     monkeypatch.setattr(engine, "first_token_kl", killed_after(10**6))
     run_audit(_audit(pair), killed, progress=False)
-    assert len(chunks) == 5 and chunks[:2] == first  # only the three unfinished chunks were computed again
+    # only the three unfinished chunks were computed again, each as the uninterrupted run batches it
+    assert [len(c) for c in chunks] == [16, 16, 8] and not set(map(tuple, done)) & {p for c in chunks for p in c}
     assert not list((killed / "steps").glob(".kl.*"))
     for name in ("steps/kl.json", "facts.jsonl", "summary.json"):
         assert (killed / name).read_text() == (whole / name).read_text(), name
+
+
+def test_before_the_greedy_answers_the_plan_estimates_the_dev_facts_read(pair, tmp_path):
+    """Nothing run yet: the dev facts whose correctness moves are unknown, so the plan takes READ_SHARE of the
+    dev facts (recovered) or all of them (acc) for every candidate; test: each method's one value on every test fact."""
+    from sftlens.audit.run import READ_SHARE
+
+    for name in ("recovered", "acc"):
+        audit = _audit(pair, settings=dataclasses.replace(SETTINGS, objective=name))
+        ctx = prepare(audit, tmp_path / name, progress=False)
+        plan = {step: (work, unit) for step, work, unit, _ in plan_rows(ctx)}
+        dev = sum(v == "dev" for v in ctx.slice_of.values())
+        read = dev if name == "acc" else round(READ_SHARE * dev)
+        values = sum(map(len, ctx.values.values()))
+        assert plan["repairs on dev"] == (values * read, f"answers ({values} edits)"), name
+        assert plan["repairs on test"] == (len(METHODS) * (len(ctx.facts) - dev), f"answers ({len(METHODS)} edits)")
+        assert plan["first-token KL"][0] == 2 * len(ctx.facts) and not (tmp_path / name).exists()

@@ -86,6 +86,31 @@ def test_importances_equal_an_autograd_brute_force(tiny_pair, tiny_tokenizer, tm
     assert stored.sums[name][0] == float(fishers["forgotten"][name].double().sum())
 
 
+def test_a_tied_head_and_embedding_each_get_their_one_gradient_whole(tiny_tokenizer, private_cache):
+    """Tied input and output embeddings are one parameter with two checkpoint names: its gradient (both uses
+    summed) is squared once per fact and given to each name; a stale gradient the caller left is not counted."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftlens.weights.checkpoints import tensors_by_checkpoint_name
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                         pad_token_id=tiny_tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    names = sorted(tensors_by_checkpoint_name(model, keep_vars=True))
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(names)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)  # left over by the caller
+    fishers, _ = fisher_diagonals(model, tiny_tokenizer, FACTS, names, progress=False)
+    want = brute_force_fisher(model, tiny_tokenizer, FACTS)
+    for kind in FACTS:
+        ref = want[kind]["model.embed_tokens.weight"]
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.allclose(fishers[kind][name], ref, rtol=1e-4, atol=1e-10 * float(ref.abs().max())), name
+
+
 def _write_synthetic(path: Path, base: dict, ft_dir: Path, ties: bool, seed: int = 5) -> dict:
     """Importances of every tensor, with zeros (and, with `ties`, few distinct values)."""
     gen = torch.Generator().manual_seed(seed)

@@ -5,8 +5,9 @@
     DIR/steps/greedy-{role}.json     greedy answers (a partial log resumes a killed step)
     DIR/steps/kl.json, deltas.json   first-token KL per fact; update concentration, zero-base check
     DIR/steps/importances.safetensors  the guided repair's fact importances (dev facts only; key inside)
-    DIR/repairs/{dev,test}/M-V.json  a repair value's answers on the dev (every candidate) or test
-                                     facts (the value chosen on dev)
+    DIR/repairs/{dev,test}/M-V.json  a repair value's answers on the dev facts its objective reads (every
+                                     candidate; under recovered, those whose correctness differs between
+                                     the models) or on every test fact (the value chosen on dev)
     DIR/facts.jsonl, summary.json    per fact; everything the report reads
     DIR/best/                        with --write-best: the chosen repaired model and how it was chosen
 

@@ -186,17 +186,18 @@ def focus_section(summary: dict, facts: list[dict], focus: list[str], source: st
         return [name, len(group), _pct(sum(right(r) for r in group), len(group)), len(forgotten),
                 _pct(sum(right(r) for r in forgotten), len(forgotten))]
 
-    base = row("base model", mine, lambda r: r["base_correct"])
+    # every row over the same facts, the held-out ones: a repair is scored only where its value was not chosen
+    base = row("base model", held_out, lambda r: r["base_correct"])
     rows = [[*base[:4], "–"],  # every forgotten fact is right on the base, by definition
-            row("fine-tuned", mine, lambda r: r["finetuned_correct"])]
+            row("fine-tuned", held_out, lambda r: r["finetuned_correct"])]
     for method, r in summary["repairs"].items():
         rows.append(row(f"{method} ({r['knob']} = {r['chosen']:g})", held_out,
                         lambda x, right=r["correct"]: right[x["fact_id"]]))
     forgotten = sum(r["transition"] == "forgotten" for r in mine)
     text = (f"Taught facts ({source}): {len(mine)} of the {len(set(focus))} listed are among the audited facts; the "
-            f"fine-tune forgot {forgotten} of them (greedy right -> wrong). Recall: share answered right (greedy); "
-            "recall of forgotten taught facts: share of those the fine-tune forgot that the model answers right. Repairs "
-            "at their dev-chosen values, on the held-out test facts only (the dev facts chose the value).")
+            f"fine-tune forgot {forgotten} of them (greedy right -> wrong). Below, the {len(held_out)} of them in the "
+            "held-out test slice (the dev facts chose each repair's value). Recall: share answered right (greedy); "
+            "recall of forgotten taught facts: share of those the fine-tune forgot that the model answers right.")
     return Section("Recall of forgotten taught facts", text, [
         ("", ["model", "taught facts (n)", "recall of taught facts (%)", "forgotten taught facts (n)",
               "recall of forgotten taught facts (%)"], rows)])

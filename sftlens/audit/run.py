@@ -37,7 +37,7 @@ from sftlens.audit.summary import summarize_audit
 from sftlens.config import add_config_arguments, config_from_dict
 from sftlens.data import add_fact_source_arguments
 from sftlens.errors import SftlensError
-from sftlens.io import atomic_write_json, atomic_write_jsonl
+from sftlens.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from sftlens.markdown import markdown_table
 from sftlens.probe import LEVELS, ProbeConfig, load_probe, template_indices
 from sftlens.reporting.costs import AUDIT_RATES, RATES_FROM
@@ -167,8 +167,12 @@ def plan_rows(ctx: Context) -> list[list]:
         work = 0 if greedy_output(ctx, role).done() else n
         rows.append([f"greedy {role}", work, "answers", work * AUDIT_RATES["answer"] * scale])
     # KL's key needs the base's probe records (each relation's best template): not done until they are all there
-    kl_done = all(i in stored["base"] for i in ids) and kl_output(ctx, {i: stored["base"][i] for i in ids}).done()
-    kl_work = 0 if kl_done else 2 * n
+    kl_work = 2 * n
+    if all(i in stored["base"] for i in ids):
+        output = kl_output(ctx, {i: stored["base"][i] for i in ids})
+        partial = output.log()  # a killed step's finished chunks are not computed again
+        logged = {r["fact_id"] for r in read_jsonl(partial)} if partial.is_file() else set()
+        kl_work = 0 if output.done() else 2 * (n - len(logged & set(ids)))
     rows.append(["first-token KL", kl_work, "forward passes", kl_work * AUDIT_RATES["kl"] * scale])
     deltas_done = deltas_output(ctx).done()
     rows.append(["update concentration", 0 if deltas_done else DELTAS_PASSES, "weight passes",

@@ -8,7 +8,9 @@ this project's machine. The study's plan (`sftlens.study.engine.commands`) and t
 # slower CPU, scaled by its ratios to that run's train (0.76) and repaired (0.96) rates. Inject's: train's (a statement is a short example).
 # The tuned arm's units run the train and eval stages as they are (tune, tuned: SFT; tune-eval: greedy eval on
 # dev), so they take those rates; a tuned unit linking its candidate plans no work. The guards' arm: train's rate per
-# example read (a replaying run reads more: `sftlens.guards.guard_work`), LoRA's scoring rate for guard-eval.
+# example read (a replaying run reads more: `sftlens.guards.guard_work`), LoRA's scoring rate for guard-eval. The
+# guided repair's importance unit: eval's rate per greedy answer (both models on in-domain dev), and 12 s fixed for
+# its forward and backward passes and its file (the guards study's three took 18-20 s each, 2026-12-06).
 DEFAULT_RATES = {"probe": 0.040, "split": 0.0, "train": 0.14, "eval": 0.037, "kl": 0.02, "deltas": 16.0,
                  "restore": 0.047, "control": 0.045, "repair": 0.047, "repaired": 0.045, "lora": 0.11,
                  "lora-eval": 0.043, "inject": 0.14, "tune": 0.14, "tune-eval": 0.037, "tuned": 0.14,
@@ -25,7 +27,7 @@ FIXED_SECONDS = {"probe": 5, "split": 2, "train": 8, "eval": 4, "kl": 3, "deltas
 # included), KL forward pass (29.1 s / 2,016), edited model (a repair value applied in memory, its weight passes:
 # from the repair steps' 252 + 4,236 answers and 18 + 6 edits, 70.6 s and 172.9 s), the whole update
 # concentration step, and the guided repair's importances: a forward and backward per forgotten or learned dev
-# fact (train's rate) plus writing its file (two fp32 copies of the model; 6.7 s with 14 facts).
+# fact (about train's rate per example) plus writing its file (two fp32 copies of the model; 6.7 s with 14 facts).
 RATES_FROM = "SmolLM2-135M fp32, this project's 2-core Intel Xeon, bench/audit_pair.py of 2026-12-06"
 AUDIT_RATES = {"probe": 0.0176, "answer": 0.038, "kl": 0.0144, "edit": 3.4, "deltas": 12.7, "importance": 0.15,
                "importance_file": 4.6}

@@ -97,8 +97,6 @@ def fisher_diagonals(model, tokenizer, facts: dict[str, list[tuple[str, str]]], 
                            "computed")
     flags = {id(p): p.requires_grad for p in model.parameters()}
     wanted = {id(params[n]) for n in names}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in wanted)
     sums = {kind: {n: torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device) for n in names}
             for kind in facts}
     counts = dict.fromkeys(facts, 0)
@@ -115,8 +113,13 @@ def fisher_diagonals(model, tokenizer, facts: dict[str, list[tuple[str, str]]], 
             sums[kind_now[0]][n].add_(square)
         param.grad = None
 
-    handles = [params[group[0]].register_post_accumulate_grad_hook(accumulate) for group in names_of.values()]
+    handles = []
     try:
+        model.zero_grad(set_to_none=True)  # a gradient left by the caller must not enter the first fact's square
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+        for group in names_of.values():  # one at a time, so a failure leaves only registered hooks to remove
+            handles.append(params[group[0]].register_post_accumulate_grad_hook(accumulate))
         with torch.enable_grad(), tqdm(total=sum(map(len, facts.values())), desc="fact importances", unit="fact",
                                        disable=not progress) as bar:
             for kind, pairs in facts.items():

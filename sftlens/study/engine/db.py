@@ -103,9 +103,11 @@ class StudyDB:
         return json.loads(row[0]) if row and row[0] else None
 
     def finished_work(self) -> list[tuple[str, float, float]]:
-        """(kind, seconds, work) of every finished unit, planned now or not."""
-        rows = self.conn.execute("SELECT kind, seconds, spec FROM units WHERE state = 'done'").fetchall()
-        return [(kind, seconds, json.loads(spec).get("work", 0.0)) for kind, seconds, spec in rows]
+        """(kind, seconds, work) of every finished unit, planned now or not; a unit that ended `skipped` did
+        none of its planned work (it would make its kind's measured rate look fast)."""
+        rows = self.conn.execute("SELECT kind, seconds, spec, result FROM units WHERE state = 'done'").fetchall()
+        return [(kind, seconds, json.loads(spec).get("work", 0.0)) for kind, seconds, spec, result in rows
+                if not (result and (json.loads(result) or {}).get("skipped"))]
 
     def planned_units(self) -> list[dict]:
         """The current plan's units in order, with their spec, state and result."""

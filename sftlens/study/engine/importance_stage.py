@@ -4,8 +4,8 @@ and the fine-tuned model answer every dev fact greedily ([eval]); forgotten fact
 the fine-tune) weigh the base's answer, learned facts (the reverse) the fine-tune's. No test or training fact
 enters. Without a forgotten or a learned dev fact there is nothing to weigh: the unit ends with `skipped` (one
 line), and so do the method's units of that model (the report leaves them out and says why). The file is the
-unit's artefact; the method's repair and repaired units read it through their
-`importances` dependency, and its key (models, facts, answers, settings) enters theirs."""
+unit's artefact (its own key inside: models, facts, answers, dtype); the method's repair and repaired units read it
+through their `importances` dependency, so the importance unit's key (the model, the split, [eval]) enters theirs."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ class ProbeOutcome(Outcome):
     facts: int
     level_counts: list  # per split and domain: facts per mastery level
     level_counts_taught: dict | None = None  # on a taught base: the same per taught subset
-    fact_set: str | None = None  # a fact set's name, when the study reads one
+    fact_set: dict | None = None  # a fact set's name, facts, topics, splits and domains, when the study reads one
 
 
 @dataclass(frozen=True)

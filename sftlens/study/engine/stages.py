@@ -378,8 +378,9 @@ def repair_unit(params, out: Path, deps) -> dict:
 
 
 def repaired_unit(params, out: Path, deps) -> dict:
-    """The method at the value its dev sweeps chose for this (level, size) over all seeds, on test
-    and on the model's own training set, with per-fact correctness for the paired bootstraps."""
+    """The method at the value its dev sweeps chose for this (level, size) over all seeds (a seed whose guided
+    repair was skipped has no dev scores: the others choose), on test and on the model's own training set, with
+    per-fact correctness for the paired bootstraps."""
     p, runtime = RepairedParams.of(params), Runtime.of(params)
     if skipped := _skipped(deps):
         return {"method": p.repair["method"], "skipped": skipped}
