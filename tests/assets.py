@@ -324,3 +324,19 @@ def audit_perturbed(model, scale: float, seed: int = 1):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * scale * p.abs().mean().clamp(min=1e-3))
     return model
+
+
+# The stages of a tiny study on a taught base (`[inject]` then probe, SFT and evaluation at toy sizes), shared by the
+# tiny testbed and guards studies.
+TINY_TAUGHT_STAGES = """[inject]
+templates = [0, 1, 2]
+doses = [1, 3]
+learning_rate = 1e-2
+epochs = 2
+[probe]
+max_new_tokens = 4
+[train]
+learning_rate = 1e-3
+[eval]
+max_new_tokens = 4
+"""

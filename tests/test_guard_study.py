@@ -11,6 +11,8 @@ from sftlens.errors import SftlensError
 from sftlens.guards import GUARDS, known_rows, parse_guard
 from sftlens.study.engine.kinds import KINDS
 
+from assets import TINY_TAUGHT_STAGES
+
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 TINY_GUARDS = """
@@ -28,18 +30,7 @@ analysis_sizes = [8]
 table_size = 8
 lora_learning_rates = [1e-3, 1e-2]
 bootstrap = 50
-[inject]
-templates = [0, 1, 2]
-doses = [1, 3]
-learning_rate = 1e-2
-epochs = 2
-[probe]
-max_new_tokens = 4
-[train]
-learning_rate = 1e-3
-[eval]
-max_new_tokens = 4
-[repairs]
+""" + TINY_TAUGHT_STAGES + """[repairs]
 restore = {{ values = [5, 20] }}
 wise = {{ values = [0.5, 0.75] }}
 dare = {{ values = [0.3, 0.6] }}

@@ -61,12 +61,18 @@ def brute_force_fisher(model, tokenizer, facts) -> dict[str, dict[str, torch.Ten
     return out
 
 
-def test_importances_equal_an_autograd_brute_force(tiny_pair, tiny_tokenizer, tmp_path, private_cache):
+def _fine_tuned_fishers(tiny_pair, tokenizer):
+    """(the fine-tuned tiny model, its checkpoint's tensor names, FACTS' importances on it, their counts)."""
     base_dir, ft_dir, ft_state = tiny_pair
-    model = tiny_model(seed=0, tokenizer=tiny_tokenizer)[0]
+    model = tiny_model(seed=0, tokenizer=tokenizer)[0]
     model.load_state_dict(ft_state)
     names = open_pair(base_dir, ft_dir).region_names("all")
-    fishers, counts = fisher_diagonals(model, tiny_tokenizer, FACTS, names, progress=False)
+    return model, names, *fisher_diagonals(model, tokenizer, FACTS, names, progress=False)
+
+
+def test_importances_equal_an_autograd_brute_force(tiny_pair, tiny_tokenizer, tmp_path, private_cache):
+    base_dir, ft_dir, ft_state = tiny_pair
+    model, names, fishers, counts = _fine_tuned_fishers(tiny_pair, tiny_tokenizer)
     assert counts == {"forgotten": 3, "learned": 2}
     assert all(p.grad is None and p.requires_grad for p in model.parameters())  # the model is left as it was
     want = brute_force_fisher(model, tiny_tokenizer, FACTS)
@@ -177,10 +183,7 @@ def test_selection_equals_a_brute_force_sort_of_the_score(tmp_path, chunking, ti
 
 def test_the_neutral_value_gives_the_finetuned_model_bit_for_bit(tiny_pair, tiny_tokenizer, tmp_path, private_cache):
     base_dir, ft_dir, ft_state = tiny_pair
-    model = tiny_model(seed=0, tokenizer=tiny_tokenizer)[0]
-    model.load_state_dict(ft_state)
-    names = open_pair(base_dir, ft_dir).region_names("all")
-    fishers, counts = fisher_diagonals(model, tiny_tokenizer, FACTS, names, progress=False)
+    model, names, fishers, counts = _fine_tuned_fishers(tiny_pair, tiny_tokenizer)
     path = write_importances(tmp_path / "imp.safetensors", fishers, counts, "k", model_fingerprint(str(ft_dir)))
     config = RepairConfig(method="guided", importances=str(path), region="all")
     assert METHODS["guided"].neutral == 0

@@ -14,6 +14,8 @@ from sftlens.probe import ProbeConfig, run_probe
 from sftlens.taught import RECORD_FILE, held_out_templates, inject_record, taught_facts
 from sftlens.train import LOSS_FILE
 
+from assets import TINY_TAUGHT_STAGES
+
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 SELECTION = ["--relations", "P17,P19", "--split", "train,dev,test", "--limit", "4"]
@@ -154,18 +156,7 @@ table_size = 8
 restore_ratios = [10]
 kl_test_set = "in"
 bootstrap = 20
-[inject]
-templates = [0, 1, 2]
-doses = [1, 3]
-learning_rate = 1e-2
-epochs = 2
-[probe]
-max_new_tokens = 4
-[train]
-learning_rate = 1e-3
-[eval]
-max_new_tokens = 4
-[repairs]
+""" + TINY_TAUGHT_STAGES + """[repairs]
 wise = {{ values = [0.5] }}
 dare = {{ values = [0.5] }}
 trim = {{ values = [20] }}

@@ -42,7 +42,8 @@ def measured_rates(db: StudyDB) -> dict[str, float]:
 
 
 def estimate_seconds(unit: Unit, rates: dict[str, float]) -> float:
-    return KINDS[unit.kind].seconds(unit.kind, unit.work, rates)
+    """A unit's fixed part and its work at `rates` (a study's own measured rate per work item where it has one)."""
+    return FIXED_SECONDS.get(unit.kind, 0) + unit.work * rates.get(unit.kind, DEFAULT_RATES.get(unit.kind, 0.0))
 
 
 def plan_table(units: list[Unit], todo: list[Unit], rates: dict[str, float], measured: set[str]) -> str:

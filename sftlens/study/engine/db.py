@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from sftlens.errors import SftlensError
+from sftlens.study.engine.outcomes import skipped
 
 DB_NAME = "study.db"
 
@@ -107,7 +108,7 @@ class StudyDB:
         none of its planned work (it would make its kind's measured rate look fast)."""
         rows = self.conn.execute("SELECT kind, seconds, spec, result FROM units WHERE state = 'done'").fetchall()
         return [(kind, seconds, json.loads(spec).get("work", 0.0)) for kind, seconds, spec, result in rows
-                if not (result and (json.loads(result) or {}).get("skipped"))]
+                if not skipped(json.loads(result) if result else None)]
 
     def planned_units(self) -> list[dict]:
         """The current plan's units in order, with their spec, state and result."""

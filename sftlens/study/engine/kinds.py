@@ -1,7 +1,7 @@
 """One declaration per unit kind: the function that runs it, the parameters that key it, the typed result
-it returns (`outcomes`: the report reads results through it), what its work counts, and the plan's cost of it
-(seconds per work item and per unit, measured on this project's machine: `sftlens.reporting.costs`). The graph
-(`units`, `guard_units`) adds a unit by its kind alone, the plan (`commands`) prices it from here, the report
+it returns (`outcomes`: the report reads results through it) and what its work counts (the plan prices it by
+kind with the rates measured on this project's machine: `sftlens.reporting.costs`). The graph
+(`units`, `guard_units`) adds a unit by its kind alone, the plan (`commands`) names its work from here, the report
 (`study.report.results.StudyResults.outcome`) reads its result as declared; a new kind is one entry here, its
 function and its outcome.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sftlens.reporting.costs import DEFAULT_RATES, FIXED_SECONDS
 from sftlens.study.engine.outcomes import (
     ControlOutcome,
     DeltasOutcome,
@@ -58,12 +57,7 @@ class UnitKind:
     fn: str  # module:function, called as fn(params, out, deps) -> result
     params: type[UnitParams]  # what enters its key, with its dependencies' keys
     result: type[Outcome]  # what it returns
-    work: str  # what a unit's `work` counts
-
-    def seconds(self, kind: str, work: float, rates: dict[str, float]) -> float:
-        """Estimated seconds of a unit of this kind: its fixed part and `work` at `rates` (a study's own
-        measured rate per work item where it has one, else the default)."""
-        return FIXED_SECONDS.get(kind, 0) + work * rates.get(kind, DEFAULT_RATES.get(kind, 0.0))
+    work: str  # what a unit's `work` counts (its price per work item: `sftlens.reporting.costs`, by kind)
 
 
 def _stage(name: str, module: str = STAGES) -> str:

@@ -11,6 +11,12 @@ from dataclasses import dataclass, field, fields
 Bits = dict[str, dict[str, str]]
 
 
+def skipped(result: dict | None) -> str | None:
+    """Why a finished unit did none of its work (a guided repair with nothing to weigh), or None: such a unit
+    holds no numbers for the report and none for a study's measured rates."""
+    return (result or {}).get("skipped")
+
+
 @dataclass(frozen=True)
 class Outcome:
     @classmethod

@@ -47,6 +47,7 @@ from sftlens.study.engine.inputs import (
     study_facts,
     training_file,
 )
+from sftlens.study.engine.outcomes import skipped
 from sftlens.study.engine.params import (
     ControlParams,
     DeltasParams,
@@ -353,7 +354,7 @@ def scored_unit(params, out: Path, deps) -> dict:
 
 def _skipped(deps: roles.Deps) -> str | None:
     """Why the model's guided repair is skipped (its importance unit found nothing to weigh), or None."""
-    return roles.dep_result(deps, roles.IMPORTANCES).get("skipped") if roles.IMPORTANCES in deps else None
+    return skipped(roles.dep_result(deps, roles.IMPORTANCES)) if roles.IMPORTANCES in deps else None
 
 
 def _repair_config(repair: dict, deps: roles.Deps) -> RepairConfig:

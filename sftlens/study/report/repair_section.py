@@ -25,6 +25,7 @@ from sftlens.study.report.results import (
     level_name,
     mean_spread,
     rate_candidates,
+    records_by_rate,
     repair_dev_curves,
     repair_groups,
     sweep_groups,
@@ -121,8 +122,7 @@ def _figure(results: StudyResults, groups: dict, path: Path) -> Path | None:
             lines[f"{level_name(level)}, n={size}"] = _band(points)
         panels.append((f"{method} ({METHODS[method].knob}; neutral {neutral:g})", lines))
     for kind, title in (("tune-eval", "full SFT (learning rate)"), ("lora-eval", "LoRA SFT (learning rate)")):
-        lines = {f"{level_name(level)}, n={size}": _band(rate_dev_curve({rate: [m.outcome.records for m in models]
-                                                                          for rate, models in candidates.items()}))
+        lines = {f"{level_name(level)}, n={size}": _band(rate_dev_curve(records_by_rate(candidates)))
                  for (level, size), candidates in rate_candidates(results, kind).items()}
         if lines:
             panels.append((title, lines))

@@ -27,7 +27,7 @@ from sftlens.split import eval_files
 from sftlens.study.engine.choice import acc, chosen_rate
 from sftlens.study.engine.db import StudyDB
 from sftlens.study.engine.kinds import KINDS
-from sftlens.study.engine.outcomes import Outcome
+from sftlens.study.engine.outcomes import Outcome, skipped
 from sftlens.study.engine.params import TrainParams
 from sftlens.study.engine.scheduler import DATA, unit_folder
 
@@ -55,16 +55,12 @@ class StudyResults:
 
     def done(self, kind: str) -> list[dict]:
         """The finished units of `kind` with something to report (not `skipped`: see `skipped`)."""
-        return [u for u in self.units if u["kind"] == kind and u["state"] == "done" and not self._skipped(u)]
+        return [u for u in self.units if u["kind"] == kind and u["state"] == "done" and not skipped(u["result"])]
 
     def skipped(self) -> dict[str, str]:
         """label -> why: finished units with nothing to report (a guided repair without a forgotten or a
         learned dev fact to weigh)."""
-        return {u["label"]: reason for u in self.units if u["state"] == "done" and (reason := self._skipped(u))}
-
-    @staticmethod
-    def _skipped(unit: dict) -> str | None:
-        return (unit.get("result") or {}).get("skipped")
+        return {u["label"]: reason for u in self.units if u["state"] == "done" and (reason := skipped(u["result"]))}
 
     def by_key(self) -> dict[str, dict]:
         return {u["key"]: u for u in self.units}
@@ -227,9 +223,14 @@ def rate_candidates(results: StudyResults, kind: str) -> dict[tuple, dict[float,
 
 
 
+def records_by_rate(candidates: dict[float, list[Seeded]]) -> dict[float, list[list[dict]]]:
+    """rate -> each seed's records: what the engine's rate choice (`choice.chosen_rate`) reads."""
+    return {rate: [m.outcome.records for m in models] for rate, models in candidates.items()}
+
+
 def chosen_models(candidates: dict[float, list[Seeded]]) -> list[Seeded]:
     """The candidates at the chosen rate (each seed's model)."""
-    rate = chosen_rate({rate: [m.outcome.records for m in models] for rate, models in candidates.items()})
+    rate = chosen_rate(records_by_rate(candidates))
     return [] if rate is None else candidates[rate]
 
 
