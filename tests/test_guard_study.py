@@ -186,6 +186,9 @@ def test_the_guided_repair_in_a_study_weighs_dev_facts_only_and_is_an_arm_of_pre
     assert not [u["label"] for u in results.units if u["state"] != "done"] and not results.skipped()
     weighing = [u for u in results.units if u["kind"] == "importance"]
     assert len(weighing) == 1 and weighing[0]["result"] == {"dev": len(seen[0]), "forgotten": 2, "learned": 2}
+    # the base's dev answers come from its one evaluation unit, not answered again per model
+    base_eval = next(u for u in results.units if u["kind"] == "eval" and "model" not in u["spec"]["deps"])
+    assert weighing[0]["spec"]["deps"]["base-eval"] == base_eval["key"]
     # the rows weighed: exactly the split's in-domain dev facts, no test or training fact
     split = next(u for u in results.units if u["kind"] == "split")
     dev_in = [json.loads(line)["fact_id"]

@@ -9,7 +9,7 @@ this project's machine. The study's plan (`sftlens.study.engine.commands`) and t
 # The tuned arm's units run the train and eval stages as they are (tune, tuned: SFT; tune-eval: greedy eval on
 # dev), so they take those rates; a tuned unit linking its candidate plans no work. The guards' arm: train's rate per
 # example read (a replaying run reads more: `sftlens.guards.guard_work`), LoRA's scoring rate for guard-eval. The
-# guided repair's importance unit: eval's rate per greedy answer (both models on in-domain dev), and 12 s fixed for
+# guided repair's importance unit: eval's rate per greedy answer (the fine-tune on in-domain dev), and 12 s fixed for
 # its forward and backward passes and its file (the guards study's three took 18-20 s each, 2026-12-06).
 DEFAULT_RATES = {"probe": 0.040, "split": 0.0, "train": 0.14, "eval": 0.037, "kl": 0.02, "deltas": 16.0,
                  "restore": 0.047, "control": 0.045, "repair": 0.047, "repaired": 0.045, "lora": 0.11,

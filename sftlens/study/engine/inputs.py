@@ -53,3 +53,8 @@ IMPORTANCES_FILE = "importances.safetensors"  # under the importance unit's fold
 def importances_path(deps: roles.Deps) -> str | None:
     """The importances file of a unit's `importances` dependency (the guided repair's), if it has one."""
     return str(roles.dep_dir(deps, roles.IMPORTANCES) / IMPORTANCES_FILE) if roles.IMPORTANCES in deps else None
+
+
+def predictions_file(folder: Path, split: str) -> Path:
+    """An eval unit's per-fact answers on one split (fact_id, prediction, correct, ...) under its `folder`."""
+    return folder / f"predictions-{split}.jsonl"

@@ -18,6 +18,7 @@ MODEL = "model"  # the fine-tuned model a unit reads (units without one read the
 EVAL = "eval"  # the fine-tuned model's own test evaluation (a restore sweep's ratio 0)
 BASE = "base"  # with [inject], the unit whose model is the study's base model
 IMPORTANCES = "importances"  # the guided repair's fact importances of the fine-tuned model (`importance` unit)
+BASE_EVAL = "base-eval"  # the base model's evaluation (its dev answers, which every importance unit weighs against)
 _SWEEP = "sweep"  # + index: the dev sweeps (restore or one repair method) over the seeds of a (level, size)
 _DEV = "dev"  # + index: a tuned unit's candidate scores on in-domain dev
 _CANDIDATE = "model"  # + index: a tuned unit's candidate models

@@ -42,6 +42,7 @@ from sftlens.study.engine.choice import chosen_rate, chosen_ratio, chosen_value
 from sftlens.study.engine.inputs import (
     fact_set,
     importances_path,
+    predictions_file,
     probe_records,
     split_folder,
     study_facts,
@@ -194,7 +195,7 @@ def eval_unit(params, out: Path, deps) -> dict:
         rows[name] = load_rows(eval_files(split_folder(deps), name, domain or None))
     records, predictions = evaluate_splits(model, tokenizer, rows, config, {})
     for split, split_predictions in predictions.items():
-        atomic_write_jsonl(out / f"predictions-{split}.jsonl", split_predictions)
+        atomic_write_jsonl(predictions_file(out, split), split_predictions)
     result = {"records": records, "test_bits": _bits_by_level(predictions["test"]) if "test" in predictions else {}}
     taught = taught_facts(Runtime.of(params).model)
     if taught is not None:

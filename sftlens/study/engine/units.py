@@ -168,7 +168,7 @@ class GraphBuilder:
         dev_rows = self.evaluated_rows("dev")
         eval_cfg = keyed_dict(self.config.stages["eval"])
         self.split_key, self.eval_cfg = split.key, eval_cfg
-        self.add("eval", "eval base", EvalParams(eval=eval_cfg, splits=["test", "dev"]),
+        self.base_eval = self.add("eval", "eval base", EvalParams(eval=eval_cfg, splits=["test", "dev"]),
                  {roles.SPLIT: split.key}, work=eval_rows + dev_rows)
         sweeps: dict[tuple, list[Unit]] = {}
         repairs: dict[tuple, list[Unit]] = {}
@@ -252,7 +252,8 @@ class GraphBuilder:
         readers = [m for m in self.config.repairs if "importances" in METHODS[m].settings]
         if not readers:
             return {}
-        unit = self.add("importance", f"importance {name}", ImportanceParams(eval=eval_cfg, dev="in"), deps, work=2 * dev_rows)
+        unit = self.add("importance", f"importance {name}", ImportanceParams(eval=eval_cfg, dev="in"),
+                        {**deps, roles.BASE_EVAL: self.base_eval.key}, work=dev_rows)
         return {m: {roles.IMPORTANCES: unit.key} for m in readers}
 
     def candidates(self, kind: str, recipe, rates: tuple[float, ...], level, size, seed: int, name: str,
